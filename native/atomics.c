@@ -1,0 +1,244 @@
+/* See atomics.h for the contract of each function. */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stddef.h>
+#include <sched.h>
+#include <time.h>
+#include "atomics.h"
+
+#define SEQ __ATOMIC_SEQ_CST
+#define RW_WRITER  (1ULL << 63)
+#define RW_WAITING (1ULL << 62)
+#define RW_READERS 0xffffffffULL
+#define SPINS_BEFORE_YIELD 64
+
+uint64_t ts_load(uint64_t *b, size_t i) { return __atomic_load_n(&b[i], __ATOMIC_ACQUIRE); }
+void ts_store(uint64_t *b, size_t i, uint64_t v) { __atomic_store_n(&b[i], v, __ATOMIC_RELEASE); }
+
+uint64_t ts_cmpxchg(uint64_t *b, size_t i, uint64_t old, uint64_t new_)
+{
+	/* like try_cmpxchg64: on failure `old` is updated to the value found */
+	__atomic_compare_exchange_n(&b[i], &old, new_, 0, SEQ, SEQ);
+	return old;
+}
+
+uint64_t ts_xchg(uint64_t *b, size_t i, uint64_t v) { return __atomic_exchange_n(&b[i], v, SEQ); }
+uint64_t ts_fetch_add(uint64_t *b, size_t i, uint64_t v) { return __atomic_fetch_add(&b[i], v, SEQ); }
+uint64_t ts_fetch_and(uint64_t *b, size_t i, uint64_t v) { return __atomic_fetch_and(&b[i], v, SEQ); }
+uint64_t ts_fetch_or(uint64_t *b, size_t i, uint64_t v) { return __atomic_fetch_or(&b[i], v, SEQ); }
+
+void ts_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield");
+#endif
+}
+
+uint64_t ts_now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+void ts_spin_ns(uint64_t ns)
+{
+	uint64_t end = ts_now_ns() + ns;
+	while (ts_now_ns() < end)
+		ts_cpu_relax();
+}
+
+/*
+ * Processes outnumber cores on the machines this runs on, so a waiter that
+ * spins without yielding can starve the very process it waits for.
+ */
+static inline int backoff(uint64_t *b, size_t abort_i, unsigned *spins)
+{
+	if (++*spins < SPINS_BEFORE_YIELD)
+		ts_cpu_relax();
+	else
+		sched_yield();
+	return __atomic_load_n(&b[abort_i], __ATOMIC_RELAXED) != 0;
+}
+
+int ts_read_lock(uint64_t *b, size_t lock_i, size_t abort_i)
+{
+	unsigned spins = 0;
+	for (;;) {
+		uint64_t v = __atomic_load_n(&b[lock_i], __ATOMIC_RELAXED);
+		if (!(v & (RW_WRITER | RW_WAITING))) {
+			if (__atomic_compare_exchange_n(&b[lock_i], &v, v + 1, 0, SEQ, SEQ))
+				return 0;
+			continue;
+		}
+		if (backoff(b, abort_i, &spins))
+			return -1;
+	}
+}
+
+int ts_read_trylock(uint64_t *b, size_t lock_i)
+{
+	uint64_t v = __atomic_load_n(&b[lock_i], __ATOMIC_RELAXED);
+	if (v & (RW_WRITER | RW_WAITING))
+		return -1;
+	return __atomic_compare_exchange_n(&b[lock_i], &v, v + 1, 0, SEQ, SEQ) ? 0 : -1;
+}
+
+void ts_read_unlock(uint64_t *b, size_t lock_i) { __atomic_fetch_sub(&b[lock_i], 1, SEQ); }
+
+int ts_write_lock(uint64_t *b, size_t lock_i, size_t owner_i, uint64_t pid, size_t abort_i)
+{
+	unsigned spins = 0;
+	for (;;) {
+		uint64_t v = __atomic_load_n(&b[lock_i], __ATOMIC_RELAXED);
+		if (!(v & RW_WRITER)) {
+			if (!(v & RW_READERS)) {
+				/* clears RW_WAITING: other waiting writers set it again */
+				if (__atomic_compare_exchange_n(&b[lock_i], &v, RW_WRITER, 0, SEQ, SEQ)) {
+					__atomic_store_n(&b[owner_i], pid, SEQ);
+					return 0;
+				}
+				continue;
+			}
+			if (!(v & RW_WAITING))
+				__atomic_fetch_or(&b[lock_i], RW_WAITING, SEQ);
+		}
+		if (backoff(b, abort_i, &spins))
+			return -1;
+	}
+}
+
+void ts_write_unlock(uint64_t *b, size_t lock_i, size_t owner_i)
+{
+	__atomic_store_n(&b[owner_i], 0, SEQ);
+	__atomic_fetch_and(&b[lock_i], ~RW_WRITER, SEQ);
+}
+
+int ts_rwlock_contended(uint64_t *b, size_t lock_i)
+{
+	return (__atomic_load_n(&b[lock_i], __ATOMIC_RELAXED) & RW_WAITING) != 0;
+}
+
+int ts_spin_lock(uint64_t *b, size_t i, uint64_t pid, size_t abort_i)
+{
+	unsigned spins = 0;
+	for (;;) {
+		uint64_t v = __atomic_load_n(&b[i], __ATOMIC_RELAXED);
+		if (v == 0 && __atomic_compare_exchange_n(&b[i], &v, pid, 0, SEQ, SEQ))
+			return 0;
+		if (backoff(b, abort_i, &spins))
+			return -1;
+	}
+}
+
+int ts_spin_trylock(uint64_t *b, size_t i, uint64_t pid)
+{
+	uint64_t v = 0;
+	return __atomic_compare_exchange_n(&b[i], &v, pid, 0, SEQ, SEQ) ? 0 : -1;
+}
+
+void ts_spin_unlock(uint64_t *b, size_t i) { __atomic_store_n(&b[i], 0, SEQ); }
+
+void ts_fill(uint64_t *b, size_t start, size_t n, uint64_t v)
+{
+	for (size_t k = 0; k < n; k++)
+		__atomic_store_n(&b[start + k], v, __ATOMIC_RELAXED);
+	__atomic_thread_fence(SEQ);
+}
+
+int64_t ts_bitmap_alloc(uint64_t *b, size_t bm_i, size_t nwords, size_t start_word)
+{
+	for (size_t k = 0; k < nwords; k++) {
+		size_t w = (start_word + k) % nwords;
+		uint64_t v = __atomic_load_n(&b[bm_i + w], __ATOMIC_RELAXED);
+		while (v) {
+			int bit = __builtin_ctzll(v);
+			uint64_t m = 1ULL << bit;
+			uint64_t old = __atomic_fetch_and(&b[bm_i + w], ~m, SEQ);
+			if (old & m)
+				return (int64_t)(w * 64 + (size_t)bit);
+			v = old & ~m;
+		}
+	}
+	return -1;
+}
+
+int64_t ts_popcount_range(uint64_t *b, size_t start, size_t n)
+{
+	int64_t c = 0;
+	for (size_t k = 0; k < n; k++)
+		c += __builtin_popcountll(__atomic_load_n(&b[start + k], __ATOMIC_RELAXED));
+	return c;
+}
+
+/*
+ * handle_removed_pt's child loop.  With freeze_nonpresent (shared mode) every
+ * entry is xchg'd to `frozen`, waiting out another task's transient freeze of
+ * the same entry; otherwise non-present entries are skipped.  Returns how many
+ * entries held a present value (their index and old value in out_*), or -1
+ * when aborted.
+ */
+int64_t ts_freeze_children(uint64_t *b, size_t start, size_t n, uint64_t frozen,
+			   uint64_t present_mask, int freeze_nonpresent, size_t abort_i,
+			   uint32_t *out_idx, uint64_t *out_old)
+{
+	int64_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		uint64_t old;
+		unsigned spins = 0;
+		if (freeze_nonpresent) {
+			for (;;) {
+				old = __atomic_exchange_n(&b[start + i], frozen, SEQ);
+				if (old != frozen)
+					break;
+				if (backoff(b, abort_i, &spins))
+					return -1;
+			}
+		} else {
+			old = __atomic_load_n(&b[start + i], SEQ);
+			if (!(old & present_mask))
+				continue;
+			old = __atomic_exchange_n(&b[start + i], frozen, SEQ);
+		}
+		if (old & present_mask) {
+			out_idx[k] = (uint32_t)i;
+			out_old[k] = old;
+			k++;
+		}
+	}
+	return k;
+}
+
+int64_t ts_count_equal(uint64_t *b, size_t start, size_t n, uint64_t v)
+{
+	int64_t c = 0;
+	for (size_t k = 0; k < n; k++)
+		c += __atomic_load_n(&b[start + k], __ATOMIC_RELAXED) == v;
+	return c;
+}
+
+int64_t ts_find_mask(uint64_t *b, size_t start, size_t n, uint64_t mask)
+{
+	for (size_t k = 0; k < n; k++)
+		if (__atomic_load_n(&b[start + k], __ATOMIC_RELAXED) & mask)
+			return (int64_t)k;
+	return -1;
+}
+
+/* Checker helper: every entry of [start, start+n) that differs from v. */
+int64_t ts_scan_ne(uint64_t *b, size_t start, size_t n, uint64_t v,
+		   uint32_t *out_idx, uint64_t *out_val)
+{
+	int64_t k = 0;
+	for (size_t i = 0; i < n; i++) {
+		uint64_t x = __atomic_load_n(&b[start + i], __ATOMIC_ACQUIRE);
+		if (x != v) {
+			out_idx[k] = (uint32_t)i;
+			out_val[k] = x;
+			k++;
+		}
+	}
+	return k;
+}

@@ -1,0 +1,49 @@
+/*
+ * tdp-stress native layer: 64-bit atomics and locks on words of a shared
+ * memory segment, addressed as (base, word index) so Python never builds a
+ * pointer per access.  Every function is sequentially consistent unless its
+ * name says otherwise (load = acquire, store = release), which is stronger
+ * than the kernel needs and keeps the model's reasoning simple.
+ *
+ * Spinning functions take an `abort_i` word: when it becomes non-zero they
+ * give up and return -1, so a worker whose peer died holding a lock can be
+ * stopped by the supervisor instead of spinning for ever.
+ *
+ * This header is also the cffi cdef: no preprocessor directives below.
+ */
+uint64_t ts_load(uint64_t *base, size_t i);
+void ts_store(uint64_t *base, size_t i, uint64_t v);
+uint64_t ts_cmpxchg(uint64_t *base, size_t i, uint64_t old, uint64_t new_);
+uint64_t ts_xchg(uint64_t *base, size_t i, uint64_t v);
+uint64_t ts_fetch_add(uint64_t *base, size_t i, uint64_t v);
+uint64_t ts_fetch_and(uint64_t *base, size_t i, uint64_t v);
+uint64_t ts_fetch_or(uint64_t *base, size_t i, uint64_t v);
+void ts_cpu_relax(void);
+void ts_spin_ns(uint64_t ns);
+uint64_t ts_now_ns(void);
+
+/* mmu_lock: reader-writer lock in one word (bit 63 writer, bit 62 writer
+ * waiting, low 32 bits reader count); the writer's pid goes to owner_i. */
+int ts_read_lock(uint64_t *base, size_t lock_i, size_t abort_i);
+int ts_read_trylock(uint64_t *base, size_t lock_i);
+void ts_read_unlock(uint64_t *base, size_t lock_i);
+int ts_write_lock(uint64_t *base, size_t lock_i, size_t owner_i, uint64_t pid, size_t abort_i);
+void ts_write_unlock(uint64_t *base, size_t lock_i, size_t owner_i);
+int ts_rwlock_contended(uint64_t *base, size_t lock_i);
+
+/* spinlock: the word holds the holder's pid, 0 when free. */
+int ts_spin_lock(uint64_t *base, size_t i, uint64_t pid, size_t abort_i);
+int ts_spin_trylock(uint64_t *base, size_t i, uint64_t pid);
+void ts_spin_unlock(uint64_t *base, size_t i);
+
+/* Compound helpers (one FFI crossing for a loop the protocol defines). */
+void ts_fill(uint64_t *base, size_t start, size_t n, uint64_t v);
+int64_t ts_bitmap_alloc(uint64_t *base, size_t bm_i, size_t nwords, size_t start_word);
+int64_t ts_popcount_range(uint64_t *base, size_t start, size_t n);
+int64_t ts_freeze_children(uint64_t *base, size_t start, size_t n, uint64_t frozen,
+                           uint64_t present_mask, int freeze_nonpresent, size_t abort_i,
+                           uint32_t *out_idx, uint64_t *out_old);
+int64_t ts_count_equal(uint64_t *base, size_t start, size_t n, uint64_t v);
+int64_t ts_find_mask(uint64_t *base, size_t start, size_t n, uint64_t mask);
+int64_t ts_scan_ne(uint64_t *base, size_t start, size_t n, uint64_t v,
+                   uint32_t *out_idx, uint64_t *out_val);

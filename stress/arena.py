@@ -1,0 +1,273 @@
+"""The shared-memory arena: one segment per run, laid out once from the config.
+
+Design note.  Every process must agree on where each shared word lives, and a
+checker must be able to walk all of it, so the layout is declared here once,
+as word indices computed from the config (:class:`Layout`), and nothing else
+computes offsets.  The segment starts with a header (magic, layout version,
+config hash, owner pid) so a process attaching to a segment by name refuses
+one that is not ours or not of this layout.
+
+Ownership: the supervisor is the only process that creates and unlinks a
+segment; workers inherit the mapping across ``fork`` and never unlink it.
+Segments are named ``tdpstress-<pid>-<random>`` and created mode 0600 (the
+``multiprocessing.shared_memory`` default).  A segment whose owner pid is dead
+is stale and :func:`sweep_stale` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import struct
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+
+MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
+LAYOUT_VERSION = 1
+PREFIX = "tdpstress-"
+SHM_DIR = Path("/dev/shm")
+
+WORDS_PER_PAGE = 512  # SPTE_ENT_PER_PAGE
+SP_META_WORDS = 8  # one cache line of struct kvm_mmu_page per page
+WORKER_SLOT_WORDS = 64  # per-worker slot: state words then stat counters
+
+# header words
+H_MAGIC, H_VERSION, H_CONFIG_HASH, H_OWNER_PID, H_NWORDS = range(5)
+HEADER_WORDS = 8
+
+
+# segments this process created: its resource tracker registration is the
+# owner's, so attaching to one of them must not unregister it
+_CREATED: set[str] = set()
+
+
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    """Undo the resource tracker registration an attach made (3.11 has no
+    track=False): otherwise the tracker unlinks the segment when we exit."""
+    if shm.name not in _CREATED:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+
+class ArenaError(Exception):
+    """A segment cannot be created or attached."""
+
+
+class Control:
+    """Run-control words (offsets inside the control region)."""
+
+    STOP = 0  # workers finish their op and exit
+    ABORT = 1  # spin waits give up (the run is being torn down)
+    PAUSE_REQ = 2  # non-zero generation: park at the next op boundary
+    PARKED = 3  # number of workers parked for the current pause
+    VIOLATION = 4  # 0, or 1 + index of the first worker that reported one
+    START_NS = 5  # CLOCK_MONOTONIC ns when the workers were released
+    GO = 6  # workers wait for this before their first op
+    WORDS = 8
+
+
+class Globals:
+    """struct kvm / kvm->arch words (offsets inside the globals region)."""
+
+    MMU_LOCK = 0
+    MMU_LOCK_OWNER = 1
+    TDP_MMU_PAGES = 2  # kvm->arch.tdp_mmu_pages: linked non-root tables
+    TDP_MMU_PAGES_LOCK = 3
+    RCU_GP_CTR = 4
+    ROOT = 5  # page index of the (single) direct root
+    WORDS = 16
+
+
+class Slot:
+    """Per-worker slot (offsets inside one slot)."""
+
+    PID = 0
+    STATE = 1  # WorkerState
+    HEARTBEAT = 2  # ops completed, for progress checks
+    RCU_READER = 3  # 0 outside a read-side section, else the gp_ctr seen
+    LOCK_MODE = 4  # mmu_lock mode held: 0 none, 1 read, 2 write
+    PARKED_GEN = 5
+    STATS = 16  # counters start here
+    MAX_STATS = WORKER_SLOT_WORDS - STATS
+
+
+class SpMeta:
+    """struct kvm_mmu_page metadata (offsets inside one page's metadata)."""
+
+    STATE = 0  # SpState
+    ROLE = 1  # level | is_mirror << 4 | invalid << 5
+    GFN = 2
+    GEN = 3  # bumped on every alloc and free: detects walking a reused page
+    RCU_EPOCH = 4
+    ROOT_COUNT = 5  # tdp_mmu_root_count (roots only)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Word indices of every region, computed from the sizes."""
+
+    n_slots: int
+    n_pages: int
+    control: int
+    globals: int
+    slots: int
+    sp_meta: int
+    bitmap: int
+    bitmap_words: int
+    pages: int
+    nwords: int
+
+    @classmethod
+    def build(cls, n_slots: int, n_pages: int) -> Layout:
+        control = HEADER_WORDS
+        glob = control + Control.WORDS
+        slots = glob + Globals.WORDS
+        sp_meta = slots + n_slots * WORKER_SLOT_WORDS
+        bitmap = sp_meta + n_pages * SP_META_WORDS
+        bitmap_words = (n_pages + 63) // 64
+        pages = bitmap + bitmap_words
+        pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
+        nwords = pages + n_pages * WORDS_PER_PAGE
+        return cls(n_slots, n_pages, control, glob, slots, sp_meta, bitmap, bitmap_words,
+                   pages, nwords)
+
+    def ctl(self, off: int) -> int:
+        return self.control + off
+
+    def glob(self, off: int) -> int:
+        return self.globals + off
+
+    def slot(self, worker: int, off: int) -> int:
+        return self.slots + worker * WORKER_SLOT_WORDS + off
+
+    def sp(self, page: int, off: int) -> int:
+        return self.sp_meta + page * SP_META_WORDS + off
+
+    def spt(self, page: int) -> int:
+        """Word index of entry 0 of page-table page ``page``."""
+        return self.pages + page * WORDS_PER_PAGE
+
+
+class Arena:
+    """One run's segment: created and unlinked by the supervisor only."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, layout: Layout, owner: bool) -> None:
+        self.shm = shm
+        self.layout = layout
+        self.owner = owner
+        self.name = shm.name
+
+    @classmethod
+    def create(cls, layout: Layout, config_hash: int) -> Arena:
+        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nwords * 8)
+        except OSError as e:
+            raise ArenaError(f"cannot create shared memory segment {name}: {e}") from e
+        _CREATED.add(shm.name)
+        hdr = struct.pack("<5Q", MAGIC, LAYOUT_VERSION, config_hash, os.getpid(), layout.nwords)
+        shm.buf[: len(hdr)] = hdr
+        return cls(shm, layout, owner=True)
+
+    @staticmethod
+    def read_header(name: str) -> tuple[int, int, int, int, int]:
+        """Attach by name just long enough to read the header (never unlinks)."""
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        try:
+            if shm.size < HEADER_WORDS * 8:
+                raise ArenaError(f"segment {name} is too small to hold a tdp-stress header")
+            return struct.unpack_from("<5Q", shm.buf, 0)
+        finally:
+            shm.close()
+            _untrack(shm)
+
+    @classmethod
+    def attach(cls, name: str, layout: Layout, config_hash: int | None = None) -> Arena:
+        """Attach to an existing segment, refusing a foreign or stale layout."""
+        magic, version, chash, _owner, nwords = cls.read_header(name)
+        if magic != MAGIC:
+            raise ArenaError(f"segment {name}: bad magic {magic:#x} (not a tdp-stress arena)")
+        if version != LAYOUT_VERSION:
+            raise ArenaError(f"segment {name}: layout version {version}, expected {LAYOUT_VERSION}")
+        if config_hash is not None and chash != config_hash:
+            raise ArenaError(f"segment {name}: config hash {chash:#x} != {config_hash:#x}")
+        if nwords != layout.nwords:
+            raise ArenaError(f"segment {name}: {nwords} words, layout expects {layout.nwords}")
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        _untrack(shm)
+        return cls(shm, layout, owner=False)
+
+    def close(self) -> None:
+        """Unmap; the owner also unlinks.  Idempotent."""
+        if self.shm is None:
+            return
+        shm, self.shm = self.shm, None
+        try:
+            shm.close()
+        finally:
+            if self.owner:
+                _CREATED.discard(shm.name)
+                try:
+                    shm.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def list_segments() -> list[str]:
+    try:
+        return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(PREFIX))
+    except FileNotFoundError:
+        return []
+
+
+def sweep_stale() -> list[tuple[str, str]]:
+    """Remove ``tdpstress-`` segments whose owner is dead; return (name, why) removed.
+
+    A segment with a live owner is left alone, whoever that owner is.
+    """
+    removed = []
+    for name in list_segments():
+        path = SHM_DIR / name
+        m = re.match(rf"{PREFIX}(\d+)-", name)
+        if m and pid_alive(int(m.group(1))):
+            continue  # its creator still runs (it may not have written the header yet)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(HEADER_WORDS * 8)
+        except OSError:
+            continue
+        why = None
+        if len(raw) < 5 * 8:
+            why = "truncated header"
+        else:
+            magic, _v, _h, owner, _n = struct.unpack_from("<5Q", raw, 0)
+            if magic != MAGIC:
+                why = "bad magic"
+            elif not pid_alive(owner):
+                why = f"owner pid {owner} is dead"
+        if why is None:
+            continue
+        try:
+            path.unlink()
+            removed.append((name, why))
+        except FileNotFoundError:
+            pass
+    return removed

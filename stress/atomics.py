@@ -1,0 +1,188 @@
+"""The one chokepoint for shared words.
+
+Every read and write of shared memory by the model and the harness goes through
+a :class:`Words` object: protocol code never touches the raw buffer.  That is
+where delay injection lives (:class:`DelayInjectingWords`), and where tracing
+and controlled scheduling hook in later, without the model knowing.
+
+Words are 64-bit and addressed by index into the segment (word ``i`` is bytes
+``8*i .. 8*i+7``), so Python passes ``(base, i)`` across the FFI and never
+builds a pointer object in the hot path.  Ordering is sequentially consistent
+for read-modify-writes, acquire for loads and release for stores, exactly as
+the native layer documents.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from stress._atomics import ffi, lib
+
+__all__ = ["Words", "DelayInjectingWords", "LockAborted", "ffi", "lib"]
+
+
+class LockAborted(Exception):
+    """A spin wait gave up because the run's abort word was set."""
+
+
+class Words:
+    """Atomic access to the 64-bit words of one shared buffer."""
+
+    def __init__(self, buf: memoryview, abort_i: int = 0) -> None:
+        self._cbuf = ffi.from_buffer("uint64_t[]", buf)
+        self.base = self._cbuf
+        self.nwords = len(buf) // 8
+        self.abort_i = abort_i
+        # process-private scratch for the compound helpers
+        self._idx = ffi.new("uint32_t[]", 4096)
+        self._val = ffi.new("uint64_t[]", 4096)
+
+    def release(self) -> None:
+        """Drop the buffer export so the segment can be closed."""
+        if self._cbuf is not None:
+            ffi.release(self._cbuf)
+            self._cbuf = None
+            self.base = None
+
+    # -- single-word atomics -------------------------------------------------
+    def load(self, i: int) -> int:
+        return lib.ts_load(self.base, i)
+
+    def store(self, i: int, v: int) -> None:
+        lib.ts_store(self.base, i, v)
+
+    def cmpxchg(self, i: int, old: int, new: int) -> int:
+        """Return the value found: ``== old`` means the exchange happened."""
+        return lib.ts_cmpxchg(self.base, i, old, new)
+
+    def xchg(self, i: int, v: int) -> int:
+        return lib.ts_xchg(self.base, i, v)
+
+    def fetch_add(self, i: int, v: int) -> int:
+        return lib.ts_fetch_add(self.base, i, v & 0xFFFFFFFFFFFFFFFF)
+
+    def fetch_and(self, i: int, v: int) -> int:
+        return lib.ts_fetch_and(self.base, i, v)
+
+    def fetch_or(self, i: int, v: int) -> int:
+        return lib.ts_fetch_or(self.base, i, v)
+
+    def spin_ns(self, ns: int) -> None:
+        """Busy-wait: models a latency (an IPI, a SEAMCALL) without giving up the CPU."""
+        if ns > 0:
+            lib.ts_spin_ns(ns)
+
+    # -- locks -----------------------------------------------------------------
+    def read_lock(self, lock_i: int) -> None:
+        if lib.ts_read_lock(self.base, lock_i, self.abort_i):
+            raise LockAborted("read_lock")
+
+    def read_unlock(self, lock_i: int) -> None:
+        lib.ts_read_unlock(self.base, lock_i)
+
+    def write_lock(self, lock_i: int, owner_i: int, pid: int) -> None:
+        if lib.ts_write_lock(self.base, lock_i, owner_i, pid, self.abort_i):
+            raise LockAborted("write_lock")
+
+    def write_unlock(self, lock_i: int, owner_i: int) -> None:
+        lib.ts_write_unlock(self.base, lock_i, owner_i)
+
+    def rwlock_contended(self, lock_i: int) -> bool:
+        return bool(lib.ts_rwlock_contended(self.base, lock_i))
+
+    def spin_lock(self, i: int, pid: int) -> None:
+        if lib.ts_spin_lock(self.base, i, pid, self.abort_i):
+            raise LockAborted("spin_lock")
+
+    def spin_trylock(self, i: int, pid: int) -> bool:
+        return lib.ts_spin_trylock(self.base, i, pid) == 0
+
+    def spin_unlock(self, i: int) -> None:
+        lib.ts_spin_unlock(self.base, i)
+
+    # -- compound helpers (one FFI crossing for a loop the protocol defines) ---
+    def fill(self, start: int, n: int, v: int) -> None:
+        lib.ts_fill(self.base, start, n, v)
+
+    def bitmap_alloc(self, bm_i: int, nwords: int, start_word: int) -> int:
+        return lib.ts_bitmap_alloc(self.base, bm_i, nwords, start_word)
+
+    def popcount(self, start: int, n: int) -> int:
+        return lib.ts_popcount_range(self.base, start, n)
+
+    def count_equal(self, start: int, n: int, v: int) -> int:
+        return lib.ts_count_equal(self.base, start, n, v)
+
+    def find_mask(self, start: int, n: int, mask: int) -> int:
+        return lib.ts_find_mask(self.base, start, n, mask)
+
+    def freeze_children(
+        self, start: int, n: int, frozen: int, present_mask: int, freeze_nonpresent: bool
+    ) -> list[tuple[int, int]]:
+        """xchg every entry to ``frozen`` (see native ts_freeze_children).
+
+        Returns ``(index, old)`` for each entry that held a present value.
+        """
+        k = lib.ts_freeze_children(
+            self.base, start, n, frozen, present_mask, int(freeze_nonpresent),
+            self.abort_i, self._idx, self._val,
+        )
+        if k < 0:
+            raise LockAborted("freeze_children")
+        return [(self._idx[j], self._val[j]) for j in range(k)]
+
+    def scan_ne(self, start: int, n: int, v: int) -> list[tuple[int, int]]:
+        """``(index, value)`` of every word in the range that is not ``v``."""
+        k = lib.ts_scan_ne(self.base, start, n, v, self._idx, self._val)
+        return [(self._idx[j], self._val[j]) for j in range(k)]
+
+
+class DelayInjectingWords(Words):
+    """:class:`Words` that now and then stalls after a shared access.
+
+    The model's race windows are a few microseconds of Python; a stall after a
+    random access (a busy spin of up to ``max_ns``, or giving the CPU away)
+    stretches one of them, so rare interleavings become common.  A countdown
+    drawn from the worker's seeded RNG keeps the cost to one decrement per
+    access when no stall is due.
+    """
+
+    def __init__(
+        self, buf: memoryview, abort_i: int, rng: random.Random, every: int, max_ns: int
+    ) -> None:
+        super().__init__(buf, abort_i)
+        self._rng = rng
+        self._every = max(1, every)
+        self._max_ns = max_ns
+        self._countdown = rng.randint(1, 2 * self._every)
+        self.delays = 0
+
+    def _tick(self) -> None:
+        self._countdown -= 1
+        if self._countdown <= 0:
+            self._countdown = self._rng.randint(1, 2 * self._every)
+            self.delays += 1
+            if self._rng.random() < 0.25:
+                os.sched_yield()
+            else:
+                lib.ts_spin_ns(self._rng.randint(0, self._max_ns))
+
+    def load(self, i: int) -> int:
+        v = lib.ts_load(self.base, i)
+        self._tick()
+        return v
+
+    def cmpxchg(self, i: int, old: int, new: int) -> int:
+        v = lib.ts_cmpxchg(self.base, i, old, new)
+        self._tick()
+        return v
+
+    def xchg(self, i: int, v: int) -> int:
+        r = lib.ts_xchg(self.base, i, v)
+        self._tick()
+        return r
+
+    def store(self, i: int, v: int) -> None:
+        lib.ts_store(self.base, i, v)
+        self._tick()

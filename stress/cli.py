@@ -1,0 +1,176 @@
+"""The ``tdp-stress`` command line: a thin layer over config, supervisor and report.
+
+Exit codes: 0 clean, 1 invariant violation, 2 usage or config error, 3 a worker
+crashed or the harness failed, 4 hang, 130 interrupted.  ``--expect-violation``
+swaps 0 and 1.  Every error is one line on stderr: ``tdp-stress: error: ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stress import config as config_mod
+from stress.arena import list_segments, sweep_stale
+from stress.config import ROLES, ConfigError, parse_duration, parse_size
+from stress.harness.supervisor import EXIT_USAGE, Supervisor
+from stress.model.variants import VARIANTS
+from stress.report import (
+    StatusLine,
+    build_results,
+    format_summary,
+    now_iso,
+    write_json_atomic,
+)
+
+
+class DurationType(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            return parse_duration(value, f"--{param.name}" if param else "duration")
+        except ConfigError as e:
+            self.fail(str(e).split(": ", 1)[-1], param, ctx)
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value, "size")
+        except ConfigError as e:
+            self.fail(str(e).split(": ", 1)[-1], param, ctx)
+
+
+class RoleCountType(click.ParamType):
+    name = "ROLE=N"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, int]:
+        role, sep, n = str(value).partition("=")
+        if not sep or not n.strip().isdigit():
+            self.fail(f"expected ROLE=N, got {value!r}", param, ctx)
+        if role not in ROLES:
+            self.fail(f"unknown role {role!r} (known: {', '.join(ROLES)})", param, ctx)
+        return role, int(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tdp-stress")
+def cli() -> None:
+    """Stress KVM's TDP MMU locking protocol with real processes on shared memory."""
+
+
+@cli.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--vcpus", type=click.IntRange(0, 256), help="Number of vcpu workers.")
+@click.option("--workers", "worker_counts", type=RoleCountType(), multiple=True,
+              help="Workers of a role, e.g. --workers zapper=2 (repeatable).")
+@click.option("--duration", type=DurationType(), help="Run time: 30s, 5m, 2h.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Master seed.")
+@click.option("--variant", help="Protocol variant (see `tdp-stress variants`).")
+@click.option("--guest-size", type=SizeType(), help="Guest memory: 64m, 1g, 1t.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output directory for results.json.")
+@click.option("--check-interval", type=DurationType(),
+              help="Quiescent check every DURATION (0: only at the end).")
+@click.option("--expect-violation", is_flag=True, default=None,
+              help="Exit 0 if a violation is found and 1 if not (CI jobs proving a bug is "
+                   "caught).")
+@click.option("--quiet", "-q", is_flag=True, help="No live status line.")
+def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
+        duration: float | None, seed: int | None, variant: str | None,
+        guest_size: int | None, out_dir: str | None, check_interval: float | None,
+        expect_violation: bool | None, quiet: bool) -> int:
+    """Run the stress job of CONFIG_FILE (default: configs/default.toml)."""
+    overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}}
+    for key, val in (("duration", duration), ("seed", seed), ("variant", variant),
+                     ("out", out_dir), ("check_interval", check_interval),
+                     ("expect_violation", expect_violation)):
+        if val is not None:
+            overrides["run"][key] = val
+    if guest_size is not None:
+        overrides["guest"]["size"] = guest_size
+    if vcpus is not None:
+        overrides["workers"]["vcpu"] = vcpus
+    for role, n in worker_counts:
+        overrides["workers"][role] = n
+    cfg = config_mod.load(config_file, {k: v for k, v in overrides.items() if v})
+    out = Path(cfg.run.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.out: cannot create output directory {out}: "
+                          f"{e.strerror}") from None
+    results_path = out / "results.json"
+
+    status = StatusLine()
+    tty = sys.stderr.isatty()
+    last_plain = [-1e9]
+
+    def on_status(snap: Any) -> None:
+        line = status.render(snap)
+        if tty:
+            click.echo("\r\x1b[2K" + line, err=True, nl=False)
+        elif snap.elapsed_s - last_plain[0] >= 5.0:
+            last_plain[0] = snap.elapsed_s
+            click.echo(line, err=True)
+
+    started = now_iso()
+    outcome = Supervisor(cfg, on_status=None if quiet else on_status).run()
+    if tty and not quiet:
+        click.echo("\r\x1b[2K", err=True, nl=False)
+    res = build_results(cfg, outcome, started)
+    write_json_atomic(results_path, res)
+    click.echo(format_summary(res, results_path))
+    if outcome.exit_reason == "interrupted":
+        click.echo("tdp-stress: interrupted", err=True)
+    return int(res["exit_code"])
+
+
+@cli.command()
+def variants() -> int:
+    """List protocol variants with their stories."""
+    width = max(len(n) for n in VARIANTS)
+    for v in VARIANTS.values():
+        tag = "bug  " if v.buggy else "fixed"
+        click.echo(f"{v.name:<{width}}  {tag}  {v.story}")
+        click.echo(f"{'':<{width}}         source: {v.source}")
+    return 0
+
+
+@cli.command()
+def cleanup() -> int:
+    """Remove tdpstress- shared memory segments whose owner process is dead."""
+    removed = sweep_stale()
+    for name, why in removed:
+        click.echo(f"removed /dev/shm/{name} ({why})")
+    left = list_segments()
+    click.echo(f"{len(removed)} segment(s) removed, {len(left)} in use by live runs")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name="tdp-stress", standalone_mode=False)
+    except ConfigError as e:
+        click.echo(f"tdp-stress: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as e:
+        click.echo(f"tdp-stress: error: {e.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as e:
+        click.echo(f"tdp-stress: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("tdp-stress: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Run configuration: a TOML file, validated key by key, then CLI overrides.
+
+Every key is known here with its type and bounds; an unknown or malformed key
+is a :class:`ConfigError` whose message names it (``guest.size: ...``).  The
+resolved config is a frozen dataclass tree, serialisable to the JSON that goes
+into ``results.json`` and whose hash goes into the arena header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROLES = ("vcpu", "zapper")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+class ConfigError(ValueError):
+    """A config file or option is wrong; the message names the key."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DUR_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_size(text: str | int, key: str = "size") -> int:
+    """``4096``, ``2m``, ``1G``: bytes, with KVM selftests' k/m/g/t suffixes."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{key}: expected a size like 1g, got {text!r}")
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgtb]?)\s*", str(text).lower())
+    if not m:
+        raise ConfigError(f"{key}: expected a size like 4096, 2m or 1g, got {text!r}")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def parse_duration(text: str | int | float, key: str = "duration") -> float:
+    """``30``, ``30s``, ``5m``, ``2h``, ``250ms``: seconds."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{key}: expected a duration like 30s, got {text!r}")
+    if isinstance(text, int | float):
+        secs = float(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|us|s|m|h|d)?\s*", str(text).lower())
+        if not m:
+            raise ConfigError(f"{key}: expected a duration like 30s, 5m or 2h, got {text!r}")
+        secs = float(m.group(1)) * _DUR_UNITS[m.group(2) or ""]
+    if secs < 0:
+        raise ConfigError(f"{key}: must not be negative, got {text!r}")
+    return secs
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    duration: float = 60.0
+    seed: int = 1
+    variant: str = "fixed"
+    out: str = "tdp-stress-results"
+    check_interval: float = 5.0
+    expect_violation: bool = False
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    size: int = 1 << 30
+    root_level: int = 4
+    hot_set: int = 64 << 10
+    hot_fraction: float = 0.9
+
+
+@dataclass(frozen=True)
+class VcpuConfig:
+    write_fraction: float = 0.5
+    max_retries: int = 100000  # consecutive RET_PF_RETRY before the fault is reported stuck
+
+
+@dataclass(frozen=True)
+class ZapperConfig:
+    leaf_zap: int = 2
+    leaf_zap_shared: int = 2
+    subtree_zap_shared: int = 3
+    subtree_zap_exclusive: int = 1
+    max_range: int = 2 << 20
+    tlb_flush_latency: float = 50e-6
+
+
+@dataclass(frozen=True)
+class InjectConfig:
+    delay_every: int = 400
+    delay_max: float = 20e-6
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    pages: int = 0  # 0: sized from the guest
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    guest: GuestConfig = field(default_factory=GuestConfig)
+    workers: dict[str, int] = field(default_factory=lambda: {"vcpu": 2, "zapper": 1})
+    vcpu: VcpuConfig = field(default_factory=VcpuConfig)
+    zapper: ZapperConfig = field(default_factory=ZapperConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash64(self) -> int:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
+
+    @property
+    def n_gfns(self) -> int:
+        return self.guest.size >> 12
+
+    @property
+    def n_workers(self) -> int:
+        return sum(self.workers.values())
+
+
+# key -> (parser, check) per section; parser converts TOML values
+def _int(key: str, lo: int, hi: int):
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key}: expected an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: must be between {lo} and {hi}, got {v}")
+        return v
+    return conv
+
+
+def _float(key: str, lo: float, hi: float):
+    def conv(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(f"{key}: expected a number, got {v!r}")
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: must be between {lo} and {hi}, got {v}")
+        return float(v)
+    return conv
+
+
+def _str(key: str):
+    def conv(v: Any) -> str:
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{key}: expected a non-empty string, got {v!r}")
+        return v
+    return conv
+
+
+def _bool(key: str):
+    def conv(v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key}: expected true or false, got {v!r}")
+        return v
+    return conv
+
+
+def _size(key: str, lo: int, hi: int):
+    def conv(v: Any) -> int:
+        n = parse_size(v, key)
+        if not lo <= n <= hi:
+            raise ConfigError(f"{key}: must be between {lo} and {hi} bytes, got {v!r}")
+        if n % 4096:
+            raise ConfigError(f"{key}: must be a multiple of 4k, got {v!r}")
+        return n
+    return conv
+
+
+def _dur(key: str, lo: float, hi: float):
+    def conv(v: Any) -> float:
+        s = parse_duration(v, key)
+        if not lo <= s <= hi:
+            raise ConfigError(f"{key}: must be between {lo}s and {hi}s, got {v!r}")
+        return s
+    return conv
+
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "run": {
+        "duration": _dur("run.duration", 0.0, 366 * 86400.0),
+        "seed": _int("run.seed", 0, 2**63 - 1),
+        "variant": _str("run.variant"),
+        "out": _str("run.out"),
+        "check_interval": _dur("run.check_interval", 0.0, 86400.0),
+        "expect_violation": _bool("run.expect_violation"),
+    },
+    "guest": {
+        "size": _size("guest.size", 4096, 1 << 40),
+        "root_level": _int("guest.root_level", 4, 5),
+        "hot_set": _size("guest.hot_set", 4096, 1 << 40),
+        "hot_fraction": _float("guest.hot_fraction", 0.0, 1.0),
+    },
+    "workers": {role: _int(f"workers.{role}", 0, 256) for role in ROLES},
+    "vcpu": {
+        "write_fraction": _float("vcpu.write_fraction", 0.0, 1.0),
+        "max_retries": _int("vcpu.max_retries", 1, 10**9),
+    },
+    "zapper": {
+        "leaf_zap": _int("zapper.leaf_zap", 0, 1000),
+        "leaf_zap_shared": _int("zapper.leaf_zap_shared", 0, 1000),
+        "subtree_zap_shared": _int("zapper.subtree_zap_shared", 0, 1000),
+        "subtree_zap_exclusive": _int("zapper.subtree_zap_exclusive", 0, 1000),
+        "max_range": _size("zapper.max_range", 4096, 1 << 40),
+        "tlb_flush_latency": _dur("zapper.tlb_flush_latency", 0.0, 0.1),
+    },
+    "inject": {
+        "delay_every": _int("inject.delay_every", 0, 10**9),
+        "delay_max": _dur("inject.delay_max", 0.0, 1.0),
+    },
+    "pool": {"pages": _int("pool.pages", 0, 1 << 24)},
+}
+
+_SECTION_TYPES = {"run": RunConfig, "guest": GuestConfig, "vcpu": VcpuConfig,
+                  "zapper": ZapperConfig, "inject": InjectConfig, "pool": PoolConfig}
+
+
+def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
+    changes: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"{origin}: unknown section [{section}] "
+                              f"(known: {', '.join(SCHEMA)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: {section} must be a table")
+        parsed = {}
+        for key, v in values.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{origin}: unknown key {section}.{key} "
+                                  f"(known: {', '.join(SCHEMA[section])})")
+            parsed[key] = SCHEMA[section][key](v)
+        if section == "workers":
+            merged = dict(cfg.workers)
+            merged.update(parsed)
+            changes["workers"] = merged
+        else:
+            changes[section] = dataclasses.replace(getattr(cfg, section), **parsed)
+    return dataclasses.replace(cfg, **changes)
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-key checks that no single key can make."""
+    from stress.model.variants import UnknownVariant, get_variant
+
+    try:
+        get_variant(cfg.run.variant)
+    except UnknownVariant as e:
+        raise ConfigError(f"run.variant: {e.args[0]}") from None
+    if cfg.n_workers == 0:
+        raise ConfigError("workers: at least one worker is needed")
+    if cfg.guest.hot_set > cfg.guest.size:
+        raise ConfigError(f"guest.hot_set: {cfg.guest.hot_set} bytes is larger than "
+                          f"guest.size ({cfg.guest.size} bytes)")
+    z = cfg.zapper
+    if cfg.workers.get("zapper", 0) and not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared
+                                             + z.subtree_zap_exclusive):
+        raise ConfigError("zapper: all op weights are 0")
+    if cfg.guest.size > 1 << (12 + 9 * cfg.guest.root_level):
+        raise ConfigError(f"guest.size: too large for a {cfg.guest.root_level}-level root")
+    return cfg
+
+
+def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Load ``path`` (default configs/default.toml), apply overrides, validate."""
+    cfg = Config()
+    p = Path(path) if path is not None else DEFAULT_CONFIG
+    if path is not None or p.exists():
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a directory, not a config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: {e.strerror}") from None
+        cfg = _apply(cfg, raw, str(p))
+    if overrides:
+        cfg = _apply(cfg, overrides, "command line")
+    return validate(cfg)

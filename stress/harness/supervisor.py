@@ -1,0 +1,448 @@
+"""The supervisor: creates the arena, forks the workers, watches them, checks
+invariants at quiescence, and tears everything down on every exit path.
+
+It is the only process that creates or unlinks the run's segment.  Exit
+paths and what they leave behind:
+
+* time is up: STOP, workers drain and exit, final quiescent check, RCU
+  barrier, VM teardown, teardown check (no page may leak);
+* a worker reports a violation: STOP, collect, no teardown checks;
+* a worker dies or raises: ``crash``;
+* workers do not park for a quiescent check in time: ``hang``;
+* SIGINT / SIGTERM: ``interrupted``.
+
+Whatever the path, workers are stopped (STOP, then ABORT so spinners give
+up, then SIGTERM, then SIGKILL), joined, and the segment is unlinked before
+``run`` returns.  Workers also die with the supervisor (PR_SET_PDEATHSIG).
+
+The supervisor knows nothing of the CLI: it reports progress through a
+callback and returns a :class:`RunOutcome`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from stress.arena import Arena, Control, Globals, Layout, Slot, SpMeta, sweep_stale
+from stress.atomics import Words
+from stress.checks import QuiescentReport, quiescent_check, teardown_check
+from stress.config import Config
+from stress.harness.workers import STAT_NAMES, worker_main
+from stress.model.errors import InvariantViolation
+from stress.model.kvm import LOCK_NONE, Geometry, Kvm
+from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
+from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_root
+from stress.model.variants import get_variant
+
+EXIT_CLEAN = 0
+EXIT_VIOLATION = 1
+EXIT_USAGE = 2
+EXIT_CRASH = 3
+EXIT_HANG = 4
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = {"clean": EXIT_CLEAN, "violation": EXIT_VIOLATION, "crash": EXIT_CRASH,
+              "error": EXIT_CRASH, "hang": EXIT_HANG, "interrupted": EXIT_INTERRUPTED}
+
+PARK_TIMEOUT_S = 10.0
+STOP_GRACE_S = 5.0
+POOL_AUTO_MAX = 65536
+
+
+class Interrupted(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def pool_pages(cfg: Config) -> int:
+    """Enough pages to map the whole guest twice over (tables pending RCU need
+    room too), capped; a fault that finds the pool empty retries."""
+    if cfg.pool.pages:
+        return cfg.pool.pages
+    need, n = 1, cfg.n_gfns
+    for _level in range(1, cfg.guest.root_level):
+        n = (n + 511) // 512
+        need += n
+    return max(64, min(2 * need + 256, POOL_AUTO_MAX))
+
+
+@dataclass
+class WorkerRecord:
+    index: int
+    role: str
+    pid: int = 0
+    exitcode: int | None = None
+    stats: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    done: bool = False
+
+
+@dataclass
+class RunOutcome:
+    exit_reason: str
+    duration_s: float
+    workers: list[WorkerRecord]
+    violations: list[dict[str, Any]]
+    checks: dict[str, int]
+    errors: list[str]
+    pool_pages: int
+    arena_name: str = ""
+    hang: dict[str, Any] | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.exit_reason]
+
+
+@dataclass
+class StatusSnapshot:
+    elapsed_s: float
+    duration_s: float
+    per_role: dict[str, Counter[str]]
+    workers: dict[str, int]
+    violations: int
+    checks: int
+
+
+class Supervisor:
+    def __init__(self, cfg: Config,
+                 on_status: Callable[[StatusSnapshot], None] | None = None,
+                 status_interval: float = 0.5) -> None:
+        self.cfg = cfg
+        self.on_status = on_status
+        self.status_interval = status_interval
+        self.roles = [role for role, n in cfg.workers.items() for _ in range(n)]
+        self.n = len(self.roles)
+        self.layout = Layout.build(n_slots=self.n + 1, n_pages=pool_pages(cfg))
+        self.records = [WorkerRecord(i, r) for i, r in enumerate(self.roles)]
+        self.violations: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.checks = Counter[str]()
+        self.hang: dict[str, Any] | None = None
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.conns: list[Connection | None] = []
+        self.arena: Arena | None = None
+        self.words: Words | None = None
+        self.kvm: Kvm | None = None
+        self.t_start = 0.0
+
+    # -- setup -----------------------------------------------------------------
+    def _setup(self) -> None:
+        sweep_stale()
+        lay = self.layout
+        self.arena = Arena.create(lay, self.cfg.hash64())
+        self.words = w = Words(self.arena.shm.buf, lay.ctl(Control.ABORT))
+        w.fill(lay.bitmap, lay.bitmap_words, (1 << 64) - 1)
+        tail = lay.n_pages % 64
+        if tail:
+            w.store(lay.bitmap + lay.bitmap_words - 1, (1 << tail) - 1)
+        w.store(lay.glob(Globals.RCU_GP_CTR), 1)
+        geometry = Geometry(root_level=self.cfg.guest.root_level, n_gfns=self.cfg.n_gfns)
+        self.kvm = Kvm(w, lay, geometry, get_variant(self.cfg.run.variant), me=self.n)
+        kvm_tdp_mmu_alloc_root(self.kvm)
+
+    def _spawn(self) -> None:
+        ctx = multiprocessing.get_context("fork")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for i, role in enumerate(self.roles):
+            r, wconn = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=worker_main, args=(i, role, self.cfg, self.arena, wconn),
+                            name=f"tdp-stress-{role}{i}")
+            p.start()
+            wconn.close()
+            self.procs.append(p)
+            self.conns.append(r)
+            self.records[i].pid = p.pid or 0
+        w, lay = self.words, self.layout
+        assert w is not None
+        w.store(lay.ctl(Control.START_NS), time.monotonic_ns())
+        w.store(lay.ctl(Control.GO), 1)
+
+    # -- messages ----------------------------------------------------------------
+    def _drain(self) -> None:
+        for i, c in enumerate(self.conns):
+            while c is not None:
+                try:
+                    if not c.poll():
+                        break
+                    kind, payload = c.recv()
+                except (EOFError, OSError):
+                    c.close()
+                    self.conns[i] = c = None
+                    break
+                rec = self.records[i]
+                if kind == "violation":
+                    payload.setdefault("pid", rec.pid)
+                    self.violations.append(payload)
+                elif kind == "error":
+                    rec.error = payload
+                    self.errors.append(f"worker {i} ({rec.role}, pid {rec.pid}) raised:\n"
+                                       f"{payload}")
+                elif kind == "done":
+                    rec.done = True
+                    rec.stats = payload["stats"]
+
+    def _dead_workers(self) -> list[int]:
+        dead = []
+        for i, p in enumerate(self.procs):
+            if p.exitcode is not None and self.records[i].exitcode is None:
+                self.records[i].exitcode = p.exitcode
+            if p.exitcode is not None and p.exitcode != 0 and not self._reported(i):
+                dead.append(i)
+        return dead
+
+    def _reported(self, i: int) -> bool:
+        return any(v.get("worker") == i for v in self.violations) or self.records[i].error \
+            is not None
+
+    def _crash_message(self, i: int) -> str:
+        rec, p = self.records[i], self.procs[i]
+        code = p.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               else f"exited with status {code}")
+        return f"worker {i} ({rec.role}, pid {rec.pid}) {how}"
+
+    # -- quiescence --------------------------------------------------------------
+    def _pause_and_check(self, gen: int) -> str | None:
+        """Park every worker, walk everything, resume.  Returns an exit reason or None."""
+        w, lay = self.words, self.layout
+        assert w is not None and self.kvm is not None
+        w.store(lay.ctl(Control.PARKED), 0)
+        w.store(lay.ctl(Control.PAUSE_REQ), gen)
+        deadline = time.monotonic() + PARK_TIMEOUT_S
+        try:
+            while True:
+                waiting = [i for i, p in enumerate(self.procs) if p.exitcode is None
+                           and w.load(lay.slot(i, Slot.PARKED_GEN)) != gen]
+                if not waiting:
+                    break
+                self._drain()
+                if self.violations:
+                    return "violation"
+                if self._dead_workers() or self.errors:
+                    return "crash"
+                if time.monotonic() > deadline:
+                    self.hang = self._hang_report(waiting)
+                    return "hang"
+                time.sleep(0.001)
+            rep = quiescent_check(self.kvm)
+            self.checks["quiescent"] += 1
+            return self._record_report(rep, "quiescent check")
+        finally:
+            w.store(lay.ctl(Control.PAUSE_REQ), 0)
+
+    def _hang_report(self, waiting: list[int]) -> dict[str, Any]:
+        w, lay = self.words, self.layout
+        assert w is not None
+        holders = {}
+        for i in range(self.n):
+            mode = w.load(lay.slot(i, Slot.LOCK_MODE))
+            if mode != LOCK_NONE:
+                holders[i] = "write" if mode == 2 else "read"
+        for i in waiting:
+            try:
+                os.kill(self.records[i].pid, signal.SIGUSR1)  # faulthandler stack dump
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+        return {
+            "not_parked": [{"worker": i, "role": self.records[i].role,
+                            "pid": self.records[i].pid,
+                            "heartbeat": w.load(lay.slot(i, Slot.HEARTBEAT))} for i in waiting],
+            "mmu_lock": f"{w.load(lay.glob(Globals.MMU_LOCK)):#x}",
+            "mmu_lock_write_owner_pid": w.load(lay.glob(Globals.MMU_LOCK_OWNER)),
+            "mmu_lock_holders": holders,
+            "timeout_s": PARK_TIMEOUT_S,
+        }
+
+    def _record_report(self, rep: QuiescentReport, where: str) -> str | None:
+        if not rep.violations:
+            return None
+        for v in rep.violations:
+            d = v.to_dict()
+            d["time_s"] = round(time.monotonic() - self.t_start, 6)
+            d["variant"] = self.cfg.run.variant
+            d["worker"] = "checker"
+            d["found_by"] = where
+            self.violations.append(d)
+        return "violation"
+
+    # -- teardown --------------------------------------------------------------
+    def _stop_workers(self) -> None:
+        w, lay = self.words, self.layout
+        if w is None:
+            return
+        w.store(lay.ctl(Control.STOP), 1)
+        w.store(lay.ctl(Control.PAUSE_REQ), 0)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(p.exitcode is None for p in self.procs) and time.monotonic() < deadline:
+            sentinels = [p.sentinel for p in self.procs if p.exitcode is None]
+            live = [c for c in self.conns if c is not None]
+            wait(sentinels + live, timeout=0.05)
+            self._drain()
+        if any(p.exitcode is None for p in self.procs):
+            w.store(lay.ctl(Control.ABORT), 1)  # spinners give up
+            for p in self.procs:
+                p.join(timeout=1.0)
+        for p in self.procs:
+            if p.exitcode is None:
+                p.terminate()
+                p.join(timeout=1.0)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        self._drain()
+        for i, p in enumerate(self.procs):
+            self.records[i].exitcode = p.exitcode
+
+    def _final_checks(self) -> str | None:
+        """With every worker gone: walk, rcu_barrier, tear the VM down, account."""
+        kvm = self.kvm
+        assert kvm is not None
+        try:
+            reason = self._record_report(quiescent_check(kvm), "final quiescent check")
+            self.checks["quiescent"] += 1
+            if reason:
+                return reason
+            # rcu_barrier(): callbacks still queued by workers that have exited
+            lay = self.layout
+            for page in range(lay.n_pages):
+                if kvm.w.load(lay.sp(page, SpMeta.STATE)) == SP_REMOVED:
+                    tdp_mmu_free_sp_rcu_callback(kvm, page)
+            kvm_mmu_uninit_tdp_mmu(kvm)
+            self.checks["teardown"] += 1
+            return self._record_report(teardown_check(kvm), "teardown check")
+        except InvariantViolation as v:
+            return self._record_report(QuiescentReport(violations=[v]), "teardown")
+
+    def _collect_stats(self) -> None:
+        w, lay = self.words, self.layout
+        if w is None:
+            return
+        for i, rec in enumerate(self.records):
+            if not rec.done:
+                base = lay.slot(i, Slot.STATS)
+                rec.stats = {name: w.load(base + k) for k, name in enumerate(STAT_NAMES)}
+
+    def _live_snapshot(self) -> StatusSnapshot:
+        w, lay = self.words, self.layout
+        assert w is not None
+        per_role: dict[str, Counter[str]] = {}
+        for i, role in enumerate(self.roles):
+            base = lay.slot(i, Slot.STATS)
+            c = per_role.setdefault(role, Counter())
+            for k, name in enumerate(STAT_NAMES):
+                c[name] += w.load(base + k)
+        return StatusSnapshot(time.monotonic() - self.t_start, self.cfg.run.duration, per_role,
+                              dict(Counter(self.roles)), len(self.violations),
+                              self.checks["quiescent"])
+
+    # -- the run -----------------------------------------------------------------
+    def _monitor(self) -> str:
+        cfg = self.cfg
+        end = self.t_start + cfg.run.duration
+        interval = cfg.run.check_interval
+        next_check = self.t_start + interval if interval else float("inf")
+        next_status = self.t_start
+        gen = 0
+        while True:
+            live = [c for c in self.conns if c is not None]
+            sentinels = [p.sentinel for p in self.procs if p.exitcode is None]
+            wait(live + sentinels, timeout=0.05)
+            self._drain()
+            if self.violations:
+                return "violation"
+            if self.errors:
+                return "crash"
+            dead = self._dead_workers()
+            if dead:
+                self.errors.extend(self._crash_message(i) for i in dead)
+                return "crash"
+            if any(p.exitcode is not None for p in self.procs):
+                self.errors.append("a worker exited before the run ended")
+                return "crash"
+            now = time.monotonic()
+            if now >= end:
+                return "clean"
+            if now >= next_check:
+                gen += 1
+                reason = self._pause_and_check(gen)
+                if reason:
+                    if reason == "crash":
+                        self.errors.extend(self._crash_message(i) for i in
+                                           self._dead_workers())
+                    return reason
+                next_check = time.monotonic() + interval
+            if self.on_status and now >= next_status:
+                self.on_status(self._live_snapshot())
+                next_status = now + self.status_interval
+
+    def run(self) -> RunOutcome:
+        def on_signal(signum: int, _frame: object) -> None:
+            raise Interrupted(signum)
+
+        old_int = signal.signal(signal.SIGINT, on_signal)
+        old_term = signal.signal(signal.SIGTERM, on_signal)
+        reason = "error"
+        self.t_start = time.monotonic()
+        try:
+            try:
+                self._setup()
+                self.t_start = time.monotonic()
+                self._spawn()
+                reason = self._monitor()
+            except Interrupted:
+                reason = "interrupted"
+            except Exception as e:  # harness failure: report, still clean up
+                self.errors.append(f"harness error: {type(e).__name__}: {e}")
+                reason = "error"
+            duration = time.monotonic() - self.t_start
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                self._stop_workers()
+                if reason == "clean":
+                    dead = [i for i, p in enumerate(self.procs) if p.exitcode != 0]
+                    self._drain()
+                    if self.violations:
+                        reason = "violation"
+                    elif dead:
+                        self.errors.extend(self._crash_message(i) for i in dead)
+                        reason = "crash"
+                    else:
+                        reason = self._final_checks() or "clean"
+                self._collect_stats()
+            except Exception as e:
+                self.errors.append(f"harness error during teardown: {type(e).__name__}: {e}")
+                reason = "error" if reason == "clean" else reason
+        finally:
+            for p in self.procs:
+                if p.exitcode is None:
+                    p.kill()
+                    p.join()
+            for c in self.conns:
+                if c is not None:
+                    c.close()
+            if self.words is not None:
+                self.words.release()
+            if self.arena is not None:
+                self.arena.close()
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+        return RunOutcome(
+            exit_reason=reason, duration_s=round(duration, 3), workers=self.records,
+            violations=self.violations, checks=dict(self.checks), errors=self.errors,
+            pool_pages=self.layout.n_pages,
+            arena_name=self.arena.name if self.arena else "", hang=self.hang,
+        )

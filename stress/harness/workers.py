@@ -1,0 +1,333 @@
+"""Worker processes: one role loop each, calling model functions.
+
+A worker is a forked child of the supervisor.  It maps the arena it inherited,
+builds its own :class:`~stress.model.kvm.Kvm` (its own RNG, derived from the
+run seed and its index, so a seed fixes every random choice of every worker),
+waits for GO, then runs its role's ``step`` until STOP.  Between steps, and
+only there, it is outside mmu_lock and RCU: that is where it parks when the
+supervisor asks for a quiescent check, and where it publishes its counters.
+
+A worker reports over its pipe: ``("violation", dict)`` when the model raised
+an invariant violation, ``("error", text)`` on any other exception, and
+``("done", stats)`` at a clean exit.  It never unlinks the arena.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import os
+import random
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from stress.arena import Arena, Control, Layout, Slot
+from stress.atomics import DelayInjectingWords, LockAborted, Words
+from stress.config import Config
+from stress.model.errors import InvariantViolation
+from stress.model.kvm import Geometry, Kvm
+from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
+from stress.model.tdp_mmu import (
+    RET_PF_RETRY,
+    kvm_tdp_mmu_root,
+    kvm_tdp_mmu_zap_leafs,
+    kvm_tdp_page_fault,
+    tdp_mmu_zap_leafs_atomic,
+    tdp_mmu_zap_range_at_level,
+)
+from stress.model.variants import get_variant
+
+# counters published in the worker's slot (live status, crash forensics)
+STAT_NAMES = (
+    "ops", "faults", "retries", "retry_frozen", "retry_cmpxchg", "retry_link_lost",
+    "retry_walk_lost", "retry_nomem", "spurious", "leaves_installed", "tables_linked",
+    "tables_freed", "leaf_zaps", "leaf_zaps_shared", "tlb_flushes", "subtree_zaps_shared",
+    "subtree_zaps_exclusive",
+    "entries_zapped", "zap_retry", "alloc_fail", "delays", "max_fault_retries",
+)
+assert len(STAT_NAMES) <= Slot.MAX_STATS
+
+W_STARTING, W_RUNNING, W_PARKED, W_DONE = 0, 1, 2, 3
+PR_SET_PDEATHSIG = 1
+
+
+def hot_region(cfg: Config) -> tuple[int, int]:
+    """(first gfn, gfn count) of the hot set, placed by the run seed, 2M aligned."""
+    n_hot = max(1, cfg.guest.hot_set >> 12)
+    span = cfg.n_gfns - n_hot
+    base = random.Random(f"hot:{cfg.run.seed}").randrange(0, span + 1) if span > 0 else 0
+    base = min(round_gfn_for_level(base, PG_LEVEL_2M), span)
+    return base, n_hot
+
+
+def worker_seed(cfg: Config, index: int) -> str:
+    return f"{cfg.run.seed}:{index}"
+
+
+class Role:
+    name = "role"
+
+    def __init__(self, kvm: Kvm, cfg: Config) -> None:
+        self.kvm = kvm
+        self.cfg = cfg
+        self.rng = kvm.rng
+        self.hot_base, self.hot_n = hot_region(cfg)
+        self.n_gfns = cfg.n_gfns
+
+    def pick_gfn(self) -> int:
+        if self.rng.random() < self.cfg.guest.hot_fraction:
+            return self.hot_base + self.rng.randrange(self.hot_n)
+        return self.rng.randrange(self.n_gfns)
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+
+class VcpuRole(Role):
+    """A vCPU: faults on a gfn and re-faults while the fault says RET_PF_RETRY,
+    as a guest re-executing the access would."""
+
+    name = "vcpu"
+
+    def step(self) -> None:
+        kvm = self.kvm
+        gfn = self.pick_gfn()
+        write = self.rng.random() < self.cfg.vcpu.write_fraction
+        retries = 0
+        while kvm_tdp_page_fault(kvm, gfn, write) == RET_PF_RETRY:
+            retries += 1
+            if retries >= self.cfg.vcpu.max_retries:
+                kvm.bug("fault livelock",
+                        f"a fault returned RET_PF_RETRY {retries} times in a row",
+                        gfn=gfn, write=write)
+        kvm.stats["faults"] += 1
+        kvm.stats["retries"] += retries
+        if retries > kvm.stats["max_fault_retries"]:
+            kvm.stats["max_fault_retries"] = retries
+
+
+class ZapperRole(Role):
+    """Zaps leaves (write lock) and whole sub-trees (read or write lock)."""
+
+    name = "zapper"
+
+    def __init__(self, kvm: Kvm, cfg: Config) -> None:
+        super().__init__(kvm, cfg)
+        z = cfg.zapper
+        self.ops: list[Callable[[], None]] = []
+        self.weights: list[int] = []
+        kvm.tlb_flush_ns = int(z.tlb_flush_latency * 1e9)
+        for op, wgt in ((self.leaf_zap, z.leaf_zap),
+                        (self.leaf_zap_shared, z.leaf_zap_shared),
+                        (self.subtree_zap_shared, z.subtree_zap_shared),
+                        (self.subtree_zap_exclusive, z.subtree_zap_exclusive)):
+            if wgt:
+                self.ops.append(op)
+                self.weights.append(wgt)
+        self.max_range = max(1, z.max_range >> 12)
+        top = cfg.guest.root_level
+        # zap levels: mostly tables of leaves (level-2 entries), sometimes bigger
+        self.levels = [lvl for lvl in (2, 3) if lvl < top] or [2]
+
+    def step(self) -> None:
+        self.rng.choices(self.ops, self.weights)[0]()
+
+    def _range(self) -> tuple[int, int]:
+        start = self.pick_gfn()
+        return start, min(self.n_gfns, start + self.rng.randint(1, self.max_range))
+
+    def leaf_zap(self) -> None:
+        kvm = self.kvm
+        start, end = self._range()
+        root = kvm_tdp_mmu_root(kvm)
+        kvm.write_lock()
+        try:
+            kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs(kvm, root, start, end)
+        finally:
+            kvm.write_unlock()
+        kvm.stats["leaf_zaps"] += 1
+
+    def leaf_zap_shared(self) -> None:
+        kvm = self.kvm
+        start, end = self._range()
+        root = kvm_tdp_mmu_root(kvm)
+        kvm.read_lock()
+        try:
+            kvm.stats["entries_zapped"] += tdp_mmu_zap_leafs_atomic(kvm, root, start, end)
+        finally:
+            kvm.read_unlock()
+        kvm.stats["leaf_zaps_shared"] += 1
+
+    def _subtree(self, shared: bool) -> int:
+        kvm = self.kvm
+        level = self.rng.choice(self.levels) if self.rng.random() < 0.3 else 2
+        start = round_gfn_for_level(self.pick_gfn(), level)
+        end = start + KVM_PAGES_PER_HPAGE(level)
+        root = kvm_tdp_mmu_root(kvm)
+        return tdp_mmu_zap_range_at_level(kvm, root, start, end, level, shared)
+
+    def subtree_zap_shared(self) -> None:
+        kvm = self.kvm
+        kvm.read_lock()
+        try:
+            kvm.stats["entries_zapped"] += self._subtree(shared=True)
+        finally:
+            kvm.read_unlock()
+        kvm.stats["subtree_zaps_shared"] += 1
+
+    def subtree_zap_exclusive(self) -> None:
+        kvm = self.kvm
+        kvm.write_lock()
+        try:
+            kvm.stats["entries_zapped"] += self._subtree(shared=False)
+        finally:
+            kvm.write_unlock()
+        kvm.stats["subtree_zaps_exclusive"] += 1
+
+
+ROLE_CLASSES: dict[str, type[Role]] = {"vcpu": VcpuRole, "zapper": ZapperRole}
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    """The loop around a role: GO, steps, parking, counters, STOP."""
+
+    def __init__(self, index: int, role: str, cfg: Config, arena: Arena,
+                 conn: Connection) -> None:
+        self.index = index
+        self.cfg = cfg
+        self.layout: Layout = arena.layout
+        self.conn = conn
+        lay = self.layout
+        rng = random.Random(worker_seed(cfg, index))
+        abort_i = lay.ctl(Control.ABORT)
+        if cfg.inject.delay_every:
+            self.words: Words = DelayInjectingWords(
+                arena.shm.buf, abort_i, random.Random(f"delay:{worker_seed(cfg, index)}"),
+                cfg.inject.delay_every, int(cfg.inject.delay_max * 1e9))
+        else:
+            self.words = Words(arena.shm.buf, abort_i)
+        geometry = Geometry(root_level=cfg.guest.root_level, n_gfns=cfg.n_gfns)
+        self.kvm = Kvm(self.words, lay, geometry, get_variant(cfg.run.variant), index, rng)
+        self.role = ROLE_CLASSES[role](self.kvm, cfg)
+        self.stop_i = lay.ctl(Control.STOP)
+        self.pause_i = lay.ctl(Control.PAUSE_REQ)
+        self.parked_gen = 0
+
+    def publish(self) -> None:
+        w, lay, stats = self.words, self.layout, self.kvm.stats
+        if isinstance(w, DelayInjectingWords):
+            stats["delays"] = w.delays
+        base = lay.slot(self.index, Slot.STATS)
+        for k, name in enumerate(STAT_NAMES):
+            w.store(base + k, stats[name])
+        w.store(lay.slot(self.index, Slot.HEARTBEAT), stats["ops"])
+
+    def reclaim(self) -> None:
+        kvm = self.kvm
+        kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
+
+    def park(self, gen: int) -> None:
+        w, lay = self.words, self.layout
+        self.publish()
+        self.parked_gen = gen
+        w.store(lay.slot(self.index, Slot.STATE), W_PARKED)
+        w.store(lay.slot(self.index, Slot.PARKED_GEN), gen)
+        w.fetch_add(lay.ctl(Control.PARKED), 1)
+        while w.load(self.pause_i) == gen and not w.load(self.stop_i):
+            time.sleep(0.0005)
+        w.store(lay.slot(self.index, Slot.STATE), W_RUNNING)
+
+    def drain(self, timeout: float) -> None:
+        """Run pending RCU callbacks before exit, as long as peers let us."""
+        deadline = time.monotonic() + timeout
+        while self.kvm.rcu.pending and time.monotonic() < deadline:
+            self.reclaim()
+            if self.kvm.rcu.pending:
+                if self.words.load(self.layout.ctl(Control.ABORT)):
+                    return
+                time.sleep(0.001)
+
+    def run(self) -> None:
+        w, lay = self.words, self.layout
+        w.store(lay.slot(self.index, Slot.PID), os.getpid())
+        w.store(lay.slot(self.index, Slot.STATE), W_STARTING)
+        go_i = lay.ctl(Control.GO)
+        while not w.load(go_i):
+            if w.load(self.stop_i):
+                return
+            time.sleep(0.0005)
+        w.store(lay.slot(self.index, Slot.STATE), W_RUNNING)
+        stats = self.kvm.stats
+        step = self.role.step
+        next_publish = time.monotonic() + 0.05
+        while not w.load(self.stop_i):
+            gen = w.load(self.pause_i)
+            if gen and gen != self.parked_gen:
+                self.park(gen)
+                continue
+            step()
+            stats["ops"] += 1
+            self.reclaim()
+            if stats["ops"] & 31 == 0 and time.monotonic() >= next_publish:
+                self.publish()
+                next_publish = time.monotonic() + 0.05
+        self.drain(timeout=2.0)
+        self.publish()
+
+
+def report_violation(words: Words, layout: Layout, index: int, v: InvariantViolation,
+                     variant: str) -> dict:
+    start = words.load(layout.ctl(Control.START_NS))
+    now = time.monotonic_ns()
+    d = v.to_dict()
+    d["time_s"] = round((now - start) / 1e9, 6) if start else 0.0
+    d["variant"] = variant
+    d.setdefault("worker", index)
+    words.cmpxchg(layout.ctl(Control.VIOLATION), 0, index + 1)
+    words.store(layout.ctl(Control.STOP), 1)
+    return d
+
+
+def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connection) -> None:
+    """Entry point of a worker process (after fork)."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    code = 0
+    worker = None
+    try:
+        worker = Worker(index, role, cfg, arena, conn)
+        worker.run()
+        stats = dict(worker.kvm.stats)
+        conn.send(("done", {"stats": stats, "pending_rcu": len(worker.kvm.rcu.pending)}))
+    except InvariantViolation as v:
+        assert worker is not None
+        worker.publish()
+        d = report_violation(worker.words, worker.layout, index, v, cfg.run.variant)
+        d["role"] = role
+        conn.send(("violation", d))
+        code = 1
+    except LockAborted:
+        code = 0  # the supervisor is tearing the run down
+    except BaseException:
+        try:
+            conn.send(("error", traceback.format_exc()))
+        except OSError:
+            pass
+        code = 3
+    finally:
+        conn.close()
+    os._exit(code)

@@ -1,0 +1,101 @@
+"""``struct kvm`` as one process sees it: the shared words, mmu_lock, RCU, the
+variant in force, and this process's identity and counters.
+
+Model functions take a :class:`Kvm` first, as the kernel's take ``struct kvm
+*``.  Lock helpers record the mode held in the process's slot (a small
+lockdep): ``lockdep_assert_held_read/write`` at the top of a function states
+the lock it needs, and the supervisor can name the holders of a stuck lock.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from stress.arena import Globals, Layout, Slot
+from stress.atomics import Words
+from stress.model.errors import InvariantViolation
+from stress.model.rcu import Rcu
+
+if TYPE_CHECKING:
+    from stress.model.variants import Variant
+
+LOCK_NONE, LOCK_READ, LOCK_WRITE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Guest and page-table shape, fixed for a run."""
+
+    root_level: int  # 4 or 5
+    n_gfns: int  # guest size in 4 KiB frames
+
+
+class Kvm:
+    def __init__(self, words: Words, layout: Layout, geometry: Geometry, variant: Variant,
+                 me: int, rng: random.Random | None = None) -> None:
+        self.w = words
+        self.layout = layout
+        self.geometry = geometry
+        self.variant = variant
+        self.me = me
+        self.pid = os.getpid()
+        self.rng = rng or random.Random(me)
+        self.rcu = Rcu(words, layout, me)
+        self.stats: Counter[str] = Counter()
+        self.lock_mode = LOCK_NONE
+        self._mmu_lock_i = layout.glob(Globals.MMU_LOCK)
+        self._mmu_lock_owner_i = layout.glob(Globals.MMU_LOCK_OWNER)
+        self._lock_mode_i = layout.slot(me, Slot.LOCK_MODE)
+        self.tlb_flush_ns = 0  # remote TLB flush latency (set from the config)
+        self.alloc_cursor = (me * 7919) % max(1, layout.bitmap_words)
+
+    # -- mmu_lock ----------------------------------------------------------------
+    def read_lock(self) -> None:
+        self.w.read_lock(self._mmu_lock_i)
+        self.lock_mode = LOCK_READ
+        self.w.store(self._lock_mode_i, LOCK_READ)
+
+    def read_unlock(self) -> None:
+        self.lock_mode = LOCK_NONE
+        self.w.store(self._lock_mode_i, LOCK_NONE)
+        self.w.read_unlock(self._mmu_lock_i)
+
+    def write_lock(self) -> None:
+        self.w.write_lock(self._mmu_lock_i, self._mmu_lock_owner_i, self.pid)
+        self.lock_mode = LOCK_WRITE
+        self.w.store(self._lock_mode_i, LOCK_WRITE)
+
+    def write_unlock(self) -> None:
+        self.lock_mode = LOCK_NONE
+        self.w.store(self._lock_mode_i, LOCK_NONE)
+        self.w.write_unlock(self._mmu_lock_i, self._mmu_lock_owner_i)
+
+    def rwlock_needbreak(self) -> bool:
+        return self.w.rwlock_contended(self._mmu_lock_i)
+
+    def lockdep_assert_held_read(self) -> None:
+        if self.lock_mode != LOCK_READ:
+            self.bug("lockdep", "mmu_lock must be held for read", held=self.lock_mode)
+
+    def lockdep_assert_held_write(self) -> None:
+        if self.lock_mode != LOCK_WRITE:
+            self.bug("lockdep", "mmu_lock must be held for write", held=self.lock_mode)
+
+    def lockdep_assert_held(self) -> None:
+        if self.lock_mode == LOCK_NONE:
+            self.bug("lockdep", "mmu_lock must be held")
+
+    # -- severities ----------------------------------------------------------------
+    def warn(self, what: str) -> None:
+        """WARN_ON_ONCE: counted, reported in the summary, the run goes on."""
+        self.stats["warn:" + what] += 1
+
+    def bug(self, invariant: str, message: str, **details: Any) -> None:
+        """KVM_BUG_ON / BUG(): stop the run with this invariant."""
+        details.setdefault("worker", self.me)
+        details.setdefault("pid", self.pid)
+        raise InvariantViolation(invariant, message, **details)

@@ -1,0 +1,99 @@
+"""Page-table pages: the shared pool and ``struct kvm_mmu_page`` metadata.
+
+Every page of the pool has one line of metadata (``SpMeta``): its lifecycle
+state, role (level, is_mirror, invalid), base gfn and a generation that moves
+on every allocation and every free.  Allocation is a lock-free bitmap (one bit
+per free page, claimed with fetch_and), so any process may allocate and free.
+
+Lifecycle::
+
+    FREE --alloc--> PRIVATE --link (cmpxchg wins)--> LINKED --unlink--> REMOVED
+      ^                |  (cmpxchg lost: freed at once, never visible)     |
+      +----------------+-------------------------- RCU callback <----------+
+
+A freed page is filled with ``POISON_SPTE`` so a walker that reads it after
+the free is caught, and its generation moves on so a walker that reaches it
+after it was reused is caught too.
+"""
+
+from __future__ import annotations
+
+from stress.arena import WORDS_PER_PAGE, SpMeta
+from stress.model.kvm import Kvm
+from stress.model.spte import POISON_SPTE, SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
+
+SP_FREE, SP_PRIVATE, SP_LINKED, SP_REMOVED = 0, 1, 2, 3
+SP_STATE_NAMES = {SP_FREE: "FREE", SP_PRIVATE: "PRIVATE", SP_LINKED: "LINKED",
+                  SP_REMOVED: "REMOVED"}
+
+ROLE_MIRROR = 1 << 4
+ROLE_INVALID = 1 << 5
+
+
+def role_level(role: int) -> int:
+    return role & 0xF
+
+
+def tdp_mmu_alloc_sp(kvm: Kvm) -> int | None:
+    """Take a page from the pool, filled with SHADOW_NONPRESENT_VALUE.
+
+    The page is private to the caller until a cmpxchg publishes it, so its
+    initialisation needs no ordering beyond the release of that cmpxchg.
+    Returns None when the pool is exhausted (the fault retries later).
+    """
+    lay = kvm.layout
+    page = kvm.w.bitmap_alloc(lay.bitmap, lay.bitmap_words, kvm.alloc_cursor)
+    if page < 0:
+        kvm.stats["alloc_fail"] += 1
+        return None
+    kvm.alloc_cursor = page // 64
+    kvm.w.fetch_add(lay.sp(page, SpMeta.GEN), 1)
+    kvm.w.store(lay.sp(page, SpMeta.STATE), SP_PRIVATE)
+    kvm.w.fill(lay.spt(page), WORDS_PER_PAGE, SHADOW_NONPRESENT_VALUE)
+    return page
+
+
+def tdp_mmu_init_sp(kvm: Kvm, page: int, level: int, gfn: int, role_bits: int = 0) -> None:
+    kvm.w.store(kvm.layout.sp(page, SpMeta.ROLE), level | role_bits)
+    kvm.w.store(kvm.layout.sp(page, SpMeta.GFN), gfn)
+
+
+def tdp_mmu_free_sp(kvm: Kvm, page: int) -> None:
+    """Poison the page, move its generation on and give it back to the pool."""
+    lay = kvm.layout
+    kvm.w.fill(lay.spt(page), WORDS_PER_PAGE, POISON_SPTE)
+    kvm.w.fetch_add(lay.sp(page, SpMeta.GEN), 1)
+    kvm.w.store(lay.sp(page, SpMeta.STATE), SP_FREE)
+    kvm.w.store(lay.sp(page, SpMeta.ROLE), 0)
+    kvm.w.fetch_or(lay.bitmap + page // 64, 1 << (page % 64))
+
+
+def tdp_mmu_free_sp_rcu_callback(kvm: Kvm, page: int) -> None:
+    """The RCU callback: the grace period has ended, nobody can reach the page.
+
+    Oracle: a removed table's entries were all frozen (shared mode) or left
+    non-present (exclusive mode) by handle_removed_pt, and nothing may write a
+    frozen entry.  A present entry here was installed into the table after it
+    was removed: a mapping (or a whole sub-tree) no zap or invalidation can
+    ever find again.
+    """
+    lay = kvm.layout
+    i = kvm.w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
+    if i >= 0:
+        spte = kvm.w.load(lay.spt(page) + i)
+        if spte != POISON_SPTE:
+            from stress.model.spte import KVM_PAGES_PER_HPAGE, describe
+
+            level = role_level(kvm.w.load(lay.sp(page, SpMeta.ROLE)))
+            gfn = kvm.w.load(lay.sp(page, SpMeta.GFN)) + i * KVM_PAGES_PER_HPAGE(level)
+            kvm.bug("SPTE installed in removed table",
+                    "a present entry was written into a page table after handle_removed_pt "
+                    "unlinked it: the mapping is leaked and invisible to zaps",
+                    table=page, level=level, index=i, gfn=gfn, spte=f"{spte:#x}",
+                    entry=describe(spte))
+    tdp_mmu_free_sp(kvm, page)
+    kvm.stats["tables_freed"] += 1
+
+
+def sp_state(kvm: Kvm, page: int) -> int:
+    return kvm.w.load(kvm.layout.sp(page, SpMeta.STATE))

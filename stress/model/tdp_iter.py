@@ -1,0 +1,154 @@
+"""``struct tdp_iter``: the pre-order walk every TDP MMU operation uses.
+
+Mirrors ``arch/x86/kvm/mmu/tdp_iter.c``: the iterator holds the table at each
+level (``pt_path``), the current entry (``sptep``, a word index) and
+``old_spte``, a *snapshot* of that entry taken when the iterator arrived.
+Every write decision is made against ``old_spte``; atomic writers use it as
+the cmpxchg's expected value and refresh it when the cmpxchg fails.
+
+``try_step_down`` re-reads the entry and descends only into a present
+non-leaf, so a walker never steps into a FROZEN entry.
+
+Use-after-free oracle (model only, not in the kernel): when the iterator
+enters a table it records the page's generation and checks the page's
+identity (level, gfn); every later read checks the value is not poison and the
+generation has not moved.  Under RCU neither can happen: the page cannot be
+freed, let alone reused, while this walker is inside its read-side section.
+"""
+
+from __future__ import annotations
+
+from stress.arena import WORDS_PER_PAGE, SpMeta
+from stress.model.kvm import Kvm
+from stress.model.mmu_page import SP_FREE, SP_STATE_NAMES, role_level
+from stress.model.spte import (
+    KVM_PAGES_PER_HPAGE,
+    POISON_SPTE,
+    SPTE_INDEX,
+    describe,
+    round_gfn_for_level,
+    spte_to_child_pt,
+)
+
+
+class TdpIter:
+    __slots__ = ("kvm", "root_level", "min_level", "level", "gfn", "next_last_level_gfn",
+                 "pt_path", "gens", "sptep", "old_spte", "valid", "yielded")
+
+    def __init__(self, kvm: Kvm, root: int, root_level: int, start: int,
+                 min_level: int = 1) -> None:
+        """tdp_iter_start: position on the root entry covering ``start``."""
+        self.kvm = kvm
+        self.root_level = root_level
+        self.min_level = min_level
+        self.pt_path = [0] * (root_level + 1)
+        self.gens = [0] * (root_level + 1)
+        self.pt_path[root_level] = root
+        self.gens[root_level] = kvm.w.load(kvm.layout.sp(root, SpMeta.GEN))
+        self.next_last_level_gfn = start
+        self.valid = True
+        self.yielded = False
+        self.restart()
+
+    def restart(self) -> None:
+        """tdp_iter_restart: walk again from the root at next_last_level_gfn."""
+        self.yielded = False
+        self.level = self.root_level
+        self.gfn = round_gfn_for_level(self.next_last_level_gfn, self.level)
+        self._point()
+
+    def _point(self) -> None:
+        lay = self.kvm.layout
+        self.sptep = lay.spt(self.pt_path[self.level]) + SPTE_INDEX(self.gfn, self.level)
+        self.old_spte = self.read_spte()
+
+    def read_spte(self) -> int:
+        """kvm_tdp_mmu_read_spte plus the use-after-free oracle."""
+        kvm = self.kvm
+        v = kvm.w.load(self.sptep)
+        page = self.pt_path[self.level]
+        if v == POISON_SPTE:
+            kvm.bug("use-after-free of page-table page",
+                    "a walker read a page-table page that was already freed (poisoned)",
+                    table=page, level=self.level, gfn=self.gfn)
+        if kvm.w.load(kvm.layout.sp(page, SpMeta.GEN)) != self.gens[self.level]:
+            self._reused(page)
+        return v
+
+    def check_page(self) -> None:
+        """After a successful write: the table we wrote is still the one we walked."""
+        page = self.pt_path[self.level]
+        if self.kvm.w.load(self.kvm.layout.sp(page, SpMeta.GEN)) != self.gens[self.level]:
+            self._reused(page)
+
+    def _reused(self, page: int) -> None:
+        self.kvm.bug("use-after-free of page-table page",
+                     "the page-table page was freed (and maybe reused) while a walker was "
+                     "inside it under rcu_read_lock()",
+                     table=page, level=self.level, gfn=self.gfn)
+
+    def try_step_down(self) -> bool:
+        if self.level == self.min_level:
+            return False
+        kvm = self.kvm
+        # re-read: the entry may have changed since the snapshot
+        self.old_spte = self.read_spte()
+        child = spte_to_child_pt(self.old_spte, self.level)
+        if child is None:
+            return False
+        lay = kvm.layout
+        if child >= lay.n_pages:
+            kvm.bug("corrupt non-leaf SPTE", "non-leaf SPTE points outside the page pool",
+                    gfn=self.gfn, level=self.level, spte=f"{self.old_spte:#x}")
+        gen = kvm.w.load(lay.sp(child, SpMeta.GEN))
+        state = kvm.w.load(lay.sp(child, SpMeta.STATE))
+        level = role_level(kvm.w.load(lay.sp(child, SpMeta.ROLE)))
+        base = kvm.w.load(lay.sp(child, SpMeta.GFN))
+        want_base = round_gfn_for_level(self.gfn, self.level)
+        if state == SP_FREE or level != self.level - 1 or base != want_base:
+            kvm.bug("use-after-free of page-table page",
+                    "a live non-leaf SPTE points at a page that is free or is another table",
+                    table=child, state=SP_STATE_NAMES.get(state, state), level=level,
+                    expected_level=self.level - 1, base_gfn=base, expected_base_gfn=want_base,
+                    parent_spte=describe(self.old_spte))
+        self.level -= 1
+        self.pt_path[self.level] = child
+        self.gens[self.level] = gen
+        self.gfn = round_gfn_for_level(self.next_last_level_gfn, self.level)
+        self._point()
+        return True
+
+    def try_step_side(self) -> bool:
+        if SPTE_INDEX(self.gfn, self.level) == WORDS_PER_PAGE - 1:
+            return False
+        self.gfn += KVM_PAGES_PER_HPAGE(self.level)
+        self.next_last_level_gfn = self.gfn
+        self.sptep += 1
+        self.old_spte = self.read_spte()
+        return True
+
+    def try_step_up(self) -> bool:
+        if self.level == self.root_level:
+            return False
+        self.level += 1
+        self.gfn = round_gfn_for_level(self.gfn, self.level)
+        self.sptep = self.kvm.layout.spt(self.pt_path[self.level]) + SPTE_INDEX(
+            self.gfn, self.level)
+        return True
+
+    def next(self) -> None:
+        """tdp_iter_next: step down, else sideways, else up and sideways."""
+        if self.yielded:
+            self.restart()
+            return
+        if self.try_step_down():
+            return
+        while True:
+            if self.try_step_side():
+                return
+            if not self.try_step_up():
+                break
+        self.valid = False
+
+    def in_range(self, end: int) -> bool:
+        return self.valid and self.gfn < end

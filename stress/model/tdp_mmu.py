@@ -1,0 +1,422 @@
+"""The TDP MMU: SPTE writes, page-table removal, page faults and zaps.
+
+Names, contracts and orderings follow ``arch/x86/kvm/mmu/tdp_mmu.c``.  The
+concurrency contract in one paragraph: with ``mmu_lock`` held for read, any
+number of tasks change SPTEs, but only with a cmpxchg against the snapshot
+their iterator took (``tdp_mmu_set_spte_atomic``), so of two tasks racing on
+one entry exactly one wins and the loser retries with fresh data.  With
+``mmu_lock`` held for write nobody else changes SPTEs (the model has no
+lockless fast page fault yet), so plain writes suffice (``tdp_mmu_set_spte``).
+A task that unlinks a table owns its removal (``handle_removed_pt``): it
+freezes every child so that a task still walking the dead table cannot
+install anything into it, and frees the page only after an RCU grace period,
+so that those walkers never read a freed page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
+from stress.model.kvm import Kvm
+from stress.model.mmu_page import (
+    SP_LINKED,
+    SP_REMOVED,
+    role_level,
+    tdp_mmu_alloc_sp,
+    tdp_mmu_free_sp,
+    tdp_mmu_init_sp,
+)
+from stress.model.spte import (
+    FROZEN_SPTE,
+    KVM_PAGES_PER_HPAGE,
+    PG_LEVEL_4K,
+    SHADOW_NONPRESENT_VALUE,
+    describe,
+    gfn_to_host_pfn,
+    is_access_allowed,
+    is_frozen_spte,
+    is_large_pte,
+    is_last_spte,
+    is_shadow_present_pte,
+    make_nonleaf_spte,
+    make_spte,
+    spte_to_child_pt,
+    spte_to_pfn,
+)
+from stress.model.tdp_iter import TdpIter
+
+EBUSY = 16
+
+RET_PF_FIXED = 0
+RET_PF_SPURIOUS = 1
+RET_PF_RETRY = 2
+
+
+@dataclass
+class KvmPageFault:
+    gfn: int
+    write: bool
+    pfn: int
+    goal_level: int = PG_LEVEL_4K
+
+
+def kvm_tdp_mmu_root(kvm: Kvm) -> int:
+    return kvm.w.load(kvm.layout.glob(Globals.ROOT))
+
+
+# ---------------------------------------------------------------------------
+# Writing SPTEs
+# ---------------------------------------------------------------------------
+
+def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
+    """Set an SPTE with mmu_lock held for read.
+
+    Returns 0 if the SPTE was set; -EBUSY if another task changed it since the
+    iterator's snapshot, with no side effect other than refreshing
+    ``it.old_spte`` with the current value, so the caller retries on fresh data.
+    A frozen entry is never replaced: its owner will write it next.
+    """
+    kvm.lockdep_assert_held_read()
+    old = it.old_spte
+    if is_frozen_spte(old):
+        kvm.warn("set_spte_atomic on frozen SPTE")
+        return -EBUSY
+    found = kvm.w.cmpxchg(it.sptep, old, new_spte)
+    if found != old:
+        it.old_spte = found
+        return -EBUSY
+    it.check_page()
+    handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
+    return 0
+
+
+def tdp_mmu_set_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int, gfn: int,
+                     level: int) -> int:
+    """Set an SPTE with mmu_lock held for write; return the value replaced.
+
+    No other task may hold a reachable entry frozen while we hold the write
+    lock (every freezer finishes before it drops its read lock), so FROZEN here
+    means the protocol is broken.
+    """
+    kvm.lockdep_assert_held_write()
+    if is_frozen_spte(old_spte) or is_frozen_spte(new_spte):
+        kvm.bug("FROZEN SPTE under write lock",
+                "tdp_mmu_set_spte saw a frozen old or new value with mmu_lock held for write",
+                gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte))
+    old_spte = kvm_tdp_mmu_write_spte(kvm, sptep, old_spte, new_spte, level)
+    handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared=False)
+    return old_spte
+
+
+def kvm_tdp_mmu_write_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int,
+                           level: int) -> int:
+    """xchg if the old value is a present leaf (its A/D/W bits are volatile), else a
+    plain store; returns the value actually replaced."""
+    if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level):
+        return kvm.w.xchg(sptep, new_spte)
+    kvm.w.store(sptep, new_spte)
+    return old_spte
+
+
+def tdp_mmu_iter_set_spte(kvm: Kvm, it: TdpIter, new_spte: int) -> None:
+    it.old_spte = tdp_mmu_set_spte(kvm, it.sptep, it.old_spte, new_spte, it.gfn, it.level)
+
+
+def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level: int,
+                        shared: bool) -> None:
+    """Bookkeeping after an SPTE changed: tear down a table that lost its parent.
+
+    A present leaf must never change PFN in place (the kernel's BUG()): it has
+    to be zapped, and the TLB flushed, first.
+    """
+    was_present = is_shadow_present_pte(old_spte)
+    is_present = is_shadow_present_pte(new_spte)
+    was_leaf = was_present and is_last_spte(old_spte, level)
+    is_leaf = is_present and is_last_spte(new_spte, level)
+    pfn_changed = spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
+
+    if was_leaf and is_leaf and pfn_changed:
+        kvm.bug("present leaf PFN changed in place",
+                "a present leaf SPTE was overwritten with a different PFN without a zap",
+                gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte))
+    if old_spte == new_spte:
+        return
+    if not was_present and not is_present:
+        if not is_frozen_spte(new_spte) and not is_frozen_spte(old_spte):
+            kvm.warn("non-present to non-present change")
+        return
+    if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
+        child = spte_to_child_pt(old_spte, level)
+        assert child is not None
+        handle_removed_pt(kvm, child, shared)
+
+
+def tdp_mmu_unlink_sp(kvm: Kvm, sp: int) -> None:
+    """Unaccount a table that lost its parent SPTE (exactly one task does this)."""
+    kvm.w.fetch_add(kvm.layout.glob(Globals.TDP_MMU_PAGES), -1)
+    kvm.w.store(kvm.layout.sp(sp, SpMeta.STATE), SP_REMOVED)
+
+
+def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
+    """Tear down a page table that was unlinked from the paging structure.
+
+    The caller's write of the parent SPTE made this task the table's only
+    remover.  In shared mode other tasks may still be walking the table (they
+    hold only the read lock and RCU): every entry, present or not, is frozen
+    with xchg, waiting out another task's transient freeze, so that their late
+    cmpxchg fails and they retry from the root.  In exclusive mode nobody
+    walks it, and non-present entries are skipped.  Present children are
+    handled recursively; the page itself goes to RCU.
+    """
+    lay = kvm.layout
+    level = role_level(kvm.w.load(lay.sp(pt, SpMeta.ROLE)))
+    base_gfn = kvm.w.load(lay.sp(pt, SpMeta.GFN))
+    tdp_mmu_unlink_sp(kvm, pt)
+    for i, old in kvm.variant.freeze_children(kvm, pt, shared):
+        gfn = base_gfn + i * KVM_PAGES_PER_HPAGE(level)
+        handle_changed_spte(kvm, gfn, old, FROZEN_SPTE, level, shared)
+    kvm.variant.free_removed_sp(kvm, pt)
+
+
+def freeze_removed_children(kvm: Kvm, pt: int, shared: bool) -> list[tuple[int, int]]:
+    """handle_removed_pt's loop (fixed): freeze everything in shared mode."""
+    from stress.model.spte import SPTE_MMU_PRESENT_MASK
+
+    return kvm.w.freeze_children(kvm.layout.spt(pt), WORDS_PER_PAGE, FROZEN_SPTE,
+                                 SPTE_MMU_PRESENT_MASK, freeze_nonpresent=shared)
+
+
+def call_rcu_free_sp(kvm: Kvm, pt: int) -> None:
+    """call_rcu(&sp->rcu_head, tdp_mmu_free_sp_rcu_callback)."""
+    e = kvm.rcu.call_rcu(pt)
+    kvm.w.store(kvm.layout.sp(pt, SpMeta.RCU_EPOCH), e)
+
+
+# ---------------------------------------------------------------------------
+# Page fault
+# ---------------------------------------------------------------------------
+
+def tdp_mmu_link_sp(kvm: Kvm, it: TdpIter, sp: int, shared: bool) -> int:
+    """Publish a fully initialised child table in the iterator's entry.
+
+    The table's entries and metadata (role, gfn, LINKED) are written before the
+    cmpxchg, which is the release point: a walker that sees the new SPTE sees
+    an initialised table.
+    """
+    new_spte = make_nonleaf_spte(sp)
+    if shared:
+        r = tdp_mmu_set_spte_atomic(kvm, it, new_spte)
+        if r:
+            return r
+    else:
+        tdp_mmu_iter_set_spte(kvm, it, new_spte)
+    kvm.w.fetch_add(kvm.layout.glob(Globals.TDP_MMU_PAGES), 1)  # tdp_account_mmu_page
+    kvm.stats["tables_linked"] += 1
+    return 0
+
+
+def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
+    """Handle a TDP page fault: walk, link missing tables, install the leaf.
+
+    mmu_lock is held for read; the walk runs in an RCU read-side section so the
+    tables it passes through stay allocated even if another task unlinks them.
+    Any lost race (FROZEN on the path, a cmpxchg lost) returns RET_PF_RETRY and
+    the vCPU faults again, as the guest would.
+    """
+    kvm.lockdep_assert_held_read()
+    ret = RET_PF_RETRY
+    kvm.rcu.rcu_read_lock()
+    try:
+        it = TdpIter(kvm, root, kvm.geometry.root_level, fault.gfn)
+        end = fault.gfn + 1
+        while it.in_range(end):
+            if is_frozen_spte(it.old_spte):
+                kvm.stats["retry_frozen"] += 1
+                return RET_PF_RETRY
+            if it.level == fault.goal_level:
+                return tdp_mmu_map_handle_target_level(kvm, fault, it)
+            if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
+                it.next()
+                continue
+            sp = tdp_mmu_alloc_sp(kvm)
+            if sp is None:
+                kvm.stats["retry_nomem"] += 1
+                return RET_PF_RETRY
+            # tdp_mmu_init_child_sp: the parent's role one level down
+            tdp_mmu_init_sp(kvm, sp, it.level - 1, it.gfn)
+            kvm.w.store(kvm.layout.sp(sp, SpMeta.STATE), SP_LINKED)
+            if tdp_mmu_link_sp(kvm, it, sp, shared=True):
+                # never visible to anyone: free at once
+                tdp_mmu_free_sp(kvm, sp)
+                kvm.stats["retry_link_lost"] += 1
+                return RET_PF_RETRY
+            it.next()
+        kvm.stats["retry_walk_lost"] += 1  # the table we linked was zapped under us
+        return ret
+    finally:
+        kvm.rcu.rcu_read_unlock()
+
+
+def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) -> int:
+    old = it.old_spte
+    if is_shadow_present_pte(old) and is_last_spte(old, it.level) and is_access_allowed(
+            fault.write, old):
+        if spte_to_pfn(old) != fault.pfn:
+            kvm.warn("spurious fault with different pfn")
+        kvm.stats["spurious"] += 1
+        return RET_PF_SPURIOUS
+    new = make_spte(fault.pfn, it.level, writable=fault.write)
+    if new == old:
+        kvm.stats["spurious"] += 1
+        return RET_PF_SPURIOUS
+    if tdp_mmu_set_spte_atomic(kvm, it, new):
+        kvm.stats["retry_cmpxchg"] += 1
+        return RET_PF_RETRY
+    kvm.stats["leaves_installed"] += 1
+    return RET_PF_FIXED
+
+
+def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
+    """The fault path from kvm_mmu_faultin_pfn to read_unlock (one attempt)."""
+    fault = KvmPageFault(gfn=gfn, write=write, pfn=gfn_to_host_pfn(gfn))
+    root = kvm_tdp_mmu_root(kvm)
+    kvm.read_lock()
+    try:
+        return kvm_tdp_mmu_map(kvm, root, fault)
+    finally:
+        kvm.read_unlock()
+
+
+# ---------------------------------------------------------------------------
+# Zaps
+# ---------------------------------------------------------------------------
+
+def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
+    """Zap every present leaf in [start, end) with mmu_lock held for write."""
+    kvm.lockdep_assert_held_write()
+    n = 0
+    kvm.rcu.rcu_read_lock()
+    try:
+        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+        while it.in_range(end):
+            if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+                tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)
+                n += 1
+            it.next()
+    finally:
+        kvm.rcu.rcu_read_unlock()
+    return n
+
+
+def tdp_mmu_zap_spte_atomic(kvm: Kvm, it: TdpIter) -> int:
+    """Zap one SPTE with mmu_lock held for read: freeze, flush, then clear.
+
+    The v5.18..v6.1x shared-mode zap.  FROZEN stops every other task from
+    installing a new translation for the gfn until the remote TLB flush has
+    removed the stale one; only this task writes the entry afterwards, with a
+    plain store, because everyone else either waits on a frozen value or
+    cmpxchgs against a non-frozen snapshot, which fails.
+    Returns 0, or -EBUSY (old_spte refreshed) if the freeze lost a race.
+    """
+    r = tdp_mmu_set_spte_atomic(kvm, it, FROZEN_SPTE)
+    if r:
+        return r
+    kvm_flush_remote_tlbs_gfn(kvm, it.gfn, it.level)
+    kvm.w.store(it.sptep, SHADOW_NONPRESENT_VALUE)
+    return 0
+
+
+def kvm_flush_remote_tlbs_gfn(kvm: Kvm, gfn: int, level: int) -> None:
+    """No TLBs are modelled yet: the flush costs its IPI round-trip latency."""
+    kvm.w.spin_ns(kvm.tlb_flush_ns)
+    kvm.stats["tlb_flushes"] += 1
+
+
+def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
+    """Zap every present leaf in [start, end) with mmu_lock held for read, each with
+    tdp_mmu_zap_spte_atomic; a lost race retries the same entry."""
+    kvm.lockdep_assert_held_read()
+    n = 0
+    kvm.rcu.rcu_read_lock()
+    try:
+        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+        while it.in_range(end):
+            if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+                if tdp_mmu_zap_spte_atomic(kvm, it):
+                    kvm.stats["zap_retry"] += 1
+                    continue
+                n += 1
+            it.next()
+    finally:
+        kvm.rcu.rcu_read_unlock()
+    return n
+
+
+def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_level: int,
+                               shared: bool) -> int:
+    """Zap every present entry at ``zap_level`` in [start, end), leaf or not.
+
+    The range form of ``__tdp_mmu_zap_root``: a non-leaf zapped here takes its
+    whole sub-tree with it through ``handle_removed_pt``.  In shared mode a lost
+    cmpxchg retries the same position with the refreshed snapshot; a frozen
+    entry is not present and is skipped.
+    """
+    if shared:
+        kvm.lockdep_assert_held_read()
+    else:
+        kvm.lockdep_assert_held_write()
+    n = 0
+    kvm.rcu.rcu_read_lock()
+    try:
+        it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level)
+        while it.in_range(end):
+            if is_shadow_present_pte(it.old_spte) and it.level == zap_level:
+                if shared:
+                    if tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE):
+                        kvm.stats["zap_retry"] += 1
+                        continue  # goto retry with the refreshed old_spte
+                else:
+                    tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)
+                n += 1
+            it.next()
+    finally:
+        kvm.rcu.rcu_read_unlock()
+    return n
+
+
+# ---------------------------------------------------------------------------
+# Root and teardown (the single direct root; the root lifecycle comes later)
+# ---------------------------------------------------------------------------
+
+def kvm_tdp_mmu_alloc_root(kvm: Kvm) -> int:
+    """Allocate the VM's direct root; called once, before any worker runs."""
+    root = tdp_mmu_alloc_sp(kvm)
+    if root is None:
+        raise RuntimeError("page pool cannot hold a root")
+    tdp_mmu_init_sp(kvm, root, kvm.geometry.root_level, 0)
+    kvm.w.store(kvm.layout.sp(root, SpMeta.STATE), SP_LINKED)
+    kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 1)
+    kvm.w.store(kvm.layout.glob(Globals.ROOT), root)
+    return root
+
+
+def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
+    """VM teardown with no vCPU left: zap the root exclusively, wait for RCU, free it.
+
+    Afterwards every page of the pool must be free and tdp_mmu_pages zero; the
+    checker verifies that (a leak means a table was lost by the protocol).
+    """
+    from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+
+    root = kvm_tdp_mmu_root(kvm)
+    top = kvm.geometry.root_level
+    kvm.write_lock()
+    try:
+        tdp_mmu_zap_range_at_level(kvm, root, 0, KVM_PAGES_PER_HPAGE(top + 1), top, shared=False)
+    finally:
+        kvm.write_unlock()
+    kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
+    kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 0)
+    tdp_mmu_free_sp(kvm, root)
+    kvm.w.store(kvm.layout.glob(Globals.ROOT), 0)

@@ -1,0 +1,171 @@
+"""results.json, the live status line and the end-of-run summary.
+
+results.json schema, version 1 (``"schema": "tdp-stress-results"``); see the
+README for every field.  History: 1 = first version.
+Files are written atomically (temp file in the same directory, fsync, rename):
+a killed run never leaves a half-written results.json.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from stress import __version__
+from stress.config import Config
+from stress.harness.supervisor import EXIT_CLEAN, EXIT_VIOLATION, RunOutcome, StatusSnapshot
+
+SCHEMA = "tdp-stress-results"
+SCHEMA_VERSION = 1
+
+# the op counter that measures each role's work
+ROLE_OP = {"vcpu": "faults", "zapper": "ops"}
+HEADLINE = ("faults", "retries", "zap_retry", "tables_linked", "tables_freed", "leaf_zaps",
+            "leaf_zaps_shared",
+            "subtree_zaps_shared", "subtree_zaps_exclusive", "entries_zapped")
+
+
+def final_exit_code(outcome: RunOutcome, expect_violation: bool) -> int:
+    """--expect-violation swaps the meaning of 0 and 1 (CI jobs that prove a bug is caught)."""
+    code = outcome.exit_code
+    if expect_violation and code in (EXIT_CLEAN, EXIT_VIOLATION):
+        return EXIT_VIOLATION if code == EXIT_CLEAN else EXIT_CLEAN
+    return code
+
+
+def build_results(cfg: Config, outcome: RunOutcome, started_at: str) -> dict[str, Any]:
+    dur = max(outcome.duration_s, 1e-9)
+    roles: dict[str, dict[str, Any]] = {}
+    totals: Counter[str] = Counter()
+    for rec in outcome.workers:
+        r = roles.setdefault(rec.role, {"workers": 0, "counters": Counter()})
+        r["workers"] += 1
+        r["counters"].update({k: v for k, v in rec.stats.items()
+                              if not k.startswith("max_")})
+        totals.update({k: v for k, v in rec.stats.items() if not k.startswith("max_")})
+    for role, r in roles.items():
+        ops = r["counters"].get(ROLE_OP.get(role, "ops"), 0)
+        r["ops"] = ops
+        r["ops_per_s"] = round(ops / dur, 1)
+        r["retries"] = r["counters"].get("retries", 0) + r["counters"].get("zap_retry", 0)
+        r["counters"] = dict(sorted(r["counters"].items()))
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "command": "run",
+        "exit_reason": outcome.exit_reason,
+        "exit_code": final_exit_code(outcome, cfg.run.expect_violation),
+        "expect_violation": cfg.run.expect_violation,
+        "variant": cfg.run.variant,
+        "seed": cfg.run.seed,
+        "started_at": started_at,
+        "duration_s": outcome.duration_s,
+        "config": cfg.to_dict(),
+        "pool_pages": outcome.pool_pages,
+        "roles": roles,
+        "totals": {k: totals.get(k, 0) for k in HEADLINE},
+        "rates_per_s": {k: round(totals.get(k, 0) / dur, 1) for k in HEADLINE},
+        "workers": [{"index": r.index, "role": r.role, "pid": r.pid, "exitcode": r.exitcode,
+                     "stats": dict(sorted(r.stats.items()))} for r in outcome.workers],
+        "checks": outcome.checks,
+        "violations": outcome.violations,
+        "errors": outcome.errors,
+        "hang": outcome.hang,
+    }
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _si(x: float) -> str:
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{suf}"
+    return f"{x:.0f}"
+
+
+class StatusLine:
+    """Renders a StatusSnapshot as one line of rates since the previous one."""
+
+    def __init__(self) -> None:
+        self.prev: StatusSnapshot | None = None
+
+    def render(self, s: StatusSnapshot) -> str:
+        prev = self.prev
+        self.prev = s
+        dt = s.elapsed_s - prev.elapsed_s if prev else s.elapsed_s
+        dt = max(dt, 1e-6)
+
+        def rate(role: str, key: str) -> float:
+            now = s.per_role.get(role, Counter())[key]
+            before = prev.per_role.get(role, Counter())[key] if prev else 0
+            return (now - before) / dt
+
+        parts = [f"[{s.elapsed_s:7.1f}s/{s.duration_s:.0f}s]"]
+        for role in s.per_role:
+            op = ROLE_OP.get(role, "ops")
+            parts.append(f"{role} x{s.workers[role]} {_si(rate(role, op))} {op}/s")
+        tot = {k: sum(rate(r, k) for r in s.per_role) for k in
+               ("retries", "zap_retry", "tables_linked", "tables_freed")}
+        parts.append(f"retries {_si(tot['retries'] + tot['zap_retry'])}/s")
+        parts.append(f"tables +{_si(tot['tables_linked'])}/-{_si(tot['tables_freed'])}/s")
+        parts.append(f"checks {s.checks}")
+        parts.append(f"violations {s.violations}")
+        return " | ".join(parts)
+
+
+def format_summary(res: dict[str, Any], results_path: Path | None) -> str:
+    lines = [f"tdp-stress run: variant {res['variant']}, seed {res['seed']}, "
+             f"{res['duration_s']:.1f} s, exit {res['exit_reason']} ({res['exit_code']})"]
+    lines.append(f"{'role':<8} {'workers':>7} {'ops':>10} {'ops/s':>9} {'retries':>9}")
+    for role, r in res["roles"].items():
+        lines.append(f"{role:<8} {r['workers']:>7} {r['ops']:>10} {_si(r['ops_per_s']):>9} "
+                     f"{r['retries']:>9}")
+    rates = res["rates_per_s"]
+    lines.append("totals: " + ", ".join(f"{k} {res['totals'][k]} ({_si(rates[k])}/s)"
+                                        for k in res["totals"] if res["totals"][k]))
+    checks = res["checks"]
+    lines.append("checks: " + (", ".join(f"{k} {v}" for k, v in checks.items()) or "none"))
+    if res["violations"]:
+        for v in res["violations"][:5]:
+            det = v.get("details", {})
+            where = ", ".join(f"{k}={det[k]}" for k in ("gfn", "level", "table", "worker")
+                              if k in det)
+            lines.append(f"VIOLATION [{v['invariant']}] at {v.get('time_s', 0):.3f}s: "
+                         f"{v['message']} ({where})")
+    else:
+        lines.append("violations: none")
+    for e in res["errors"][:5]:
+        lines.append("ERROR: " + e.strip().splitlines()[-1] if "\n" in e.strip() else
+                     "ERROR: " + e)
+    if res.get("hang"):
+        lines.append(f"HANG: {json.dumps(res['hang'])}")
+    if results_path:
+        lines.append(f"results: {results_path}")
+    return "\n".join(lines)

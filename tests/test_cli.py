@@ -1,0 +1,153 @@
+"""The command line end to end: real runs in subprocesses, exit codes, files, leaks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, run_cli, segments_of
+
+SMOKE = str(ROOT / "configs" / "smoke.toml")
+
+
+def test_variants_lists_every_variant() -> None:
+    r = run_cli("variants")
+    assert r.returncode == 0
+    for name in ("fixed", "zap-without-freeze", "free-without-grace-period"):
+        assert name in r.stdout
+
+
+def test_fixed_protocol_runs_clean_in_parallel(tmp_path: Path) -> None:
+    r = run_cli("run", SMOKE, "--vcpus", "2", "--duration", "6s", "--seed", "7",
+                "--check-interval", "2s", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["schema"] == "tdp-stress-results" and res["schema_version"] == 1
+    assert res["exit_reason"] == "clean" and res["violations"] == []
+    assert res["seed"] == 7 and res["variant"] == "fixed"
+    assert 5.5 < res["duration_s"] < 10
+    vcpu, zapper = res["roles"]["vcpu"], res["roles"]["zapper"]
+    assert vcpu["workers"] == 2 and zapper["workers"] == 1
+    # the run did real, concurrent work: faults, zaps and table frees
+    assert vcpu["ops"] > 1000 and zapper["ops"] > 100
+    assert res["totals"]["tables_freed"] > 100
+    assert res["checks"]["quiescent"] >= 3 and res["checks"]["teardown"] == 1
+    pids = {w["pid"] for w in res["workers"]}
+    assert len(pids) == 3 and all(w["exitcode"] == 0 for w in res["workers"])
+    assert "violations: none" in r.stdout
+
+
+@pytest.mark.parametrize("variant, invariant", [
+    ("zap-without-freeze", "SPTE installed in removed table"),
+    ("free-without-grace-period", "use-after-free of page-table page"),
+])
+def test_bug_variant_is_caught(tmp_path: Path, variant: str, invariant: str) -> None:
+    r = run_cli("run", "--variant", variant, "--expect-violation", "--duration", "30s",
+                "--out", str(tmp_path), "-q")
+    assert r.returncode == 0, r.stdout + r.stderr  # --expect-violation: caught = 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["exit_reason"] == "violation"
+    v = res["violations"][0]
+    assert v["invariant"] == invariant and v["variant"] == variant
+    assert v["time_s"] < 10
+    assert "gfn" in v["details"] or "table" in v["details"]
+    # the same run without --expect-violation exits 1
+    r2 = run_cli("run", "--variant", variant, "--duration", "30s", "--out", str(tmp_path),
+                 "-q")
+    assert r2.returncode == 1
+
+
+def test_expect_violation_on_fixed_protocol_fails(tmp_path: Path) -> None:
+    r = run_cli("run", SMOKE, "--duration", "2s", "--expect-violation", "--out", str(tmp_path),
+                "-q")
+    assert r.returncode == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--duration", "ten"], "duration"),
+    (["--guest-size", "1x"], "size"),
+    (["--workers", "nobody=2"], "nobody"),
+    (["--workers", "vcpu"], "ROLE=N"),
+    (["--variant", "no-such-variant"], "no-such-variant"),
+    (["--vcpus", "-1"], "vcpus"),
+    (["/nonexistent/config.toml"], "config.toml"),
+    (["--bogus-flag"], "bogus"),
+    (["--vcpus", "0", "--workers", "zapper=0"], "workers"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    r = run_cli("run", *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tdp-stress: error:"), r.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_bad_config_file_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[guest]\nsize = 'huge'\n")
+    r = run_cli("run", str(bad))
+    assert r.returncode == 2 and "guest.size" in r.stderr
+
+
+def _wait_for_workers(proc: subprocess.Popen, n: int, timeout: float = 20) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = [c for c in psutil.Process(proc.pid).children()
+                if "resource_tracker" not in " ".join(c.cmdline())]
+        if len(kids) >= n and segments_of(proc.pid):
+            return kids
+        time.sleep(0.05)
+    raise AssertionError("workers did not start")
+
+
+def _start(tmp_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stress.cli", "run", SMOKE, "--duration",
+                             "60s", "--out", str(tmp_path), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_exits_130_and_leaves_nothing(tmp_path: Path, sig: int) -> None:
+    proc = _start(tmp_path)
+    kids = _wait_for_workers(proc, 3)
+    time.sleep(0.5)
+    if sig == signal.SIGINT:  # Ctrl-C reaches the whole foreground process group
+        for p in [proc.pid] + [k.pid for k in kids]:
+            os.kill(p, sig)
+    else:
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert segments_of(proc.pid) == []
+    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["exit_reason"] == "interrupted"
+
+
+def test_killed_worker_exits_3_and_names_it(tmp_path: Path) -> None:
+    proc = _start(tmp_path)
+    kids = _wait_for_workers(proc, 3)
+    time.sleep(0.5)
+    victim = kids[0]
+    victim.kill()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, out + err
+    assert segments_of(proc.pid) == []
+    assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["exit_reason"] == "crash"
+    assert any(f"pid {victim.pid}" in e and "SIGKILL" in e for e in res["errors"])
+
+
+def test_cleanup_command_runs() -> None:
+    r = run_cli("cleanup")
+    assert r.returncode == 0 and "segment(s) removed" in r.stdout

@@ -1,0 +1,183 @@
+"""The model's functions in one process, interleaved by hand.
+
+Two Kvm objects on the same arena are two tasks: each has its own RCU reader
+slot and lock state, so a test can stop one task in the middle of a walk, run
+another, and resume the first: the race the stress runs find by chance,
+replayed deterministically.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from stress.arena import Globals, SpMeta
+from stress.checks import quiescent_check, teardown_check
+from stress.model.errors import InvariantViolation
+from stress.model.mmu_page import SP_FREE, SP_LINKED, SP_REMOVED, tdp_mmu_free_sp_rcu_callback
+from stress.model.spte import (
+    FROZEN_SPTE,
+    PG_LEVEL_2M,
+    SHADOW_NONPRESENT_VALUE,
+    gfn_to_host_pfn,
+    is_shadow_present_pte,
+    make_spte,
+    spte_to_pfn,
+)
+from stress.model.tdp_iter import TdpIter
+from stress.model.tdp_mmu import (
+    EBUSY,
+    RET_PF_FIXED,
+    RET_PF_SPURIOUS,
+    kvm_mmu_uninit_tdp_mmu,
+    kvm_tdp_mmu_zap_leafs,
+    kvm_tdp_page_fault,
+    tdp_mmu_set_spte_atomic,
+    tdp_mmu_zap_range_at_level,
+)
+
+GFN = 0x12345
+
+
+def leaf_of(vm, gfn: int) -> int:
+    it = TdpIter(vm.kvm, vm.root, 4, gfn)
+    while it.level > 1 and it.try_step_down():
+        pass
+    return it.old_spte if it.level == 1 else SHADOW_NONPRESENT_VALUE
+
+
+def test_fault_installs_leaf_then_spurious(vm) -> None:
+    kvm = vm.kvm
+    assert kvm_tdp_page_fault(kvm, GFN, write=False) == RET_PF_FIXED
+    spte = leaf_of(vm, GFN)
+    assert is_shadow_present_pte(spte) and spte_to_pfn(spte) == gfn_to_host_pfn(GFN)
+    assert kvm_tdp_page_fault(kvm, GFN, write=False) == RET_PF_SPURIOUS
+    # a write to a read-only leaf upgrades it in place (same pfn: legal)
+    assert kvm_tdp_page_fault(kvm, GFN, write=True) == RET_PF_FIXED
+    assert kvm.stats["tables_linked"] == 3  # levels 3, 2, 1 under the root
+    assert vm.words.load(vm.layout.glob(Globals.TDP_MMU_PAGES)) == 3
+    rep = quiescent_check(kvm)
+    assert not rep.violations and rep.tables == 4 and rep.leaves == 1
+
+
+def test_leaf_zap_and_teardown_return_every_page(vm) -> None:
+    kvm = vm.kvm
+    for g in range(GFN, GFN + 600):
+        assert kvm_tdp_page_fault(kvm, g, write=True) == RET_PF_FIXED
+    kvm.write_lock()
+    assert kvm_tdp_mmu_zap_leafs(kvm, vm.root, GFN, GFN + 600) == 600
+    kvm.write_unlock()
+    assert not is_shadow_present_pte(leaf_of(vm, GFN + 10))
+    assert not quiescent_check(kvm).violations
+    kvm_mmu_uninit_tdp_mmu(kvm)
+    rep = teardown_check(kvm)
+    assert not rep.violations, rep.violations
+    assert rep.states == {"FREE": vm.layout.n_pages}
+
+
+def test_shared_subtree_zap_freezes_children_and_frees_after_grace_period(vm) -> None:
+    kvm, other = vm.kvm, vm.task(1)
+    assert kvm_tdp_page_fault(kvm, GFN, write=True) == RET_PF_FIXED
+    leaf_table = TdpIter(kvm, vm.root, 4, GFN)
+    while leaf_table.level > 1:
+        assert leaf_table.try_step_down()
+    table = leaf_table.pt_path[1]
+    other.rcu.rcu_read_lock()  # a walker somewhere: the grace period cannot end
+    kvm.read_lock()
+    start = GFN & ~511
+    assert tdp_mmu_zap_range_at_level(kvm, vm.root, start, start + 512, PG_LEVEL_2M,
+                                      shared=True) == 1
+    kvm.read_unlock()
+    lay = vm.layout
+    assert vm.words.load(lay.sp(table, SpMeta.STATE)) == SP_REMOVED
+    # every child is frozen, present or not
+    assert vm.words.count_equal(lay.spt(table), 512, FROZEN_SPTE) == 512
+    free = lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p)  # noqa: E731
+    assert kvm.rcu.reclaim(free) == 0  # still inside the other task's read section
+    other.rcu.rcu_read_unlock()
+    assert kvm.rcu.reclaim(free) == 1
+    assert vm.words.load(lay.sp(table, SpMeta.STATE)) == SP_FREE
+    assert not quiescent_check(kvm).violations
+
+
+def _late_fault_race(vm):
+    """vCPU walks to the leaf table; a zapper unlinks it; the vCPU's cmpxchg comes late."""
+    vcpu, zapper = vm.task(1), vm.task(2)
+    assert kvm_tdp_page_fault(zapper, GFN + 1, write=False) == RET_PF_FIXED  # build the path
+    vcpu.read_lock()
+    vcpu.rcu.rcu_read_lock()
+    it = TdpIter(vcpu, vm.root, 4, GFN)
+    while it.level > 1:
+        assert it.try_step_down()
+    assert it.old_spte == SHADOW_NONPRESENT_VALUE  # snapshot: empty
+    zapper.read_lock()
+    start = GFN & ~511
+    assert tdp_mmu_zap_range_at_level(zapper, vm.root, start, start + 512, PG_LEVEL_2M,
+                                      shared=True) == 1
+    zapper.read_unlock()
+    r = tdp_mmu_set_spte_atomic(vcpu, it, make_spte(gfn_to_host_pfn(GFN), 1, True))
+    vcpu.rcu.rcu_read_unlock()
+    vcpu.read_unlock()
+    return r, it, zapper
+
+
+def test_late_fault_into_removed_table_fails_with_freeze(vm) -> None:
+    r, it, zapper = _late_fault_race(vm)
+    assert r == -EBUSY and it.old_spte == FROZEN_SPTE  # refreshed: retry from the root
+    zapper.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(zapper, p))
+    assert not quiescent_check(vm.kvm).violations
+
+
+def test_late_fault_into_removed_table_is_caught_without_freeze(make_vm) -> None:
+    vm = make_vm(variant="zap-without-freeze")
+    r, _it, zapper = _late_fault_race(vm)
+    assert r == 0  # the cmpxchg succeeded in a dead table
+    assert quiescent_check(vm.kvm).violations[0].invariant == "SPTE installed in removed table"
+    with pytest.raises(InvariantViolation) as e:
+        zapper.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(zapper, p))
+    assert e.value.invariant == "SPTE installed in removed table"
+    assert e.value.details["gfn"] == GFN
+
+
+def test_walker_in_freed_table_is_caught_without_grace_period(make_vm) -> None:
+    vm = make_vm(variant="free-without-grace-period")
+    vcpu, zapper = vm.task(1), vm.task(2)
+    assert kvm_tdp_page_fault(zapper, GFN, write=False) == RET_PF_FIXED
+    vcpu.read_lock()
+    vcpu.rcu.rcu_read_lock()
+    it = TdpIter(vcpu, vm.root, 4, GFN)
+    while it.level > 1:
+        assert it.try_step_down()
+    zapper.read_lock()
+    start = GFN & ~511
+    tdp_mmu_zap_range_at_level(zapper, vm.root, start, start + 512, PG_LEVEL_2M, shared=True)
+    zapper.read_unlock()
+    with pytest.raises(InvariantViolation) as e:
+        it.read_spte()  # the walker re-reads its entry: the page is gone
+    assert e.value.invariant == "use-after-free of page-table page"
+    vcpu.rcu.rcu_read_unlock()
+    vcpu.read_unlock()
+
+
+def test_lockdep_assertions(vm) -> None:
+    with pytest.raises(InvariantViolation) as e:
+        kvm_tdp_mmu_zap_leafs(vm.kvm, vm.root, 0, 10)
+    assert e.value.invariant == "lockdep"
+
+
+def test_checker_finds_corruption(vm) -> None:
+    kvm = vm.kvm
+    assert kvm_tdp_page_fault(kvm, GFN, write=False) == RET_PF_FIXED
+    it = TdpIter(kvm, vm.root, 4, GFN)
+    while it.level > 1:
+        it.try_step_down()
+    vm.words.store(it.sptep, FROZEN_SPTE)
+    assert quiescent_check(kvm).violations[0].invariant == "FROZEN SPTE reachable at quiescence"
+    vm.words.store(it.sptep, make_spte(gfn_to_host_pfn(GFN + 1), 1, False))
+    assert quiescent_check(kvm).violations[0].invariant == "leaf maps wrong pfn"
+    vm.words.store(it.sptep, SHADOW_NONPRESENT_VALUE)
+    vm.words.fetch_add(vm.layout.glob(Globals.TDP_MMU_PAGES), 1)
+    assert quiescent_check(kvm).violations[0].invariant == "tdp_mmu_pages accounting"
+    vm.words.fetch_add(vm.layout.glob(Globals.TDP_MMU_PAGES), -1)
+    leaked = 200
+    vm.words.store(vm.layout.sp(leaked, SpMeta.STATE), SP_LINKED)
+    assert quiescent_check(kvm).violations[0].invariant == "leaked page-table page"
