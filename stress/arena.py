@@ -101,6 +101,8 @@ class SpMeta:
     GEN = 3  # bumped on every alloc and free: detects walking a reused page
     RCU_EPOCH = 4
     ROOT_COUNT = 5  # tdp_mmu_root_count (roots only)
+    REMOVED_BY = 6  # 1 + worker that unlinked the table (forensics)
+    LAST_WRITER = 7  # 1 + worker whose atomic update last succeeded in it (forensics)
 
 
 @dataclass(frozen=True)

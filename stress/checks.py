@@ -26,6 +26,7 @@ from stress.model.mmu_page import (
     SP_PRIVATE,
     SP_REMOVED,
     SP_STATE_NAMES,
+    removed_entry_details,
     role_level,
 )
 from stress.model.spte import (
@@ -33,6 +34,7 @@ from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_MMU_PRESENT_MASK,
     describe,
     gfn_to_host_pfn,
     is_last_spte,
@@ -147,16 +149,12 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
 def _check_removed(kvm: Kvm, page: int, rep: QuiescentReport) -> None:
     """A removed table awaiting RCU holds nothing present (see the RCU callback)."""
     w, lay = kvm.w, kvm.layout
-    for i, v in w.scan_ne(lay.spt(page), WORDS_PER_PAGE, FROZEN_SPTE):
-        if is_shadow_present_pte(v):
-            level = role_level(w.load(lay.sp(page, SpMeta.ROLE)))
-            rep.fail("SPTE installed in removed table",
-                     "a present entry was written into a page table after handle_removed_pt "
-                     "unlinked it: the mapping is leaked and invisible to zaps",
-                     table=page, level=level, index=i,
-                     gfn=w.load(lay.sp(page, SpMeta.GFN)) + i * KVM_PAGES_PER_HPAGE(level),
-                     entry=describe(v))
-            return
+    i = w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
+    if i >= 0:
+        rep.fail("SPTE installed in removed table",
+                 "a present entry was written into a page table after handle_removed_pt "
+                 "unlinked it: the mapping is leaked and invisible to zaps",
+                 **removed_entry_details(kvm, page, i))
 
 
 def teardown_check(kvm: Kvm) -> QuiescentReport:

@@ -72,6 +72,7 @@ def build_results(cfg: Config, outcome: RunOutcome, started_at: str) -> dict[str
         "totals": {k: totals.get(k, 0) for k in HEADLINE},
         "rates_per_s": {k: round(totals.get(k, 0) / dur, 1) for k in HEADLINE},
         "workers": [{"index": r.index, "role": r.role, "pid": r.pid, "exitcode": r.exitcode,
+                     "max_rss_mb": round(r.max_rss / 2**20, 1),
                      "stats": dict(sorted(r.stats.items()))} for r in outcome.workers],
         "checks": outcome.checks,
         "violations": outcome.violations,

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import psutil
+
 from stress.arena import Arena, Control, Globals, Layout, Slot, SpMeta, sweep_stale
 from stress.atomics import Words
 from stress.checks import QuiescentReport, quiescent_check, teardown_check
@@ -85,6 +87,7 @@ class WorkerRecord:
     stats: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     done: bool = False
+    max_rss: int = 0  # bytes, sampled with psutil while the run goes
 
 
 @dataclass
@@ -130,6 +133,7 @@ class Supervisor:
         self.checks = Counter[str]()
         self.hang: dict[str, Any] | None = None
         self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.ps: dict[int, psutil.Process] = {}
         self.conns: list[Connection | None] = []
         self.arena: Arena | None = None
         self.words: Words | None = None
@@ -164,6 +168,10 @@ class Supervisor:
             self.procs.append(p)
             self.conns.append(r)
             self.records[i].pid = p.pid or 0
+            try:
+                self.ps[i] = psutil.Process(p.pid)
+            except psutil.Error:
+                pass
         w, lay = self.words, self.layout
         assert w is not None
         w.store(lay.ctl(Control.START_NS), time.monotonic_ns())
@@ -193,24 +201,32 @@ class Supervisor:
                     rec.done = True
                     rec.stats = payload["stats"]
 
-    def _dead_workers(self) -> list[int]:
-        dead = []
-        for i, p in enumerate(self.procs):
-            if p.exitcode is not None and self.records[i].exitcode is None:
-                self.records[i].exitcode = p.exitcode
-            if p.exitcode is not None and p.exitcode != 0 and not self._reported(i):
-                dead.append(i)
-        return dead
+    def _check_workers(self) -> str | None:
+        """Reason to end the run from what the workers said or did, or None.
 
-    def _reported(self, i: int) -> bool:
-        return any(v.get("worker") == i for v in self.violations) or self.records[i].error \
-            is not None
+        Exit codes are read once, before the pipes are drained, so a worker that
+        reported a violation and then exited is never mistaken for a crash.
+        """
+        exited = [i for i, p in enumerate(self.procs) if p.exitcode is not None]
+        self._drain()
+        if self.violations:
+            return "violation"
+        if self.errors:
+            return "crash"
+        if exited:
+            self.errors.extend(self._crash_message(i) for i in exited)
+            return "crash"
+        return None
 
     def _crash_message(self, i: int) -> str:
         rec, p = self.records[i], self.procs[i]
         code = p.exitcode
-        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
-               else f"exited with status {code}")
+        if code is not None and code < 0:
+            how = f"killed by {signal.Signals(-code).name}"
+        elif code == 0:
+            how = "exited before the run ended"
+        else:
+            how = f"exited with status {code}"
         return f"worker {i} ({rec.role}, pid {rec.pid}) {how}"
 
     # -- quiescence --------------------------------------------------------------
@@ -227,11 +243,9 @@ class Supervisor:
                            and w.load(lay.slot(i, Slot.PARKED_GEN)) != gen]
                 if not waiting:
                     break
-                self._drain()
-                if self.violations:
-                    return "violation"
-                if self._dead_workers() or self.errors:
-                    return "crash"
+                reason = self._check_workers()
+                if reason:
+                    return reason
                 if time.monotonic() > deadline:
                     self.hang = self._hang_report(waiting)
                     return "hang"
@@ -241,6 +255,28 @@ class Supervisor:
             return self._record_report(rep, "quiescent check")
         finally:
             w.store(lay.ctl(Control.PAUSE_REQ), 0)
+
+    def _sample_rss(self) -> None:
+        for i, proc in list(self.ps.items()):
+            try:
+                rss = proc.memory_info().rss
+            except psutil.Error:
+                del self.ps[i]
+                continue
+            rec = self.records[i]
+            rec.max_rss = max(rec.max_rss, rss)
+
+    def _proc_info(self, i: int) -> dict[str, Any]:
+        proc = self.ps.get(i)
+        if proc is None:
+            return {}
+        try:
+            with proc.oneshot():
+                t = proc.cpu_times()
+                return {"status": proc.status(), "cpu_user_s": t.user, "cpu_system_s": t.system,
+                        "rss": proc.memory_info().rss}
+        except psutil.Error as e:
+            return {"status": f"gone ({type(e).__name__})"}
 
     def _hang_report(self, waiting: list[int]) -> dict[str, Any]:
         w, lay = self.words, self.layout
@@ -259,7 +295,8 @@ class Supervisor:
         return {
             "not_parked": [{"worker": i, "role": self.records[i].role,
                             "pid": self.records[i].pid,
-                            "heartbeat": w.load(lay.slot(i, Slot.HEARTBEAT))} for i in waiting],
+                            "heartbeat": w.load(lay.slot(i, Slot.HEARTBEAT)),
+                            **self._proc_info(i)} for i in waiting],
             "mmu_lock": f"{w.load(lay.glob(Globals.MMU_LOCK)):#x}",
             "mmu_lock_write_owner_pid": w.load(lay.glob(Globals.MMU_LOCK_OWNER)),
             "mmu_lock_holders": holders,
@@ -305,6 +342,16 @@ class Supervisor:
         self._drain()
         for i, p in enumerate(self.procs):
             self.records[i].exitcode = p.exitcode
+
+    def _kill_descendants(self) -> None:
+        """No orphan outlives the run: anything a worker left running is killed."""
+        mine = {r.pid for r in self.records}
+        for ch in psutil.Process().children(recursive=True):
+            try:
+                if ch.pid in mine or ch.ppid() in mine:
+                    ch.kill()
+            except psutil.Error:
+                pass
 
     def _final_checks(self) -> str | None:
         """With every worker gone: walk, rcu_barrier, tear the VM down, account."""
@@ -360,18 +407,9 @@ class Supervisor:
             live = [c for c in self.conns if c is not None]
             sentinels = [p.sentinel for p in self.procs if p.exitcode is None]
             wait(live + sentinels, timeout=0.05)
-            self._drain()
-            if self.violations:
-                return "violation"
-            if self.errors:
-                return "crash"
-            dead = self._dead_workers()
-            if dead:
-                self.errors.extend(self._crash_message(i) for i in dead)
-                return "crash"
-            if any(p.exitcode is not None for p in self.procs):
-                self.errors.append("a worker exited before the run ended")
-                return "crash"
+            reason = self._check_workers()
+            if reason:
+                return reason
             now = time.monotonic()
             if now >= end:
                 return "clean"
@@ -379,13 +417,12 @@ class Supervisor:
                 gen += 1
                 reason = self._pause_and_check(gen)
                 if reason:
-                    if reason == "crash":
-                        self.errors.extend(self._crash_message(i) for i in
-                                           self._dead_workers())
                     return reason
                 next_check = time.monotonic() + interval
-            if self.on_status and now >= next_status:
-                self.on_status(self._live_snapshot())
+            if now >= next_status:
+                self._sample_rss()
+                if self.on_status:
+                    self.on_status(self._live_snapshot())
                 next_status = now + self.status_interval
 
     def run(self) -> RunOutcome:
@@ -431,6 +468,7 @@ class Supervisor:
                 if p.exitcode is None:
                     p.kill()
                     p.join()
+            self._kill_descendants()
             for c in self.conns:
                 if c is not None:
                     c.close()

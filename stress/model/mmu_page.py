@@ -18,9 +18,17 @@ after it was reused is caught too.
 
 from __future__ import annotations
 
+from typing import Any
+
 from stress.arena import WORDS_PER_PAGE, SpMeta
 from stress.model.kvm import Kvm
-from stress.model.spte import POISON_SPTE, SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
+from stress.model.spte import (
+    KVM_PAGES_PER_HPAGE,
+    POISON_SPTE,
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_MMU_PRESENT_MASK,
+    describe,
+)
 
 SP_FREE, SP_PRIVATE, SP_LINKED, SP_REMOVED = 0, 1, 2, 3
 SP_STATE_NAMES = {SP_FREE: "FREE", SP_PRIVATE: "PRIVATE", SP_LINKED: "LINKED",
@@ -65,6 +73,7 @@ def tdp_mmu_free_sp(kvm: Kvm, page: int) -> None:
     kvm.w.fetch_add(lay.sp(page, SpMeta.GEN), 1)
     kvm.w.store(lay.sp(page, SpMeta.STATE), SP_FREE)
     kvm.w.store(lay.sp(page, SpMeta.ROLE), 0)
+    kvm.w.store(lay.sp(page, SpMeta.LAST_WRITER), 0)
     kvm.w.fetch_or(lay.bitmap + page // 64, 1 << (page % 64))
 
 
@@ -80,19 +89,26 @@ def tdp_mmu_free_sp_rcu_callback(kvm: Kvm, page: int) -> None:
     lay = kvm.layout
     i = kvm.w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
     if i >= 0:
-        spte = kvm.w.load(lay.spt(page) + i)
-        if spte != POISON_SPTE:
-            from stress.model.spte import KVM_PAGES_PER_HPAGE, describe
-
-            level = role_level(kvm.w.load(lay.sp(page, SpMeta.ROLE)))
-            gfn = kvm.w.load(lay.sp(page, SpMeta.GFN)) + i * KVM_PAGES_PER_HPAGE(level)
-            kvm.bug("SPTE installed in removed table",
-                    "a present entry was written into a page table after handle_removed_pt "
-                    "unlinked it: the mapping is leaked and invisible to zaps",
-                    table=page, level=level, index=i, gfn=gfn, spte=f"{spte:#x}",
-                    entry=describe(spte))
+        kvm.bug("SPTE installed in removed table",
+                "a present entry was written into a page table after handle_removed_pt "
+                "unlinked it: the mapping is leaked and invisible to zaps",
+                **removed_entry_details(kvm, page, i))
     tdp_mmu_free_sp(kvm, page)
     kvm.stats["tables_freed"] += 1
+
+
+def removed_entry_details(kvm: Kvm, page: int, i: int) -> dict[str, Any]:
+    """Who and what, for a present entry found in a removed table."""
+    lay = kvm.layout
+    spte = kvm.w.load(lay.spt(page) + i)
+    level = role_level(kvm.w.load(lay.sp(page, SpMeta.ROLE)))
+    return {
+        "table": page, "level": level, "index": i,
+        "gfn": kvm.w.load(lay.sp(page, SpMeta.GFN)) + i * KVM_PAGES_PER_HPAGE(level),
+        "spte": f"{spte:#x}", "entry": describe(spte),
+        "removed_by_worker": kvm.w.load(lay.sp(page, SpMeta.REMOVED_BY)) - 1,
+        "installed_by_worker": kvm.w.load(lay.sp(page, SpMeta.LAST_WRITER)) - 1,
+    }
 
 
 def sp_state(kvm: Kvm, page: int) -> int:

@@ -70,7 +70,8 @@ class TdpIter:
         if v == POISON_SPTE:
             kvm.bug("use-after-free of page-table page",
                     "a walker read a page-table page that was already freed (poisoned)",
-                    table=page, level=self.level, gfn=self.gfn)
+                    table=page, level=self.level, gfn=self.gfn,
+                    removed_by_worker=self._remover(page))
         if kvm.w.load(kvm.layout.sp(page, SpMeta.GEN)) != self.gens[self.level]:
             self._reused(page)
         return v
@@ -85,7 +86,11 @@ class TdpIter:
         self.kvm.bug("use-after-free of page-table page",
                      "the page-table page was freed (and maybe reused) while a walker was "
                      "inside it under rcu_read_lock()",
-                     table=page, level=self.level, gfn=self.gfn)
+                     table=page, level=self.level, gfn=self.gfn,
+                     removed_by_worker=self._remover(page))
+
+    def _remover(self, page: int) -> int:
+        return self.kvm.w.load(self.kvm.layout.sp(page, SpMeta.REMOVED_BY)) - 1
 
     def try_step_down(self) -> bool:
         if self.level == self.min_level:
@@ -110,7 +115,7 @@ class TdpIter:
                     "a live non-leaf SPTE points at a page that is free or is another table",
                     table=child, state=SP_STATE_NAMES.get(state, state), level=level,
                     expected_level=self.level - 1, base_gfn=base, expected_base_gfn=want_base,
-                    parent_spte=describe(self.old_spte))
+                    parent_spte=describe(self.old_spte), removed_by_worker=self._remover(child))
         self.level -= 1
         self.pt_path[self.level] = child
         self.gens[self.level] = gen

@@ -87,6 +87,7 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
         it.old_spte = found
         return -EBUSY
     it.check_page()
+    kvm.w.store(kvm.layout.sp(it.pt_path[it.level], SpMeta.LAST_WRITER), kvm.me + 1)
     handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
     return 0
 
@@ -156,6 +157,7 @@ def tdp_mmu_unlink_sp(kvm: Kvm, sp: int) -> None:
     """Unaccount a table that lost its parent SPTE (exactly one task does this)."""
     kvm.w.fetch_add(kvm.layout.glob(Globals.TDP_MMU_PAGES), -1)
     kvm.w.store(kvm.layout.sp(sp, SpMeta.STATE), SP_REMOVED)
+    kvm.w.store(kvm.layout.sp(sp, SpMeta.REMOVED_BY), kvm.me + 1)
 
 
 def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
