@@ -110,6 +110,15 @@ int ts_write_lock(uint64_t *b, size_t lock_i, size_t owner_i, uint64_t pid, size
 	}
 }
 
+int ts_write_trylock(uint64_t *b, size_t lock_i, size_t owner_i, uint64_t pid)
+{
+	uint64_t v = 0;
+	if (!__atomic_compare_exchange_n(&b[lock_i], &v, RW_WRITER, 0, SEQ, SEQ))
+		return -1;
+	__atomic_store_n(&b[owner_i], pid, SEQ);
+	return 0;
+}
+
 void ts_write_unlock(uint64_t *b, size_t lock_i, size_t owner_i)
 {
 	__atomic_store_n(&b[owner_i], 0, SEQ);

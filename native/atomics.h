@@ -29,6 +29,7 @@ int ts_read_trylock(uint64_t *base, size_t lock_i);
 void ts_read_unlock(uint64_t *base, size_t lock_i);
 int ts_write_lock(uint64_t *base, size_t lock_i, size_t owner_i, uint64_t pid, size_t abort_i);
 void ts_write_unlock(uint64_t *base, size_t lock_i, size_t owner_i);
+int ts_write_trylock(uint64_t *base, size_t lock_i, size_t owner_i, uint64_t pid);
 int ts_rwlock_contended(uint64_t *base, size_t lock_i);
 
 /* spinlock: the word holds the holder's pid, 0 when free. */

@@ -30,7 +30,7 @@ PREFIX = "tdpstress-"
 SHM_DIR = Path("/dev/shm")
 
 WORDS_PER_PAGE = 512  # SPTE_ENT_PER_PAGE
-SP_META_WORDS = 8  # one cache line of struct kvm_mmu_page per page
+SP_META_WORDS = 16  # two cache lines of struct kvm_mmu_page per page
 WORKER_SLOT_WORDS = 64  # per-worker slot: state words then stat counters
 
 # header words
@@ -75,7 +75,15 @@ class Globals:
     TDP_MMU_PAGES = 2  # kvm->arch.tdp_mmu_pages: linked non-root tables
     TDP_MMU_PAGES_LOCK = 3
     RCU_GP_CTR = 4
-    ROOT = 5  # page index of the (single) direct root
+    ROOT = 5  # page index of the direct root (shared gfns)
+    MIRROR_ROOT = 6  # page index of the mirror root (private gfns, TDX only)
+    TDX_SEPT_LOCK = 7  # KVM's spinlock serialising SEAMCALLs (the "serialize" policy)
+    # TDX module state (only the module's code touches these)
+    SEPT_ROOT = 8  # page index of the S-EPT root
+    TD_EPOCH = 9  # TLB epoch, incremented by TDH.MEM.TRACK
+    TD_EPOCH_LOCK = 10
+    SECURE_EPT_LOCK = 11  # the module's per-TD lock, shared or exclusive, never waited on
+    SECURE_EPT_LOCK_OWNER = 12
     WORDS = 16
 
 
@@ -103,6 +111,8 @@ class SpMeta:
     ROOT_COUNT = 5  # tdp_mmu_root_count (roots only)
     REMOVED_BY = 6  # 1 + worker that unlinked the table (forensics)
     LAST_WRITER = 7  # 1 + worker whose atomic update last succeeded in it (forensics)
+    EXTERNAL_SPT = 8  # mirror tables: 1 + page index of their S-EPT page (sp->external_spt)
+    SEPT_LOCK = 9  # S-EPT pages: the TDX module's internal lock on this table
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,12 @@ class Words:
         if lib.ts_write_lock(self.base, lock_i, owner_i, pid, self.abort_i):
             raise LockAborted("write_lock")
 
+    def write_trylock(self, lock_i: int, owner_i: int, pid: int) -> bool:
+        return lib.ts_write_trylock(self.base, lock_i, owner_i, pid) == 0
+
+    def read_trylock(self, lock_i: int) -> bool:
+        return lib.ts_read_trylock(self.base, lock_i) == 0
+
     def write_unlock(self, lock_i: int, owner_i: int) -> None:
         lib.ts_write_unlock(self.base, lock_i, owner_i)
 

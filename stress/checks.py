@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.atomics import Words
 from stress.model.errors import InvariantViolation
-from stress.model.kvm import Kvm
+from stress.model.kvm import Kvm, kvm_mem_is_private
 from stress.model.mmu_page import (
+    ROLE_MIRROR,
+    SP_EXT_HELD,
     SP_FREE,
     SP_LINKED,
     SP_PRIVATE,
     SP_REMOVED,
+    SP_SEPT,
     SP_STATE_NAMES,
+    external_spt,
     removed_entry_details,
     role_level,
 )
@@ -40,6 +44,17 @@ from stress.model.spte import (
     is_last_spte,
     is_shadow_present_pte,
     spte_to_pfn,
+)
+from stress.model.tdx import (
+    SEPT_BLOCKED,
+    SEPT_FREE,
+    SEPT_MAPPED,
+    SEPT_TABLE,
+    SEPT_TABLE_BLOCKED,
+    describe_sept,
+    sept_entry,
+    sept_pfn,
+    sept_state,
 )
 
 
@@ -61,34 +76,89 @@ def _page_states(w: Words, kvm: Kvm) -> list[int]:
 
 
 def quiescent_check(kvm: Kvm) -> QuiescentReport:
-    """Walk every table reachable from the root and account every page."""
+    """Walk every table reachable from the roots and account every page."""
     w, lay = kvm.w, kvm.layout
     rep = QuiescentReport()
     states = _page_states(w, kvm)
     rep.states = Counter(SP_STATE_NAMES.get(s, str(s)) for s in states)
-    root = w.load(lay.glob(Globals.ROOT))
-    top = kvm.geometry.root_level
+    roots = [w.load(lay.glob(Globals.ROOT))]
+    if kvm.geometry.tdx:
+        roots.append(w.load(lay.glob(Globals.MIRROR_ROOT)))
     reachable: dict[int, tuple[int, int]] = {}
-    stack = [(root, top, 0, None)]
+    for root in roots:
+        _walk_root(kvm, root, states, reachable, rep)
+        if rep.violations:
+            return rep
+    counted = w.load(lay.glob(Globals.TDP_MMU_PAGES))
+    if counted != len(reachable) - len(roots):
+        rep.fail("tdp_mmu_pages accounting",
+                 "kvm->arch.tdp_mmu_pages differs from the number of reachable tables",
+                 tdp_mmu_pages=counted, reachable_non_root=len(reachable) - len(roots))
+    sept_reachable: set[int] = set()
+    if kvm.geometry.tdx:
+        _check_mirror(kvm, roots[1], sept_reachable, rep)
+    removed_ext = set()
+    for page, state in enumerate(states):
+        if state == SP_LINKED and page not in reachable:
+            rep.fail("leaked page-table page",
+                     "a LINKED table is not reachable from a root: no zap will ever free it",
+                     table=page, level=role_level(w.load(lay.sp(page, SpMeta.ROLE))),
+                     base_gfn=w.load(lay.sp(page, SpMeta.GFN)))
+            break
+        if state == SP_PRIVATE:
+            rep.fail("leaked page-table page",
+                     "a page allocated for a table was neither linked nor freed",
+                     table=page)
+            break
+        if state == SP_REMOVED:
+            _check_removed(kvm, page, rep)
+            ext = external_spt(kvm, page)
+            if ext is not None:
+                removed_ext.add(ext)
+        if state == SP_SEPT and page not in sept_reachable:
+            rep.fail("S-EPT table without live mirror table",
+                     "the TDX module owns an S-EPT table that no live mirror table matches",
+                     sept_table=page, level=role_level(w.load(lay.sp(page, SpMeta.ROLE))),
+                     base_gfn=w.load(lay.sp(page, SpMeta.GFN)))
+            break
+    for page, state in enumerate(states):
+        if state == SP_EXT_HELD and page not in removed_ext:
+            rep.fail("leaked S-EPT page",
+                     "a page KVM holds for the TDX module belongs to no removed mirror table",
+                     page=page)
+            break
+    free_bits = w.popcount(lay.bitmap, lay.bitmap_words)
+    if free_bits != rep.states.get("FREE", 0):
+        rep.fail("page pool accounting",
+                 "the free bitmap and the pages' FREE states disagree",
+                 free_bits=free_bits, free_states=rep.states.get("FREE", 0))
+    return rep
+
+
+def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tuple[int, int]],
+               rep: QuiescentReport) -> None:
+    w, lay = kvm.w, kvm.layout
+    root_role = w.load(lay.sp(root, SpMeta.ROLE))
+    stack = [(root, kvm.geometry.root_level, 0, None)]
     while stack:
         page, level, base, parent = stack.pop()
         if page in reachable:
             rep.fail("page-table page linked twice",
                      "one table is reachable from two parent SPTEs",
                      table=page, level=level, gfn=base, first_gfn=reachable[page][1])
-            continue
+            return
         reachable[page] = (level, base)
         state = states[page]
-        m_level = role_level(w.load(lay.sp(page, SpMeta.ROLE)))
+        role = w.load(lay.sp(page, SpMeta.ROLE))
         m_gfn = w.load(lay.sp(page, SpMeta.GFN))
-        if state != SP_LINKED or m_level != level or m_gfn != base:
+        if state != SP_LINKED or role != (root_role & ~0xF) | level or m_gfn != base:
             rep.fail("reachable table not live",
                      "a table reachable from the root is not a LINKED table of this "
-                     "level and gfn",
-                     table=page, state=SP_STATE_NAMES.get(state, state), level=m_level,
-                     expected_level=level, base_gfn=m_gfn, expected_base_gfn=base,
-                     parent=parent)
-            continue
+                     "level, gfn and root type",
+                     table=page, state=SP_STATE_NAMES.get(state, state), level=role_level(role),
+                     expected_level=level, mirror=bool(role & ROLE_MIRROR),
+                     base_gfn=m_gfn, expected_base_gfn=base, parent=parent)
+            return
         rep.tables += 1
         for i, v in w.scan_ne(lay.spt(page), WORDS_PER_PAGE, SHADOW_NONPRESENT_VALUE):
             gfn = base + i * KVM_PAGES_PER_HPAGE(level)
@@ -109,6 +179,12 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
                     rep.fail("leaf maps wrong pfn", "a leaf maps another gfn's host page",
                              table=page, level=level, gfn=gfn, entry=describe(v),
                              expected_pfn=gfn_to_host_pfn(gfn))
+                elif kvm.geometry.tdx and kvm_mem_is_private(kvm, gfn) != bool(
+                        root_role & ROLE_MIRROR):
+                    rep.fail("gfn mapped in the wrong root",
+                             "a private gfn is mapped in the direct root or a shared gfn in "
+                             "the mirror root", gfn=gfn, mirror=bool(root_role & ROLE_MIRROR),
+                             entry=describe(v))
             else:
                 child = spte_to_pfn(v)
                 if child >= lay.n_pages:
@@ -117,33 +193,56 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
                 else:
                     stack.append((child, level - 1, gfn, page))
         if rep.violations:
-            return rep
+            return
 
-    counted = w.load(lay.glob(Globals.TDP_MMU_PAGES))
-    if counted != len(reachable) - 1:
-        rep.fail("tdp_mmu_pages accounting",
-                 "kvm->arch.tdp_mmu_pages differs from the number of reachable tables",
-                 tdp_mmu_pages=counted, reachable_non_root=len(reachable) - 1)
-    for page, state in enumerate(states):
-        if state == SP_LINKED and page not in reachable:
-            rep.fail("leaked page-table page",
-                     "a LINKED table is not reachable from the root: no zap will ever free it",
-                     table=page, level=role_level(w.load(lay.sp(page, SpMeta.ROLE))),
-                     base_gfn=w.load(lay.sp(page, SpMeta.GFN)))
-            break
-        if state == SP_PRIVATE:
-            rep.fail("leaked page-table page",
-                     "a page allocated for a table was neither linked nor freed",
-                     table=page)
-            break
-        if state == SP_REMOVED:
-            _check_removed(kvm, page, rep)
-    free_bits = w.popcount(lay.bitmap, lay.bitmap_words)
-    if free_bits != rep.states.get("FREE", 0):
-        rep.fail("page pool accounting",
-                 "the free bitmap and the pages' FREE states disagree",
-                 free_bits=free_bits, free_states=rep.states.get("FREE", 0))
-    return rep
+
+def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
+                  rep: QuiescentReport) -> None:
+    """Mirror and S-EPT agree entry for entry: present, PFN, level, table; nothing
+    blocked is left; every S-EPT table is the external_spt of a live mirror table."""
+    w, lay = kvm.w, kvm.layout
+    sept_root = w.load(lay.glob(Globals.SEPT_ROOT))
+    if external_spt(kvm, mirror_root) != sept_root:
+        rep.fail("mirror/S-EPT divergence", "the mirror root's external_spt is not the "
+                 "S-EPT root", mirror_root=mirror_root, sept_root=sept_root)
+        return
+    stack = [(mirror_root, sept_root, kvm.geometry.root_level, 0)]
+    while stack:
+        mpage, spage, level, base = stack.pop()
+        sept_reachable.add(spage)
+        mirror = dict(w.scan_ne(lay.spt(mpage), WORDS_PER_PAGE, SHADOW_NONPRESENT_VALUE))
+        sept = dict(w.scan_ne(lay.spt(spage), WORDS_PER_PAGE, sept_entry(SEPT_FREE)))
+        for i in sorted(mirror.keys() | sept.keys()):
+            m = mirror.get(i, SHADOW_NONPRESENT_VALUE)
+            e = sept.get(i, sept_entry(SEPT_FREE))
+            st = sept_state(e)
+            gfn = base + i * KVM_PAGES_PER_HPAGE(level)
+            both = {"gfn": gfn, "level": level, "mirror": describe(m), "sept": describe_sept(e),
+                    "mirror_table": mpage, "sept_table": spage}
+            if st in (SEPT_BLOCKED, SEPT_TABLE_BLOCKED):
+                rep.fail("blocked S-EPT entry at quiescence",
+                         "an S-EPT entry is still blocked although no removal is running",
+                         **both)
+            elif not is_shadow_present_pte(m):
+                if st != SEPT_FREE:
+                    rep.fail("mirror/S-EPT divergence",
+                             "the S-EPT maps what the mirror does not", **both)
+            elif is_last_spte(m, level):
+                if st != SEPT_MAPPED or sept_pfn(e) != spte_to_pfn(m):
+                    rep.fail("mirror/S-EPT divergence",
+                             "the mirror maps a page the S-EPT does not map (or another pfn)",
+                             **both)
+            else:
+                child = spte_to_pfn(m)
+                ext = external_spt(kvm, child)
+                if st != SEPT_TABLE or sept_pfn(e) != ext:
+                    rep.fail("mirror/S-EPT divergence",
+                             "a mirror table has no matching S-EPT table", external_spt=ext,
+                             **both)
+                else:
+                    stack.append((child, ext, level - 1, gfn))
+            if rep.violations:
+                return
 
 
 def _check_removed(kvm: Kvm, page: int, rep: QuiescentReport) -> None:

@@ -74,6 +74,8 @@ def cli() -> None:
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Master seed.")
 @click.option("--variant", help="Protocol variant (see `tdp-stress variants`).")
 @click.option("--guest-size", type=SizeType(), help="Guest memory: 64m, 1g, 1t.")
+@click.option("--vm-type", type=click.Choice(["tdx", "default"]),
+              help="tdx: direct and mirror roots with the TDX module; default: direct only.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output directory for results.json.")
 @click.option("--check-interval", type=DurationType(),
@@ -84,10 +86,12 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No live status line.")
 def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
         duration: float | None, seed: int | None, variant: str | None,
-        guest_size: int | None, out_dir: str | None, check_interval: float | None,
-        expect_violation: bool | None, quiet: bool) -> int:
+        guest_size: int | None, vm_type: str | None, out_dir: str | None,
+        check_interval: float | None, expect_violation: bool | None, quiet: bool) -> int:
     """Run the stress job of CONFIG_FILE (default: configs/default.toml)."""
-    overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}}
+    overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}, "vm": {}}
+    if vm_type is not None:
+        overrides["vm"]["type"] = vm_type
     for key, val in (("duration", duration), ("seed", seed), ("variant", variant),
                      ("out", out_dir), ("check_interval", check_interval),
                      ("expect_violation", expect_violation)):

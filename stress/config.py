@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("vcpu", "zapper")
+BUSY_POLICIES = ("unwind", "retry", "serialize")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 
@@ -98,6 +99,19 @@ class InjectConfig:
 
 
 @dataclass(frozen=True)
+class VmConfig:
+    type: str = "tdx"  # "tdx": direct + mirror roots and the TDX module; "default": direct only
+
+
+@dataclass(frozen=True)
+class TdxConfig:
+    seamcall_latency: float = 20e-6
+    busy_policy: str = "unwind"  # unwind | retry | serialize
+    busy_retries: int = 16
+    private_chunk: int = 32 << 10
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     pages: int = 0  # 0: sized from the guest
 
@@ -105,11 +119,13 @@ class PoolConfig:
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    vm: VmConfig = field(default_factory=VmConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
     workers: dict[str, int] = field(default_factory=lambda: {"vcpu": 2, "zapper": 1})
     vcpu: VcpuConfig = field(default_factory=VcpuConfig)
     zapper: ZapperConfig = field(default_factory=ZapperConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
+    tdx: TdxConfig = field(default_factory=TdxConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +173,14 @@ def _str(key: str):
     return conv
 
 
+def _choice(key: str, choices: tuple[str, ...]):
+    def conv(v: Any) -> str:
+        if v not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {v!r}")
+        return v
+    return conv
+
+
 def _bool(key: str):
     def conv(v: Any) -> bool:
         if not isinstance(v, bool):
@@ -194,6 +218,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "check_interval": _dur("run.check_interval", 0.0, 86400.0),
         "expect_violation": _bool("run.expect_violation"),
     },
+    "vm": {"type": _choice("vm.type", ("tdx", "default"))},
     "guest": {
         "size": _size("guest.size", 4096, 1 << 40),
         "root_level": _int("guest.root_level", 4, 5),
@@ -217,11 +242,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "delay_every": _int("inject.delay_every", 0, 10**9),
         "delay_max": _dur("inject.delay_max", 0.0, 1.0),
     },
+    "tdx": {
+        "seamcall_latency": _dur("tdx.seamcall_latency", 0.0, 0.1),
+        "busy_policy": _choice("tdx.busy_policy", BUSY_POLICIES),
+        "busy_retries": _int("tdx.busy_retries", 1, 10**6),
+        "private_chunk": _size("tdx.private_chunk", 4096, 1 << 40),
+    },
     "pool": {"pages": _int("pool.pages", 0, 1 << 24)},
 }
-
-_SECTION_TYPES = {"run": RunConfig, "guest": GuestConfig, "vcpu": VcpuConfig,
-                  "zapper": ZapperConfig, "inject": InjectConfig, "pool": PoolConfig}
 
 
 def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
@@ -252,9 +280,15 @@ def validate(cfg: Config) -> Config:
     from stress.model.variants import UnknownVariant, get_variant
 
     try:
-        get_variant(cfg.run.variant)
+        variant = get_variant(cfg.run.variant)
     except UnknownVariant as e:
         raise ConfigError(f"run.variant: {e.args[0]}") from None
+    if variant.requires_tdx and cfg.vm.type != "tdx":
+        raise ConfigError(f"run.variant: {variant.name} needs vm.type = \"tdx\" "
+                          f"(got {cfg.vm.type!r})")
+    if cfg.tdx.private_chunk & (cfg.tdx.private_chunk - 1):
+        raise ConfigError(f"tdx.private_chunk: must be a power of two, got "
+                          f"{cfg.tdx.private_chunk}")
     if cfg.n_workers == 0:
         raise ConfigError("workers: at least one worker is needed")
     if cfg.guest.hot_set > cfg.guest.size:

@@ -11,8 +11,9 @@ import pytest
 
 from stress.arena import Arena, Control, Globals, Layout, list_segments
 from stress.atomics import Words
-from stress.model.kvm import Geometry, Kvm
+from stress.model.kvm import Geometry, Kvm, TdxVm
 from stress.model.tdp_mmu import kvm_tdp_mmu_alloc_root
+from stress.model.tdx import TdxModule
 from stress.model.variants import get_variant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,9 @@ class Vm:
     """A VM in a private arena, for single-process model tests."""
 
     def __init__(self, variant: str = "fixed", n_pages: int = 256, slots: int = 3,
-                 guest_gfns: int = 1 << 18) -> None:
+                 guest_gfns: int = 1 << 18, tdx: bool = False, policy: str = "unwind",
+                 latency_ns: int = 0) -> None:
+        self.extra_words: list[Words] = []
         self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages)
         self.arena = Arena.create(lay, 0)
         self.words = w = Words(self.arena.shm.buf, lay.ctl(Control.ABORT))
@@ -44,18 +47,50 @@ class Vm:
         if n_pages % 64:
             w.store(lay.bitmap + lay.bitmap_words - 1, (1 << (n_pages % 64)) - 1)
         w.store(lay.glob(Globals.RCU_GP_CTR), 1)
-        self.geometry = Geometry(root_level=4, n_gfns=guest_gfns)
+        self.geometry = Geometry(root_level=4, n_gfns=guest_gfns, tdx=tdx)
         self.variant = get_variant(variant)
+        self.policy = policy
+        self.latency_ns = latency_ns
         self.kvm = self.task(0)
         self.root = kvm_tdp_mmu_alloc_root(self.kvm)
+        if tdx:
+            self.mirror_root = kvm_tdp_mmu_alloc_root(self.kvm, mirror=True)
 
-    def task(self, me: int) -> Kvm:
+    def task(self, me: int, words: Words | None = None) -> Kvm:
         """Another task (its own RCU reader slot and lock state) on the same VM."""
-        return Kvm(self.words, self.layout, self.geometry, self.variant, me)
+        kvm = Kvm(words or self.words, self.layout, self.geometry, self.variant, me)
+        if self.geometry.tdx:
+            kvm.tdx = TdxVm(TdxModule(kvm, self.latency_ns), policy=self.policy)
+        return kvm
 
     def close(self) -> None:
+        for w in self.extra_words:
+            w.release()
         self.words.release()
         self.arena.close()
+
+    def trigger_words(self, target: int, action) -> TriggerWords:  # noqa: ANN001
+        w = TriggerWords(self.arena.shm.buf, self.layout.ctl(Control.ABORT), target, action)
+        self.extra_words.append(w)
+        return w
+
+
+class TriggerWords(Words):
+    """Words that run ``action`` once, right after a cmpxchg on word ``target``
+    succeeds: a hand-made interleaving at the atomics chokepoint."""
+
+    def __init__(self, buf: memoryview, abort_i: int, target: int, action) -> None:  # noqa: ANN001
+        super().__init__(buf, abort_i)
+        self.target = target
+        self.action = action
+        self.fired = False
+
+    def cmpxchg(self, i: int, old: int, new: int) -> int:
+        found = super().cmpxchg(i, old, new)
+        if i == self.target and found == old and not self.fired:
+            self.fired = True
+            self.action()
+        return found
 
 
 @pytest.fixture

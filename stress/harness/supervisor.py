@@ -38,12 +38,11 @@ from stress.arena import Arena, Control, Globals, Layout, Slot, SpMeta, sweep_st
 from stress.atomics import Words
 from stress.checks import QuiescentReport, quiescent_check, teardown_check
 from stress.config import Config
-from stress.harness.workers import STAT_NAMES, worker_main
+from stress.harness.workers import STAT_NAMES, build_kvm, worker_main
 from stress.model.errors import InvariantViolation
-from stress.model.kvm import LOCK_NONE, Geometry, Kvm
+from stress.model.kvm import LOCK_NONE, Kvm
 from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
 from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_root
-from stress.model.variants import get_variant
 
 EXIT_CLEAN = 0
 EXIT_VIOLATION = 1
@@ -151,9 +150,10 @@ class Supervisor:
         if tail:
             w.store(lay.bitmap + lay.bitmap_words - 1, (1 << tail) - 1)
         w.store(lay.glob(Globals.RCU_GP_CTR), 1)
-        geometry = Geometry(root_level=self.cfg.guest.root_level, n_gfns=self.cfg.n_gfns)
-        self.kvm = Kvm(w, lay, geometry, get_variant(self.cfg.run.variant), me=self.n)
+        self.kvm = build_kvm(self.cfg, w, lay, me=self.n)
         kvm_tdp_mmu_alloc_root(self.kvm)
+        if self.kvm.geometry.tdx:
+            kvm_tdp_mmu_alloc_root(self.kvm, mirror=True)
 
     def _spawn(self) -> None:
         ctx = multiprocessing.get_context("fork")

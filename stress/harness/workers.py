@@ -28,17 +28,18 @@ from stress.arena import Arena, Control, Layout, Slot
 from stress.atomics import DelayInjectingWords, LockAborted, Words
 from stress.config import Config
 from stress.model.errors import InvariantViolation
-from stress.model.kvm import Geometry, Kvm
+from stress.model.kvm import Geometry, Kvm, TdxVm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.tdp_mmu import (
     RET_PF_RETRY,
-    kvm_tdp_mmu_root,
+    kvm_tdp_mmu_roots,
     kvm_tdp_mmu_zap_leafs,
     kvm_tdp_page_fault,
     tdp_mmu_zap_leafs_atomic,
     tdp_mmu_zap_range_at_level,
 )
+from stress.model.tdx import TdxModule
 from stress.model.variants import get_variant
 
 # counters published in the worker's slot (live status, crash forensics)
@@ -48,6 +49,7 @@ STAT_NAMES = (
     "tables_freed", "leaf_zaps", "leaf_zaps_shared", "tlb_flushes", "subtree_zaps_shared",
     "subtree_zaps_exclusive",
     "entries_zapped", "zap_retry", "alloc_fail", "delays", "max_fault_retries",
+    "seamcalls", "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed",
 )
 assert len(STAT_NAMES) <= Slot.MAX_STATS
 
@@ -66,6 +68,23 @@ def hot_region(cfg: Config) -> tuple[int, int]:
 
 def worker_seed(cfg: Config, index: int) -> str:
     return f"{cfg.run.seed}:{index}"
+
+
+def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
+              rng: random.Random | None = None) -> Kvm:
+    """This process's struct kvm for the run's config (and its door into the TDX
+    module for a TD)."""
+    tdx = cfg.vm.type == "tdx"
+    geometry = Geometry(root_level=cfg.guest.root_level, n_gfns=cfg.n_gfns, tdx=tdx,
+                        private_chunk_shift=(cfg.tdx.private_chunk >> 12).bit_length() - 1)
+    variant = get_variant(cfg.run.variant)
+    kvm = Kvm(words, layout, geometry, variant, me, rng)
+    kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
+    if tdx:
+        kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9)),
+                        policy=variant.busy_policy or cfg.tdx.busy_policy,
+                        busy_retries=cfg.tdx.busy_retries)
+    return kvm
 
 
 class Role:
@@ -120,7 +139,6 @@ class ZapperRole(Role):
         z = cfg.zapper
         self.ops: list[Callable[[], None]] = []
         self.weights: list[int] = []
-        kvm.tlb_flush_ns = int(z.tlb_flush_latency * 1e9)
         for op, wgt in ((self.leaf_zap, z.leaf_zap),
                         (self.leaf_zap_shared, z.leaf_zap_shared),
                         (self.subtree_zap_shared, z.subtree_zap_shared),
@@ -143,10 +161,10 @@ class ZapperRole(Role):
     def leaf_zap(self) -> None:
         kvm = self.kvm
         start, end = self._range()
-        root = kvm_tdp_mmu_root(kvm)
         kvm.write_lock()
         try:
-            kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs(kvm, root, start, end)
+            for root in kvm_tdp_mmu_roots(kvm):
+                kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs(kvm, root, start, end)
         finally:
             kvm.write_unlock()
         kvm.stats["leaf_zaps"] += 1
@@ -154,10 +172,10 @@ class ZapperRole(Role):
     def leaf_zap_shared(self) -> None:
         kvm = self.kvm
         start, end = self._range()
-        root = kvm_tdp_mmu_root(kvm)
         kvm.read_lock()
         try:
-            kvm.stats["entries_zapped"] += tdp_mmu_zap_leafs_atomic(kvm, root, start, end)
+            for root in kvm_tdp_mmu_roots(kvm, shared=True):
+                kvm.stats["entries_zapped"] += tdp_mmu_zap_leafs_atomic(kvm, root, start, end)
         finally:
             kvm.read_unlock()
         kvm.stats["leaf_zaps_shared"] += 1
@@ -167,8 +185,8 @@ class ZapperRole(Role):
         level = self.rng.choice(self.levels) if self.rng.random() < 0.3 else 2
         start = round_gfn_for_level(self.pick_gfn(), level)
         end = start + KVM_PAGES_PER_HPAGE(level)
-        root = kvm_tdp_mmu_root(kvm)
-        return tdp_mmu_zap_range_at_level(kvm, root, start, end, level, shared)
+        return sum(tdp_mmu_zap_range_at_level(kvm, root, start, end, level, shared)
+                   for root in kvm_tdp_mmu_roots(kvm, shared=shared))
 
     def subtree_zap_shared(self) -> None:
         kvm = self.kvm
@@ -218,8 +236,7 @@ class Worker:
                 cfg.inject.delay_every, int(cfg.inject.delay_max * 1e9))
         else:
             self.words = Words(arena.shm.buf, abort_i)
-        geometry = Geometry(root_level=cfg.guest.root_level, n_gfns=cfg.n_gfns)
-        self.kvm = Kvm(self.words, lay, geometry, get_variant(cfg.run.variant), index, rng)
+        self.kvm = build_kvm(cfg, self.words, lay, index, rng)
         self.role = ROLE_CLASSES[role](self.kvm, cfg)
         self.stop_i = lay.ctl(Control.STOP)
         self.pause_i = lay.ctl(Control.PAUSE_REQ)

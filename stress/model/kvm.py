@@ -32,6 +32,24 @@ class Geometry:
 
     root_level: int  # 4 or 5
     n_gfns: int  # guest size in 4 KiB frames
+    tdx: bool = False  # a TD: private gfns map through the mirror root and the S-EPT
+    private_chunk_shift: int = 3  # gfns alternate private/shared in 2**shift chunks
+
+
+@dataclass
+class TdxVm:
+    """struct kvm_tdx as one process sees it: its door into the TDX module and the
+    BUSY policy (see mirror.seamcall)."""
+
+    module: Any
+    policy: str = "unwind"
+    busy_retries: int = 16
+
+
+def kvm_mem_is_private(kvm: Kvm, gfn: int) -> bool:
+    """KVM_MEMORY_ATTRIBUTE_PRIVATE, fixed by gfn until conversions are modelled."""
+    g = kvm.geometry
+    return g.tdx and not (gfn >> g.private_chunk_shift) & 1
 
 
 class Kvm:
@@ -51,6 +69,7 @@ class Kvm:
         self._mmu_lock_owner_i = layout.glob(Globals.MMU_LOCK_OWNER)
         self._lock_mode_i = layout.slot(me, Slot.LOCK_MODE)
         self.tlb_flush_ns = 0  # remote TLB flush latency (set from the config)
+        self.tdx: TdxVm | None = None
         self.alloc_cursor = (me * 7919) % max(1, layout.bitmap_words)
 
     # -- mmu_lock ----------------------------------------------------------------

@@ -31,8 +31,11 @@ from stress.model.spte import (
 )
 
 SP_FREE, SP_PRIVATE, SP_LINKED, SP_REMOVED = 0, 1, 2, 3
+# S-EPT pages: owned by the TDX module, or held by KVM for it (allocated and not
+# yet added, or handed back by SEPT.REMOVE and awaiting their mirror table's free)
+SP_SEPT, SP_EXT_HELD = 4, 5
 SP_STATE_NAMES = {SP_FREE: "FREE", SP_PRIVATE: "PRIVATE", SP_LINKED: "LINKED",
-                  SP_REMOVED: "REMOVED"}
+                  SP_REMOVED: "REMOVED", SP_SEPT: "SEPT", SP_EXT_HELD: "EXT_HELD"}
 
 ROLE_MIRROR = 1 << 4
 ROLE_INVALID = 1 << 5
@@ -61,6 +64,24 @@ def tdp_mmu_alloc_sp(kvm: Kvm) -> int | None:
     return page
 
 
+def kvm_mmu_alloc_external_spt(kvm: Kvm) -> int | None:
+    """A page for the TDX module's copy of a mirror table (sp->external_spt).
+    KVM never writes its entries: TDH.MEM.SEPT.ADD initialises it."""
+    lay = kvm.layout
+    page = kvm.w.bitmap_alloc(lay.bitmap, lay.bitmap_words, kvm.alloc_cursor)
+    if page < 0:
+        kvm.stats["alloc_fail"] += 1
+        return None
+    kvm.w.fetch_add(lay.sp(page, SpMeta.GEN), 1)
+    kvm.w.store(lay.sp(page, SpMeta.STATE), SP_EXT_HELD)
+    return page
+
+
+def external_spt(kvm: Kvm, sp: int) -> int | None:
+    v = kvm.w.load(kvm.layout.sp(sp, SpMeta.EXTERNAL_SPT))
+    return v - 1 if v else None
+
+
 def tdp_mmu_init_sp(kvm: Kvm, page: int, level: int, gfn: int, role_bits: int = 0) -> None:
     kvm.w.store(kvm.layout.sp(page, SpMeta.ROLE), level | role_bits)
     kvm.w.store(kvm.layout.sp(page, SpMeta.GFN), gfn)
@@ -74,6 +95,13 @@ def tdp_mmu_free_sp(kvm: Kvm, page: int) -> None:
     kvm.w.store(lay.sp(page, SpMeta.STATE), SP_FREE)
     kvm.w.store(lay.sp(page, SpMeta.ROLE), 0)
     kvm.w.store(lay.sp(page, SpMeta.LAST_WRITER), 0)
+    ext = kvm.w.load(lay.sp(page, SpMeta.EXTERNAL_SPT))
+    if ext:
+        kvm.w.store(lay.sp(page, SpMeta.EXTERNAL_SPT), 0)
+        # a page the TDX module still owns (free_external_spt failed) is leaked
+        # on purpose, as the kernel does; the checker reports it
+        if kvm.w.load(lay.sp(ext - 1, SpMeta.STATE)) == SP_EXT_HELD:
+            tdp_mmu_free_sp(kvm, ext - 1)
     kvm.w.fetch_or(lay.bitmap + page // 64, 1 << (page % 64))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from stress.arena import WORDS_PER_PAGE, SpMeta
 from stress.model.kvm import Kvm
-from stress.model.mmu_page import SP_FREE, SP_STATE_NAMES, role_level
+from stress.model.mmu_page import ROLE_MIRROR, SP_FREE, SP_STATE_NAMES, role_level
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
@@ -33,12 +33,19 @@ from stress.model.spte import (
 
 class TdpIter:
     __slots__ = ("kvm", "root_level", "min_level", "level", "gfn", "next_last_level_gfn",
-                 "pt_path", "gens", "sptep", "old_spte", "valid", "yielded")
+                 "pt_path", "gens", "sptep", "old_spte", "valid", "yielded", "mirror",
+                 "fault_private")
 
     def __init__(self, kvm: Kvm, root: int, root_level: int, start: int,
-                 min_level: int = 1) -> None:
-        """tdp_iter_start: position on the root entry covering ``start``."""
+                 min_level: int = 1, fault_private: bool | None = None) -> None:
+        """tdp_iter_start: position on the root entry covering ``start``.
+
+        ``mirror`` is the root's role (every child inherits it); ``fault_private``
+        is set only on a fault's walk (fault->is_private).
+        """
         self.kvm = kvm
+        self.mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
+        self.fault_private = fault_private
         self.root_level = root_level
         self.min_level = min_level
         self.pt_path = [0] * (root_level + 1)

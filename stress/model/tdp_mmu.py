@@ -18,10 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
-from stress.model.kvm import Kvm
+from stress.model.kvm import Kvm, kvm_mem_is_private
+from stress.model.mirror import free_external_spt, remove_external_spte
 from stress.model.mmu_page import (
+    ROLE_MIRROR,
     SP_LINKED,
     SP_REMOVED,
+    external_spt,
+    kvm_mmu_alloc_external_spt,
     role_level,
     tdp_mmu_alloc_sp,
     tdp_mmu_free_sp,
@@ -58,11 +62,31 @@ class KvmPageFault:
     gfn: int
     write: bool
     pfn: int
+    is_private: bool = False
     goal_level: int = PG_LEVEL_4K
 
 
 def kvm_tdp_mmu_root(kvm: Kvm) -> int:
     return kvm.w.load(kvm.layout.glob(Globals.ROOT))
+
+
+def kvm_tdp_mmu_mirror_root(kvm: Kvm) -> int:
+    return kvm.w.load(kvm.layout.glob(Globals.MIRROR_ROOT))
+
+
+def tdp_mmu_get_root_for_fault(kvm: Kvm, fault: KvmPageFault) -> int:
+    """The mirror root for private faults, the direct root for shared ones."""
+    return kvm_tdp_mmu_mirror_root(kvm) if fault.is_private else kvm_tdp_mmu_root(kvm)
+
+
+def kvm_tdp_mmu_roots(kvm: Kvm, shared: bool = False) -> list[int]:
+    """The roots a range operation visits (for_each_tdp_mmu_root).  Under the
+    read lock the variant decides whether mirror roots are included (the v6.16
+    rule zaps mirror SPTEs only under the write lock)."""
+    roots = [kvm_tdp_mmu_root(kvm)]
+    if kvm.geometry.tdx and (not shared or kvm.variant.mirror_shared_zaps):
+        roots.append(kvm_tdp_mmu_mirror_root(kvm))
+    return roots
 
 
 # ---------------------------------------------------------------------------
@@ -82,6 +106,9 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
     if is_frozen_spte(old):
         kvm.warn("set_spte_atomic on frozen SPTE")
         return -EBUSY
+    if new_spte != FROZEN_SPTE and kvm.variant.is_mirror_sptep(it):
+        # the S-EPT must follow: see mirror.py (freeze, SEAMCALL, publish)
+        return kvm.variant.set_mirror_spte_atomic(kvm, it, new_spte)
     found = kvm.w.cmpxchg(it.sptep, old, new_spte)
     if found != old:
         it.old_spte = found
@@ -93,20 +120,29 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
 
 
 def tdp_mmu_set_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int, gfn: int,
-                     level: int) -> int:
+                     level: int, mirror: bool = False) -> int:
     """Set an SPTE with mmu_lock held for write; return the value replaced.
 
     No other task may hold a reachable entry frozen while we hold the write
     lock (every freezer finishes before it drops its read lock), so FROZEN here
-    means the protocol is broken.
+    means the protocol is broken.  A mirror SPTE is only ever removed here: the
+    mirror is cleared first, then the S-EPT (BLOCK, TRACK, REMOVE), all inside
+    the write-lock critical section, which is what hides the transient
+    divergence from every other task.
     """
     kvm.lockdep_assert_held_write()
     if is_frozen_spte(old_spte) or is_frozen_spte(new_spte):
         kvm.bug("FROZEN SPTE under write lock",
                 "tdp_mmu_set_spte saw a frozen old or new value with mmu_lock held for write",
                 gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte))
+    if mirror and is_shadow_present_pte(new_spte):
+        kvm.bug("exclusive install of mirror SPTE",
+                "tdp_mmu_set_spte: KVM_BUG_ON(is_shadow_present_pte(new_spte)) on a mirror",
+                gfn=gfn, level=level, new=describe(new_spte))
     old_spte = kvm_tdp_mmu_write_spte(kvm, sptep, old_spte, new_spte, level)
     handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared=False)
+    if mirror:
+        remove_external_spte(kvm, gfn, level, old_spte, may_unwind=False)
     return old_spte
 
 
@@ -121,7 +157,8 @@ def kvm_tdp_mmu_write_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int,
 
 
 def tdp_mmu_iter_set_spte(kvm: Kvm, it: TdpIter, new_spte: int) -> None:
-    it.old_spte = tdp_mmu_set_spte(kvm, it.sptep, it.old_spte, new_spte, it.gfn, it.level)
+    it.old_spte = tdp_mmu_set_spte(kvm, it.sptep, it.old_spte, new_spte, it.gfn, it.level,
+                                   mirror=kvm.variant.is_mirror_sptep(it))
 
 
 def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level: int,
@@ -174,10 +211,19 @@ def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
     lay = kvm.layout
     level = role_level(kvm.w.load(lay.sp(pt, SpMeta.ROLE)))
     base_gfn = kvm.w.load(lay.sp(pt, SpMeta.GFN))
+    mirror = kvm.variant.is_mirror_sp(kvm, pt)
+    if mirror and shared and not kvm.variant.mirror_shared_teardown:
+        kvm.bug("mirror table removed in shared mode",
+                "handle_removed_pt: KVM_BUG_ON(shared) for a mirror SP (v6.16)",
+                table=pt, level=level, gfn=base_gfn)
     tdp_mmu_unlink_sp(kvm, pt)
     for i, old in kvm.variant.freeze_children(kvm, pt, shared):
         gfn = base_gfn + i * KVM_PAGES_PER_HPAGE(level)
+        if mirror:
+            remove_external_spte(kvm, gfn, level, old, may_unwind=False)
         handle_changed_spte(kvm, gfn, old, FROZEN_SPTE, level, shared)
+    if mirror:
+        free_external_spt(kvm, base_gfn, level, external_spt(kvm, pt))
     kvm.variant.free_removed_sp(kvm, pt)
 
 
@@ -218,6 +264,28 @@ def tdp_mmu_link_sp(kvm: Kvm, it: TdpIter, sp: int, shared: bool) -> int:
     return 0
 
 
+def tdp_mmu_alloc_child_sp(kvm: Kvm, it: TdpIter) -> int | None:
+    """tdp_mmu_alloc_sp + tdp_mmu_init_child_sp (+ kvm_mmu_alloc_external_spt).
+
+    The child inherits the parent's role one level down, is_mirror included;
+    a mirror table gets its S-EPT page now, outside any SEAMCALL.  The table
+    is marked LINKED before the cmpxchg that publishes it, so a walker that
+    sees the new SPTE sees a fully initialised table.
+    """
+    sp = tdp_mmu_alloc_sp(kvm)
+    if sp is None:
+        return None
+    tdp_mmu_init_sp(kvm, sp, it.level - 1, it.gfn, ROLE_MIRROR if it.mirror else 0)
+    if it.mirror:
+        ext = kvm_mmu_alloc_external_spt(kvm)
+        if ext is None:
+            tdp_mmu_free_sp(kvm, sp)
+            return None
+        kvm.w.store(kvm.layout.sp(sp, SpMeta.EXTERNAL_SPT), ext + 1)
+    kvm.w.store(kvm.layout.sp(sp, SpMeta.STATE), SP_LINKED)
+    return sp
+
+
 def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
     """Handle a TDP page fault: walk, link missing tables, install the leaf.
 
@@ -230,7 +298,8 @@ def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
     ret = RET_PF_RETRY
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, fault.gfn)
+        it = TdpIter(kvm, root, kvm.geometry.root_level, fault.gfn,
+                     fault_private=fault.is_private)
         end = fault.gfn + 1
         while it.in_range(end):
             if is_frozen_spte(it.old_spte):
@@ -241,13 +310,10 @@ def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
             if is_shadow_present_pte(it.old_spte) and not is_large_pte(it.old_spte):
                 it.next()
                 continue
-            sp = tdp_mmu_alloc_sp(kvm)
+            sp = tdp_mmu_alloc_child_sp(kvm, it)
             if sp is None:
                 kvm.stats["retry_nomem"] += 1
                 return RET_PF_RETRY
-            # tdp_mmu_init_child_sp: the parent's role one level down
-            tdp_mmu_init_sp(kvm, sp, it.level - 1, it.gfn)
-            kvm.w.store(kvm.layout.sp(sp, SpMeta.STATE), SP_LINKED)
             if tdp_mmu_link_sp(kvm, it, sp, shared=True):
                 # never visible to anyone: free at once
                 tdp_mmu_free_sp(kvm, sp)
@@ -280,9 +346,15 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
 
 
 def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
-    """The fault path from kvm_mmu_faultin_pfn to read_unlock (one attempt)."""
-    fault = KvmPageFault(gfn=gfn, write=write, pfn=gfn_to_host_pfn(gfn))
-    root = kvm_tdp_mmu_root(kvm)
+    """The fault path from kvm_mmu_faultin_pfn to read_unlock (one attempt).
+
+    A private gfn (TDX) faults through the mirror root and is always treated
+    as a write, as tdx_handle_ept_violation does.
+    """
+    is_private = kvm_mem_is_private(kvm, gfn)
+    fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=gfn_to_host_pfn(gfn),
+                         is_private=is_private)
+    root = tdp_mmu_get_root_for_fault(kvm, fault)
     kvm.read_lock()
     try:
         return kvm_tdp_mmu_map(kvm, root, fault)
@@ -345,7 +417,11 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
         it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
         while it.in_range(end):
             if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
-                if tdp_mmu_zap_spte_atomic(kvm, it):
+                if kvm.variant.is_mirror_sptep(it):
+                    r = tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE)
+                else:
+                    r = tdp_mmu_zap_spte_atomic(kvm, it)
+                if r:
                     kvm.stats["zap_retry"] += 1
                     continue
                 n += 1
@@ -391,34 +467,51 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
 # Root and teardown (the single direct root; the root lifecycle comes later)
 # ---------------------------------------------------------------------------
 
-def kvm_tdp_mmu_alloc_root(kvm: Kvm) -> int:
-    """Allocate the VM's direct root; called once, before any worker runs."""
+def kvm_tdp_mmu_alloc_root(kvm: Kvm, mirror: bool = False) -> int:
+    """Allocate a root before any worker runs: the direct root, or (TDX) the
+    mirror root, whose external page becomes the S-EPT root in the module."""
     root = tdp_mmu_alloc_sp(kvm)
     if root is None:
         raise RuntimeError("page pool cannot hold a root")
-    tdp_mmu_init_sp(kvm, root, kvm.geometry.root_level, 0)
+    tdp_mmu_init_sp(kvm, root, kvm.geometry.root_level, 0, ROLE_MIRROR if mirror else 0)
+    if mirror:
+        assert kvm.tdx is not None
+        ext = kvm_mmu_alloc_external_spt(kvm)
+        if ext is None:
+            raise RuntimeError("page pool cannot hold the S-EPT root")
+        kvm.tdx.module.td_init(ext)
+        kvm.w.store(kvm.layout.sp(root, SpMeta.EXTERNAL_SPT), ext + 1)
     kvm.w.store(kvm.layout.sp(root, SpMeta.STATE), SP_LINKED)
     kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 1)
-    kvm.w.store(kvm.layout.glob(Globals.ROOT), root)
+    kvm.w.store(kvm.layout.glob(Globals.MIRROR_ROOT if mirror else Globals.ROOT), root)
     return root
 
 
 def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
-    """VM teardown with no vCPU left: zap the root exclusively, wait for RCU, free it.
+    """VM teardown with no vCPU left: zap every root exclusively, wait for RCU,
+    reclaim the S-EPT root, free the roots.
 
     Afterwards every page of the pool must be free and tdp_mmu_pages zero; the
     checker verifies that (a leak means a table was lost by the protocol).
     """
     from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 
-    root = kvm_tdp_mmu_root(kvm)
     top = kvm.geometry.root_level
+    roots = kvm_tdp_mmu_roots(kvm)
     kvm.write_lock()
     try:
-        tdp_mmu_zap_range_at_level(kvm, root, 0, KVM_PAGES_PER_HPAGE(top + 1), top, shared=False)
+        for root in roots:
+            tdp_mmu_zap_range_at_level(kvm, root, 0, KVM_PAGES_PER_HPAGE(top + 1), top,
+                                       shared=False)
     finally:
         kvm.write_unlock()
     kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
-    kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 0)
-    tdp_mmu_free_sp(kvm, root)
-    kvm.w.store(kvm.layout.glob(Globals.ROOT), 0)
+    if kvm.geometry.tdx:
+        assert kvm.tdx is not None
+        if kvm.tdx.module.td_teardown() is None:
+            kvm.bug("S-EPT not empty at teardown",
+                    "the mirror root was zapped but the S-EPT root still maps something")
+    for root, which in zip(roots, (Globals.ROOT, Globals.MIRROR_ROOT), strict=False):
+        kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 0)
+        tdp_mmu_free_sp(kvm, root)
+        kvm.w.store(kvm.layout.glob(which), 0)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
+from stress.model import mirror
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import FROZEN_SPTE, SPTE_MMU_PRESENT_MASK
@@ -48,13 +50,26 @@ class Variant:
     freeze_children: Callable[[Kvm, int, bool], list[tuple[int, int]]]
     # handle_removed_pt: how the removed table's page is released
     free_removed_sp: Callable[[Kvm, int], None]
+    # mirror (TDX): does this entry / table get the external hooks?
+    is_mirror_sptep: Callable[[Any], bool] = mirror.is_mirror_sptep_by_role
+    is_mirror_sp: Callable[[Kvm, int], bool] = mirror.is_mirror_sp_by_role
+    # mirror (TDX): an update of a mirror SPTE with mmu_lock held for read
+    set_mirror_spte_atomic: Callable[[Kvm, Any, int], int] = mirror.set_mirror_spte_frozen
+    # mirror (TDX): shared-mode zaps visit mirror roots; mirror tables may be
+    # torn down with mmu_lock held for read (the 2026 rework; not in v6.16)
+    mirror_shared_zaps: bool = True
+    mirror_shared_teardown: bool = True
+    # the variant only makes sense for a TD / forces a SEAMCALL BUSY policy
+    requires_tdx: bool = False
+    busy_policy: str | None = None
 
 
 FIXED = Variant(
     name="fixed",
     story="The upstream protocol: shared-mode removal freezes every child, pages are "
-          "freed after an RCU grace period.",
-    source="arch/x86/kvm/mmu/tdp_mmu.c",
+          "freed after an RCU grace period; mirror SPTEs are frozen while their SEAMCALLs "
+          "run, for maps and for shared-mode zaps (the 2026 rework).",
+    source="arch/x86/kvm/mmu/tdp_mmu.c; seed 000 (the freeze idea)",
     buggy=False,
     freeze_children=freeze_removed_children,
     free_removed_sp=call_rcu_free_sp,
@@ -62,6 +77,14 @@ FIXED = Variant(
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
     FIXED,
+    replace(
+        FIXED, name="fixed-v6.16",
+        story="The v6.16 TDX rule: mirror SPTEs are frozen on the map side, and zapped "
+              "(and mirror tables torn down) only with mmu_lock held for write.",
+        source="tdp_mmu.c of v6.16: KVM_BUG_ON(!is_shadow_present_pte(new_spte)) on a mirror",
+        set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_v616,
+        mirror_shared_zaps=False, mirror_shared_teardown=False, requires_tdx=True,
+    ),
     replace(
         FIXED, name="zap-without-freeze", buggy=True,
         story="handle_removed_pt in shared mode does not freeze non-present children, so a "
@@ -79,6 +102,45 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="KVM: x86/mmu: Protect TDP MMU page table memory with RCU (Ben Gardon, 2021, "
                "same series)",
         free_removed_sp=free_sp_without_grace_period,
+    ),
+    replace(
+        FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True,
+        story="Mirror SPTEs are published with cmpxchg and the SEAMCALL issued afterwards, "
+              "on the map and the zap side: a zap and a map interleave and the S-EPT keeps a "
+              "mapping the mirror removed.",
+        source="seed 000 (Sean Christopherson, TDX v11 review, Jan 2023): the vCPU0/vCPU1 "
+               "mirror[x]/sept[x] diagram",
+        set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
+    ),
+    replace(
+        FIXED, name="mirror-zap-no-freeze", buggy=True, requires_tdx=True,
+        story="Half a fix: the map side freezes, but the zap side publishes non-present "
+              "before its BLOCK/TRACK/REMOVE, so a fault AUGs into an entry still mapped.",
+        source="seed 000; the 2026 rework that allows atomic mirror zaps again",
+        set_mirror_spte_atomic=mirror.set_mirror_spte_map_frozen_zap_published,
+    ),
+    replace(
+        FIXED, name="sept-spinlock-only", buggy=True, requires_tdx=True,
+        story="SEAMCALLs serialised by a spinlock but mirror SPTEs not frozen: the lock "
+              "orders SEAMCALLs, not the mirror updates around them, so the race stays.",
+        source="seed 000 (\"That doesn't address the race above either\")",
+        set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
+        busy_policy="serialize",
+    ),
+    replace(
+        FIXED, name="private-selector-by-fault", buggy=True, requires_tdx=True,
+        story="External hooks chosen by the fault's is_private instead of the mirror role: "
+              "zaps and teardown have no fault, skip the S-EPT and leave it mapped.",
+        source="seed 003 (Rick Edgecombe / Kai Huang, May 2024)",
+        is_mirror_sptep=mirror.is_mirror_sptep_by_fault,
+        is_mirror_sp=mirror.is_mirror_sp_by_fault,
+    ),
+    replace(
+        FIXED, name="mirror-no-restore", buggy=True, requires_tdx=True,
+        story="On TDX_OPERAND_BUSY the map side publishes the new mirror value anyway "
+              "instead of restoring the old one: the mirror maps what the S-EPT does not.",
+        source="__tdp_mmu_set_spte_atomic / set_external_spte_present: restore on failure",
+        set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_no_restore,
     ),
 ]}
 
