@@ -137,6 +137,30 @@ def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[s
 
 
 @cli.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--policy", "policy_mode", is_flag=True, required=True,
+              help="Compare the SEAMCALL BUSY policies (unwind, retry, serialize).")
+@click.option("--duration", type=DurationType(), default="5s", show_default=True,
+              help="Length of each measured run.")
+@click.option("--runs", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Measured runs per policy (after one warm-up run).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Also write the figures to this JSON file.")
+def bench(config_file: str | None, policy_mode: bool, duration: float, runs: int,
+          json_out: str | None) -> int:
+    """Print benchmark figures (now: the SEAMCALL BUSY policy comparison)."""
+    from stress.bench import format_policy_table, policy_comparison
+
+    base = config_mod.load(config_file)
+    res = policy_comparison(base, duration, runs,
+                            progress=lambda m: click.echo(m, err=True))
+    click.echo(format_policy_table(res))
+    if json_out:
+        write_json_atomic(Path(json_out), res)
+    return 0
+
+
+@cli.command()
 def variants() -> int:
     """List protocol variants with their stories."""
     width = max(len(n) for n in VARIANTS)

@@ -303,6 +303,11 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def load_from(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
+    """``cfg`` with overrides applied (as on the command line), validated."""
+    return validate(_apply(cfg, overrides, "overrides"))
+
+
 def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     """Load ``path`` (default configs/default.toml), apply overrides, validate."""
     cfg = Config()

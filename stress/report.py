@@ -27,7 +27,8 @@ SCHEMA_VERSION = 1
 ROLE_OP = {"vcpu": "faults", "zapper": "ops"}
 HEADLINE = ("faults", "retries", "zap_retry", "tables_linked", "tables_freed", "leaf_zaps",
             "leaf_zaps_shared",
-            "subtree_zaps_shared", "subtree_zaps_exclusive", "entries_zapped")
+            "subtree_zaps_shared", "subtree_zaps_exclusive", "entries_zapped", "seamcalls",
+            "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed")
 
 
 def final_exit_code(outcome: RunOutcome, expect_violation: bool) -> int:

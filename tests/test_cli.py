@@ -168,3 +168,17 @@ def test_killed_worker_exits_3_and_names_it(tmp_path: Path) -> None:
 def test_cleanup_command_runs() -> None:
     r = run_cli("cleanup")
     assert r.returncode == 0 and "segment(s) removed" in r.stdout
+
+
+def test_bench_policy_prints_the_three_policies(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", SMOKE, "--policy", "--duration", "1s", "--runs", "1", "--json",
+                str(out), timeout=180)
+    assert r.returncode == 0, r.stderr
+    header = next(line for line in r.stdout.splitlines() if line.startswith("metric"))
+    assert header.split()[1:] == ["unwind", "retry", "serialize"]
+    assert "all runs clean" in r.stdout
+    res = json.loads(out.read_text())
+    pol = res["policies"]
+    assert pol["serialize"]["BUSY/s"]["median"] == 0  # KVM never contends inside the module
+    assert all(pol[p]["faults/s"]["median"] > 0 for p in pol)

@@ -93,11 +93,28 @@ def seamcall(kvm: Kvm, name: str, call, *args: int) -> int:  # noqa: ANN001
 
 
 def _module_error(kvm: Kvm, name: str, err: int, gfn: int, level: int, **extra: object) -> None:
-    """Any non-BUSY SEAMCALL error: KVM_BUG_ON, the VM is dead."""
+    """Any non-BUSY SEAMCALL error: KVM_BUG_ON, the VM is dead.  The report shows
+    both sides: the S-EPT entry and the mirror entry for (gfn, level) now."""
     entry_i = kvm.tdx.module._walk(gfn, level)
     sept = describe_sept(kvm.w.load(entry_i)) if entry_i is not None else "unreachable"
+    extra.setdefault("mirror", mirror_entry_now(kvm, gfn, level))
     kvm.bug("TDX module error", f"{name} failed with {error_name(err)}",
             seamcall=name, error=error_name(err), gfn=gfn, level=level, sept=sept, **extra)
+
+
+def mirror_entry_now(kvm: Kvm, gfn: int, level: int) -> str:
+    """The mirror SPTE for (gfn, level) as it reads now (for reports only)."""
+    w, lay = kvm.w, kvm.layout
+    table = w.load(lay.glob(Globals.MIRROR_ROOT))
+    for lvl in range(kvm.geometry.root_level, level - 1, -1):
+        spte = w.load(lay.spt(table) + ((gfn >> (9 * (lvl - 1))) & 511))
+        if lvl == level:
+            return describe(spte)
+        child = spte_to_child_pt(spte, lvl)
+        if child is None or child >= lay.n_pages:
+            return f"unreachable (level {lvl}: {describe(spte)})"
+        table = child
+    return "unreachable"
 
 
 def _must_succeed(kvm: Kvm, name: str, call, gfn: int, level: int, *args: int) -> None:  # noqa: ANN001
