@@ -15,15 +15,19 @@ import click
 
 from stress import config as config_mod
 from stress.arena import list_segments, sweep_stale
+from stress.bundle import write_bundle
 from stress.config import ROLES, ConfigError, parse_duration, parse_size
 from stress.harness.supervisor import EXIT_USAGE, Supervisor
 from stress.model.variants import VARIANTS
 from stress.report import (
     StatusLine,
     build_results,
+    format_soak_summary,
     format_summary,
+    junit_case,
     now_iso,
     write_json_atomic,
+    write_junit,
 )
 
 
@@ -83,33 +87,20 @@ def cli() -> None:
 @click.option("--expect-violation", is_flag=True, default=None,
               help="Exit 0 if a violation is found and 1 if not (CI jobs proving a bug is "
                    "caught).")
+@click.option("--watchdog", type=DurationType(),
+              help="A worker without progress for DURATION is hung (exit 4).")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
+              help="Also write a JUnit XML report to this file.")
 @click.option("--quiet", "-q", is_flag=True, help="No live status line.")
 def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
         duration: float | None, seed: int | None, variant: str | None,
         guest_size: int | None, vm_type: str | None, out_dir: str | None,
-        check_interval: float | None, expect_violation: bool | None, quiet: bool) -> int:
+        check_interval: float | None, expect_violation: bool | None, watchdog: float | None,
+        junit_path: str | None, quiet: bool) -> int:
     """Run the stress job of CONFIG_FILE (default: configs/default.toml)."""
-    overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}, "vm": {}}
-    if vm_type is not None:
-        overrides["vm"]["type"] = vm_type
-    for key, val in (("duration", duration), ("seed", seed), ("variant", variant),
-                     ("out", out_dir), ("check_interval", check_interval),
-                     ("expect_violation", expect_violation)):
-        if val is not None:
-            overrides["run"][key] = val
-    if guest_size is not None:
-        overrides["guest"]["size"] = guest_size
-    if vcpus is not None:
-        overrides["workers"]["vcpu"] = vcpus
-    for role, n in worker_counts:
-        overrides["workers"][role] = n
-    cfg = config_mod.load(config_file, {k: v for k, v in overrides.items() if v})
-    out = Path(cfg.run.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"run.out: cannot create output directory {out}: "
-                          f"{e.strerror}") from None
+    cfg, out = _load_run_config(config_file, vcpus, worker_counts, duration, seed, variant,
+                                guest_size, vm_type, out_dir, check_interval,
+                                expect_violation, watchdog)
     results_path = out / "results.json"
 
     status = StatusLine()
@@ -129,10 +120,93 @@ def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[s
     if tty and not quiet:
         click.echo("\r\x1b[2K", err=True, nl=False)
     res = build_results(cfg, outcome, started)
+    for v in res["violations"]:
+        v["bundle"] = str(write_bundle(out / "bundles", cfg, v)[0])
     write_json_atomic(results_path, res)
+    if junit_path:
+        write_junit(Path(junit_path), "tdp-stress", [junit_case(
+            f"run {cfg.run.variant} seed {cfg.run.seed}", res["duration_s"],
+            outcome.exit_reason, cfg.run.expect_violation, res["violations"],
+            res["errors"])])
     click.echo(format_summary(res, results_path))
     if outcome.exit_reason == "interrupted":
         click.echo("tdp-stress: interrupted", err=True)
+    return int(res["exit_code"])
+
+
+def _load_run_config(config_file: str | None, vcpus: int | None,
+                     worker_counts: tuple[tuple[str, int], ...], duration: float | None,
+                     seed: int | None, variant: str | None, guest_size: int | None,
+                     vm_type: str | None, out_dir: str | None, check_interval: float | None,
+                     expect_violation: bool | None, watchdog: float | None
+                     ) -> tuple[Any, Path]:
+    """The config file with the command line's overrides, and the output directory."""
+    overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}, "vm": {}}
+    if vm_type is not None:
+        overrides["vm"]["type"] = vm_type
+    for key, val in (("duration", duration), ("seed", seed), ("variant", variant),
+                     ("out", out_dir), ("check_interval", check_interval),
+                     ("expect_violation", expect_violation), ("watchdog", watchdog)):
+        if val is not None:
+            overrides["run"][key] = val
+    if guest_size is not None:
+        overrides["guest"]["size"] = guest_size
+    if vcpus is not None:
+        overrides["workers"]["vcpu"] = vcpus
+    for role, n in worker_counts:
+        overrides["workers"][role] = n
+    cfg = config_mod.load(config_file, {k: v for k, v in overrides.items() if v})
+    out = Path(cfg.run.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.out: cannot create output directory {out}: "
+                          f"{e.strerror}") from None
+    return cfg, out
+
+
+@cli.command()
+@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.option("--duration", type=DurationType(), default="8h", show_default=True,
+              help="Total soak time: 30m, 8h.")
+@click.option("--epoch", type=DurationType(), default="10m", show_default=True,
+              help="Length of one epoch (a run on a fresh seed).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Master seed.")
+@click.option("--variant", help="Protocol variant (see `tdp-stress variants`).")
+@click.option("--vcpus", type=click.IntRange(0, 256), help="Number of vcpu workers.")
+@click.option("--workers", "worker_counts", type=RoleCountType(), multiple=True,
+              help="Workers of a role, e.g. --workers zapper=2 (repeatable).")
+@click.option("--vm-type", type=click.Choice(["tdx", "default"]))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Output directory: checkpoint.json, results.json, bundles/.")
+@click.option("--keep-going", is_flag=True,
+              help="Collect distinct violations as bundles and continue.")
+@click.option("--expect-violation", is_flag=True, default=None,
+              help="Exit 0 if a violation is found and 1 if not.")
+@click.option("--watchdog", type=DurationType(), help="No-progress timeout (exit 4).")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
+              help="Also write a JUnit XML report (one test case per epoch).")
+@click.option("--plain", is_flag=True, help="Plain progress lines even on a terminal.")
+def soak(config_file: str | None, duration: float, epoch: float, seed: int | None,
+         variant: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
+         vm_type: str | None, out_dir: str | None, keep_going: bool,
+         expect_violation: bool | None, watchdog: float | None, junit_path: str | None,
+         plain: bool) -> int:
+    """Soak: epochs of fresh seeds for DURATION, a checkpoint after each epoch."""
+    from stress.progress import SoakProgress
+    from stress.soak import Soak
+
+    cfg, out = _load_run_config(config_file, vcpus, worker_counts, None, seed, variant, None,
+                                vm_type, out_dir, None, expect_violation, watchdog)
+    progress = SoakProgress(live=sys.stderr.isatty() and not plain)
+    with progress:
+        res = Soak(cfg, duration, epoch, keep_going, out, on_status=progress.update,
+                   on_epoch=progress.epoch_done).run()
+    if junit_path:
+        write_junit(Path(junit_path), "tdp-stress-soak", [junit_case(
+            f"epoch {e['epoch']} seed {e['seed']}", e["duration_s"], e["exit_reason"],
+            cfg.run.expect_violation, e["violations"], e["errors"]) for e in res["epochs"]])
+    click.echo(format_soak_summary(res, out / "results.json"))
     return int(res["exit_code"])
 
 
@@ -158,6 +232,56 @@ def bench(config_file: str | None, policy_mode: bool, duration: float, runs: int
     if json_out:
         write_json_atomic(Path(json_out), res)
     return 0
+
+
+@cli.command()
+@click.argument("matrix_file", type=click.Path(dir_okay=False))
+@click.option("--shard", default="1/1", show_default=True,
+              help="Run slice i of N of the matrix (1-based), e.g. --shard 3/8.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="campaign-out",
+              show_default=True, help="Output directory for shard-i-of-N.json and cells/.")
+def campaign(matrix_file: str, shard: str, out_dir: str) -> int:
+    """Run one shard of a campaign matrix (config x variant x seed).
+
+    Exit 0 when every cell of the shard met its expectation (bug variants
+    caught, fixed protocol clean), 1 otherwise.
+    """
+    from stress.campaign import CampaignError, load_matrix, parse_shard, run_campaign
+
+    try:
+        matrix = load_matrix(matrix_file)
+        spec = parse_shard(shard)
+    except CampaignError as e:
+        raise ConfigError(str(e)) from None
+    res = run_campaign(matrix, spec, Path(out_dir), progress=lambda m: click.echo(m, err=True))
+    fails = [c for c in res["cells"] if c["verdict"] != "pass"]
+    click.echo(f"campaign {res['campaign']} shard {spec[0]}/{spec[1]}: {len(res['cells'])} "
+               f"cells, {len(fails)} failed; {out_dir}")
+    if any(c["exit_reason"] == "interrupted" for c in res["cells"]):
+        return 130
+    return 1 if fails else 0
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False),
+              help="Write the merged report (JSON) here.")
+def merge(paths: tuple[str, ...], out_file: str | None) -> int:
+    """Merge campaign shard results (files or directories) into one report.
+
+    Exit 0 when every shard is there and every cell met its expectation.
+    """
+    from stress.campaign import CampaignError, format_merge
+    from stress.campaign import merge as merge_shards
+
+    try:
+        report = merge_shards([Path(p) for p in paths])
+    except CampaignError as e:
+        raise ConfigError(str(e)) from None
+    if out_file:
+        write_json_atomic(Path(out_file), report)
+    click.echo(format_merge(report))
+    return 0 if report["verdict"] == "pass" else 1
 
 
 @cli.command()

@@ -66,6 +66,8 @@ class RunConfig:
     out: str = "tdp-stress-results"
     check_interval: float = 5.0
     expect_violation: bool = False
+    watchdog: float = 10.0  # a worker without progress for this long is hung (exit 4)
+    max_rss_growth: int = 512 << 20  # a worker's heap growing more than this is a leak
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,12 @@ class ZapperConfig:
 class InjectConfig:
     delay_every: int = 400
     delay_max: float = 20e-6
+    # make a worker hang, to test the watchdog: after hang_after seconds (0: never)
+    # worker hang_worker takes mmu_lock for write, ignores SIGTERM and spins
+    hang_after: float = 0.0
+    hang_worker: int = 0
+    # make every worker leak this many bytes per op, to test the leak detector
+    leak_per_op: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,12 @@ def _size(key: str, lo: int, hi: int):
     return conv
 
 
+def _memsize(key: str):
+    def conv(v: Any) -> int:
+        return parse_size(v, key)
+    return conv
+
+
 def _dur(key: str, lo: float, hi: float):
     def conv(v: Any) -> float:
         s = parse_duration(v, key)
@@ -217,6 +231,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "out": _str("run.out"),
         "check_interval": _dur("run.check_interval", 0.0, 86400.0),
         "expect_violation": _bool("run.expect_violation"),
+        "watchdog": _dur("run.watchdog", 0.5, 86400.0),
+        "max_rss_growth": _memsize("run.max_rss_growth"),
     },
     "vm": {"type": _choice("vm.type", ("tdx", "default"))},
     "guest": {
@@ -241,6 +257,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "inject": {
         "delay_every": _int("inject.delay_every", 0, 10**9),
         "delay_max": _dur("inject.delay_max", 0.0, 1.0),
+        "hang_after": _dur("inject.hang_after", 0.0, 86400.0),
+        "hang_worker": _int("inject.hang_worker", 0, 1023),
+        "leak_per_op": _memsize("inject.leak_per_op"),
     },
     "tdx": {
         "seamcall_latency": _dur("tdx.seamcall_latency", 0.0, 0.1),
@@ -286,6 +305,9 @@ def validate(cfg: Config) -> Config:
     if variant.requires_tdx and cfg.vm.type != "tdx":
         raise ConfigError(f"run.variant: {variant.name} needs vm.type = \"tdx\" "
                           f"(got {cfg.vm.type!r})")
+    if cfg.inject.hang_after and cfg.inject.hang_worker >= cfg.n_workers:
+        raise ConfigError(f"inject.hang_worker: {cfg.inject.hang_worker} but only "
+                          f"{cfg.n_workers} workers")
     if cfg.tdx.private_chunk & (cfg.tdx.private_chunk - 1):
         raise ConfigError(f"tdx.private_chunk: must be a power of two, got "
                           f"{cfg.tdx.private_chunk}")

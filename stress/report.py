@@ -74,12 +74,86 @@ def build_results(cfg: Config, outcome: RunOutcome, started_at: str) -> dict[str
         "rates_per_s": {k: round(totals.get(k, 0) / dur, 1) for k in HEADLINE},
         "workers": [{"index": r.index, "role": r.role, "pid": r.pid, "exitcode": r.exitcode,
                      "max_rss_mb": round(r.max_rss / 2**20, 1),
+                     "heap_start_mb": round(r.heap_start / 2**20, 1),
+                     "heap_end_mb": round(r.heap_end / 2**20, 1),
                      "stats": dict(sorted(r.stats.items()))} for r in outcome.workers],
         "checks": outcome.checks,
         "violations": outcome.violations,
         "errors": outcome.errors,
         "hang": outcome.hang,
     }
+
+
+def format_soak_summary(res: dict[str, Any], results_path: Path | None) -> str:
+    lines = [f"tdp-stress soak: variant {res['variant']}, master seed {res['master_seed']}, "
+             f"{res['epochs_done']} epochs in {res['duration_s']:.1f} s of "
+             f"{res['planned_duration_s']:.0f} s, exit {res['exit_reason']} ({res['exit_code']})"]
+    rates = res["rates_per_s"]
+    lines.append("rates: " + ", ".join(f"{k} {_si(rates[k])}/s" for k in HEADLINE
+                                       if rates.get(k)))
+    for b in res["distinct_violations"]:
+        lines.append(f"VIOLATION [{b['invariant']}] x{b['hits']} (first in epoch "
+                     f"{b['first_epoch']}, seed {b['first_seed']}): {b['bundle']}")
+    if not res["distinct_violations"]:
+        lines.append("violations: none")
+    for e in res["errors"][:5]:
+        lines.append("ERROR: " + e.strip().splitlines()[-1])
+    if results_path:
+        lines.append(f"results: {results_path} (checkpoint: {results_path.parent}/"
+                     "checkpoint.json)")
+    return "\n".join(lines)
+
+
+def write_junit(path: Path, suite: str, cases: list[dict[str, Any]]) -> Path:
+    """JUnit XML for CI: one <testcase> per run or epoch.
+
+    Each case: name, time_s, outcome ("pass", "failure", "error", "skipped"),
+    message, details (text).  Written atomically.
+    """
+    from xml.etree import ElementTree as ET
+
+    failures = sum(c["outcome"] == "failure" for c in cases)
+    errors = sum(c["outcome"] == "error" for c in cases)
+    skipped = sum(c["outcome"] == "skipped" for c in cases)
+    ts = ET.Element("testsuite", name=suite, tests=str(len(cases)), failures=str(failures),
+                    errors=str(errors), skipped=str(skipped),
+                    time=f"{sum(c['time_s'] for c in cases):.3f}")
+    for c in cases:
+        tc = ET.SubElement(ts, "testcase", classname=suite, name=c["name"],
+                           time=f"{c['time_s']:.3f}")
+        if c["outcome"] != "pass":
+            el = ET.SubElement(tc, c["outcome"], message=c.get("message", ""))
+            el.text = c.get("details", "")
+    tree = ET.ElementTree(ET.Element("testsuites"))
+    tree.getroot().append(ts)
+    ET.indent(tree)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        tree.write(f, encoding="utf-8", xml_declaration=True)
+    os.replace(tmp, path)
+    return path
+
+
+def junit_case(name: str, time_s: float, exit_reason: str, expect_violation: bool,
+               violations: list[dict[str, Any]], errors: list[str]) -> dict[str, Any]:
+    """The JUnit verdict of one run: a violation is a failure (a pass when it was
+    expected), a crash, hang or leak an error, an interrupt skipped."""
+    first = violations[0] if violations else None
+    if exit_reason == "violation":
+        outcome = "pass" if expect_violation else "failure"
+        msg = f"{first['invariant']}: {first['message']}" if first else "violation"
+    elif exit_reason == "clean":
+        outcome = "failure" if expect_violation else "pass"
+        msg = "expected a violation, none found" if expect_violation else ""
+    elif exit_reason == "interrupted":
+        outcome, msg = "skipped", "interrupted"
+    else:
+        outcome, msg = "error", f"{exit_reason}: " + (errors[0].strip().splitlines()[-1]
+                                                      if errors else exit_reason)
+    details = json.dumps({"violations": violations, "errors": errors}, indent=1, default=str)
+    return {"name": name, "time_s": time_s, "outcome": outcome, "message": msg,
+            "details": details}
 
 
 def now_iso() -> str:
@@ -166,8 +240,14 @@ def format_summary(res: dict[str, Any], results_path: Path | None) -> str:
     for e in res["errors"][:5]:
         lines.append("ERROR: " + e.strip().splitlines()[-1] if "\n" in e.strip() else
                      "ERROR: " + e)
-    if res.get("hang"):
-        lines.append(f"HANG: {json.dumps(res['hang'])}")
+    hang = res.get("hang")
+    if hang:
+        stuck = ", ".join(f"worker {s['worker']} ({s['role']}, pid {s['pid']})"
+                          for s in hang["stuck"])
+        lines.append(f"HANG: {hang['what']}: {stuck}; mmu_lock {hang['mmu_lock']} held for "
+                     f"write by worker {hang['mmu_lock_write_owner_worker']}; holders "
+                     f"{json.dumps(hang['mmu_lock_holders'])}; stacks of "
+                     f"{len(hang['stacks'])} workers in results.json")
     if results_path:
         lines.append(f"results: {results_path}")
     return "\n".join(lines)

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -52,10 +54,16 @@ EXIT_HANG = 4
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES = {"clean": EXIT_CLEAN, "violation": EXIT_VIOLATION, "crash": EXIT_CRASH,
-              "error": EXIT_CRASH, "hang": EXIT_HANG, "interrupted": EXIT_INTERRUPTED}
+              "error": EXIT_CRASH, "leak": EXIT_CRASH, "hang": EXIT_HANG,
+              "interrupted": EXIT_INTERRUPTED}
 
-PARK_TIMEOUT_S = 10.0
-STOP_GRACE_S = 5.0
+# A run ends within duration + OVERRUN_S whatever the workers do: the stop
+# sequence (STOP, ABORT, SIGTERM, SIGKILL) and the final checks fit in it.
+OVERRUN_S = 5.0
+STOP_GRACE_S = 1.5  # STOP -> ABORT
+ABORT_GRACE_S = 0.5  # ABORT -> SIGTERM
+TERM_GRACE_S = 0.5  # SIGTERM -> SIGKILL
+RSS_BASELINE_AFTER_S = 2.0
 POOL_AUTO_MAX = 65536
 
 
@@ -87,6 +95,8 @@ class WorkerRecord:
     error: str | None = None
     done: bool = False
     max_rss: int = 0  # bytes, sampled with psutil while the run goes
+    heap_start: int = 0  # anonymous memory (rss - shared) at the baseline sample
+    heap_end: int = 0  # ... at the last sample
 
 
 @dataclass
@@ -114,13 +124,17 @@ class StatusSnapshot:
     workers: dict[str, int]
     violations: int
     checks: int
+    rss_bytes: int = 0  # all workers, last sample
 
 
 class Supervisor:
     def __init__(self, cfg: Config,
                  on_status: Callable[[StatusSnapshot], None] | None = None,
-                 status_interval: float = 0.5) -> None:
+                 status_interval: float = 0.5, hard_deadline: float | None = None) -> None:
+        """``hard_deadline`` (time.monotonic): the run ends by then whatever
+        happens; default duration + OVERRUN_S after the workers start."""
         self.cfg = cfg
+        self.hard_deadline = hard_deadline
         self.on_status = on_status
         self.status_interval = status_interval
         self.roles = [role for role, n in cfg.workers.items() for _ in range(n)]
@@ -131,6 +145,10 @@ class Supervisor:
         self.errors: list[str] = []
         self.checks = Counter[str]()
         self.hang: dict[str, Any] | None = None
+        self.stacks_dir: str | None = None
+        self.deadline = float("inf")
+        self.rss_total = 0
+        self.rss_baselined = False
         self.procs: list[multiprocessing.process.BaseProcess] = []
         self.ps: dict[int, psutil.Process] = {}
         self.conns: list[Connection | None] = []
@@ -140,8 +158,12 @@ class Supervisor:
         self.t_start = 0.0
 
     # -- setup -----------------------------------------------------------------
+    def _stacks_file(self, i: int) -> str | None:
+        return os.path.join(self.stacks_dir, f"worker-{i}.txt") if self.stacks_dir else None
+
     def _setup(self) -> None:
         sweep_stale()
+        self.stacks_dir = tempfile.mkdtemp(prefix="tdpstress-stacks-")
         lay = self.layout
         self.arena = Arena.create(lay, self.cfg.hash64())
         self.words = w = Words(self.arena.shm.buf, lay.ctl(Control.ABORT))
@@ -161,7 +183,8 @@ class Supervisor:
         sys.stderr.flush()
         for i, role in enumerate(self.roles):
             r, wconn = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main, args=(i, role, self.cfg, self.arena, wconn),
+            p = ctx.Process(target=worker_main,
+                            args=(i, role, self.cfg, self.arena, wconn, self._stacks_file(i)),
                             name=f"tdp-stress-{role}{i}")
             p.start()
             wconn.close()
@@ -209,6 +232,13 @@ class Supervisor:
         """
         exited = [i for i, p in enumerate(self.procs) if p.exitcode is not None]
         self._drain()
+        if not self.violations and self.words is not None and self.words.load(
+                self.layout.ctl(Control.VIOLATION)):
+            # a worker has stopped the run for a violation: its report is on the way
+            end = time.monotonic() + 1.0
+            while not self.violations and time.monotonic() < end:
+                time.sleep(0.01)
+                self._drain()
         if self.violations:
             return "violation"
         if self.errors:
@@ -236,7 +266,7 @@ class Supervisor:
         assert w is not None and self.kvm is not None
         w.store(lay.ctl(Control.PARKED), 0)
         w.store(lay.ctl(Control.PAUSE_REQ), gen)
-        deadline = time.monotonic() + PARK_TIMEOUT_S
+        deadline = min(time.monotonic() + self.cfg.run.watchdog, self.deadline - OVERRUN_S / 2)
         try:
             while True:
                 waiting = [i for i, p in enumerate(self.procs) if p.exitcode is None
@@ -247,7 +277,10 @@ class Supervisor:
                 if reason:
                     return reason
                 if time.monotonic() > deadline:
-                    self.hang = self._hang_report(waiting)
+                    if time.monotonic() > self.deadline - OVERRUN_S:
+                        return "clean"  # the run's time is up: no check, no verdict
+                    self.hang = self._hang_report(waiting, "did not park for a quiescent "
+                                                  "check")
                     return "hang"
                 time.sleep(0.001)
             rep = quiescent_check(self.kvm)
@@ -256,15 +289,38 @@ class Supervisor:
         finally:
             w.store(lay.ctl(Control.PAUSE_REQ), 0)
 
-    def _sample_rss(self) -> None:
+    def _sample_rss(self, elapsed: float) -> str | None:
+        """Sample every worker's memory; "leak" if a heap grew past the bound.
+
+        The heap is rss - shared (anonymous memory): the arena's pages are
+        shared memory and are excluded, so touching more page tables is not
+        mistaken for a leak.
+        """
+        total = 0
+        baseline = not self.rss_baselined and elapsed >= RSS_BASELINE_AFTER_S
         for i, proc in list(self.ps.items()):
             try:
-                rss = proc.memory_info().rss
+                mi = proc.memory_info()
             except psutil.Error:
                 del self.ps[i]
                 continue
             rec = self.records[i]
-            rec.max_rss = max(rec.max_rss, rss)
+            rec.max_rss = max(rec.max_rss, mi.rss)
+            heap = mi.rss - mi.shared
+            total += mi.rss
+            if baseline or not rec.heap_start:
+                rec.heap_start = heap
+            rec.heap_end = heap
+            bound = self.cfg.run.max_rss_growth
+            if self.rss_baselined and bound and heap - rec.heap_start > bound:
+                self.errors.append(
+                    f"worker {i} ({rec.role}, pid {rec.pid}) leaks: heap grew from "
+                    f"{rec.heap_start >> 20} MiB to {heap >> 20} MiB (bound "
+                    f"{bound >> 20} MiB, run.max_rss_growth)")
+                return "leak"
+        self.rss_baselined = self.rss_baselined or baseline
+        self.rss_total = total
+        return None
 
     def _proc_info(self, i: int) -> dict[str, Any]:
         proc = self.ps.get(i)
@@ -278,29 +334,44 @@ class Supervisor:
         except psutil.Error as e:
             return {"status": f"gone ({type(e).__name__})"}
 
-    def _hang_report(self, waiting: list[int]) -> dict[str, Any]:
+    def _hang_report(self, stuck: list[int], what: str) -> dict[str, Any]:
+        """Who is stuck, who holds mmu_lock, and every worker's Python stack."""
         w, lay = self.words, self.layout
         assert w is not None
         holders = {}
         for i in range(self.n):
             mode = w.load(lay.slot(i, Slot.LOCK_MODE))
             if mode != LOCK_NONE:
-                holders[i] = "write" if mode == 2 else "read"
-        for i in waiting:
+                holders[str(i)] = {"mode": "write" if mode == 2 else "read",
+                                   "pid": self.records[i].pid, "role": self.records[i].role}
+        for i, p in enumerate(self.procs):
+            if p.exitcode is None:
+                try:
+                    os.kill(self.records[i].pid, signal.SIGUSR1)  # faulthandler dump
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.3)
+        stacks = {}
+        for i in range(self.n):
+            path = self._stacks_file(i)
             try:
-                os.kill(self.records[i].pid, signal.SIGUSR1)  # faulthandler stack dump
-            except ProcessLookupError:
+                with open(path or "") as f:
+                    stacks[str(i)] = f.read()
+            except OSError:
                 pass
-        time.sleep(0.2)
+        owner = w.load(lay.glob(Globals.MMU_LOCK_OWNER))
         return {
-            "not_parked": [{"worker": i, "role": self.records[i].role,
-                            "pid": self.records[i].pid,
-                            "heartbeat": w.load(lay.slot(i, Slot.HEARTBEAT)),
-                            **self._proc_info(i)} for i in waiting],
+            "what": what,
+            "stuck": [{"worker": i, "role": self.records[i].role, "pid": self.records[i].pid,
+                       "heartbeat": w.load(lay.slot(i, Slot.HEARTBEAT)),
+                       **self._proc_info(i)} for i in stuck],
             "mmu_lock": f"{w.load(lay.glob(Globals.MMU_LOCK)):#x}",
-            "mmu_lock_write_owner_pid": w.load(lay.glob(Globals.MMU_LOCK_OWNER)),
+            "mmu_lock_write_owner_pid": owner,
+            "mmu_lock_write_owner_worker": next(
+                (r.index for r in self.records if owner and r.pid == owner), None),
             "mmu_lock_holders": holders,
-            "timeout_s": PARK_TIMEOUT_S,
+            "watchdog_s": self.cfg.run.watchdog,
+            "stacks": stacks,
         }
 
     def _record_report(self, rep: QuiescentReport, where: str) -> str | None:
@@ -322,26 +393,34 @@ class Supervisor:
             return
         w.store(lay.ctl(Control.STOP), 1)
         w.store(lay.ctl(Control.PAUSE_REQ), 0)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while any(p.exitcode is None for p in self.procs) and time.monotonic() < deadline:
-            sentinels = [p.sentinel for p in self.procs if p.exitcode is None]
-            live = [c for c in self.conns if c is not None]
-            wait(sentinels + live, timeout=0.05)
-            self._drain()
+        if self.hang:
+            w.store(lay.ctl(Control.ABORT), 1)  # nobody is going to finish an op
+        self._wait_exit(STOP_GRACE_S)
         if any(p.exitcode is None for p in self.procs):
             w.store(lay.ctl(Control.ABORT), 1)  # spinners give up
-            for p in self.procs:
-                p.join(timeout=1.0)
+            self._wait_exit(ABORT_GRACE_S)
+        alive = [i for i, p in enumerate(self.procs) if p.exitcode is None]
+        if alive:
+            if not self.hang:
+                self.hang = self._hang_report(alive, "did not stop when asked (STOP, ABORT)")
+            for i in alive:
+                self.procs[i].terminate()
+            self._wait_exit(TERM_GRACE_S)
         for p in self.procs:
-            if p.exitcode is None:
-                p.terminate()
-                p.join(timeout=1.0)
             if p.exitcode is None:
                 p.kill()
                 p.join()
         self._drain()
         for i, p in enumerate(self.procs):
             self.records[i].exitcode = p.exitcode
+
+    def _wait_exit(self, grace: float) -> None:
+        end = time.monotonic() + grace
+        while any(p.exitcode is None for p in self.procs) and time.monotonic() < end:
+            sentinels = [p.sentinel for p in self.procs if p.exitcode is None]
+            live = [c for c in self.conns if c is not None]
+            wait(sentinels + live, timeout=min(0.05, max(0.0, end - time.monotonic())))
+            self._drain()
 
     def _kill_descendants(self) -> None:
         """No orphan outlives the run: anything a worker left running is killed."""
@@ -393,16 +472,36 @@ class Supervisor:
                 c[name] += w.load(base + k)
         return StatusSnapshot(time.monotonic() - self.t_start, self.cfg.run.duration, per_role,
                               dict(Counter(self.roles)), len(self.violations),
-                              self.checks["quiescent"])
+                              self.checks["quiescent"], self.rss_total)
 
     # -- the run -----------------------------------------------------------------
+    def _watchdog(self, now: float, beats: list[int], last_beat: list[float]) -> str | None:
+        """A worker whose heartbeat (ops done) has not moved for run.watchdog is hung."""
+        w, lay = self.words, self.layout
+        assert w is not None
+        stuck = []
+        for i in range(self.n):
+            b = w.load(lay.slot(i, Slot.HEARTBEAT))
+            if b != beats[i]:
+                beats[i], last_beat[i] = b, now
+            elif now - last_beat[i] > self.cfg.run.watchdog:
+                stuck.append(i)
+        if stuck:
+            self.hang = self._hang_report(stuck, f"no progress for {self.cfg.run.watchdog:g} s")
+            return "hang"
+        return None
+
     def _monitor(self) -> str:
         cfg = self.cfg
         end = self.t_start + cfg.run.duration
+        self.deadline = min(end + OVERRUN_S, self.hard_deadline or float("inf"))
+        end = min(end, self.deadline - OVERRUN_S / 2)
         interval = cfg.run.check_interval
         next_check = self.t_start + interval if interval else float("inf")
         next_status = self.t_start
         gen = 0
+        beats = [0] * self.n
+        last_beat = [self.t_start] * self.n
         while True:
             live = [c for c in self.conns if c is not None]
             sentinels = [p.sentinel for p in self.procs if p.exitcode is None]
@@ -419,8 +518,12 @@ class Supervisor:
                 if reason:
                     return reason
                 next_check = time.monotonic() + interval
+                last_beat = [time.monotonic()] * self.n  # parked time is not stuck time
             if now >= next_status:
-                self._sample_rss()
+                reason = self._sample_rss(now - self.t_start) or self._watchdog(
+                    now, beats, last_beat)
+                if reason:
+                    return reason
                 if self.on_status:
                     self.on_status(self._live_snapshot())
                 next_status = now + self.status_interval
@@ -449,6 +552,8 @@ class Supervisor:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:
                 self._stop_workers()
+                if self.hang and reason in ("clean", "error"):
+                    reason = "hang"
                 if reason == "clean":
                     dead = [i for i, p in enumerate(self.procs) if p.exitcode != 0]
                     self._drain()
@@ -476,6 +581,8 @@ class Supervisor:
                 self.words.release()
             if self.arena is not None:
                 self.arena.close()
+            if self.stacks_dir:
+                shutil.rmtree(self.stacks_dir, ignore_errors=True)
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
         return RunOutcome(

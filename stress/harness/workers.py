@@ -19,6 +19,7 @@ import faulthandler
 import os
 import random
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -249,7 +250,6 @@ class Worker:
         base = lay.slot(self.index, Slot.STATS)
         for k, name in enumerate(STAT_NAMES):
             w.store(base + k, stats[name])
-        w.store(lay.slot(self.index, Slot.HEARTBEAT), stats["ops"])
 
     def reclaim(self) -> None:
         kvm = self.kvm
@@ -288,7 +288,12 @@ class Worker:
         w.store(lay.slot(self.index, Slot.STATE), W_RUNNING)
         stats = self.kvm.stats
         step = self.role.step
+        heartbeat_i = lay.slot(self.index, Slot.HEARTBEAT)
         next_publish = time.monotonic() + 0.05
+        inj = self.cfg.inject
+        hang_at = (time.monotonic() + inj.hang_after
+                   if inj.hang_after and inj.hang_worker == self.index else float("inf"))
+        leaked: list[bytearray] = []
         while not w.load(self.stop_i):
             gen = w.load(self.pause_i)
             if gen and gen != self.parked_gen:
@@ -296,33 +301,56 @@ class Worker:
                 continue
             step()
             stats["ops"] += 1
+            w.store(heartbeat_i, stats["ops"])
+            if inj.leak_per_op:
+                leaked.append(bytearray(b"\x01" * inj.leak_per_op))  # injected leak
             self.reclaim()
-            if stats["ops"] & 31 == 0 and time.monotonic() >= next_publish:
-                self.publish()
-                next_publish = time.monotonic() + 0.05
-        self.drain(timeout=2.0)
+            if stats["ops"] & 31 == 0:
+                now = time.monotonic()
+                if now >= next_publish:
+                    self.publish()
+                    next_publish = now + 0.05
+                if now >= hang_at:
+                    self.hang()
+        self.drain(timeout=1.0)
         self.publish()
 
+    def hang(self) -> None:
+        """Injected fault (inject.hang_after): hold mmu_lock for write, ignore
+        SIGTERM and spin for ever, so only the watchdog and SIGKILL end the run."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.kvm.write_lock()
+        while True:
+            pass
 
-def report_violation(words: Words, layout: Layout, index: int, v: InvariantViolation,
-                     variant: str) -> dict:
+
+def violation_message(words: Words, layout: Layout, index: int, v: InvariantViolation,
+                      variant: str) -> dict:
     start = words.load(layout.ctl(Control.START_NS))
     now = time.monotonic_ns()
     d = v.to_dict()
     d["time_s"] = round((now - start) / 1e9, 6) if start else 0.0
     d["variant"] = variant
     d.setdefault("worker", index)
-    words.cmpxchg(layout.ctl(Control.VIOLATION), 0, index + 1)
-    words.store(layout.ctl(Control.STOP), 1)
     return d
 
 
-def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connection) -> None:
+def stop_run_for_violation(words: Words, layout: Layout, index: int) -> None:
+    """After the report is in the pipe: peers stop, and exit only after it."""
+    words.cmpxchg(layout.ctl(Control.VIOLATION), 0, index + 1)
+    words.store(layout.ctl(Control.STOP), 1)
+
+
+def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connection,
+                stacks_path: str | None = None) -> None:
     """Entry point of a worker process (after fork)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # SIGUSR1 dumps every thread's Python stack, from a C signal handler, so it
+    # works even while the worker spins inside a native lock
+    stacks = open(stacks_path, "w") if stacks_path else sys.stderr  # noqa: SIM115
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     code = 0
     worker = None
     try:
@@ -333,9 +361,10 @@ def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connecti
     except InvariantViolation as v:
         assert worker is not None
         worker.publish()
-        d = report_violation(worker.words, worker.layout, index, v, cfg.run.variant)
+        d = violation_message(worker.words, worker.layout, index, v, cfg.run.variant)
         d["role"] = role
         conn.send(("violation", d))
+        stop_run_for_violation(worker.words, worker.layout, index)
         code = 1
     except LockAborted:
         code = 0  # the supervisor is tearing the run down

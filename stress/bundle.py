@@ -1,0 +1,115 @@
+"""Reproducer bundles: one directory per distinct violation.
+
+A bundle holds what a developer needs to re-run a violation found in a soak:
+the fully resolved config (``config.toml``, loadable by ``tdp-stress run``),
+the violation report, the environment, and ``repro.sh``.  Bundles are
+deduplicated by a signature (invariant + variant + the roles involved), so a
+soak that hits the same bug a hundred times keeps one bundle and a count.
+Written atomically: files go to a temporary directory that is renamed into
+place, so a kill never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cffi
+
+from stress import __version__
+from stress.config import Config
+
+
+def signature(violation: dict[str, Any]) -> str:
+    """Stable id of a violation's kind: same bug, same signature."""
+    det = violation.get("details", {})
+    parts = [violation.get("invariant", "?"), violation.get("variant", "?"),
+             str(violation.get("role", "checker")), str(det.get("seamcall", ""))]
+    digest = hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^a-z0-9]+", "-", violation.get("invariant", "violation").lower()).strip("-")
+    return f"{slug[:40]}-{digest}"
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that ``config.load`` reads back identically."""
+    lines = ["# fully resolved tdp-stress config (written by a reproducer bundle)"]
+    for section, values in cfg.to_dict().items():
+        lines.append(f"\n[{section}]")
+        for key, v in values.items():
+            lines.append(f"{key} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(str(v))
+
+
+def environment() -> dict[str, Any]:
+    env = {"python": platform.python_version(), "cffi": cffi.__version__,
+           "tdp_stress": __version__, "cpus": os.cpu_count(), "platform": platform.platform()}
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        env["git_revision"] = rev.stdout.strip() if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        env["git_revision"] = None
+    return env
+
+
+REPRO_SH = """#!/bin/sh
+# Re-run the run that found this violation: same config, variant and seed.
+# Exit 0 from tdp-stress here means the violation was found again (--expect-violation).
+cd "$(dirname "$0")" || exit 2
+exec tdp-stress run config.toml --expect-violation --out rerun "$@"
+"""
+
+
+def write_bundle(root: Path, cfg: Config, violation: dict[str, Any]) -> tuple[Path, bool]:
+    """Write (or count again) the bundle of ``violation`` under ``root``.
+
+    Returns (bundle path, True if it is new).  The config written is the run's
+    own, with expect_violation set, so ``repro.sh`` exits 0 when it reproduces.
+    """
+    sig = signature(violation)
+    path = root / sig
+    if path.exists():
+        hits = path / "hits"
+        n = int(hits.read_text()) + 1 if hits.exists() else 2
+        _atomic_text(hits, f"{n}\n")
+        return path, False
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{sig}.", dir=root))
+    try:
+        import dataclasses
+
+        run = dataclasses.replace(cfg.run, expect_violation=True, out="rerun")
+        (tmp / "config.toml").write_text(to_toml(dataclasses.replace(cfg, run=run)))
+        (tmp / "violation.json").write_text(json.dumps(violation, indent=2, default=str) + "\n")
+        (tmp / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+        (tmp / "repro.sh").write_text(REPRO_SH)
+        (tmp / "repro.sh").chmod(0o755)
+        (tmp / "hits").write_text("1\n")
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path, True
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
