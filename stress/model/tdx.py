@@ -156,6 +156,20 @@ class TdxModule:
         finally:
             self._unlock_shared()
 
+    def _exclusive_entry_op(self, gfn: int, level: int, op) -> int:  # noqa: ANN001
+        """Common frame of the exclusive SEAMCALLs: lock TD exclusive, do the work,
+        walk, run ``op(entry_i, entry)``.  No table lock: nobody else is inside."""
+        if not self._lock_exclusive():
+            return TDX_OPERAND_BUSY | TDX_OPERAND_ID_SEPT
+        try:
+            self._work()
+            entry_i = self._walk(gfn, level)
+            if entry_i is None:
+                return TDX_EPT_WALK_FAILED
+            return op(entry_i, self.w.load(entry_i))
+        finally:
+            self._unlock_exclusive()
+
     # -- SEAMCALLs ------------------------------------------------------------------
     def tdh_mem_sept_add(self, gfn: int, level: int, page: int) -> int:
         """Link S-EPT table ``page`` (of level ``level - 1``) at the entry (gfn, level).
@@ -187,14 +201,8 @@ class TdxModule:
 
     def tdh_mem_range_block(self, gfn: int, level: int) -> int:
         """Block a mapped leaf or a table entry (exclusive): no new translations."""
-        if not self._lock_exclusive():
-            return TDX_OPERAND_BUSY | TDX_OPERAND_ID_SEPT
-        try:
-            self._work()
-            entry_i = self._walk(gfn, level)
-            if entry_i is None:
-                return TDX_EPT_WALK_FAILED
-            e = self.w.load(entry_i)
+
+        def op(entry_i: int, e: int) -> int:
             st = sept_state(e)
             epoch = self.w.load(self._epoch_i)
             if st == SEPT_MAPPED:
@@ -204,8 +212,8 @@ class TdxModule:
             else:
                 return TDX_EPT_ENTRY_STATE_INCORRECT
             return TDX_SUCCESS
-        finally:
-            self._unlock_exclusive()
+
+        return self._exclusive_entry_op(gfn, level, op)
 
     def tdh_mem_track(self) -> int:
         """Move the TD's TLB epoch on (KVM then kicks every vCPU out of the guest)."""
@@ -237,14 +245,8 @@ class TdxModule:
     def tdh_mem_sept_remove(self, gfn: int, level: int) -> int:
         """Unlink the empty, blocked and tracked table at (gfn, level) and hand its
         page back to KVM."""
-        if not self._lock_exclusive():
-            return TDX_OPERAND_BUSY | TDX_OPERAND_ID_SEPT
-        try:
-            self._work()
-            entry_i = self._walk(gfn, level)
-            if entry_i is None:
-                return TDX_EPT_WALK_FAILED
-            e = self.w.load(entry_i)
+
+        def op(entry_i: int, e: int) -> int:
             if sept_state(e) != SEPT_TABLE_BLOCKED:
                 return TDX_EPT_ENTRY_STATE_INCORRECT
             if not self._tracked(e):
@@ -256,8 +258,8 @@ class TdxModule:
             self.w.store(entry_i, sept_entry(SEPT_FREE))
             self.w.store(self.lay.sp(child, SpMeta.STATE), SP_EXT_HELD)
             return TDX_SUCCESS
-        finally:
-            self._unlock_exclusive()
+
+        return self._exclusive_entry_op(gfn, level, op)
 
     # -- TD lifecycle (not SEAMCALLs KVM races on) ------------------------------------
     def td_init(self, page: int) -> None:
