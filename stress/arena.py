@@ -25,7 +25,8 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
 PREFIX = "tdpstress-"
 SHM_DIR = Path("/dev/shm")
 
@@ -84,7 +85,8 @@ class Globals:
     TD_EPOCH_LOCK = 10
     SECURE_EPT_LOCK = 11  # the module's per-TD lock, shared or exclusive, never waited on
     SECURE_EPT_LOCK_OWNER = 12
-    WORDS = 16
+    SLOTS_LOCK = 13  # kvm->slots_lock: serialises kvm_mmu_zap_all_fast callers
+    WORDS = 32
 
 
 class Slot:
@@ -113,6 +115,9 @@ class SpMeta:
     LAST_WRITER = 7  # 1 + worker whose atomic update last succeeded in it (forensics)
     EXTERNAL_SPT = 8  # mirror tables: 1 + page index of their S-EPT page (sp->external_spt)
     SEPT_LOCK = 9  # S-EPT pages: the TDX module's internal lock on this table
+    SCHEDULED_TO_ZAP = 10  # roots: tdp_mmu_scheduled_root_to_zap
+    ROOT_SLOT = 11  # roots: 1 + index of the root's slot in the roots list
+    ROOT_ZAPS = 12  # roots: how many times tdp_mmu_zap_root ran on it (oracle)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class Layout:
     n_pages: int
     control: int
     globals: int
+    roots: int
     slots: int
     sp_meta: int
     bitmap: int
@@ -134,21 +140,26 @@ class Layout:
     def build(cls, n_slots: int, n_pages: int) -> Layout:
         control = HEADER_WORDS
         glob = control + Control.WORDS
-        slots = glob + Globals.WORDS
+        roots = glob + Globals.WORDS
+        slots = roots + MAX_ROOTS
         sp_meta = slots + n_slots * WORKER_SLOT_WORDS
         bitmap = sp_meta + n_pages * SP_META_WORDS
         bitmap_words = (n_pages + 63) // 64
         pages = bitmap + bitmap_words
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
-        return cls(n_slots, n_pages, control, glob, slots, sp_meta, bitmap, bitmap_words,
-                   pages, nwords)
+        return cls(n_slots, n_pages, control, glob, roots, slots, sp_meta, bitmap,
+                   bitmap_words, pages, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off
 
     def glob(self, off: int) -> int:
         return self.globals + off
+
+    def root_slot(self, i: int) -> int:
+        """Word of slot ``i`` of the roots list: 0 empty, else 1 + root page."""
+        return self.roots + i
 
     def slot(self, worker: int, off: int) -> int:
         return self.slots + worker * WORKER_SLOT_WORDS + off

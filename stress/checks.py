@@ -33,6 +33,7 @@ from stress.model.mmu_page import (
     removed_entry_details,
     role_level,
 )
+from stress.model.roots import listed_roots
 from stress.model.spte import (
     FROZEN_SPTE,
     KVM_PAGES_PER_HPAGE,
@@ -81,22 +82,26 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
     rep = QuiescentReport()
     states = _page_states(w, kvm)
     rep.states = Counter(SP_STATE_NAMES.get(s, str(s)) for s in states)
-    roots = [w.load(lay.glob(Globals.ROOT))]
-    if kvm.geometry.tdx:
-        roots.append(w.load(lay.glob(Globals.MIRROR_ROOT)))
+    roots = listed_roots(kvm)
     reachable: dict[int, tuple[int, int]] = {}
     for root in roots:
+        _check_root(kvm, root, rep)
         _walk_root(kvm, root, states, reachable, rep)
         if rep.violations:
             return rep
+    mirror_root = w.load(lay.glob(Globals.MIRROR_ROOT)) if kvm.geometry.tdx else None
+    if mirror_root is not None and mirror_root not in roots:
+        rep.fail("mirror root not listed", "the mirror root is not on the roots list",
+                 root=mirror_root)
+        return rep
     counted = w.load(lay.glob(Globals.TDP_MMU_PAGES))
     if counted != len(reachable) - len(roots):
         rep.fail("tdp_mmu_pages accounting",
                  "kvm->arch.tdp_mmu_pages differs from the number of reachable tables",
                  tdp_mmu_pages=counted, reachable_non_root=len(reachable) - len(roots))
     sept_reachable: set[int] = set()
-    if kvm.geometry.tdx:
-        _check_mirror(kvm, roots[1], sept_reachable, rep)
+    if mirror_root is not None:
+        _check_mirror(kvm, mirror_root, sept_reachable, rep)
     removed_ext = set()
     for page, state in enumerate(states):
         if state == SP_LINKED and page not in reachable:
@@ -133,6 +138,18 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
                  "the free bitmap and the pages' FREE states disagree",
                  free_bits=free_bits, free_states=rep.states.get("FREE", 0))
     return rep
+
+
+def _check_root(kvm: Kvm, root: int, rep: QuiescentReport) -> None:
+    """A listed root is live and referenced; at quiescence (no walker, no vCPU in
+    an op) an invalid root is one whose zap has not released it yet or that a
+    vCPU still holds."""
+    w, lay = kvm.w, kvm.layout
+    count = w.load(lay.sp(root, SpMeta.ROOT_COUNT))
+    if count == 0 or count >= 1 << 62:
+        rep.fail("listed root without references",
+                 "a root on the list has tdp_mmu_root_count 0 (or negative)", root=root,
+                 count=count)
 
 
 def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tuple[int, int]],
@@ -272,6 +289,11 @@ def teardown_check(kvm: Kvm) -> QuiescentReport:
     if counted:
         rep.fail("tdp_mmu_pages accounting", "tdp_mmu_pages is not 0 after teardown",
                  tdp_mmu_pages=counted)
+    left = listed_roots(kvm)
+    if left:
+        rep.fail("leaked root", "roots are still on the list after teardown (a reference "
+                 "was never put)", roots=left,
+                 counts=[w.load(lay.sp(r, SpMeta.ROOT_COUNT)) for r in left])
     if w.popcount(lay.bitmap, lay.bitmap_words) != lay.n_pages:
         rep.fail("page pool accounting", "free bitmap is not full after teardown",
                  free_bits=w.popcount(lay.bitmap, lay.bitmap_words), pages=lay.n_pages)

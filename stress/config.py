@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("vcpu", "zapper")
+ROLES = ("vcpu", "zapper", "invalidator")
 BUSY_POLICIES = ("unwind", "retry", "serialize")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -82,6 +82,15 @@ class GuestConfig:
 class VcpuConfig:
     write_fraction: float = 0.5
     max_retries: int = 100000  # consecutive RET_PF_RETRY before the fault is reported stuck
+    root_reset_every: int = 500  # mean faults between MMU context resets (0: never)
+    halt_every: int = 300  # mean faults between halts (0: never)
+    halt_time: float = 0.03  # mean length of a halt: the vCPU keeps its root meanwhile
+
+
+@dataclass(frozen=True)
+class InvalidatorConfig:
+    interval: float = 0.02  # mean pause between fast zaps
+    yield_every: int = 64  # entries a root zap visits between yields of mmu_lock
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     vm: VmConfig = field(default_factory=VmConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
-    workers: dict[str, int] = field(default_factory=lambda: {"vcpu": 2, "zapper": 1})
+    workers: dict[str, int] = field(
+        default_factory=lambda: {"vcpu": 2, "zapper": 1, "invalidator": 0})
     vcpu: VcpuConfig = field(default_factory=VcpuConfig)
+    invalidator: InvalidatorConfig = field(default_factory=InvalidatorConfig)
     zapper: ZapperConfig = field(default_factory=ZapperConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
     tdx: TdxConfig = field(default_factory=TdxConfig)
@@ -245,6 +256,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "vcpu": {
         "write_fraction": _float("vcpu.write_fraction", 0.0, 1.0),
         "max_retries": _int("vcpu.max_retries", 1, 10**9),
+        "root_reset_every": _int("vcpu.root_reset_every", 0, 10**9),
+        "halt_every": _int("vcpu.halt_every", 0, 10**9),
+        "halt_time": _dur("vcpu.halt_time", 0.0, 60.0),
+    },
+    "invalidator": {
+        "interval": _dur("invalidator.interval", 0.0, 3600.0),
+        "yield_every": _int("invalidator.yield_every", 1, 10**9),
     },
     "zapper": {
         "leaf_zap": _int("zapper.leaf_zap", 0, 1000),

@@ -24,11 +24,12 @@ SCHEMA = "tdp-stress-results"
 SCHEMA_VERSION = 1
 
 # the op counter that measures each role's work
-ROLE_OP = {"vcpu": "faults", "zapper": "ops"}
+ROLE_OP = {"vcpu": "faults", "zapper": "ops", "invalidator": "fast_zaps"}
 HEADLINE = ("faults", "retries", "zap_retry", "tables_linked", "tables_freed", "leaf_zaps",
             "leaf_zaps_shared",
             "subtree_zaps_shared", "subtree_zaps_exclusive", "entries_zapped", "seamcalls",
-            "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed")
+            "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed",
+            "roots_created", "roots_freed", "fast_zaps", "yields")
 
 
 def final_exit_code(outcome: RunOutcome, expect_violation: bool) -> int:

@@ -12,7 +12,8 @@ import pytest
 from stress.arena import Arena, Control, Globals, Layout, list_segments
 from stress.atomics import Words
 from stress.model.kvm import Geometry, Kvm, TdxVm
-from stress.model.tdp_mmu import kvm_tdp_mmu_alloc_root
+from stress.model.roots import kvm_tdp_mmu_alloc_root
+from stress.model.tdp_mmu import kvm_tdp_mmu_alloc_mirror_root
 from stress.model.tdx import TdxModule
 from stress.model.variants import get_variant
 
@@ -52,9 +53,12 @@ class Vm:
         self.policy = policy
         self.latency_ns = latency_ns
         self.kvm = self.task(0)
-        self.root = kvm_tdp_mmu_alloc_root(self.kvm)
         if tdx:
-            self.mirror_root = kvm_tdp_mmu_alloc_root(self.kvm, mirror=True)
+            self.mirror_root = kvm_tdp_mmu_alloc_mirror_root(self.kvm)
+        self.kvm.read_lock()
+        self.root = kvm_tdp_mmu_alloc_root(self.kvm)  # the VM's first direct root,
+        self.kvm.read_unlock()  # its creator's reference is the task's vCPU's
+        self.kvm.vcpu.root = self.root
 
     def task(self, me: int, words: Words | None = None) -> Kvm:
         """Another task (its own RCU reader slot and lock state) on the same VM."""

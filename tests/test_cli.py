@@ -97,7 +97,7 @@ def test_expect_violation_on_fixed_protocol_fails(tmp_path: Path) -> None:
     (["/nonexistent/config.toml"], "config.toml"),
     (["--bogus-flag"], "bogus"),
     (["--variant", "mirror-no-freeze", "--vm-type", "default"], "tdx"),
-    (["--vcpus", "0", "--workers", "zapper=0"], "workers"),
+    (["--vcpus", "0", "--workers", "zapper=0", "--workers", "invalidator=0"], "workers"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     r = run_cli("run", *args, "--out", str(tmp_path / "out"))

@@ -44,7 +44,7 @@ from stress.harness.workers import STAT_NAMES, build_kvm, worker_main
 from stress.model.errors import InvariantViolation
 from stress.model.kvm import LOCK_NONE, Kvm
 from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
-from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_root
+from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_mirror_root
 
 EXIT_CLEAN = 0
 EXIT_VIOLATION = 1
@@ -173,9 +173,8 @@ class Supervisor:
             w.store(lay.bitmap + lay.bitmap_words - 1, (1 << tail) - 1)
         w.store(lay.glob(Globals.RCU_GP_CTR), 1)
         self.kvm = build_kvm(self.cfg, w, lay, me=self.n)
-        kvm_tdp_mmu_alloc_root(self.kvm)
         if self.kvm.geometry.tdx:
-            kvm_tdp_mmu_alloc_root(self.kvm, mirror=True)
+            kvm_tdp_mmu_alloc_mirror_root(self.kvm)
 
     def _spawn(self) -> None:
         ctx = multiprocessing.get_context("fork")

@@ -31,14 +31,19 @@ from stress.config import Config
 from stress.model.errors import InvariantViolation
 from stress.model.kvm import Geometry, Kvm, TdxVm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+from stress.model.roots import (
+    for_each_tdp_mmu_root_yield_safe,
+    kvm_mmu_unload,
+    kvm_mmu_zap_all_fast,
+)
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.tdp_mmu import (
     RET_PF_RETRY,
-    kvm_tdp_mmu_roots,
     kvm_tdp_mmu_zap_leafs,
     kvm_tdp_page_fault,
     tdp_mmu_zap_leafs_atomic,
     tdp_mmu_zap_range_at_level,
+    zap_root_types,
 )
 from stress.model.tdx import TdxModule
 from stress.model.variants import get_variant
@@ -51,6 +56,8 @@ STAT_NAMES = (
     "subtree_zaps_exclusive",
     "entries_zapped", "zap_retry", "alloc_fail", "delays", "max_fault_retries",
     "seamcalls", "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed",
+    "roots_created", "roots_freed", "roots_invalidated", "root_zaps", "fast_zaps", "yields",
+    "obsolete_roots_dropped", "retry_stale_root", "root_resets", "halts",
 )
 assert len(STAT_NAMES) <= Slot.MAX_STATS
 
@@ -81,6 +88,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     variant = get_variant(cfg.run.variant)
     kvm = Kvm(words, layout, geometry, variant, me, rng)
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
+    kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
     if tdx:
         kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9)),
                         policy=variant.busy_policy or cfg.tdx.busy_policy,
@@ -128,6 +136,30 @@ class VcpuRole(Role):
         kvm.stats["retries"] += retries
         if retries > kvm.stats["max_fault_retries"]:
             kvm.stats["max_fault_retries"] = retries
+        vc = self.cfg.vcpu
+        if vc.halt_every and self.rng.randrange(vc.halt_every) == 0:
+            # HLT: the vCPU sleeps outside the guest, still holding its root; an
+            # invalidation meanwhile leaves it an obsolete root to drop on entry
+            time.sleep(vc.halt_time * 2 * self.rng.random())
+            kvm.stats["halts"] += 1
+        every = vc.root_reset_every
+        if every and self.rng.randrange(every) == 0:
+            # kvm_mmu_reset_context (CR0/CR4/EFER writes): unload the root, the
+            # next entry loads one again
+            kvm_mmu_unload(kvm, kvm.vcpu)
+            kvm.stats["root_resets"] += 1
+
+
+class InvalidatorRole(Role):
+    """Memslot updates: kvm_mmu_zap_all_fast many times a second, invalidating
+    every direct root and zapping the invalidated roots with yields."""
+
+    name = "invalidator"
+
+    def step(self) -> None:
+        kvm_mmu_zap_all_fast(self.kvm)
+        if self.cfg.invalidator.interval:
+            time.sleep(self.cfg.invalidator.interval * (0.5 + self.rng.random()))
 
 
 class ZapperRole(Role):
@@ -164,7 +196,7 @@ class ZapperRole(Role):
         start, end = self._range()
         kvm.write_lock()
         try:
-            for root in kvm_tdp_mmu_roots(kvm):
+            for root in for_each_tdp_mmu_root_yield_safe(kvm, zap_root_types(kvm, False)):
                 kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs(kvm, root, start, end)
         finally:
             kvm.write_unlock()
@@ -175,7 +207,7 @@ class ZapperRole(Role):
         start, end = self._range()
         kvm.read_lock()
         try:
-            for root in kvm_tdp_mmu_roots(kvm, shared=True):
+            for root in for_each_tdp_mmu_root_yield_safe(kvm, zap_root_types(kvm, True)):
                 kvm.stats["entries_zapped"] += tdp_mmu_zap_leafs_atomic(kvm, root, start, end)
         finally:
             kvm.read_unlock()
@@ -187,7 +219,8 @@ class ZapperRole(Role):
         start = round_gfn_for_level(self.pick_gfn(), level)
         end = start + KVM_PAGES_PER_HPAGE(level)
         return sum(tdp_mmu_zap_range_at_level(kvm, root, start, end, level, shared)
-                   for root in kvm_tdp_mmu_roots(kvm, shared=shared))
+                   for root in for_each_tdp_mmu_root_yield_safe(kvm,
+                                                                zap_root_types(kvm, shared)))
 
     def subtree_zap_shared(self) -> None:
         kvm = self.kvm
@@ -208,7 +241,8 @@ class ZapperRole(Role):
         kvm.stats["subtree_zaps_exclusive"] += 1
 
 
-ROLE_CLASSES: dict[str, type[Role]] = {"vcpu": VcpuRole, "zapper": ZapperRole}
+ROLE_CLASSES: dict[str, type[Role]] = {"vcpu": VcpuRole, "zapper": ZapperRole,
+                                        "invalidator": InvalidatorRole}
 
 
 def _die_with_parent() -> None:
@@ -312,6 +346,7 @@ class Worker:
                     next_publish = now + 0.05
                 if now >= hang_at:
                     self.hang()
+        kvm_mmu_unload(self.kvm, self.kvm.vcpu)  # vCPU destroyed: its root reference goes
         self.drain(timeout=1.0)
         self.publish()
 

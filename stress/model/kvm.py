@@ -70,6 +70,13 @@ class Kvm:
         self._lock_mode_i = layout.slot(me, Slot.LOCK_MODE)
         self.tlb_flush_ns = 0  # remote TLB flush latency (set from the config)
         self.tdx: TdxVm | None = None
+        from stress.model.roots import Vcpu
+
+        self.vcpu = Vcpu()  # this task's struct kvm_vcpu (its direct root)
+        # tdp_mmu_iter_cond_resched: need_resched() comes true every resched_every
+        # calls (or at once when a writer waits for mmu_lock)
+        self.resched_every = 64
+        self.resched_countdown = 64
         self.alloc_cursor = (me * 7919) % max(1, layout.bitmap_words)
 
     # -- mmu_lock ----------------------------------------------------------------

@@ -90,6 +90,9 @@ def tdp_mmu_init_sp(kvm: Kvm, page: int, level: int, gfn: int, role_bits: int = 
 def tdp_mmu_free_sp(kvm: Kvm, page: int) -> None:
     """Poison the page, move its generation on and give it back to the pool."""
     lay = kvm.layout
+    if kvm.w.load(lay.sp(page, SpMeta.STATE)) == SP_FREE:
+        kvm.bug("page freed twice", "a page-table page was freed while already free",
+                table=page)
     kvm.w.fill(lay.spt(page), WORDS_PER_PAGE, POISON_SPTE)
     kvm.w.fetch_add(lay.sp(page, SpMeta.GEN), 1)
     kvm.w.store(lay.sp(page, SpMeta.STATE), SP_FREE)

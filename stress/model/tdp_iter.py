@@ -34,7 +34,7 @@ from stress.model.spte import (
 class TdpIter:
     __slots__ = ("kvm", "root_level", "min_level", "level", "gfn", "next_last_level_gfn",
                  "pt_path", "gens", "sptep", "old_spte", "valid", "yielded", "mirror",
-                 "fault_private")
+                 "fault_private", "yielded_gfn")
 
     def __init__(self, kvm: Kvm, root: int, root_level: int, start: int,
                  min_level: int = 1, fault_private: bool | None = None) -> None:
@@ -58,8 +58,10 @@ class TdpIter:
         self.restart()
 
     def restart(self) -> None:
-        """tdp_iter_restart: walk again from the root at next_last_level_gfn."""
+        """tdp_iter_restart: walk again from the root at next_last_level_gfn (the
+        tree may have changed completely while mmu_lock was dropped)."""
         self.yielded = False
+        self.yielded_gfn = self.next_last_level_gfn
         self.level = self.root_level
         self.gfn = round_gfn_for_level(self.next_last_level_gfn, self.level)
         self._point()

@@ -50,6 +50,12 @@ from stress.model.spte import (
 )
 from stress.model.tdp_iter import TdpIter
 
+
+def tdp_mmu_yield(kvm: Kvm) -> None:
+    from stress.model.roots import tdp_mmu_yield as _yield
+
+    _yield(kvm)
+
 EBUSY = 16
 
 RET_PF_FIXED = 0
@@ -66,27 +72,28 @@ class KvmPageFault:
     goal_level: int = PG_LEVEL_4K
 
 
-def kvm_tdp_mmu_root(kvm: Kvm) -> int:
-    return kvm.w.load(kvm.layout.glob(Globals.ROOT))
-
-
 def kvm_tdp_mmu_mirror_root(kvm: Kvm) -> int:
     return kvm.w.load(kvm.layout.glob(Globals.MIRROR_ROOT))
 
 
 def tdp_mmu_get_root_for_fault(kvm: Kvm, fault: KvmPageFault) -> int:
-    """The mirror root for private faults, the direct root for shared ones."""
-    return kvm_tdp_mmu_mirror_root(kvm) if fault.is_private else kvm_tdp_mmu_root(kvm)
+    """The mirror root for private faults, the vCPU's direct root for shared ones."""
+    if fault.is_private:
+        return kvm_tdp_mmu_mirror_root(kvm)
+    assert kvm.vcpu.root is not None
+    return kvm.vcpu.root
 
 
-def kvm_tdp_mmu_roots(kvm: Kvm, shared: bool = False) -> list[int]:
-    """The roots a range operation visits (for_each_tdp_mmu_root).  Under the
-    read lock the variant decides whether mirror roots are included (the v6.16
-    rule zaps mirror SPTEs only under the write lock)."""
-    roots = [kvm_tdp_mmu_root(kvm)]
-    if kvm.geometry.tdx and (not shared or kvm.variant.mirror_shared_zaps):
-        roots.append(kvm_tdp_mmu_mirror_root(kvm))
-    return roots
+def zap_root_types(kvm: Kvm, shared: bool) -> int:
+    """The roots a range zap visits: all, invalid ones included (an mmu_notifier
+    must reach a root still being zapped).  Under the read lock the variant
+    decides whether mirror roots are included (the v6.16 rule zaps mirror SPTEs
+    only under the write lock)."""
+    from stress.model.roots import KVM_ALL_ROOTS, KVM_MIRROR_ROOTS
+
+    if shared and not kvm.variant.mirror_shared_zaps:
+        return KVM_ALL_ROOTS & ~KVM_MIRROR_ROOTS
+    return KVM_ALL_ROOTS
 
 
 # ---------------------------------------------------------------------------
@@ -346,17 +353,25 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
 
 
 def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
-    """The fault path from kvm_mmu_faultin_pfn to read_unlock (one attempt).
+    """One guest entry and fault: kvm_mmu_reload, then the fault path from
+    kvm_mmu_faultin_pfn to read_unlock.
 
     A private gfn (TDX) faults through the mirror root and is always treated
-    as a write, as tdx_handle_ept_violation does.
+    as a write, as tdx_handle_ept_violation does.  A fault on a root that was
+    invalidated meanwhile is stale and retries (the next entry reloads).
     """
+    from stress.model.roots import is_root_invalid, kvm_mmu_reload
+
+    kvm_mmu_reload(kvm, kvm.vcpu)
     is_private = kvm_mem_is_private(kvm, gfn)
     fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=gfn_to_host_pfn(gfn),
                          is_private=is_private)
     root = tdp_mmu_get_root_for_fault(kvm, fault)
     kvm.read_lock()
     try:
+        if is_root_invalid(kvm, root):  # is_page_fault_stale: obsolete root
+            kvm.stats["retry_stale_root"] += 1
+            return RET_PF_RETRY
         return kvm_tdp_mmu_map(kvm, root, fault)
     finally:
         kvm.read_unlock()
@@ -431,8 +446,34 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
     return n
 
 
+def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool) -> bool:
+    """Yield mmu_lock (and RCU) if someone waits for it or it is time to, but only
+    after forward progress since the last yield (no livelock).  The caller must
+    then restart its walk from the root: the tree may have changed completely."""
+    if it.next_last_level_gfn == it.yielded_gfn:
+        return False
+    kvm.resched_countdown -= 1
+    if kvm.resched_countdown > 0 and not kvm.rwlock_needbreak():
+        return False
+    kvm.resched_countdown = kvm.resched_every
+    kvm.rcu.rcu_read_unlock()
+    if shared:
+        kvm.read_unlock()
+    else:
+        kvm.write_unlock()
+    tdp_mmu_yield(kvm)
+    if shared:
+        kvm.read_lock()
+    else:
+        kvm.write_lock()
+    kvm.rcu.rcu_read_lock()
+    it.yielded = True
+    kvm.stats["yields"] += 1
+    return True
+
+
 def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_level: int,
-                               shared: bool) -> int:
+                               shared: bool, may_yield: bool = False) -> int:
     """Zap every present entry at ``zap_level`` in [start, end), leaf or not.
 
     The range form of ``__tdp_mmu_zap_root``: a non-leaf zapped here takes its
@@ -449,6 +490,9 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
     try:
         it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level)
         while it.in_range(end):
+            if may_yield and tdp_mmu_iter_cond_resched(kvm, it, shared):
+                it.next()  # restarts from the root at next_last_level_gfn
+                continue
             if is_shadow_present_pte(it.old_spte) and it.level == zap_level:
                 if shared:
                     if tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE):
@@ -467,51 +511,67 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
 # Root and teardown (the single direct root; the root lifecycle comes later)
 # ---------------------------------------------------------------------------
 
-def kvm_tdp_mmu_alloc_root(kvm: Kvm, mirror: bool = False) -> int:
-    """Allocate a root before any worker runs: the direct root, or (TDX) the
-    mirror root, whose external page becomes the S-EPT root in the module."""
-    root = tdp_mmu_alloc_sp(kvm)
-    if root is None:
-        raise RuntimeError("page pool cannot hold a root")
-    tdp_mmu_init_sp(kvm, root, kvm.geometry.root_level, 0, ROLE_MIRROR if mirror else 0)
-    if mirror:
-        assert kvm.tdx is not None
-        ext = kvm_mmu_alloc_external_spt(kvm)
-        if ext is None:
-            raise RuntimeError("page pool cannot hold the S-EPT root")
-        kvm.tdx.module.td_init(ext)
-        kvm.w.store(kvm.layout.sp(root, SpMeta.EXTERNAL_SPT), ext + 1)
-    kvm.w.store(kvm.layout.sp(root, SpMeta.STATE), SP_LINKED)
+def kvm_tdp_mmu_alloc_mirror_root(kvm: Kvm) -> int:
+    """TDX: the VM's mirror root, whose external page becomes the S-EPT root in the
+    module.  Mirror roots cannot be fast-zapped; this one lives as long as the VM
+    (on the roots list, held by the TDP MMU's reference)."""
+    from stress.model.roots import _new_root
+
+    assert kvm.tdx is not None
+    root = _new_root(kvm, mirror=True)
     kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 1)
-    kvm.w.store(kvm.layout.glob(Globals.MIRROR_ROOT if mirror else Globals.ROOT), root)
+    ext = kvm_mmu_alloc_external_spt(kvm)
+    if ext is None:
+        raise MemoryError("page pool cannot hold the S-EPT root")
+    kvm.tdx.module.td_init(ext)
+    kvm.w.store(kvm.layout.sp(root, SpMeta.EXTERNAL_SPT), ext + 1)
+    kvm.w.store(kvm.layout.glob(Globals.MIRROR_ROOT), root)
     return root
 
 
 def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
-    """VM teardown with no vCPU left: zap every root exclusively, wait for RCU,
-    reclaim the S-EPT root, free the roots.
+    """VM teardown with no vCPU left: invalidate every root, zap it exclusively,
+    reclaim the S-EPT root, put the TDP MMU's references, wait for RCU.
 
-    Afterwards every page of the pool must be free and tdp_mmu_pages zero; the
-    checker verifies that (a leak means a table was lost by the protocol).
+    Afterwards every page of the pool must be free, tdp_mmu_pages zero and the
+    roots list empty; the checker verifies that (a leak means a reference or a
+    table was lost by the protocol).
     """
     from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+    from stress.model.roots import (
+        KVM_VALID_ROOTS,
+        kvm_mmu_unload,
+        kvm_tdp_mmu_invalidate_roots,
+        kvm_tdp_mmu_put_root,
+        listed_roots,
+        tdp_mmu_zap_root,
+    )
 
-    top = kvm.geometry.root_level
-    roots = kvm_tdp_mmu_roots(kvm)
+    kvm_mmu_unload(kvm, kvm.vcpu)
+    mirror_root = kvm.w.load(kvm.layout.glob(Globals.MIRROR_ROOT)) if kvm.geometry.tdx else 0
     kvm.write_lock()
     try:
-        for root in roots:
-            tdp_mmu_zap_range_at_level(kvm, root, 0, KVM_PAGES_PER_HPAGE(top + 1), top,
-                                       shared=False)
+        kvm_tdp_mmu_invalidate_roots(kvm, KVM_VALID_ROOTS)
+        scheduled = [r for r in listed_roots(kvm)
+                     if kvm.w.load(kvm.layout.sp(r, SpMeta.SCHEDULED_TO_ZAP))]
+        for root in scheduled:
+            kvm.w.store(kvm.layout.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0)
+            tdp_mmu_zap_root(kvm, root, shared=False)
     finally:
         kvm.write_unlock()
-    kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
     if kvm.geometry.tdx:
         assert kvm.tdx is not None
         if kvm.tdx.module.td_teardown() is None:
             kvm.bug("S-EPT not empty at teardown",
                     "the mirror root was zapped but the S-EPT root still maps something")
-    for root, which in zip(roots, (Globals.ROOT, Globals.MIRROR_ROOT), strict=False):
-        kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 0)
-        tdp_mmu_free_sp(kvm, root)
-        kvm.w.store(kvm.layout.glob(which), 0)
+        kvm.w.store(kvm.layout.glob(Globals.MIRROR_ROOT), 0)
+    kvm.read_lock()
+    try:
+        for root in scheduled:
+            kvm_tdp_mmu_put_root(kvm, root)  # the TDP MMU's reference
+        if kvm.geometry.tdx and not kvm.variant.root_gifted_ref:
+            # without gifted references the VM's own hold on its mirror root goes last
+            kvm_tdp_mmu_put_root(kvm, mirror_root)
+    finally:
+        kvm.read_unlock()
+    kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stress.model import mirror
+from stress.model import mirror, roots
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import FROZEN_SPTE, SPTE_MMU_PRESENT_MASK
@@ -62,6 +62,11 @@ class Variant:
     # the variant only makes sense for a TD / forces a SEAMCALL BUSY policy
     requires_tdx: bool = False
     busy_policy: str | None = None
+    # roots: how the last reference is put; whether a new root carries the TDP
+    # MMU's gifted reference; how invalidated roots are zapped and released
+    put_root: Callable[[Kvm, int], None] = roots.put_root_final
+    root_gifted_ref: bool = True
+    zap_invalidated_roots: Callable[[Kvm, bool], None] = roots.zap_invalidated_roots_final
 
 
 FIXED = Variant(
@@ -102,6 +107,36 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="KVM: x86/mmu: Protect TDP MMU page table memory with RCU (Ben Gardon, 2021, "
                "same series)",
         free_removed_sp=free_sp_without_grace_period,
+    ),
+    replace(
+        FIXED, name="root-put-resurrect", buggy=True,
+        story="Last put of a valid root: mark it invalid with xchg, set the count back to 1, "
+              "zap with yielding, put again (Paolo's version; no gifted reference).",
+        source="seed 001 (Paolo Bonzini / Sean Christopherson, Mar 2022, v3 20/28 'Allow "
+               "yielding when zapping GFNs for defunct TDP MMU root')",
+        put_root=roots.put_root_resurrect, root_gifted_ref=False,
+    ),
+    replace(
+        FIXED, name="root-put-dec-not-one", buggy=True,
+        story="Sean's put: refcount_dec_not_one, xchg, zap with yielding, dec_not_one, then "
+              "force the count to 0; a reference taken in between is wiped out.",
+        source="seed 001 (Sean's refcount_dec_not_one proposal)",
+        put_root=roots.put_root_dec_not_one, root_gifted_ref=False,
+    ),
+    replace(
+        FIXED, name="root-put-force-zero", buggy=True,
+        story="The final put with the last reference found by refcount_dec_not_one and the "
+              "count then forced to 0: a concurrent get under the read lock is lost.",
+        source="seed 001 (\"KVM should never force a refcount to '0'\")",
+        put_root=roots.put_root_force_zero,
+    ),
+    replace(
+        FIXED, name="root-double-put", buggy=True,
+        story="The invalidated-roots zap puts the TDP MMU's reference of every invalid root "
+              "it visits, so a root zapped earlier loses it twice and is freed while in use.",
+        source="reference 9.8: defunct-root refcounting in the 2022 TDP MMU overhaul "
+               "(efd995dae5eb, 22b94c4b63eb, edbdb43fc96b)",
+        zap_invalidated_roots=roots.zap_invalidated_roots_double_put,
     ),
     replace(
         FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True,

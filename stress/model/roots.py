@@ -1,0 +1,457 @@
+"""Root lifecycle: refcounts, the roots list, invalidation and yielding root zaps.
+
+Design note (seed 001, reference section 5).  Direct roots come and go:
+a vCPU loads a root (reusing a valid one with a matching role, or allocating
+one) and holds a reference on it; a fast zap (``kvm_mmu_zap_all_fast``) marks
+every direct root invalid under the write lock, then zaps the invalidated
+roots under the read lock, *yielding* in the middle of a root so other tasks
+run meanwhile; a vCPU that finds its root obsolete drops it and reloads.
+
+References: ``tdp_mmu_root_count`` is taken with increment-not-zero (a root
+whose count reached 0 is dying and is never resurrected) and dropped with
+``kvm_tdp_mmu_put_root``.  In the final upstream design a new root is born
+with two references, the vCPU's and one "gifted" to the TDP MMU, which holds
+it until the root is invalidated and zapped (the ``scheduled_to_zap`` flag
+makes sure that reference is put exactly once); so a valid root never loses
+its last reference, and the last put of an invalid root unlinks it from the
+list and frees it after an RCU grace period.  The put is the piece the
+variants swap: the March 2022 thread (seed 001) tried several ways to put the
+last reference of a root that was still valid, before the gifted reference
+existed.
+
+The list is an array of slots in shared memory; adds and removes take
+``tdp_mmu_pages_lock``, readers walk it under RCU and pin what they want with
+a reference before leaving the read-side section.  The mirror root (TDX) is
+not on it: mirror roots cannot be fast-zapped, and the model has one for the
+VM's life.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from stress.arena import MAX_ROOTS, Globals, SpMeta
+from stress.model.kvm import LOCK_READ, Kvm
+from stress.model.mmu_page import (
+    ROLE_INVALID,
+    ROLE_MIRROR,
+    SP_LINKED,
+    SP_REMOVED,
+    tdp_mmu_alloc_sp,
+    tdp_mmu_init_sp,
+)
+
+KVM_INVALID_ROOTS = 1
+KVM_DIRECT_ROOTS = 2
+KVM_MIRROR_ROOTS = 4
+KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
+KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
+
+
+class Vcpu:
+    """struct kvm_vcpu, the part the MMU uses: the direct root it holds a reference on."""
+
+    def __init__(self) -> None:
+        self.root: int | None = None
+
+
+# ---------------------------------------------------------------------------
+# refcount_t on a shared word, with its oracles
+# ---------------------------------------------------------------------------
+
+def _count_i(kvm: Kvm, root: int) -> int:
+    return kvm.layout.sp(root, SpMeta.ROOT_COUNT)
+
+
+def refcount_inc_not_zero(kvm: Kvm, root: int) -> bool:
+    i = _count_i(kvm, root)
+    while True:
+        v = kvm.w.load(i)
+        if v == 0:
+            return False
+        if v >= 1 << 62:
+            _underflow(kvm, root, v)
+        if kvm.w.cmpxchg(i, v, v + 1) == v:
+            return True
+
+
+def refcount_dec_and_test(kvm: Kvm, root: int) -> bool:
+    old = kvm.w.fetch_add(_count_i(kvm, root), -1)
+    if old == 0 or old >= 1 << 62:
+        _underflow(kvm, root, old)
+    return old == 1
+
+
+def refcount_dec_not_one(kvm: Kvm, root: int) -> bool:
+    """Decrement unless the count is 1; True if it decremented."""
+    i = _count_i(kvm, root)
+    while True:
+        v = kvm.w.load(i)
+        if v == 1:
+            return False
+        if v == 0 or v >= 1 << 62:
+            _underflow(kvm, root, v)
+        if kvm.w.cmpxchg(i, v, v - 1) == v:
+            return True
+
+
+def refcount_set(kvm: Kvm, root: int, value: int) -> None:
+    old = kvm.w.xchg(_count_i(kvm, root), value)
+    if old == 0 and value:
+        kvm.warn("refcount_set resurrects a root whose count was 0")
+
+
+def _underflow(kvm: Kvm, root: int, seen: int) -> None:
+    kvm.bug("refcount underflow",
+            "tdp_mmu_root_count was decremented below zero (a reference put twice, or a "
+            "count forced to zero while another task held a reference)",
+            root=root, count=seen - (1 << 64) if seen >= 1 << 63 else seen)
+
+
+# ---------------------------------------------------------------------------
+# the roots list (RCU readers, tdp_mmu_pages_lock writers)
+# ---------------------------------------------------------------------------
+
+def is_root_invalid(kvm: Kvm, root: int) -> bool:
+    return bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_INVALID)
+
+
+def tdp_mmu_root_match(kvm: Kvm, root: int, types: int) -> bool:
+    role = kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE))
+    if role & ROLE_INVALID:
+        return bool(types & KVM_INVALID_ROOTS)
+    return bool(types & (KVM_MIRROR_ROOTS if role & ROLE_MIRROR else KVM_DIRECT_ROOTS))
+
+
+def _list_add(kvm: Kvm, root: int) -> None:
+    lay = kvm.layout
+    for s in range(MAX_ROOTS):
+        if kvm.w.load(lay.root_slot(s)) == 0:
+            kvm.w.store(lay.sp(root, SpMeta.ROOT_SLOT), s + 1)
+            kvm.w.store(lay.root_slot(s), root + 1)  # list_add_rcu: publish last
+            return
+    kvm.bug("roots list full", f"more than {MAX_ROOTS} roots alive at once", root=root)
+
+
+def _list_del(kvm: Kvm, root: int) -> None:
+    lay = kvm.layout
+    s = kvm.w.load(lay.sp(root, SpMeta.ROOT_SLOT)) - 1
+    if s < 0 or kvm.w.load(lay.root_slot(s)) != root + 1:
+        kvm.bug("root freed twice", "list_del_rcu of a root that is not on the list",
+                root=root, slot=s)
+    kvm.w.store(lay.root_slot(s), 0)
+
+
+def tdp_mmu_pages_lock(kvm: Kvm) -> None:
+    kvm.w.spin_lock(kvm.layout.glob(Globals.TDP_MMU_PAGES_LOCK), kvm.pid)
+
+
+def tdp_mmu_pages_unlock(kvm: Kvm) -> None:
+    kvm.w.spin_unlock(kvm.layout.glob(Globals.TDP_MMU_PAGES_LOCK))
+
+
+def listed_roots(kvm: Kvm) -> list[int]:
+    """Every root on the list right now (no references: for checkers and teardown)."""
+    lay = kvm.layout
+    return [v - 1 for v in (kvm.w.load(lay.root_slot(s)) for s in range(MAX_ROOTS)) if v]
+
+
+def tdp_mmu_next_root(kvm: Kvm, after: int, types: int) -> tuple[int | None, int]:
+    """The next root after slot ``after`` that matches ``types`` and whose
+    reference we could take (a root at count 0 is dying: skipped).
+    Returns (root, its slot) or (None, MAX_ROOTS)."""
+    lay = kvm.layout
+    kvm.rcu.rcu_read_lock()
+    try:
+        for s in range(after + 1, MAX_ROOTS):
+            v = kvm.w.load(lay.root_slot(s))
+            if v and tdp_mmu_root_match(kvm, v - 1, types) and kvm_tdp_mmu_get_root(kvm, v - 1):
+                return v - 1, s
+        return None, MAX_ROOTS
+    finally:
+        kvm.rcu.rcu_read_unlock()
+
+
+def for_each_tdp_mmu_root_yield_safe(kvm: Kvm, types: int = KVM_ALL_ROOTS) -> Iterator[int]:
+    """Each matching root, pinned by a reference while the body runs (so the body
+    may yield mmu_lock).  ``prev`` is put only after ``next`` is pinned; breaking
+    out of the loop puts the current root."""
+    kvm.lockdep_assert_held()
+    slot = -1
+    root: int | None = None
+    try:
+        while True:
+            nxt, slot = tdp_mmu_next_root(kvm, slot, types)
+            if root is not None:
+                kvm_tdp_mmu_put_root(kvm, root)
+            root = nxt
+            if root is None:
+                return
+            yield root
+    finally:
+        if root is not None:
+            kvm_tdp_mmu_put_root(kvm, root)
+
+
+# ---------------------------------------------------------------------------
+# get / put / alloc
+# ---------------------------------------------------------------------------
+
+def kvm_tdp_mmu_get_root(kvm: Kvm, root: int) -> bool:
+    return refcount_inc_not_zero(kvm, root)
+
+
+def kvm_tdp_mmu_put_root(kvm: Kvm, root: int) -> None:
+    kvm.variant.put_root(kvm, root)
+
+
+def tdp_mmu_free_root(kvm: Kvm, root: int) -> None:
+    """Unlink a root whose last reference is gone and free it after a grace period."""
+    tdp_mmu_pages_lock(kvm)
+    try:
+        _list_del(kvm, root)
+    finally:
+        tdp_mmu_pages_unlock(kvm)
+    kvm.stats["roots_freed"] += 1
+    from stress.model.tdp_mmu import call_rcu_free_sp
+
+    kvm.w.store(kvm.layout.sp(root, SpMeta.STATE), SP_REMOVED)  # awaiting RCU
+    call_rcu_free_sp(kvm, root)
+
+
+def put_root_final(kvm: Kvm, root: int) -> None:
+    """The final upstream put: the last reference of a root goes only after it
+    was invalidated (the TDP MMU's gifted reference keeps valid roots alive)."""
+    if not refcount_dec_and_test(kvm, root):
+        return
+    if not is_root_invalid(kvm, root):
+        kvm.bug("valid root lost its last reference",
+                "kvm_tdp_mmu_put_root: KVM_BUG_ON(!root->role.invalid)", root=root)
+    tdp_mmu_free_root(kvm, root)
+
+
+def _xchg_invalid(kvm: Kvm, root: int) -> bool:
+    """xchg(&root->role.invalid, true): True if it was invalid already."""
+    return bool(kvm.w.fetch_or(kvm.layout.sp(root, SpMeta.ROLE), ROLE_INVALID) & ROLE_INVALID)
+
+
+def _zap_defunct(kvm: Kvm, root: int) -> None:
+    tdp_mmu_zap_root(kvm, root, shared=kvm.lock_mode == LOCK_READ)
+
+
+def put_root_resurrect(kvm: Kvm, root: int) -> None:
+    """Seed 001, Paolo's version (v4 of the 2022 overhaul): on the last put of a
+    valid root, mark it invalid with xchg, set the count back to 1, zap it
+    with yielding, then put again.  Other tasks may take references while the
+    zap yields; the count went 0 -> 1 (counted as a warning)."""
+    if not refcount_dec_and_test(kvm, root):
+        return
+    if not _xchg_invalid(kvm, root):
+        refcount_set(kvm, root, 1)
+        _zap_defunct(kvm, root)
+        if not refcount_dec_and_test(kvm, root):
+            return
+    tdp_mmu_free_root(kvm, root)
+
+
+def put_root_dec_not_one(kvm: Kvm, root: int) -> None:
+    """Seed 001, Sean's version: refcount_dec_not_one, xchg, zap with yielding,
+    dec_not_one again, then force the count to 0 and free.  Between the
+    dec_not_one that saw 1 and the forced 0, another task can take a reference
+    (a get runs under the read lock since v6.9): it is wiped out."""
+    if refcount_dec_not_one(kvm, root):
+        return
+    if not _xchg_invalid(kvm, root):
+        _zap_defunct(kvm, root)
+        if refcount_dec_not_one(kvm, root):
+            return
+    refcount_set(kvm, root, 0)
+    tdp_mmu_free_root(kvm, root)
+
+
+def put_root_force_zero(kvm: Kvm, root: int) -> None:
+    """The final design's put, with the last reference detected by
+    refcount_dec_not_one and then forced to 0 ("turning a refcount_dec_not_one
+    into a refcount_dec_and_test", seed 001): safe only if no get can run
+    concurrently, which stopped being true when gets moved under the read lock."""
+    if refcount_dec_not_one(kvm, root):
+        return
+    if not is_root_invalid(kvm, root):
+        kvm.bug("valid root lost its last reference",
+                "kvm_tdp_mmu_put_root: KVM_BUG_ON(!root->role.invalid)", root=root)
+    refcount_set(kvm, root, 0)
+    tdp_mmu_free_root(kvm, root)
+
+
+def zap_invalidated_roots_double_put(kvm: Kvm, shared: bool) -> None:
+    """Buggy (the 2022 overhaul's iterations, reference 9.8): the zap path gives
+    the TDP MMU's reference back for every invalid root it visits, not only the
+    ones this invalidation scheduled, so a root zapped by an earlier pass loses a
+    reference it no longer had: it is freed while vCPUs still hold it."""
+    lay = kvm.layout
+    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
+        if not is_root_invalid(kvm, root):
+            continue
+        if kvm.w.xchg(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0):
+            tdp_mmu_zap_root(kvm, root, shared)
+        kvm_tdp_mmu_put_root(kvm, root)
+
+
+def kvm_tdp_mmu_alloc_root(kvm: Kvm, mirror: bool = False) -> int:
+    """Find a valid root with the wanted role and take a reference, or allocate one.
+
+    Runs with mmu_lock held for read (since v6.9), so two vCPUs may race: the
+    search is repeated under tdp_mmu_pages_lock before allocating.  A new root
+    has two references when the variant keeps the gifted one: the caller's and
+    the TDP MMU's.
+    """
+    types = KVM_MIRROR_ROOTS if mirror else KVM_DIRECT_ROOTS
+    for attempt in (0, 1):
+        if attempt:
+            tdp_mmu_pages_lock(kvm)
+        try:
+            for root in listed_roots(kvm):
+                if tdp_mmu_root_match(kvm, root, types) and kvm_tdp_mmu_get_root(kvm, root):
+                    if is_root_invalid(kvm, root):
+                        kvm.bug("invalid root handed to a vCPU",
+                                "kvm_tdp_mmu_alloc_root returned an invalid root", root=root)
+                    return root
+            if attempt:
+                return _new_root(kvm, mirror)
+        finally:
+            if attempt:
+                tdp_mmu_pages_unlock(kvm)
+    raise AssertionError("unreachable")
+
+
+def _new_root(kvm: Kvm, mirror: bool) -> int:
+    root = tdp_mmu_alloc_sp(kvm)
+    if root is None:
+        raise MemoryError("page pool cannot hold a root")
+    tdp_mmu_init_sp(kvm, root, kvm.geometry.root_level, 0, ROLE_MIRROR if mirror else 0)
+    lay = kvm.layout
+    kvm.w.store(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0)
+    kvm.w.store(lay.sp(root, SpMeta.ROOT_ZAPS), 0)
+    kvm.w.store(lay.sp(root, SpMeta.ROOT_COUNT), 2 if kvm.variant.root_gifted_ref else 1)
+    kvm.w.store(lay.sp(root, SpMeta.STATE), SP_LINKED)
+    _list_add(kvm, root)
+    kvm.stats["roots_created"] += 1
+    return root
+
+
+# ---------------------------------------------------------------------------
+# vCPU side: load, obsolete check, unload
+# ---------------------------------------------------------------------------
+
+def kvm_mmu_reload(kvm: Kvm, vcpu: Vcpu) -> None:
+    """On entry: drop an obsolete root (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS), load one."""
+    if vcpu.root is not None and is_root_invalid(kvm, vcpu.root):
+        kvm_mmu_unload(kvm, vcpu)
+        kvm.stats["obsolete_roots_dropped"] += 1
+    if vcpu.root is None:
+        kvm.read_lock()
+        try:
+            vcpu.root = kvm_tdp_mmu_alloc_root(kvm)
+        finally:
+            kvm.read_unlock()
+
+
+def kvm_mmu_unload(kvm: Kvm, vcpu: Vcpu) -> None:
+    """kvm_mmu_free_roots: put the vCPU's reference (mmu_lock held for read)."""
+    if vcpu.root is None:
+        return
+    root, vcpu.root = vcpu.root, None
+    kvm.read_lock()
+    try:
+        kvm_tdp_mmu_put_root(kvm, root)
+    finally:
+        kvm.read_unlock()
+
+
+# ---------------------------------------------------------------------------
+# fast zap: invalidate, then zap the invalidated roots (yielding)
+# ---------------------------------------------------------------------------
+
+def kvm_tdp_mmu_invalidate_roots(kvm: Kvm, types: int) -> int:
+    """Mark every matching valid root invalid and scheduled to be zapped.
+    mmu_lock held for write: readers under the read lock see a stable role."""
+    kvm.lockdep_assert_held_write()
+    n = 0
+    lay = kvm.layout
+    for root in listed_roots(kvm):
+        if is_root_invalid(kvm, root) or not tdp_mmu_root_match(kvm, root, types):
+            continue
+        # without the gifted reference (2022), invalidation takes one, so the root
+        # cannot be freed before it is zapped
+        if not kvm.variant.root_gifted_ref and not kvm_tdp_mmu_get_root(kvm, root):
+            continue  # dying already
+        kvm.w.store(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 1)
+        kvm.w.fetch_or(lay.sp(root, SpMeta.ROLE), ROLE_INVALID)
+        n += 1
+    return n
+
+
+def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
+    """Zap a whole (invalid) root, 4K leaves first then the top level, yielding.
+
+    Oracle: an invalid root is zapped once; zapping it again means some path
+    re-zaps invalid roots, which the 2022 thread warns "would put KVM into an
+    infinite loop".
+    """
+    from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_4K
+    from stress.model.tdp_mmu import tdp_mmu_zap_range_at_level
+
+    zaps = kvm.w.fetch_add(kvm.layout.sp(root, SpMeta.ROOT_ZAPS), 1) + 1
+    if zaps > 1:
+        kvm.bug("invalid root re-zapped", f"tdp_mmu_zap_root ran {zaps} times on one root",
+                root=root)
+    top = kvm.geometry.root_level
+    end = KVM_PAGES_PER_HPAGE(top + 1)
+    for level in (PG_LEVEL_4K, top):
+        tdp_mmu_zap_range_at_level(kvm, root, 0, end, level, shared, may_yield=True)
+    kvm.stats["root_zaps"] += 1
+
+
+def zap_invalidated_roots_final(kvm: Kvm, shared: bool) -> None:
+    """kvm_tdp_mmu_zap_invalidated_roots: zap each root scheduled by the
+    invalidation, then put the TDP MMU's reference (gifted at allocation, or
+    taken at invalidation), exactly once."""
+    lay = kvm.layout
+    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
+        if not kvm.w.load(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP)):
+            continue
+        kvm.w.store(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0)
+        if not is_root_invalid(kvm, root):
+            kvm.bug("scheduled root is valid", "KVM_BUG_ON(!root->role.invalid)", root=root)
+        # the reference must be put after zapping: the root has to stay reachable
+        # by mmu_notifier callbacks while it is being zapped
+        tdp_mmu_zap_root(kvm, root, shared)
+        kvm_tdp_mmu_put_root(kvm, root)
+
+
+def kvm_mmu_zap_all_fast(kvm: Kvm) -> None:
+    """Memslot update: invalidate every direct root (write lock), then zap them
+    (read lock, yielding).  kvm->slots_lock serialises callers."""
+    slots_i = kvm.layout.glob(Globals.SLOTS_LOCK)
+    kvm.w.spin_lock(slots_i, kvm.pid)
+    try:
+        kvm.write_lock()
+        try:
+            kvm.stats["roots_invalidated"] += kvm_tdp_mmu_invalidate_roots(kvm,
+                                                                            KVM_DIRECT_ROOTS)
+        finally:
+            kvm.write_unlock()
+        kvm.read_lock()
+        try:
+            kvm.variant.zap_invalidated_roots(kvm, True)
+        finally:
+            kvm.read_unlock()
+    finally:
+        kvm.w.spin_unlock(slots_i)
+    kvm.stats["fast_zaps"] += 1
+
+
+def tdp_mmu_yield(kvm: Kvm) -> None:
+    """cond_resched_rwlock_{read,write}: let other tasks run."""
+    os.sched_yield()
