@@ -289,7 +289,7 @@ def variants() -> int:
     """List protocol variants with their stories."""
     width = max(len(n) for n in VARIANTS)
     for v in VARIANTS.values():
-        tag = "bug  " if v.buggy else "fixed"
+        tag = "bug  " if v.buggy else "ok   "
         click.echo(f"{v.name:<{width}}  {tag}  {v.story}")
         click.echo(f"{'':<{width}}         source: {v.source}")
     return 0

@@ -73,28 +73,47 @@ class Vm:
         self.words.release()
         self.arena.close()
 
-    def trigger_words(self, target: int, action) -> TriggerWords:  # noqa: ANN001
-        w = TriggerWords(self.arena.shm.buf, self.layout.ctl(Control.ABORT), target, action)
+    def trigger_words(self, target: int, action, on: str = "cmpxchg") -> TriggerWords:  # noqa: ANN001
+        w = TriggerWords(self.arena.shm.buf, self.layout.ctl(Control.ABORT), target, action, on)
         self.extra_words.append(w)
         return w
 
 
 class TriggerWords(Words):
-    """Words that run ``action`` once, right after a cmpxchg on word ``target``
-    succeeds: a hand-made interleaving at the atomics chokepoint."""
+    """Words that run ``action`` once, right after a successful cmpxchg (or,
+    with ``on="load"``, a load) of word ``target``: a hand-made interleaving at
+    the atomics chokepoint."""
 
-    def __init__(self, buf: memoryview, abort_i: int, target: int, action) -> None:  # noqa: ANN001
+    def __init__(self, buf: memoryview, abort_i: int, target: int, action,  # noqa: ANN001
+                 on: str = "cmpxchg") -> None:
         super().__init__(buf, abort_i)
         self.target = target
         self.action = action
+        self.on = on
         self.fired = False
+
+    def _fire(self) -> None:
+        if not self.fired:
+            self.fired = True
+            self.action()
 
     def cmpxchg(self, i: int, old: int, new: int) -> int:
         found = super().cmpxchg(i, old, new)
-        if i == self.target and found == old and not self.fired:
-            self.fired = True
-            self.action()
+        if self.on == "cmpxchg" and i == self.target and found == old:
+            self._fire()
         return found
+
+    def load(self, i: int) -> int:
+        v = super().load(i)
+        if self.on == "load" and i == self.target:
+            self._fire()
+        return v
+
+    def fetch_add(self, i: int, v: int) -> int:
+        old = super().fetch_add(i, v)
+        if self.on == "fetch_add" and i == self.target:
+            self._fire()
+        return old
 
 
 @pytest.fixture
