@@ -25,8 +25,10 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
+MAX_SHADOW_PAGES = 64  # indirect shadow pages (nested TDP) modelled for the unsync path
+SHADOW_SP_WORDS = 16
 PREFIX = "tdpstress-"
 SHM_DIR = Path("/dev/shm")
 
@@ -86,6 +88,8 @@ class Globals:
     SECURE_EPT_LOCK = 11  # the module's per-TD lock, shared or exclusive, never waited on
     SECURE_EPT_LOCK_OWNER = 12
     SLOTS_LOCK = 13  # kvm->slots_lock: serialises kvm_mmu_zap_all_fast callers
+    MMU_UNSYNC_PAGES_LOCK = 14  # kvm->arch.mmu_unsync_pages_lock
+    STAT_MMU_UNSYNC = 15  # kvm->stat.mmu_unsync: shadow pages marked unsync
     WORDS = 32
 
 
@@ -129,6 +133,7 @@ class Layout:
     control: int
     globals: int
     roots: int
+    shadow: int
     slots: int
     sp_meta: int
     bitmap: int
@@ -141,14 +146,15 @@ class Layout:
         control = HEADER_WORDS
         glob = control + Control.WORDS
         roots = glob + Globals.WORDS
-        slots = roots + MAX_ROOTS
+        shadow = roots + MAX_ROOTS
+        slots = shadow + MAX_SHADOW_PAGES * SHADOW_SP_WORDS
         sp_meta = slots + n_slots * WORKER_SLOT_WORDS
         bitmap = sp_meta + n_pages * SP_META_WORDS
         bitmap_words = (n_pages + 63) // 64
         pages = bitmap + bitmap_words
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
-        return cls(n_slots, n_pages, control, glob, roots, slots, sp_meta, bitmap,
+        return cls(n_slots, n_pages, control, glob, roots, shadow, slots, sp_meta, bitmap,
                    bitmap_words, pages, nwords)
 
     def ctl(self, off: int) -> int:
@@ -160,6 +166,10 @@ class Layout:
     def root_slot(self, i: int) -> int:
         """Word of slot ``i`` of the roots list: 0 empty, else 1 + root page."""
         return self.roots + i
+
+    def shadow_sp(self, sp: int, off: int) -> int:
+        """Word ``off`` of indirect shadow page ``sp`` (see model/unsync.py)."""
+        return self.shadow + sp * SHADOW_SP_WORDS + off
 
     def slot(self, worker: int, off: int) -> int:
         return self.slots + worker * WORKER_SLOT_WORDS + off

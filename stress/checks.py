@@ -57,6 +57,7 @@ from stress.model.tdx import (
     sept_pfn,
     sept_state,
 )
+from stress.model.unsync import check_unsync_state
 
 
 @dataclass
@@ -132,6 +133,9 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
                      "a page KVM holds for the TDX module belongs to no removed mirror table",
                      page=page)
             break
+    if kvm.shadowed:
+        for invariant, message, details in check_unsync_state(kvm):
+            rep.fail(invariant, message, **details)
     free_bits = w.popcount(lay.bitmap, lay.bitmap_words)
     if free_bits != rep.states.get("FREE", 0):
         rep.fail("page pool accounting",

@@ -212,23 +212,34 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
 
 @cli.command()
 @click.argument("config_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--policy", "policy_mode", is_flag=True, required=True,
+@click.option("--policy", "policy_mode", is_flag=True,
               help="Compare the SEAMCALL BUSY policies (unwind, retry, serialize).")
+@click.option("--unsync", "unsync_mode", is_flag=True,
+              help="Compare mmu_unsync_pages_lock with Alternative #1 (never unsync); "
+                   "default config configs/unsync.toml.")
 @click.option("--duration", type=DurationType(), default="5s", show_default=True,
               help="Length of each measured run.")
 @click.option("--runs", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Measured runs per policy (after one warm-up run).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="Also write the figures to this JSON file.")
-def bench(config_file: str | None, policy_mode: bool, duration: float, runs: int,
-          json_out: str | None) -> int:
-    """Print benchmark figures (now: the SEAMCALL BUSY policy comparison)."""
-    from stress.bench import format_policy_table, policy_comparison
+def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool, duration: float,
+          runs: int, json_out: str | None) -> int:
+    """Print benchmark figures: SEAMCALL BUSY policies (--policy) or the unsync lock
+    against write-protection (--unsync), side by side in one run."""
+    from stress.bench import format_table, policy_comparison, unsync_comparison
 
-    base = config_mod.load(config_file)
-    res = policy_comparison(base, duration, runs,
-                            progress=lambda m: click.echo(m, err=True))
-    click.echo(format_policy_table(res))
+    if policy_mode == unsync_mode:
+        raise click.UsageError("choose one of --policy or --unsync")
+    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    if policy_mode:
+        res = policy_comparison(config_mod.load(config_file), duration, runs, progress)
+        click.echo(format_table(res, "SEAMCALL BUSY policies: fixed protocol on a TD"))
+    else:
+        path = config_file or str(config_mod.DEFAULT_CONFIG.parent / "unsync.toml")
+        res = unsync_comparison(config_mod.load(path), duration, runs, progress)
+        click.echo(format_table(res, "Marking shadow pages unsync from TDP MMU faults: "
+                                     "mmu_unsync_pages_lock vs can_unsync=false"))
     if json_out:
         write_json_atomic(Path(json_out), res)
     return 0

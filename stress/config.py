@@ -104,6 +104,13 @@ class ZapperConfig:
 
 
 @dataclass(frozen=True)
+class UnsyncConfig:
+    enabled: bool = True  # nested TDP: 16 of L1's page-table gfns are shadowed
+    sync_every: int = 200  # mean vCPU ops between kvm_mmu_sync_roots (write lock)
+    emulate_latency: float = 20e-6  # cost of emulating a write-protected write
+
+
+@dataclass(frozen=True)
 class InjectConfig:
     delay_every: int = 400
     delay_max: float = 20e-6
@@ -144,6 +151,7 @@ class Config:
     invalidator: InvalidatorConfig = field(default_factory=InvalidatorConfig)
     zapper: ZapperConfig = field(default_factory=ZapperConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
+    unsync: UnsyncConfig = field(default_factory=UnsyncConfig)
     tdx: TdxConfig = field(default_factory=TdxConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
@@ -278,6 +286,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "hang_after": _dur("inject.hang_after", 0.0, 86400.0),
         "hang_worker": _int("inject.hang_worker", 0, 1023),
         "leak_per_op": _memsize("inject.leak_per_op"),
+    },
+    "unsync": {
+        "enabled": _bool("unsync.enabled"),
+        "sync_every": _int("unsync.sync_every", 1, 10**9),
+        "emulate_latency": _dur("unsync.emulate_latency", 0.0, 0.1),
     },
     "tdx": {
         "seamcall_latency": _dur("tdx.seamcall_latency", 0.0, 0.1),

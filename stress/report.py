@@ -29,7 +29,8 @@ HEADLINE = ("faults", "retries", "zap_retry", "tables_linked", "tables_freed", "
             "leaf_zaps_shared",
             "subtree_zaps_shared", "subtree_zaps_exclusive", "entries_zapped", "seamcalls",
             "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed",
-            "roots_created", "roots_freed", "fast_zaps", "yields")
+            "roots_created", "roots_freed", "fast_zaps", "yields", "unsync_marked",
+            "unsync_lock_contended", "syncs", "emulated_writes")
 
 
 def final_exit_code(outcome: RunOutcome, expect_violation: bool) -> int:

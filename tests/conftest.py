@@ -41,6 +41,7 @@ class Vm:
                  guest_gfns: int = 1 << 18, tdx: bool = False, policy: str = "unwind",
                  latency_ns: int = 0) -> None:
         self.extra_words: list[Words] = []
+        self.shadowed: dict[int, int] = {}  # nested TDP: gfn -> leaf shadow page
         self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages)
         self.arena = Arena.create(lay, 0)
         self.words = w = Words(self.arena.shm.buf, lay.ctl(Control.ABORT))
@@ -63,6 +64,7 @@ class Vm:
     def task(self, me: int, words: Words | None = None) -> Kvm:
         """Another task (its own RCU reader slot and lock state) on the same VM."""
         kvm = Kvm(words or self.words, self.layout, self.geometry, self.variant, me)
+        kvm.shadowed = self.shadowed
         if self.geometry.tdx:
             kvm.tdx = TdxVm(TdxModule(kvm, self.latency_ns), policy=self.policy)
         return kvm

@@ -65,10 +65,16 @@ UNDERFLOW = "refcount underflow"
     ("root-put-dec-not-one", "tdx", {UNDERFLOW, UAF}),
     ("root-put-force-zero", "tdx", {UNDERFLOW, UAF}),
     ("root-double-put", "tdx", {UNDERFLOW, UAF}),
+    ("unsync-without-lock", "default", {"unsync_children underflow", "missed sync",
+                                        "unsync_children != popcount(bitmap)",
+                                        "unsync page unreachable",
+                                        "kvm->stat.mmu_unsync accounting"}),
+    ("unsync-lock-no-recheck", "default", {"kvm->stat.mmu_unsync accounting"}),
 ])
 def test_bug_variant_is_caught(tmp_path: Path, variant: str, vm_type: str,
                                invariants: set[str]) -> None:
-    cfg = [str(ROOT / "configs" / "roots.toml")] if variant.startswith("root-") else []
+    special = {"root": "roots.toml", "unsync": "unsync.toml"}.get(variant.split("-")[0])
+    cfg = [str(ROOT / "configs" / special)] if special else []
     r = run_cli("run", *cfg, "--variant", variant, "--vm-type", vm_type, "--expect-violation",
                 "--duration", "60s", "--out", str(tmp_path), "-q", timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr  # --expect-violation: caught = 0
@@ -186,3 +192,15 @@ def test_bench_policy_prints_the_three_policies(tmp_path: Path) -> None:
     pol = res["policies"]
     assert pol["serialize"]["BUSY/s"]["median"] == 0  # KVM never contends inside the module
     assert all(pol[p]["faults/s"]["median"] > 0 for p in pol)
+
+
+def test_bench_unsync_compares_lock_and_write_protect(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--unsync", "--duration", "1s", "--runs", "1", "--json", str(out),
+                timeout=180)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    lock, wp = res["arms"]["spinlock (fixed)"], res["arms"]["write-protect (alt #1)"]
+    assert lock["unsync marks/s"]["median"] > 0 and lock["emulated writes/s"]["median"] == 0
+    assert wp["unsync marks/s"]["median"] == 0 and wp["emulated writes/s"]["median"] > 0
+    assert "all runs clean" in r.stdout

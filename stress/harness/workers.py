@@ -28,8 +28,9 @@ from multiprocessing.connection import Connection
 from stress.arena import Arena, Control, Layout, Slot
 from stress.atomics import DelayInjectingWords, LockAborted, Words
 from stress.config import Config
+from stress.model import unsync
 from stress.model.errors import InvariantViolation
-from stress.model.kvm import Geometry, Kvm, TdxVm
+from stress.model.kvm import Geometry, Kvm, TdxVm, kvm_mem_is_private
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.roots import (
     for_each_tdp_mmu_root_yield_safe,
@@ -38,6 +39,7 @@ from stress.model.roots import (
 )
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.tdp_mmu import (
+    RET_PF_EMULATE,
     RET_PF_RETRY,
     kvm_tdp_mmu_zap_leafs,
     kvm_tdp_page_fault,
@@ -58,6 +60,8 @@ STAT_NAMES = (
     "seamcalls", "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed",
     "roots_created", "roots_freed", "roots_invalidated", "root_zaps", "fast_zaps", "yields",
     "obsolete_roots_dropped", "retry_stale_root", "root_resets", "halts",
+    "shadowed_writes", "unsync_marked", "unsync_lock_taken", "unsync_lock_contended", "syncs",
+    "pages_synced", "emulated_writes",
 )
 assert len(STAT_NAMES) <= Slot.MAX_STATS
 
@@ -93,7 +97,22 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
         kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9)),
                         policy=variant.busy_policy or cfg.tdx.busy_policy,
                         busy_retries=cfg.tdx.busy_retries)
+    if cfg.unsync.enabled:
+        kvm.shadowed = {g: unsync.leaf_sp(k) for k, g in enumerate(shadowed_gfns(cfg, kvm))}
     return kvm
+
+
+def shadowed_gfns(cfg: Config, kvm: Kvm) -> list[int]:
+    """The L1 page-table gfns shadowed for nested TDP: the first shared gfns from
+    the start of the hot set on (so both vCPUs write them, and often)."""
+    base, _n = hot_region(cfg)
+    out: list[int] = []
+    g = base
+    while len(out) < unsync.N_LEAVES and g < cfg.n_gfns:
+        if not kvm_mem_is_private(kvm, g):
+            out.append(g)
+        g += 1
+    return out
 
 
 class Role:
@@ -126,12 +145,16 @@ class VcpuRole(Role):
         gfn = self.pick_gfn()
         write = self.rng.random() < self.cfg.vcpu.write_fraction
         retries = 0
-        while kvm_tdp_page_fault(kvm, gfn, write) == RET_PF_RETRY:
+        while (r := kvm_tdp_page_fault(kvm, gfn, write)) == RET_PF_RETRY:
             retries += 1
             if retries >= self.cfg.vcpu.max_retries:
                 kvm.bug("fault livelock",
                         f"a fault returned RET_PF_RETRY {retries} times in a row",
                         gfn=gfn, write=write)
+        if r == RET_PF_EMULATE:
+            self.emulate_write(gfn)
+        if kvm.shadowed and self.rng.randrange(self.cfg.unsync.sync_every) == 0:
+            self.sync_roots()
         kvm.stats["faults"] += 1
         kvm.stats["retries"] += retries
         if retries > kvm.stats["max_fault_retries"]:
@@ -148,6 +171,34 @@ class VcpuRole(Role):
             # next entry loads one again
             kvm_mmu_unload(kvm, kvm.vcpu)
             kvm.stats["root_resets"] += 1
+
+
+    def emulate_write(self, gfn: int) -> None:
+        """A write to a write-protected shadowed gfn: emulated, and the shadowed
+        gPTE updated, with mmu_lock held for write (kvm_mmu_pte_write)."""
+        kvm = self.kvm
+        kvm.write_lock()
+        try:
+            kvm.w.spin_ns(int(self.cfg.unsync.emulate_latency * 1e9))
+        finally:
+            kvm.write_unlock()
+        kvm.stats["emulated_writes"] += 1
+
+    def sync_roots(self) -> None:
+        """The guest flushed its TLB (INVEPT): kvm_mmu_sync_roots under the write
+        lock, then the synced gfns are write-protected again (their TDP leaves
+        zapped), so the next write unsyncs them anew."""
+        kvm = self.kvm
+        gfn_of = {sp: g for g, sp in kvm.shadowed.items()}
+        kvm.write_lock()
+        try:
+            synced = unsync.kvm_mmu_sync_roots(kvm)
+            for sp in synced:
+                g = gfn_of[sp]
+                for root in for_each_tdp_mmu_root_yield_safe(kvm, zap_root_types(kvm, False)):
+                    kvm_tdp_mmu_zap_leafs(kvm, root, g, g + 1)
+        finally:
+            kvm.write_unlock()
 
 
 class InvalidatorRole(Role):
@@ -339,8 +390,8 @@ class Worker:
             if inj.leak_per_op:
                 leaked.append(bytearray(b"\x01" * inj.leak_per_op))  # injected leak
             self.reclaim()
-            if stats["ops"] & 31 == 0:
-                now = time.monotonic()
+            now = time.monotonic()
+            if now >= next_publish or now >= hang_at:
                 if now >= next_publish:
                     self.publish()
                     next_publish = now + 0.05

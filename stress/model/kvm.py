@@ -73,6 +73,8 @@ class Kvm:
         from stress.model.roots import Vcpu
 
         self.vcpu = Vcpu()  # this task's struct kvm_vcpu (its direct root)
+        # nested TDP: gfn -> indirect shadow page that shadows it (unsync.py)
+        self.shadowed: dict[int, int] = {}
         # tdp_mmu_iter_cond_resched: need_resched() comes true every resched_every
         # calls (or at once when a writer waits for mmu_lock)
         self.resched_every = 64

@@ -49,6 +49,7 @@ from stress.model.spte import (
     spte_to_pfn,
 )
 from stress.model.tdp_iter import TdpIter
+from stress.model.unsync import mmu_try_to_unsync_pages
 
 
 def tdp_mmu_yield(kvm: Kvm) -> None:
@@ -61,6 +62,7 @@ EBUSY = 16
 RET_PF_FIXED = 0
 RET_PF_SPURIOUS = 1
 RET_PF_RETRY = 2
+RET_PF_EMULATE = 3
 
 
 @dataclass
@@ -341,15 +343,23 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
             kvm.warn("spurious fault with different pfn")
         kvm.stats["spurious"] += 1
         return RET_PF_SPURIOUS
-    new = make_spte(fault.pfn, it.level, writable=fault.write)
+    writable = fault.write
+    emulate = False
+    leaf_sp = kvm.shadowed.get(fault.gfn) if writable and not it.mirror else None
+    if leaf_sp is not None:
+        # make_spte on a gfn that holds one of L1's page tables (nested TDP)
+        kvm.stats["shadowed_writes"] += 1
+        if mmu_try_to_unsync_pages(kvm, leaf_sp):
+            writable, emulate = False, True  # write-protected: the write is emulated
+    new = make_spte(fault.pfn, it.level, writable=writable)
     if new == old:
         kvm.stats["spurious"] += 1
-        return RET_PF_SPURIOUS
+        return RET_PF_EMULATE if emulate else RET_PF_SPURIOUS
     if tdp_mmu_set_spte_atomic(kvm, it, new):
         kvm.stats["retry_cmpxchg"] += 1
         return RET_PF_RETRY
     kvm.stats["leaves_installed"] += 1
-    return RET_PF_FIXED
+    return RET_PF_EMULATE if emulate else RET_PF_FIXED
 
 
 def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:

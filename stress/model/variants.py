@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stress.model import mirror, roots
+from stress.model import mirror, roots, unsync
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import FROZEN_SPTE, SPTE_MMU_PRESENT_MASK
@@ -67,6 +67,8 @@ class Variant:
     put_root: Callable[[Kvm, int], None] = roots.put_root_final
     root_gifted_ref: bool = True
     zap_invalidated_roots: Callable[[Kvm, bool], None] = roots.zap_invalidated_roots_final
+    # nested TDP: marking an indirect shadow page unsync from a TDP MMU fault
+    try_to_unsync: Callable[[Kvm, int], int] = unsync.unsync_double_checked
 
 
 FIXED = Variant(
@@ -139,6 +141,29 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="reference 9.8: defunct-root refcounting in the 2022 TDP MMU overhaul "
                "(efd995dae5eb, 22b94c4b63eb, edbdb43fc96b)",
         zap_invalidated_roots=roots.zap_invalidated_roots_double_put,
+    ),
+    replace(
+        FIXED, name="unsync-without-lock", buggy=True,
+        story="TDP MMU faults (mmu_lock held for read) mark shadow pages unsync with no lock: "
+              "non-atomic bitmap and unsync_children updates race; the count underflows or "
+              "reaches 0 while a child is unsync.",
+        source="seed 004: commit ce25681d59ff (KVM: x86/mmu: Protect marking SPs unsync when "
+               "using TDP MMU with spinlock)",
+        try_to_unsync=unsync.unsync_without_lock,
+    ),
+    replace(
+        FIXED, name="unsync-lock-no-recheck", buggy=True,
+        story="Takes mmu_unsync_pages_lock but does not test sp->unsync again under it: a page "
+              "two faults saw as synced is unsynced twice (kvm->stat.mmu_unsync drifts).",
+        source="seed 004: the double-checked pattern of ce25681d59ff",
+        try_to_unsync=unsync.unsync_lock_no_recheck,
+    ),
+    replace(
+        FIXED, name="unsync-write-protect",
+        story="Alternative #1 of ce25681d59ff: can_unsync = false, never unsync; writes to "
+              "shadowed gfns are write-protected and emulated (valid; slower: see bench).",
+        source="seed 004: commit ce25681d59ff, 'Alternative #1'",
+        try_to_unsync=unsync.unsync_never,
     ),
     replace(
         FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True,
