@@ -25,7 +25,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
 MAX_SHADOW_PAGES = 64  # indirect shadow pages (nested TDP) modelled for the unsync path
 SHADOW_SP_WORDS = 16
@@ -90,6 +90,10 @@ class Globals:
     SLOTS_LOCK = 13  # kvm->slots_lock: serialises kvm_mmu_zap_all_fast callers
     MMU_UNSYNC_PAGES_LOCK = 14  # kvm->arch.mmu_unsync_pages_lock
     STAT_MMU_UNSYNC = 15  # kvm->stat.mmu_unsync: shadow pages marked unsync
+    MMU_INVALIDATE_SEQ = 16  # kvm->mmu_invalidate_seq
+    MMU_INVALIDATE_IN_PROGRESS = 17  # kvm->mmu_invalidate_in_progress
+    MMU_INVALIDATE_RANGE_START = 18
+    MMU_INVALIDATE_RANGE_END = 19
     WORDS = 32
 
 
@@ -134,6 +138,8 @@ class Layout:
     globals: int
     roots: int
     shadow: int
+    host_gens: int  # one byte per gfn: generation of the host page backing it
+    attrs: int  # one bit per gfn: KVM_MEMORY_ATTRIBUTE_PRIVATE
     slots: int
     sp_meta: int
     bitmap: int
@@ -142,20 +148,22 @@ class Layout:
     nwords: int
 
     @classmethod
-    def build(cls, n_slots: int, n_pages: int) -> Layout:
+    def build(cls, n_slots: int, n_pages: int, n_gfns: int = 0) -> Layout:
         control = HEADER_WORDS
         glob = control + Control.WORDS
         roots = glob + Globals.WORDS
         shadow = roots + MAX_ROOTS
-        slots = shadow + MAX_SHADOW_PAGES * SHADOW_SP_WORDS
+        host_gens = shadow + MAX_SHADOW_PAGES * SHADOW_SP_WORDS
+        attrs = host_gens + (n_gfns + 7) // 8
+        slots = attrs + (n_gfns + 63) // 64
         sp_meta = slots + n_slots * WORKER_SLOT_WORDS
         bitmap = sp_meta + n_pages * SP_META_WORDS
         bitmap_words = (n_pages + 63) // 64
         pages = bitmap + bitmap_words
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
-        return cls(n_slots, n_pages, control, glob, roots, shadow, slots, sp_meta, bitmap,
-                   bitmap_words, pages, nwords)
+        return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, slots,
+                   sp_meta, bitmap, bitmap_words, pages, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off

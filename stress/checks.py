@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.atomics import Words
 from stress.model.errors import InvariantViolation
+from stress.model.host import host_page_gen, host_pfn, pfn_gfn_gen
 from stress.model.kvm import Kvm, kvm_mem_is_private
 from stress.model.mmu_page import (
     ROLE_MIRROR,
@@ -41,7 +42,6 @@ from stress.model.spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
     describe,
-    gfn_to_host_pfn,
     is_last_spte,
     is_shadow_present_pte,
     spte_to_pfn,
@@ -196,10 +196,16 @@ def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tupl
                          table=page, level=level, index=i, gfn=gfn, spte=f"{v:#x}")
             elif is_last_spte(v, level):
                 rep.leaves += 1
-                if spte_to_pfn(v) != gfn_to_host_pfn(gfn):
+                mapped_gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
+                if mapped_gfn != gfn:
                     rep.fail("leaf maps wrong pfn", "a leaf maps another gfn's host page",
                              table=page, level=level, gfn=gfn, entry=describe(v),
-                             expected_pfn=gfn_to_host_pfn(gfn))
+                             expected_pfn=host_pfn(kvm, gfn))
+                elif gen != host_page_gen(kvm, gfn):
+                    rep.fail("stale mapping after invalidate_end",
+                             "a leaf maps a host page that a completed invalidation freed",
+                             table=page, level=level, gfn=gfn, entry=describe(v),
+                             mapped_gen=gen, current_gen=host_page_gen(kvm, gfn))
                 elif kvm.geometry.tdx and kvm_mem_is_private(kvm, gfn) != bool(
                         root_role & ROLE_MIRROR):
                     rep.fail("gfn mapped in the wrong root",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROLES = ("vcpu", "zapper", "invalidator")
+ROLES = ("vcpu", "zapper", "invalidator", "notifier", "converter")
 BUSY_POLICIES = ("unwind", "retry", "serialize")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -104,6 +104,18 @@ class ZapperConfig:
 
 
 @dataclass(frozen=True)
+class NotifierConfig:
+    interval: float = 0.002  # mean pause between invalidations
+    max_range: int = 16 << 12  # largest invalidated range
+    window: float = 20e-6  # how far the buggy orderings stretch their window
+
+
+@dataclass(frozen=True)
+class ConverterConfig:
+    interval: float = 0.005  # mean pause between conversions
+
+
+@dataclass(frozen=True)
 class UnsyncConfig:
     enabled: bool = True  # nested TDP: 16 of L1's page-table gfns are shadowed
     sync_every: int = 200  # mean vCPU ops between kvm_mmu_sync_roots (write lock)
@@ -146,12 +158,15 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     guest: GuestConfig = field(default_factory=GuestConfig)
     workers: dict[str, int] = field(
-        default_factory=lambda: {"vcpu": 2, "zapper": 1, "invalidator": 0})
+        default_factory=lambda: {"vcpu": 2, "zapper": 1, "invalidator": 0, "notifier": 0,
+                                 "converter": 0})
     vcpu: VcpuConfig = field(default_factory=VcpuConfig)
     invalidator: InvalidatorConfig = field(default_factory=InvalidatorConfig)
     zapper: ZapperConfig = field(default_factory=ZapperConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
     unsync: UnsyncConfig = field(default_factory=UnsyncConfig)
+    notifier: NotifierConfig = field(default_factory=NotifierConfig)
+    converter: ConverterConfig = field(default_factory=ConverterConfig)
     tdx: TdxConfig = field(default_factory=TdxConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
@@ -287,6 +302,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "hang_worker": _int("inject.hang_worker", 0, 1023),
         "leak_per_op": _memsize("inject.leak_per_op"),
     },
+    "notifier": {
+        "interval": _dur("notifier.interval", 0.0, 3600.0),
+        "max_range": _size("notifier.max_range", 4096, 1 << 40),
+        "window": _dur("notifier.window", 0.0, 0.1),
+    },
+    "converter": {"interval": _dur("converter.interval", 0.0, 3600.0)},
     "unsync": {
         "enabled": _bool("unsync.enabled"),
         "sync_every": _int("unsync.sync_every", 1, 10**9),
@@ -336,6 +357,8 @@ def validate(cfg: Config) -> Config:
     if variant.requires_tdx and cfg.vm.type != "tdx":
         raise ConfigError(f"run.variant: {variant.name} needs vm.type = \"tdx\" "
                           f"(got {cfg.vm.type!r})")
+    if cfg.workers.get("converter", 0) and cfg.vm.type != "tdx":
+        raise ConfigError("workers.converter: conversions need vm.type = \"tdx\"")
     if cfg.inject.hang_after and cfg.inject.hang_worker >= cfg.n_workers:
         raise ConfigError(f"inject.hang_worker: {cfg.inject.hang_worker} but only "
                           f"{cfg.n_workers} workers")

@@ -11,6 +11,7 @@ import pytest
 
 from stress.arena import Arena, Control, Globals, Layout, list_segments
 from stress.atomics import Words
+from stress.model.host import init_mem_attributes
 from stress.model.kvm import Geometry, Kvm, TdxVm
 from stress.model.roots import kvm_tdp_mmu_alloc_root
 from stress.model.tdp_mmu import kvm_tdp_mmu_alloc_mirror_root
@@ -42,7 +43,7 @@ class Vm:
                  latency_ns: int = 0) -> None:
         self.extra_words: list[Words] = []
         self.shadowed: dict[int, int] = {}  # nested TDP: gfn -> leaf shadow page
-        self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages)
+        self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages, n_gfns=guest_gfns)
         self.arena = Arena.create(lay, 0)
         self.words = w = Words(self.arena.shm.buf, lay.ctl(Control.ABORT))
         w.fill(lay.bitmap, lay.bitmap_words, (1 << 64) - 1)
@@ -54,6 +55,7 @@ class Vm:
         self.policy = policy
         self.latency_ns = latency_ns
         self.kvm = self.task(0)
+        init_mem_attributes(self.kvm)
         if tdx:
             self.mirror_root = kvm_tdp_mmu_alloc_mirror_root(self.kvm)
         self.kvm.read_lock()

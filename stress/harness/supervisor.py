@@ -40,8 +40,9 @@ from stress.arena import Arena, Control, Globals, Layout, Slot, SpMeta, sweep_st
 from stress.atomics import Words
 from stress.checks import QuiescentReport, quiescent_check, teardown_check
 from stress.config import Config
-from stress.harness.workers import STAT_NAMES, build_kvm, worker_main
+from stress.harness.workers import STAT_NAMES, build_kvm, enable_nested, worker_main
 from stress.model.errors import InvariantViolation
+from stress.model.host import init_mem_attributes
 from stress.model.kvm import LOCK_NONE, Kvm
 from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
 from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_mirror_root
@@ -139,7 +140,8 @@ class Supervisor:
         self.status_interval = status_interval
         self.roles = [role for role, n in cfg.workers.items() for _ in range(n)]
         self.n = len(self.roles)
-        self.layout = Layout.build(n_slots=self.n + 1, n_pages=pool_pages(cfg))
+        self.layout = Layout.build(n_slots=self.n + 1, n_pages=pool_pages(cfg),
+                                   n_gfns=cfg.n_gfns)
         self.records = [WorkerRecord(i, r) for i, r in enumerate(self.roles)]
         self.violations: list[dict[str, Any]] = []
         self.errors: list[str] = []
@@ -173,6 +175,8 @@ class Supervisor:
             w.store(lay.bitmap + lay.bitmap_words - 1, (1 << tail) - 1)
         w.store(lay.glob(Globals.RCU_GP_CTR), 1)
         self.kvm = build_kvm(self.cfg, w, lay, me=self.n)
+        init_mem_attributes(self.kvm)
+        enable_nested(self.cfg, self.kvm)
         if self.kvm.geometry.tdx:
             kvm_tdp_mmu_alloc_mirror_root(self.kvm)
 

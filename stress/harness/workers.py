@@ -32,6 +32,7 @@ from stress.model import unsync
 from stress.model.errors import InvariantViolation
 from stress.model.kvm import Geometry, Kvm, TdxVm, kvm_mem_is_private
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+from stress.model.notifier import kvm_vm_set_mem_attributes, mmu_notifier_invalidate_range
 from stress.model.roots import (
     for_each_tdp_mmu_root_yield_safe,
     kvm_mmu_unload,
@@ -61,7 +62,8 @@ STAT_NAMES = (
     "roots_created", "roots_freed", "roots_invalidated", "root_zaps", "fast_zaps", "yields",
     "obsolete_roots_dropped", "retry_stale_root", "root_resets", "halts",
     "shadowed_writes", "unsync_marked", "unsync_lock_taken", "unsync_lock_contended", "syncs",
-    "pages_synced", "emulated_writes",
+    "pages_synced", "emulated_writes", "invalidations", "conversions", "retry_invalidate",
+    "memory_fault_exits",
 )
 assert len(STAT_NAMES) <= Slot.MAX_STATS
 
@@ -93,13 +95,18 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     kvm = Kvm(words, layout, geometry, variant, me, rng)
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
     kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
+    kvm.notifier_window_ns = int(cfg.notifier.window * 1e9)
     if tdx:
         kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9)),
                         policy=variant.busy_policy or cfg.tdx.busy_policy,
                         busy_retries=cfg.tdx.busy_retries)
+    return kvm
+
+
+def enable_nested(cfg: Config, kvm: Kvm) -> None:
+    """Shadow L1's page-table gfns (after the memory attributes are set up)."""
     if cfg.unsync.enabled:
         kvm.shadowed = {g: unsync.leaf_sp(k) for k, g in enumerate(shadowed_gfns(cfg, kvm))}
-    return kvm
 
 
 def shadowed_gfns(cfg: Config, kvm: Kvm) -> list[int]:
@@ -201,6 +208,35 @@ class VcpuRole(Role):
             kvm.write_unlock()
 
 
+class NotifierRole(Role):
+    """The primary MMU (and guest_memfd) changing what backs gfn ranges:
+    invalidate_range_start, page replacement, invalidate_range_end."""
+
+    name = "notifier"
+
+    def step(self) -> None:
+        n = self.rng.randint(1, max(1, self.cfg.notifier.max_range >> 12))
+        start = self.pick_gfn()
+        mmu_notifier_invalidate_range(self.kvm, start, min(self.n_gfns, start + n))
+        if self.cfg.notifier.interval:
+            time.sleep(self.cfg.notifier.interval * (0.5 + self.rng.random()))
+
+
+class ConverterRole(Role):
+    """KVM_SET_MEMORY_ATTRIBUTES: flips chunks of gfns between private and shared."""
+
+    name = "converter"
+
+    def step(self) -> None:
+        kvm = self.kvm
+        chunk = 1 << kvm.geometry.private_chunk_shift
+        start = self.pick_gfn() & -chunk
+        end = min(self.n_gfns, start + chunk)
+        kvm_vm_set_mem_attributes(kvm, start, end, not kvm_mem_is_private(kvm, start))
+        if self.cfg.converter.interval:
+            time.sleep(self.cfg.converter.interval * (0.5 + self.rng.random()))
+
+
 class InvalidatorRole(Role):
     """Memslot updates: kvm_mmu_zap_all_fast many times a second, invalidating
     every direct root and zapping the invalidated roots with yields."""
@@ -293,7 +329,8 @@ class ZapperRole(Role):
 
 
 ROLE_CLASSES: dict[str, type[Role]] = {"vcpu": VcpuRole, "zapper": ZapperRole,
-                                        "invalidator": InvalidatorRole}
+                                        "invalidator": InvalidatorRole,
+                                        "notifier": NotifierRole, "converter": ConverterRole}
 
 
 def _die_with_parent() -> None:
@@ -323,6 +360,7 @@ class Worker:
         else:
             self.words = Words(arena.shm.buf, abort_i)
         self.kvm = build_kvm(cfg, self.words, lay, index, rng)
+        enable_nested(cfg, self.kvm)
         self.role = ROLE_CLASSES[role](self.kvm, cfg)
         self.stop_i = lay.ctl(Control.STOP)
         self.pause_i = lay.ctl(Control.PAUSE_REQ)

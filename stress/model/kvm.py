@@ -47,9 +47,10 @@ class TdxVm:
 
 
 def kvm_mem_is_private(kvm: Kvm, gfn: int) -> bool:
-    """KVM_MEMORY_ATTRIBUTE_PRIVATE, fixed by gfn until conversions are modelled."""
-    g = kvm.geometry
-    return g.tdx and not (gfn >> g.private_chunk_shift) & 1
+    """KVM_MEMORY_ATTRIBUTE_PRIVATE (see host.py)."""
+    from stress.model.host import kvm_mem_is_private as attr
+
+    return attr(kvm, gfn)
 
 
 class Kvm:
@@ -75,6 +76,7 @@ class Kvm:
         self.vcpu = Vcpu()  # this task's struct kvm_vcpu (its direct root)
         # nested TDP: gfn -> indirect shadow page that shadows it (unsync.py)
         self.shadowed: dict[int, int] = {}
+        self.notifier_window_ns = 0  # the window the invalidation variants widen
         # tdp_mmu_iter_cond_resched: need_resched() comes true every resched_every
         # calls (or at once when a writer waits for mmu_lock)
         self.resched_every = 64

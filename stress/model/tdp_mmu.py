@@ -37,7 +37,6 @@ from stress.model.spte import (
     PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
     describe,
-    gfn_to_host_pfn,
     is_access_allowed,
     is_frozen_spte,
     is_large_pte,
@@ -63,6 +62,7 @@ RET_PF_FIXED = 0
 RET_PF_SPURIOUS = 1
 RET_PF_RETRY = 2
 RET_PF_EMULATE = 3
+RET_PF_EXIT = 4  # KVM_EXIT_MEMORY_FAULT: the access type does not match the attributes
 
 
 @dataclass
@@ -373,14 +373,22 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
     from stress.model.roots import is_root_invalid, kvm_mmu_reload
 
     kvm_mmu_reload(kvm, kvm.vcpu)
-    is_private = kvm_mem_is_private(kvm, gfn)
-    fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=gfn_to_host_pfn(gfn),
-                         is_private=is_private)
+    is_private = kvm_mem_is_private(kvm, gfn)  # the guest's view (the GPA's shared bit)
+    # kvm_mmu_faultin_pfn: mmu_invalidate_seq snapshot and pfn lookup (GUP or
+    # guest_memfd); then the attribute check: a mismatch exits to userspace
+    mmu_seq, pfn = kvm.variant.faultin(kvm, gfn)
+    if is_private != kvm_mem_is_private(kvm, gfn):
+        kvm.stats["memory_fault_exits"] += 1
+        return RET_PF_EXIT
+    fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=pfn, is_private=is_private)
     root = tdp_mmu_get_root_for_fault(kvm, fault)
     kvm.read_lock()
     try:
         if is_root_invalid(kvm, root):  # is_page_fault_stale: obsolete root
             kvm.stats["retry_stale_root"] += 1
+            return RET_PF_RETRY
+        if kvm.variant.fault_retry_check(kvm, mmu_seq, gfn):  # mmu_invalidate_retry_gfn
+            kvm.stats["retry_invalidate"] += 1
             return RET_PF_RETRY
         return kvm_tdp_mmu_map(kvm, root, fault)
     finally:

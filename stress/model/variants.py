@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stress.model import mirror, roots, unsync
+from stress.model import mirror, notifier, roots, unsync
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import FROZEN_SPTE, SPTE_MMU_PRESENT_MASK
@@ -69,6 +69,13 @@ class Variant:
     zap_invalidated_roots: Callable[[Kvm, bool], None] = roots.zap_invalidated_roots_final
     # nested TDP: marking an indirect shadow page unsync from a TDP MMU fault
     try_to_unsync: Callable[[Kvm, int], int] = unsync.unsync_double_checked
+    # invalidation: the fault's seq snapshot and pfn lookup, its retry check under
+    # mmu_lock, where the invalidation's end runs, what a conversion zaps
+    faultin: Callable[[Kvm, int], tuple[int, int]] = notifier.faultin_seq_then_pfn
+    fault_retry_check: Callable[[Kvm, int, int], bool] = notifier.retry_check
+    invalidate_end: Callable[[Kvm], None] = notifier.end_before_unlock
+    pre_set_memory_attributes: Callable[[Kvm, int, int, bool], int] = (
+        notifier.pre_set_zap_old_owner)
 
 
 FIXED = Variant(
@@ -164,6 +171,34 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "shadowed gfns are write-protected and emulated (valid; slower: see bench).",
         source="seed 004: commit ce25681d59ff, 'Alternative #1'",
         try_to_unsync=unsync.unsync_never,
+    ),
+    replace(
+        FIXED, name="invalidate-end-after-unlock", buggy=True,
+        story="kvm_mmu_invalidate_end runs after mmu_lock is dropped: a fault under the read "
+              "lock sees in_progress == 0 with the old seq and maps the page just freed.",
+        source="seed 002 (KVM: gmem: protect kvm_mmu_invalidate_end(), Aug 2023)",
+        invalidate_end=notifier.end_after_unlock,
+    ),
+    replace(
+        FIXED, name="fault-skips-retry-check", buggy=True,
+        story="The fault never calls mmu_invalidate_retry_gfn under mmu_lock, so a pfn looked "
+              "up before an invalidation is mapped after the invalidation's zap.",
+        source="reference 4.1 / 6: is_page_fault_stale and mmu_invalidate_retry_gfn",
+        fault_retry_check=notifier.no_retry_check,
+    ),
+    replace(
+        FIXED, name="seq-snapshot-after-pfn", buggy=True,
+        story="The fault snapshots mmu_invalidate_seq after looking up the pfn: an "
+              "invalidation that completes in between goes unnoticed.",
+        source="reference 4.1: the seq snapshot comes before the pfn and attribute reads",
+        faultin=notifier.faultin_pfn_then_seq,
+    ),
+    replace(
+        FIXED, name="conversion-zaps-direct-only", buggy=True, requires_tdx=True,
+        story="A private -> shared conversion zaps only the direct root: the mirror and the "
+              "S-EPT keep mapping a gfn that is now shared.",
+        source="reference 6.4: kvm_arch_pre_set_memory_attributes and the root filter",
+        pre_set_memory_attributes=notifier.pre_set_zap_direct_only,
     ),
     replace(
         FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True,

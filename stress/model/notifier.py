@@ -1,0 +1,245 @@
+"""mmu_notifier invalidation, guest_memfd invalidation and memory conversions.
+
+Design note (seed 002, reference section 6).  When the primary MMU is about to
+change what backs a range (an unmap, a migration, a guest_memfd punch-hole, a
+private<->shared conversion), KVM must make sure no SPTE keeps mapping the old
+page.  Two halves make that hold:
+
+* the invalidation side, with mmu_lock held for write: ``begin`` raises
+  ``mmu_invalidate_in_progress`` and records the range, the range is zapped;
+  later ``end`` bumps ``mmu_invalidate_seq`` *then* lowers in_progress;
+* the fault side: snapshot ``mmu_invalidate_seq`` *before* looking up the pfn,
+  and under mmu_lock (read) retry if an invalidation is in progress over the
+  gfn or the sequence moved (``mmu_invalidate_retry_gfn``).
+
+Because both ``begin``/``end`` and the fault's check run under mmu_lock, a fault
+either installs its SPTE before the invalidation's zap (which removes it) or
+sees the invalidation and retries.  ``end`` outside the lock (the 2023
+guest_memfd patch, seed 002) breaks the first half; the variants below break
+each piece.  The on_lock / on_unlock hooks of the seed are named for when
+they run here: ``before_unlock`` (end, fixed) and ``after_unlock`` (the bug).
+"""
+
+from __future__ import annotations
+
+from stress.arena import Globals, SpMeta
+from stress.model.host import (
+    host_page_gen,
+    host_page_migrate,
+    kvm_mem_is_private,
+    kvm_set_mem_attributes,
+    pfn_gfn_gen,
+)
+from stress.model.kvm import Kvm
+from stress.model.mmu_page import ROLE_MIRROR
+from stress.model.spte import describe, is_last_spte, is_shadow_present_pte, spte_to_pfn
+
+INVALID_GFN = (1 << 64) - 1
+
+
+def _g(kvm: Kvm, off: int) -> int:
+    return kvm.layout.glob(off)
+
+
+def kvm_mmu_invalidate_begin(kvm: Kvm) -> None:
+    kvm.lockdep_assert_held_write()
+    w = kvm.w
+    n = w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS), 1) + 1
+    if n == 1:
+        w.store(_g(kvm, Globals.MMU_INVALIDATE_RANGE_START), INVALID_GFN)
+        w.store(_g(kvm, Globals.MMU_INVALIDATE_RANGE_END), INVALID_GFN)
+
+
+def kvm_mmu_invalidate_range_add(kvm: Kvm, start: int, end: int) -> None:
+    kvm.lockdep_assert_held_write()
+    w = kvm.w
+    s_i, e_i = _g(kvm, Globals.MMU_INVALIDATE_RANGE_START), _g(kvm,
+                                                                Globals.MMU_INVALIDATE_RANGE_END)
+    cur = w.load(s_i)
+    if cur == INVALID_GFN:
+        w.store(s_i, start)
+        w.store(e_i, end)
+    else:
+        w.store(s_i, min(cur, start))
+        w.store(e_i, max(w.load(e_i), end))
+
+
+def kvm_mmu_invalidate_end(kvm: Kvm) -> None:
+    """seq++ then in_progress--, in that order, with mmu_lock held for write:
+    a reader under the read lock sees either the invalidation or the new seq."""
+    kvm.lockdep_assert_held_write()
+    kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_SEQ), 1)
+    kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS), -1)
+
+
+def end_before_unlock(kvm: Kvm) -> None:
+    """Fixed: the end hook runs in the write-locked section (before_unlock)."""
+    kvm.write_lock()
+    try:
+        kvm_mmu_invalidate_end(kvm)
+    finally:
+        kvm.write_unlock()
+
+
+def end_after_unlock(kvm: Kvm) -> None:
+    """Buggy (seed 002, "KVM: gmem: protect kvm_mmu_invalidate_end()"): the end
+    hook runs after mmu_lock is dropped.  Unordered against the fault's check,
+    a fault can see in_progress == 0 and the old seq: modelled as the
+    decrement landing before the increment, with a window between them."""
+    kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS), -1)
+    kvm.w.spin_ns(kvm.notifier_window_ns)
+    kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_SEQ), 1)
+
+
+def mmu_invalidate_seq(kvm: Kvm) -> int:
+    return kvm.w.load(_g(kvm, Globals.MMU_INVALIDATE_SEQ))
+
+
+def mmu_invalidate_retry_gfn(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
+    """True if the fault must retry: an invalidation covering gfn is in progress,
+    or one completed since the fault's snapshot."""
+    w = kvm.w
+    if w.load(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS)):
+        start = w.load(_g(kvm, Globals.MMU_INVALIDATE_RANGE_START))
+        end = w.load(_g(kvm, Globals.MMU_INVALIDATE_RANGE_END))
+        if start <= gfn < end:
+            return True
+    return w.load(_g(kvm, Globals.MMU_INVALIDATE_SEQ)) != mmu_seq
+
+
+def retry_check(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
+    """is_page_fault_stale's invalidation part (fixed)."""
+    kvm.lockdep_assert_held_read()
+    return mmu_invalidate_retry_gfn(kvm, mmu_seq, gfn)
+
+
+def no_retry_check(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
+    """Buggy: the fault never asks whether an invalidation raced with it."""
+    return False
+
+
+def faultin_seq_then_pfn(kvm: Kvm, gfn: int) -> tuple[int, int]:
+    """kvm_mmu_faultin_pfn (fixed): snapshot the seq, then look the pfn up."""
+    from stress.model.host import host_pfn
+
+    seq = mmu_invalidate_seq(kvm)
+    return seq, host_pfn(kvm, gfn)
+
+
+def faultin_pfn_then_seq(kvm: Kvm, gfn: int) -> tuple[int, int]:
+    """Buggy ordering: the pfn is looked up before the seq is snapshotted, so an
+    invalidation that completes in between is invisible to the retry check."""
+    from stress.model.host import host_pfn
+
+    pfn = host_pfn(kvm, gfn)
+    kvm.w.spin_ns(kvm.notifier_window_ns)
+    return mmu_invalidate_seq(kvm), pfn
+
+
+# ---------------------------------------------------------------------------
+# the invalidation side
+# ---------------------------------------------------------------------------
+
+def check_range_current(kvm: Kvm, start: int, end: int) -> None:
+    """Oracle, with mmu_lock held for write: every leaf mapping a gfn of the range
+    maps the page that backs it now.  An older generation is a page already
+    freed by a completed invalidation: a stale mapping."""
+    from stress.model.roots import KVM_ALL_ROOTS, for_each_tdp_mmu_root_yield_safe
+    from stress.model.tdp_iter import TdpIter
+
+    kvm.lockdep_assert_held_write()
+    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
+        kvm.rcu.rcu_read_lock()
+        try:
+            it = TdpIter(kvm, root, kvm.geometry.root_level, start)
+            while it.in_range(end):
+                v = it.old_spte
+                if is_shadow_present_pte(v) and is_last_spte(v, it.level):
+                    gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
+                    now = host_page_gen(kvm, it.gfn)
+                    if gfn == it.gfn and gen != now:
+                        mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
+                        kvm.bug("stale mapping after invalidate_end",
+                                "a leaf maps a host page that a completed invalidation "
+                                "freed (it was installed after the zap)",
+                                gfn=it.gfn, entry=describe(v), mapped_gen=gen, current_gen=now,
+                                mirror=mirror)
+                it.next()
+        finally:
+            kvm.rcu.rcu_read_unlock()
+
+
+def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int) -> int:
+    """Zap [start, end) in every root of ``types`` (write lock; the mirror through
+    the S-EPT removal path)."""
+    from stress.model.roots import for_each_tdp_mmu_root_yield_safe
+    from stress.model.tdp_mmu import kvm_tdp_mmu_zap_leafs
+
+    kvm.lockdep_assert_held_write()
+    return sum(kvm_tdp_mmu_zap_leafs(kvm, root, start, end)
+               for root in for_each_tdp_mmu_root_yield_safe(kvm, types))
+
+
+def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int) -> None:
+    """invalidate_range_start, the page change, invalidate_range_end.
+
+    For shared gfns it is the mmu_notifier of the VMM's mapping; for private
+    ones guest_memfd's invalidation (punch-hole); both zap every root type here
+    (over-zapping is safe) and then the backing pages are replaced.
+    """
+    from stress.model.roots import KVM_ALL_ROOTS
+
+    kvm.write_lock()
+    try:
+        check_range_current(kvm, start, end)
+        kvm_mmu_invalidate_begin(kvm)
+        kvm_mmu_invalidate_range_add(kvm, start, end)
+        kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
+    finally:
+        kvm.write_unlock()
+    for gfn in range(start, end):  # the primary MMU frees the old pages
+        host_page_migrate(kvm, gfn)
+    kvm.variant.invalidate_end(kvm)
+    kvm.stats["invalidations"] += 1
+
+
+def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> None:
+    """KVM_SET_MEMORY_ATTRIBUTES on [start, end): begin and zap the mappings of the
+    root type that no longer owns the range (pre_set), store the attributes,
+    then end (post_set).  The old backing pages are released (guest_memfd
+    punch-hole on private -> shared, the VMM's unmap on shared -> private)."""
+    kvm.write_lock()
+    try:
+        check_range_current(kvm, start, end)
+        kvm_mmu_invalidate_begin(kvm)
+        kvm_mmu_invalidate_range_add(kvm, start, end)
+        kvm.stats["entries_zapped"] += kvm.variant.pre_set_memory_attributes(
+            kvm, start, end, private)
+    finally:
+        kvm.write_unlock()
+    kvm_set_mem_attributes(kvm, start, end, private)
+    for gfn in range(start, end):
+        host_page_migrate(kvm, gfn)
+    kvm.variant.invalidate_end(kvm)
+    kvm.stats["conversions"] += 1
+
+
+def pre_set_zap_old_owner(kvm: Kvm, start: int, end: int, private: bool) -> int:
+    """kvm_arch_pre_set_memory_attributes (fixed): to private, zap the direct
+    root's (shared) mappings; to shared, the mirror's (private) ones."""
+    from stress.model.roots import KVM_DIRECT_ROOTS, KVM_INVALID_ROOTS, KVM_MIRROR_ROOTS
+
+    types = (KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS) | KVM_INVALID_ROOTS
+    return kvm_unmap_gfn_range(kvm, start, end, types)
+
+
+def pre_set_zap_direct_only(kvm: Kvm, start: int, end: int, private: bool) -> int:
+    """Buggy: a conversion zaps only the direct root, so a private -> shared flip
+    leaves the mirror (and the S-EPT) mapping a gfn that is now shared."""
+    from stress.model.roots import KVM_DIRECT_ROOTS, KVM_INVALID_ROOTS
+
+    return kvm_unmap_gfn_range(kvm, start, end, KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS)
+
+
+def is_private_gfn(kvm: Kvm, gfn: int) -> bool:
+    return kvm_mem_is_private(kvm, gfn)
