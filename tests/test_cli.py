@@ -49,6 +49,9 @@ UAF = "use-after-free of page-table page"
 SEPT_ERR = "TDX module error"
 DIVERGE = "mirror/S-EPT divergence"
 UNDERFLOW = "refcount underflow"
+STALE = "stale mapping after invalidate_end"
+PFN_CHANGED = "present leaf PFN changed in place"
+WRONG_ROOT = "gfn mapped in the wrong root"
 
 
 @pytest.mark.parametrize("variant, vm_type, invariants", [
@@ -70,19 +73,23 @@ UNDERFLOW = "refcount underflow"
                                         "unsync page unreachable",
                                         "kvm->stat.mmu_unsync accounting"}),
     ("unsync-lock-no-recheck", "default", {"kvm->stat.mmu_unsync accounting"}),
+    ("invalidate-end-after-unlock", "tdx", {STALE, PFN_CHANGED}),
+    ("fault-skips-retry-check", "tdx", {STALE, PFN_CHANGED}),
+    ("seq-snapshot-after-pfn", "tdx", {STALE, PFN_CHANGED}),
+    ("conversion-zaps-direct-only", "tdx", {STALE, WRONG_ROOT, SEPT_ERR, DIVERGE}),
 ])
 def test_bug_variant_is_caught(tmp_path: Path, variant: str, vm_type: str,
                                invariants: set[str]) -> None:
     special = {"root": "roots.toml", "unsync": "unsync.toml"}.get(variant.split("-")[0])
     cfg = [str(ROOT / "configs" / special)] if special else []
     r = run_cli("run", *cfg, "--variant", variant, "--vm-type", vm_type, "--expect-violation",
-                "--duration", "60s", "--out", str(tmp_path), "-q", timeout=180)
+                "--duration", "120s", "--out", str(tmp_path), "-q", timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr  # --expect-violation: caught = 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["exit_reason"] == "violation"
     v = res["violations"][0]
     assert v["invariant"] in invariants and v["variant"] == variant
-    assert "gfn" in v["details"] or "table" in v["details"]
+    assert {"gfn", "table", "root", "shadow_page", "stat"} & set(v["details"])
 
 
 def test_caught_variant_without_expect_exits_1(tmp_path: Path) -> None:
@@ -107,7 +114,8 @@ def test_expect_violation_on_fixed_protocol_fails(tmp_path: Path) -> None:
     (["/nonexistent/config.toml"], "config.toml"),
     (["--bogus-flag"], "bogus"),
     (["--variant", "mirror-no-freeze", "--vm-type", "default"], "tdx"),
-    (["--vcpus", "0", "--workers", "zapper=0", "--workers", "invalidator=0"], "workers"),
+    (["--vcpus", "0", "--workers", "zapper=0", "--workers", "invalidator=0", "--workers",
+      "notifier=0", "--workers", "converter=0"], "workers"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     r = run_cli("run", *args, "--out", str(tmp_path / "out"))

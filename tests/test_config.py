@@ -29,7 +29,8 @@ def test_sizes_and_durations() -> None:
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parent.parent / "configs"
     d = config.load(root / "default.toml")
-    assert d.workers == {"vcpu": 2, "zapper": 1, "invalidator": 1}
+    assert d.workers == {"vcpu": 2, "zapper": 1, "invalidator": 1, "notifier": 1,
+                         "converter": 1}
     assert d.run.variant == "fixed" and d.vm.type == "tdx"
     s = config.load(root / "smoke.toml")
     assert s.guest.size == 64 << 20

@@ -95,7 +95,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     kvm = Kvm(words, layout, geometry, variant, me, rng)
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
     kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
-    kvm.notifier_window_ns = int(cfg.notifier.window * 1e9)
+    kvm.race_window_ns = int(cfg.inject.race_window * 1e9)
     if tdx:
         kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9)),
                         policy=variant.busy_policy or cfg.tdx.busy_policy,

@@ -76,7 +76,8 @@ class Kvm:
         self.vcpu = Vcpu()  # this task's struct kvm_vcpu (its direct root)
         # nested TDP: gfn -> indirect shadow page that shadows it (unsync.py)
         self.shadowed: dict[int, int] = {}
-        self.notifier_window_ns = 0  # the window the invalidation variants widen
+        # bug variants: targeted delay between the halves of a split atomic step
+        self.race_window_ns = 0
         # tdp_mmu_iter_cond_resched: need_resched() comes true every resched_every
         # calls (or at once when a writer waits for mmu_lock)
         self.resched_every = 64

@@ -87,7 +87,7 @@ def end_after_unlock(kvm: Kvm) -> None:
     a fault can see in_progress == 0 and the old seq: modelled as the
     decrement landing before the increment, with a window between them."""
     kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS), -1)
-    kvm.w.spin_ns(kvm.notifier_window_ns)
+    kvm.w.spin_ns(kvm.race_window_ns)
     kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_SEQ), 1)
 
 
@@ -132,7 +132,7 @@ def faultin_pfn_then_seq(kvm: Kvm, gfn: int) -> tuple[int, int]:
     from stress.model.host import host_pfn
 
     pfn = host_pfn(kvm, gfn)
-    kvm.w.spin_ns(kvm.notifier_window_ns)
+    kvm.w.spin_ns(kvm.race_window_ns)
     return mmu_invalidate_seq(kvm), pfn
 
 

@@ -266,6 +266,7 @@ def put_root_dec_not_one(kvm: Kvm, root: int) -> None:
         _zap_defunct(kvm, root)
         if refcount_dec_not_one(kvm, root):
             return
+    kvm.w.spin_ns(kvm.race_window_ns)  # the gap a get can fall into
     refcount_set(kvm, root, 0)
     tdp_mmu_free_root(kvm, root)
 
@@ -280,6 +281,7 @@ def put_root_force_zero(kvm: Kvm, root: int) -> None:
     if not is_root_invalid(kvm, root):
         kvm.bug("valid root lost its last reference",
                 "kvm_tdp_mmu_put_root: KVM_BUG_ON(!root->role.invalid)", root=root)
+    kvm.w.spin_ns(kvm.race_window_ns)  # the gap a get can fall into
     refcount_set(kvm, root, 0)
     tdp_mmu_free_root(kvm, root)
 

@@ -82,32 +82,36 @@ def _w(kvm: Kvm, sp: int, off: int) -> int:
 # marking (mmu_lock held for read, from the TDP MMU fault path)
 # ---------------------------------------------------------------------------
 
-def mark_unsync(kvm: Kvm, sp: int, index: int) -> None:
+def mark_unsync(kvm: Kvm, sp: int, index: int, gap_ns: int = 0) -> None:
     """Flag child ``index`` of ``sp`` as leading to unsync pages.  Non-atomic on
-    purpose, as in the kernel: the caller must serialise."""
+    purpose, as in the kernel: the caller must serialise.  ``gap_ns`` stalls
+    inside each read-modify-write (targeted delay injection for the unlocked
+    variant; under the lock it would change nothing but speed)."""
     word = _w(kvm, sp, BITMAP + index // 64)
     bit = 1 << (index % 64)
     old = kvm.w.load(word)  # __test_and_set_bit
     if old & bit:
         return
+    kvm.w.spin_ns(gap_ns)
     kvm.w.store(word, old | bit)
     n = kvm.w.load(_w(kvm, sp, UNSYNC_CHILDREN))  # sp->unsync_children++
+    kvm.w.spin_ns(gap_ns)
     kvm.w.store(_w(kvm, sp, UNSYNC_CHILDREN), n + 1)
     if n:
         return
-    kvm_mmu_mark_parents_unsync(kvm, sp)
+    kvm_mmu_mark_parents_unsync(kvm, sp, gap_ns)
 
 
-def kvm_mmu_mark_parents_unsync(kvm: Kvm, sp: int) -> None:
+def kvm_mmu_mark_parents_unsync(kvm: Kvm, sp: int, gap_ns: int = 0) -> None:
     parent = parent_of(sp)
     if parent is not None:
-        mark_unsync(kvm, *parent)
+        mark_unsync(kvm, *parent, gap_ns)
 
 
-def kvm_unsync_page(kvm: Kvm, sp: int) -> None:
+def kvm_unsync_page(kvm: Kvm, sp: int, gap_ns: int = 0) -> None:
     kvm.w.fetch_add(kvm.layout.glob(Globals.STAT_MMU_UNSYNC), 1)  # ++kvm->stat.mmu_unsync
     kvm.w.store(_w(kvm, sp, UNSYNC), 1)
-    kvm_mmu_mark_parents_unsync(kvm, sp)
+    kvm_mmu_mark_parents_unsync(kvm, sp, gap_ns)
     kvm.stats["unsync_marked"] += 1
 
 
@@ -142,7 +146,7 @@ def unsync_without_lock(kvm: Kvm, sp: int) -> int:
     on the parent's bitmap word and unsync_children."""
     if kvm.w.load(_w(kvm, sp, UNSYNC)):
         return 0
-    kvm_unsync_page(kvm, sp)
+    kvm_unsync_page(kvm, sp, kvm.race_window_ns)
     return 0
 
 
