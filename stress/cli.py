@@ -7,6 +7,7 @@ swaps 0 and 1.  Every error is one line on stderr: ``tdp-stress: error: ...``.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,52 @@ def merge(paths: tuple[str, ...], out_file: str | None) -> int:
         write_json_atomic(Path(out_file), report)
     click.echo(format_merge(report))
     return 0 if report["verdict"] == "pass" else 1
+
+
+@cli.command()
+@click.option("--seeds", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Seeds (runs) per bug variant.")
+@click.option("--cap", type=DurationType(), default="30s", show_default=True,
+              help="Longest run per seed.")
+@click.option("--fixed", "fixed_for", type=DurationType(), default="1m", show_default=True,
+              help="How long the fixed protocol must run clean (0: skip).")
+@click.option("--variant", "names", multiple=True,
+              help="Only these variants (repeatable); default every bug variant.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help="Also write the table as JSON.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
+              help="Also write JUnit XML: one test case per variant (caught = pass).")
+def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
+        json_out: str | None, junit_path: str | None) -> int:
+    """Time-to-detect of every bug variant over N seeds, and the fixed protocol clean.
+
+    Exit 0 when every variant was detected at least once and the fixed
+    protocol ran clean, 1 otherwise.
+    """
+    from stress.zoo import format_zoo, run_zoo
+
+    chosen = list(names) or [v.name for v in VARIANTS.values() if v.buggy]
+    unknown = [n for n in chosen if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variant: unknown variant {unknown[0]!r}")
+    res = run_zoo(chosen, seeds, cap, fixed_for, progress=lambda m: click.echo(m, err=True))
+    click.echo(format_zoo(res))
+    if json_out:
+        write_json_atomic(Path(json_out), res)
+    if junit_path:
+        cases = [{"name": r["name"], "time_s": float(r["median_ttd_s"] or 0.0),
+                  "outcome": "pass" if r["detected"] else "failure",
+                  "message": "" if r["detected"] else f"not caught in {r['runs']} runs",
+                  "details": json.dumps(r, default=str)} for r in res["variants"]]
+        f = res["fixed"]
+        if f["seconds"]:
+            cases.append({"name": "fixed protocol", "time_s": f["seconds"],
+                          "outcome": "pass" if f["exit_reason"] == "clean" else "failure",
+                          "message": f["exit_reason"] or "", "details": json.dumps(f)})
+        write_junit(Path(junit_path), "tdp-stress-zoo", cases)
+    ok = all(r["detected"] for r in res["variants"]) and not res["fixed"]["violations"] and (
+        res["fixed"]["exit_reason"] in (None, "clean"))
+    return 0 if ok else 1
 
 
 @cli.command()

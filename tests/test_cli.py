@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from stress.model.variants import VARIANTS
 from tests.conftest import ROOT, run_cli, segments_of
 
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -80,9 +81,8 @@ WRONG_ROOT = "gfn mapped in the wrong root"
 ])
 def test_bug_variant_is_caught(tmp_path: Path, variant: str, vm_type: str,
                                invariants: set[str]) -> None:
-    special = {"root": "roots.toml", "unsync": "unsync.toml"}.get(variant.split("-")[0])
-    cfg = [str(ROOT / "configs" / special)] if special else []
-    r = run_cli("run", *cfg, "--variant", variant, "--vm-type", vm_type, "--expect-violation",
+    cfg = str(ROOT / "configs" / VARIANTS[variant].config)
+    r = run_cli("run", cfg, "--variant", variant, "--vm-type", vm_type, "--expect-violation",
                 "--duration", "120s", "--out", str(tmp_path), "-q", timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr  # --expect-violation: caught = 0
     res = json.loads((tmp_path / "results.json").read_text())
@@ -212,3 +212,17 @@ def test_bench_unsync_compares_lock_and_write_protect(tmp_path: Path) -> None:
     assert lock["unsync marks/s"]["median"] > 0 and lock["emulated writes/s"]["median"] == 0
     assert wp["unsync marks/s"]["median"] == 0 and wp["emulated writes/s"]["median"] > 0
     assert "all runs clean" in r.stdout
+
+
+def test_zoo_reports_detection_and_the_fixed_protocol(tmp_path: Path) -> None:
+    out = tmp_path / "zoo.json"
+    r = run_cli("zoo", "--seeds", "2", "--cap", "30s", "--fixed", "2s", "--variant",
+                "mirror-no-freeze", "--json", str(out), "--junit", str(tmp_path / "z.xml"),
+                timeout=200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    (row,) = res["variants"]
+    assert {"name", "runs", "detected", "median_ttd_s", "p90_ttd_s"} <= set(row)
+    assert row["name"] == "mirror-no-freeze" and row["runs"] == 2 and row["detected"] == 2
+    assert 0 < row["median_ttd_s"] <= row["p90_ttd_s"] < 30
+    assert res["fixed"]["violations"] == 0 and res["fixed"]["seconds"] >= 2

@@ -62,6 +62,8 @@ class Variant:
     # the variant only makes sense for a TD / forces a SEAMCALL BUSY policy
     requires_tdx: bool = False
     busy_policy: str | None = None
+    # the shipped config that stresses this variant's code path best (zoo, tests)
+    config: str = "default.toml"
     # roots: how the last reference is put; whether a new root carries the TDP
     # MMU's gifted reference; how invalidated roots are zapped and released
     put_root: Callable[[Kvm, int], None] = roots.put_root_final
@@ -118,7 +120,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         free_removed_sp=free_sp_without_grace_period,
     ),
     replace(
-        FIXED, name="root-put-resurrect", buggy=False,
+        FIXED, name="root-put-resurrect", config="roots.toml", buggy=False,
         story="Last put of a valid root: mark it invalid with xchg, set the count back to 1, "
               "zap with yielding, put again (Paolo's version; no gifted reference).  Settled "
               "by the tool: safe here (the 0 -> 1 is counted as a warning, no harm follows: "
@@ -128,21 +130,21 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         put_root=roots.put_root_resurrect, root_gifted_ref=False,
     ),
     replace(
-        FIXED, name="root-put-dec-not-one", buggy=True,
+        FIXED, name="root-put-dec-not-one", config="roots.toml", buggy=True,
         story="Sean's put: refcount_dec_not_one, xchg, zap with yielding, dec_not_one, then "
               "force the count to 0; a reference taken in between is wiped out.",
         source="seed 001 (Sean's refcount_dec_not_one proposal)",
         put_root=roots.put_root_dec_not_one, root_gifted_ref=False,
     ),
     replace(
-        FIXED, name="root-put-force-zero", buggy=True,
+        FIXED, name="root-put-force-zero", config="roots.toml", buggy=True,
         story="The final put with the last reference found by refcount_dec_not_one and the "
               "count then forced to 0: a concurrent get under the read lock is lost.",
         source="seed 001 (\"KVM should never force a refcount to '0'\")",
         put_root=roots.put_root_force_zero,
     ),
     replace(
-        FIXED, name="root-double-put", buggy=True,
+        FIXED, name="root-double-put", config="roots.toml", buggy=True,
         story="The invalidated-roots zap puts the TDP MMU's reference of every invalid root "
               "it visits, so a root zapped earlier loses it twice and is freed while in use.",
         source="reference 9.8: defunct-root refcounting in the 2022 TDP MMU overhaul "
@@ -150,7 +152,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         zap_invalidated_roots=roots.zap_invalidated_roots_double_put,
     ),
     replace(
-        FIXED, name="unsync-without-lock", buggy=True,
+        FIXED, name="unsync-without-lock", config="unsync.toml", buggy=True,
         story="TDP MMU faults (mmu_lock held for read) mark shadow pages unsync with no lock: "
               "non-atomic bitmap and unsync_children updates race; the count underflows or "
               "reaches 0 while a child is unsync.",
@@ -159,14 +161,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         try_to_unsync=unsync.unsync_without_lock,
     ),
     replace(
-        FIXED, name="unsync-lock-no-recheck", buggy=True,
+        FIXED, name="unsync-lock-no-recheck", config="unsync.toml", buggy=True,
         story="Takes mmu_unsync_pages_lock but does not test sp->unsync again under it: a page "
               "two faults saw as synced is unsynced twice (kvm->stat.mmu_unsync drifts).",
         source="seed 004: the double-checked pattern of ce25681d59ff",
         try_to_unsync=unsync.unsync_lock_no_recheck,
     ),
     replace(
-        FIXED, name="unsync-write-protect",
+        FIXED, name="unsync-write-protect", config="unsync.toml",
         story="Alternative #1 of ce25681d59ff: can_unsync = false, never unsync; writes to "
               "shadowed gfns are write-protected and emulated (valid; slower: see bench).",
         source="seed 004: commit ce25681d59ff, 'Alternative #1'",

@@ -1,0 +1,86 @@
+"""The bug zoo: time-to-detect of every bug variant, and the fixed protocol clean.
+
+Each bug variant runs on ``seeds`` seeds (1..N) with a per-run cap, on the
+shipped config that stresses its code path (``Variant.config``); a run that
+reports any violation before the cap counts as detected, with its time (from
+the workers' start) and the invariant that fired.  The fixed protocol then
+runs for ``fixed_seconds`` and must stay clean.  Medians and p90s are over the
+detected runs only; k/N says how many there were.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from stress import config as config_mod
+from stress.harness.supervisor import Supervisor
+from stress.model.variants import VARIANTS, Variant
+
+SCHEMA = "tdp-stress-zoo"
+SCHEMA_VERSION = 1
+
+
+def _p90(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+
+
+def _config_path(v: Variant) -> str:
+    return str(config_mod.DEFAULT_CONFIG.parent / v.config)
+
+
+def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    rows = []
+    for name in variants:
+        v = VARIANTS[name]
+        ttds: list[float] = []
+        invariants: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        for seed in range(1, seeds + 1):
+            cfg = config_mod.load(_config_path(v), {"run": {
+                "variant": name, "seed": seed, "duration": cap, "expect_violation": True}})
+            o = Supervisor(cfg).run()
+            reasons[o.exit_reason] += 1
+            if o.violations:
+                ttds.append(o.violations[0]["time_s"])
+                invariants[o.violations[0]["invariant"]] += 1
+            if progress:
+                t = f"{o.violations[0]['time_s']:.3f}s" if o.violations else "-"
+                progress(f"{name} seed {seed}: {o.exit_reason} {t}")
+        rows.append({
+            "name": name, "source": v.source, "config": v.config, "runs": seeds,
+            "detected": len(ttds),
+            "median_ttd_s": round(statistics.median(ttds), 4) if ttds else None,
+            "p90_ttd_s": round(_p90(ttds), 4) if ttds else None,
+            "invariants": dict(invariants.most_common()), "exit_reasons": dict(reasons),
+        })
+    fixed: dict[str, Any] = {"seconds": 0.0, "violations": 0, "exit_reason": None}
+    if fixed_seconds > 0:
+        cfg = config_mod.load(None, {"run": {"duration": fixed_seconds}})
+        if progress:
+            progress(f"fixed protocol for {fixed_seconds:.0f} s")
+        o = Supervisor(cfg).run()
+        fixed = {"seconds": o.duration_s, "violations": len(o.violations),
+                 "exit_reason": o.exit_reason, "checks": o.checks}
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "seeds": seeds, "cap_s": cap,
+            "variants": rows, "fixed": fixed}
+
+
+def format_zoo(res: dict[str, Any]) -> str:
+    lines = [f"bug zoo: {res['seeds']} seeds per variant, cap {res['cap_s']:.0f} s per run",
+             f"{'variant':<29}{'detected':>9}{'median':>9}{'p90':>9}  invariant (first fired)"]
+    for r in res["variants"]:
+        med = f"{r['median_ttd_s']:.3f}s" if r["median_ttd_s"] is not None else "-"
+        p90 = f"{r['p90_ttd_s']:.3f}s" if r["p90_ttd_s"] is not None else "-"
+        inv = ", ".join(f"{k} x{n}" for k, n in r["invariants"].items()) or "-"
+        lines.append(f"{r['name']:<29}{r['detected']:>4}/{r['runs']:<4}{med:>9}{p90:>9}  {inv}")
+        lines.append(f"{'':<29}source: {r['source']}")
+    f = res["fixed"]
+    if f["seconds"]:
+        lines.append(f"fixed protocol: {f['seconds']:.0f} s, {f['violations']} violations "
+                     f"({f['exit_reason']})")
+    return "\n".join(lines)
