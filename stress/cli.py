@@ -343,6 +343,33 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
 
 
 @cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--runs", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Re-run the bundle at most this many times.")
+@click.option("--stop-after", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Stop after this many hits.")
+def repro(bundle: str, runs: int, stop_after: int) -> int:
+    """Re-run a reproducer bundle: reliability (hits/runs) and time to each hit.
+
+    Exit 0 when the violation came back at least once, 1 when it did not.
+    """
+    from stress.repro import BundleError, reproduce
+
+    try:
+        res = reproduce(Path(bundle), runs, stop_after,
+                        progress=lambda m: click.echo(m, err=True))
+    except BundleError as e:
+        raise ConfigError(str(e)) from None
+    times = ", ".join(f"{t:.3f}s" for t in res["times_to_hit_s"]) or "-"
+    click.echo(f"repro {bundle}: {res['invariant']} ({res['variant']}, seed {res['seed']}): "
+               f"{res['hits']}/{res['runs']} runs hit, reliability {res['reliability']:.0%}; "
+               f"time to hit: {times}")
+    if any(a["exit_reason"] == "interrupted" for a in res["attempts"]):
+        return 130
+    return 0 if res["hits"] else 1
+
+
+@cli.command()
 def variants() -> int:
     """List protocol variants with their stories."""
     width = max(len(n) for n in VARIANTS)

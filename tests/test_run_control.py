@@ -164,3 +164,17 @@ def test_run_junit_marks_expected_violation_as_pass(tmp_path: Path) -> None:
     assert suite is not None and suite.get("failures") == "0" and suite.get("tests") == "1"
     res = json.loads((tmp_path / "results.json").read_text())
     assert Path(res["violations"][0]["bundle"], "repro.sh").exists()
+
+
+def test_repro_reruns_a_bundle_and_measures_reliability(tmp_path: Path) -> None:
+    r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
+                str(tmp_path), "-q")
+    assert r.returncode == 1
+    bundle = Path(json.loads((tmp_path / "results.json").read_text())["violations"][0]["bundle"])
+    r = run_cli("repro", str(bundle), "--runs", "3", "--stop-after", "2", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((bundle / "repro.json").read_text())
+    assert rep["hits"] == 2 and rep["runs"] == 2 and rep["reliability"] == 1.0
+    assert len(rep["times_to_hit_s"]) == 2 and "2/2 runs hit" in r.stdout
+    bad = run_cli("repro", str(tmp_path))
+    assert bad.returncode == 2 and "not a reproducer bundle" in bad.stderr
