@@ -251,3 +251,18 @@ int64_t ts_scan_ne(uint64_t *b, size_t start, size_t n, uint64_t v,
 	}
 	return k;
 }
+
+void ts_trace(uint64_t *b, size_t ring_i, uint64_t mask, size_t head_i, size_t seq_i,
+	      uint64_t kind, uint64_t a, uint64_t x, uint64_t c)
+{
+	uint64_t seq = __atomic_fetch_add(&b[seq_i], 1, SEQ);
+	uint64_t h = __atomic_load_n(&b[head_i], __ATOMIC_RELAXED);
+	uint64_t *e = &b[ring_i + (h & mask) * 6];
+	__atomic_store_n(&e[0], seq, __ATOMIC_RELAXED);
+	__atomic_store_n(&e[1], ts_now_ns(), __ATOMIC_RELAXED);
+	__atomic_store_n(&e[2], kind, __ATOMIC_RELAXED);
+	__atomic_store_n(&e[3], a, __ATOMIC_RELAXED);
+	__atomic_store_n(&e[4], x, __ATOMIC_RELAXED);
+	__atomic_store_n(&e[5], c, __ATOMIC_RELAXED);
+	__atomic_store_n(&b[head_i], h + 1, __ATOMIC_RELEASE);
+}

@@ -48,3 +48,7 @@ int64_t ts_count_equal(uint64_t *base, size_t start, size_t n, uint64_t v);
 int64_t ts_find_mask(uint64_t *base, size_t start, size_t n, uint64_t mask);
 int64_t ts_scan_ne(uint64_t *base, size_t start, size_t n, uint64_t v,
                    uint32_t *out_idx, uint64_t *out_val);
+/* Trace ring: append (seq, now_ns, kind, a, b, c) to a per-process ring of
+ * 2**k entries of 6 words; seq is a global order from a shared counter. */
+void ts_trace(uint64_t *base, size_t ring_i, uint64_t mask, size_t head_i, size_t seq_i,
+              uint64_t kind, uint64_t a, uint64_t b, uint64_t c);

@@ -25,10 +25,11 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
 MAX_SHADOW_PAGES = 64  # indirect shadow pages (nested TDP) modelled for the unsync path
 SHADOW_SP_WORDS = 16
+TRACE_EVENT_WORDS = 6  # seq, time ns, kind | level << 8 | worker << 16, a, b, c
 PREFIX = "tdpstress-"
 SHM_DIR = Path("/dev/shm")
 
@@ -94,6 +95,7 @@ class Globals:
     MMU_INVALIDATE_IN_PROGRESS = 17  # kvm->mmu_invalidate_in_progress
     MMU_INVALIDATE_RANGE_START = 18
     MMU_INVALIDATE_RANGE_END = 19
+    TRACE_SEQ = 20  # global order of trace events
     WORDS = 32
 
 
@@ -106,6 +108,7 @@ class Slot:
     RCU_READER = 3  # 0 outside a read-side section, else the gp_ctr seen
     LOCK_MODE = 4  # mmu_lock mode held: 0 none, 1 read, 2 write
     PARKED_GEN = 5
+    TRACE_HEAD = 6  # events written to this process's trace ring
     STATS = 16  # counters start here
     MAX_STATS = WORKER_SLOT_WORDS - STATS
 
@@ -140,6 +143,8 @@ class Layout:
     shadow: int
     host_gens: int  # one byte per gfn: generation of the host page backing it
     attrs: int  # one bit per gfn: KVM_MEMORY_ATTRIBUTE_PRIVATE
+    traces: int  # per process: a ring of trace_entries events of TRACE_EVENT_WORDS
+    trace_entries: int
     slots: int
     sp_meta: int
     bitmap: int
@@ -148,22 +153,24 @@ class Layout:
     nwords: int
 
     @classmethod
-    def build(cls, n_slots: int, n_pages: int, n_gfns: int = 0) -> Layout:
+    def build(cls, n_slots: int, n_pages: int, n_gfns: int = 0,
+              trace_entries: int = 0) -> Layout:
         control = HEADER_WORDS
         glob = control + Control.WORDS
         roots = glob + Globals.WORDS
         shadow = roots + MAX_ROOTS
         host_gens = shadow + MAX_SHADOW_PAGES * SHADOW_SP_WORDS
         attrs = host_gens + (n_gfns + 7) // 8
-        slots = attrs + (n_gfns + 63) // 64
+        traces = attrs + (n_gfns + 63) // 64
+        slots = traces + n_slots * trace_entries * TRACE_EVENT_WORDS
         sp_meta = slots + n_slots * WORKER_SLOT_WORDS
         bitmap = sp_meta + n_pages * SP_META_WORDS
         bitmap_words = (n_pages + 63) // 64
         pages = bitmap + bitmap_words
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
-        return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, slots,
-                   sp_meta, bitmap, bitmap_words, pages, nwords)
+        return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, traces,
+                   trace_entries, slots, sp_meta, bitmap, bitmap_words, pages, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off
@@ -174,6 +181,9 @@ class Layout:
     def root_slot(self, i: int) -> int:
         """Word of slot ``i`` of the roots list: 0 empty, else 1 + root page."""
         return self.roots + i
+
+    def trace_ring(self, worker: int) -> int:
+        return self.traces + worker * self.trace_entries * TRACE_EVENT_WORDS
 
     def shadow_sp(self, sp: int, off: int) -> int:
         """Word ``off`` of indirect shadow page ``sp`` (see model/unsync.py)."""

@@ -37,6 +37,20 @@ class Words:
         # process-private scratch for the compound helpers
         self._idx = ffi.new("uint32_t[]", 4096)
         self._val = ffi.new("uint64_t[]", 4096)
+        self._trace_args: tuple[int, int, int, int, int] | None = None
+
+    # -- tracing -----------------------------------------------------------------
+    def enable_trace(self, ring_i: int, entries: int, head_i: int, seq_i: int,
+                     worker: int) -> None:
+        """Record events into this process's ring (``entries`` a power of two)."""
+        self._trace_args = (ring_i, entries - 1, head_i, seq_i, worker << 16)
+
+    def trace(self, kind: int, a: int = 0, b: int = 0, c: int = 0) -> None:
+        """Append one event (see model/events.py); a no-op unless enabled."""
+        t = self._trace_args
+        if t is not None:
+            lib.ts_trace(self.base, t[0], t[1], t[2], t[3], kind | t[4],
+                         a & 0xFFFFFFFFFFFFFFFF, b & 0xFFFFFFFFFFFFFFFF, c & 0xFFFFFFFFFFFFFFFF)
 
     def release(self) -> None:
         """Drop the buffer export so the segment can be closed."""

@@ -76,11 +76,14 @@ exec tdp-stress run config.toml --expect-violation --out rerun "$@"
 """
 
 
-def write_bundle(root: Path, cfg: Config, violation: dict[str, Any]) -> tuple[Path, bool]:
+def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
+                 trace: list[dict[str, Any]] | None = None) -> tuple[Path, bool]:
     """Write (or count again) the bundle of ``violation`` under ``root``.
 
     Returns (bundle path, True if it is new).  The config written is the run's
     own, with expect_violation set, so ``repro.sh`` exits 0 when it reproduces.
+    With ``trace`` (the merged last events of every worker) the bundle also
+    holds ``trace.jsonl``, ``trace.chrome.json`` (Perfetto) and ``timeline.txt``.
     """
     sig = signature(violation)
     path = root / sig
@@ -101,6 +104,15 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any]) -> tuple[Pa
         (tmp / "repro.sh").write_text(REPRO_SH)
         (tmp / "repro.sh").chmod(0o755)
         (tmp / "hits").write_text("1\n")
+        if trace:
+            from stress.harness.trace import chrome_trace, focus, timeline
+
+            (tmp / "trace.jsonl").write_text("".join(json.dumps(e) + "\n" for e in trace))
+            (tmp / "trace.chrome.json").write_text(chrome_trace(trace))
+            (tmp / "timeline.txt").write_text(
+                f"{violation.get('invariant')}: {violation.get('message')}\n"
+                f"{json.dumps(violation.get('details', {}), default=str)}\n\n"
+                + timeline(focus(trace, violation)) + "\n")
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -122,7 +122,7 @@ def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[s
         click.echo("\r\x1b[2K", err=True, nl=False)
     res = build_results(cfg, outcome, started)
     for v in res["violations"]:
-        v["bundle"] = str(write_bundle(out / "bundles", cfg, v)[0])
+        v["bundle"] = str(write_bundle(out / "bundles", cfg, v, outcome.trace)[0])
     write_json_atomic(results_path, res)
     if junit_path:
         write_junit(Path(junit_path), "tdp-stress", [junit_case(

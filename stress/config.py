@@ -150,6 +150,13 @@ class TdxConfig:
 
 
 @dataclass(frozen=True)
+class TraceConfig:
+    enabled: bool = True  # every worker records protocol events into a ring
+    entries: int = 4096  # ring size per worker (a power of two)
+    keep: int = 2000  # events kept, merged, with a violation, crash or hang
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     pages: int = 0  # 0: sized from the guest
 
@@ -170,6 +177,7 @@ class Config:
     notifier: NotifierConfig = field(default_factory=NotifierConfig)
     converter: ConverterConfig = field(default_factory=ConverterConfig)
     tdx: TdxConfig = field(default_factory=TdxConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,6 +329,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "busy_retries": _int("tdx.busy_retries", 1, 10**6),
         "private_chunk": _size("tdx.private_chunk", 4096, 1 << 40),
     },
+    "trace": {
+        "enabled": _bool("trace.enabled"),
+        "entries": _int("trace.entries", 16, 1 << 20),
+        "keep": _int("trace.keep", 1, 1 << 22),
+    },
     "pool": {"pages": _int("pool.pages", 0, 1 << 24)},
 }
 
@@ -362,6 +375,8 @@ def validate(cfg: Config) -> Config:
     if cfg.inject.hang_after and cfg.inject.hang_worker >= cfg.n_workers:
         raise ConfigError(f"inject.hang_worker: {cfg.inject.hang_worker} but only "
                           f"{cfg.n_workers} workers")
+    if cfg.trace.entries & (cfg.trace.entries - 1):
+        raise ConfigError(f"trace.entries: must be a power of two, got {cfg.trace.entries}")
     if cfg.tdx.private_chunk & (cfg.tdx.private_chunk - 1):
         raise ConfigError(f"tdx.private_chunk: must be a power of two, got "
                           f"{cfg.tdx.private_chunk}")

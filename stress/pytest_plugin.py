@@ -64,9 +64,10 @@ def stress_run(tmp_path: Path) -> StressRun:
                 ov["run"][key] = val
         cfg = config_mod.load(config, ov)
         started = now_iso()
-        res = build_results(cfg, Supervisor(cfg).run(), started)
+        outcome = Supervisor(cfg).run()
+        res = build_results(cfg, outcome, started)
         for v in res["violations"]:
-            v["bundle"] = str(write_bundle(out / "bundles", cfg, v)[0])
+            v["bundle"] = str(write_bundle(out / "bundles", cfg, v, outcome.trace)[0])
         write_json_atomic(out / "results.json", res)
         return res
 

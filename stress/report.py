@@ -83,6 +83,11 @@ def build_results(cfg: Config, outcome: RunOutcome, started_at: str) -> dict[str
         "violations": outcome.violations,
         "errors": outcome.errors,
         "hang": outcome.hang,
+        # a crashed worker's last protocol events (the full merged trace of a
+        # violation goes to its bundle)
+        "crash_trace": {str(r.index): [e for e in outcome.trace if e["worker"] == r.index][-20:]
+                        for r in outcome.workers if r.exitcode not in (0, 1, None)
+                        and outcome.exit_reason == "crash"},
     }
 
 

@@ -171,7 +171,7 @@ class Soak:
         outcome = Supervisor(cfg, on_status=status, hard_deadline=hard_deadline).run()
         res = build_results(cfg, outcome, started)
         for v in res["violations"]:
-            path, new = write_bundle(self.out / "bundles", cfg, v)
+            path, new = write_bundle(self.out / "bundles", cfg, v, outcome.trace)
             v["bundle"] = str(path)
             b = self.bundles.setdefault(str(path), {"bundle": str(path),
                                                     "invariant": v["invariant"],

@@ -178,3 +178,23 @@ def test_repro_reruns_a_bundle_and_measures_reliability(tmp_path: Path) -> None:
     assert len(rep["times_to_hit_s"]) == 2 and "2/2 runs hit" in r.stdout
     bad = run_cli("repro", str(tmp_path))
     assert bad.returncode == 2 and "not a reproducer bundle" in bad.stderr
+
+
+def test_violation_bundle_holds_the_merged_trace(tmp_path: Path) -> None:
+    r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
+                str(tmp_path), "-q")
+    assert r.returncode == 1
+    v = json.loads((tmp_path / "results.json").read_text())["violations"][0]
+    bundle = Path(v["bundle"])
+    events = [json.loads(line) for line in (bundle / "trace.jsonl").read_text().splitlines()]
+    assert len(events) > 100
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # one global order
+    assert len({e["worker"] for e in events}) >= 2  # every worker's ring is merged
+    # the violating worker's SEAMCALL is in the trace, with the module's answer
+    assert any(e["event"] == "seamcall" and e["worker"] == v["worker"]
+               and e["status"] != "TDX_SUCCESS" for e in events)
+    chrome = json.loads((bundle / "trace.chrome.json").read_text())
+    assert any(e["ph"] == "i" for e in chrome["traceEvents"])
+    timeline = (bundle / "timeline.txt").read_text()
+    assert v["invariant"] in timeline and "TDH.MEM." in timeline

@@ -40,6 +40,7 @@ from stress.arena import Arena, Control, Globals, Layout, Slot, SpMeta, sweep_st
 from stress.atomics import Words
 from stress.checks import QuiescentReport, quiescent_check, teardown_check
 from stress.config import Config
+from stress.harness.trace import read_events
 from stress.harness.workers import STAT_NAMES, build_kvm, enable_nested, worker_main
 from stress.model.errors import InvariantViolation
 from stress.model.host import init_mem_attributes
@@ -111,6 +112,8 @@ class RunOutcome:
     pool_pages: int
     arena_name: str = ""
     hang: dict[str, Any] | None = None
+    # the last protocol events of every worker, merged (violation, crash, hang)
+    trace: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -141,7 +144,9 @@ class Supervisor:
         self.roles = [role for role, n in cfg.workers.items() for _ in range(n)]
         self.n = len(self.roles)
         self.layout = Layout.build(n_slots=self.n + 1, n_pages=pool_pages(cfg),
-                                   n_gfns=cfg.n_gfns)
+                                   n_gfns=cfg.n_gfns,
+                                   trace_entries=cfg.trace.entries if cfg.trace.enabled else 0)
+        self.trace: list[dict[str, Any]] = []
         self.records = [WorkerRecord(i, r) for i, r in enumerate(self.roles)]
         self.violations: list[dict[str, Any]] = []
         self.errors: list[str] = []
@@ -568,6 +573,9 @@ class Supervisor:
                     else:
                         reason = self._final_checks() or "clean"
                 self._collect_stats()
+                if reason not in ("clean", "interrupted") and self.words is not None:
+                    self.trace = read_events(self.words, self.layout,
+                                             self.roles + ["supervisor"], self.cfg.trace.keep)
             except Exception as e:
                 self.errors.append(f"harness error during teardown: {type(e).__name__}: {e}")
                 reason = "error" if reason == "clean" else reason
@@ -593,4 +601,5 @@ class Supervisor:
             violations=self.violations, checks=dict(self.checks), errors=self.errors,
             pool_pages=self.layout.n_pages,
             arena_name=self.arena.name if self.arena else "", hang=self.hang,
+            trace=self.trace,
         )

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from stress.arena import Arena, Control, Layout, Slot
+from stress.arena import Arena, Control, Globals, Layout, Slot
 from stress.atomics import DelayInjectingWords, LockAborted, Words
 from stress.config import Config
 from stress.model import unsync
@@ -87,7 +87,10 @@ def worker_seed(cfg: Config, index: int) -> str:
 def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
               rng: random.Random | None = None) -> Kvm:
     """This process's struct kvm for the run's config (and its door into the TDX
-    module for a TD)."""
+    module for a TD), recording trace events into its own ring."""
+    if layout.trace_entries:
+        words.enable_trace(layout.trace_ring(me), layout.trace_entries,
+                           layout.slot(me, Slot.TRACE_HEAD), layout.glob(Globals.TRACE_SEQ), me)
     tdx = cfg.vm.type == "tdx"
     geometry = Geometry(root_level=cfg.guest.root_level, n_gfns=cfg.n_gfns, tdx=tdx,
                         private_chunk_shift=(cfg.tdx.private_chunk >> 12).bit_length() - 1)

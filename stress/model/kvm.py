@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from stress.arena import Globals, Layout, Slot
 from stress.atomics import Words
+from stress.model import events
 from stress.model.errors import InvariantViolation
 from stress.model.rcu import Rcu
 
@@ -89,8 +90,10 @@ class Kvm:
         self.w.read_lock(self._mmu_lock_i)
         self.lock_mode = LOCK_READ
         self.w.store(self._lock_mode_i, LOCK_READ)
+        self.w.trace(events.LOCK, 1)
 
     def read_unlock(self) -> None:
+        self.w.trace(events.LOCK, 0)
         self.lock_mode = LOCK_NONE
         self.w.store(self._lock_mode_i, LOCK_NONE)
         self.w.read_unlock(self._mmu_lock_i)
@@ -99,8 +102,10 @@ class Kvm:
         self.w.write_lock(self._mmu_lock_i, self._mmu_lock_owner_i, self.pid)
         self.lock_mode = LOCK_WRITE
         self.w.store(self._lock_mode_i, LOCK_WRITE)
+        self.w.trace(events.LOCK, 2)
 
     def write_unlock(self) -> None:
+        self.w.trace(events.LOCK, 3)
         self.lock_mode = LOCK_NONE
         self.w.store(self._lock_mode_i, LOCK_NONE)
         self.w.write_unlock(self._mmu_lock_i, self._mmu_lock_owner_i)

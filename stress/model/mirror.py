@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from stress.arena import Globals, SpMeta
 from stress.atomics import LockAborted
+from stress.model import events
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import ROLE_MIRROR, external_spt
 from stress.model.spte import (
@@ -89,6 +90,7 @@ def seamcall(kvm: Kvm, name: str, call, *args: int) -> int:  # noqa: ANN001
             err = call(*args)
     if tdx_operand_busy(err):
         kvm.stats["seamcall_busy"] += 1
+    kvm.w.trace(events.SEAMCALL, events.SEAMCALL_IDS.get(name, 0), args[0] if args else 0, err)
     return err
 
 
@@ -270,10 +272,16 @@ def _zap_while_frozen(kvm: Kvm, it, old: int, new_spte: int, shared_zap: bool) -
     return 0
 
 
+def _write_frozen(kvm: Kvm, it, value: int) -> None:  # noqa: ANN001
+    """The owner's plain write of the entry it froze (publish or restore)."""
+    kvm.w.trace(events.kind_word(events.SPTE_WRITE, it.level), it.gfn, FROZEN_SPTE, value)
+    kvm.w.store(it.sptep, value)
+
+
 def _publish_map(kvm: Kvm, it, old: int, new_spte: int) -> None:  # noqa: ANN001
     from stress.model.tdp_mmu import handle_changed_spte
 
-    kvm.w.store(it.sptep, new_spte)
+    _write_frozen(kvm, it, new_spte)
     it.old_spte = new_spte
     handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
 
@@ -285,6 +293,7 @@ def _freeze(kvm: Kvm, it) -> bool:  # noqa: ANN001
         it.old_spte = found  # the 2026 fix: the caller retries on fresh data
         return False
     it.check_page()
+    kvm.w.trace(events.kind_word(events.SPTE_WRITE, it.level), it.gfn, old, FROZEN_SPTE)
     return True
 
 
@@ -303,7 +312,7 @@ def set_mirror_spte_frozen(kvm: Kvm, it, new_spte: int, shared_zap: bool = True)
     if is_shadow_present_pte(new_spte):
         r = set_external_spte_present(kvm, it.gfn, it.level, new_spte)
         if r:
-            kvm.w.store(it.sptep, old)  # restore: the S-EPT did not change
+            _write_frozen(kvm, it, old)  # restore: the S-EPT did not change
             it.old_spte = old
             kvm.stats["mirror_restores"] += 1
             return r
@@ -311,11 +320,11 @@ def set_mirror_spte_frozen(kvm: Kvm, it, new_spte: int, shared_zap: bool = True)
         return 0
     r = _zap_while_frozen(kvm, it, old, new_spte, shared_zap)
     if r:
-        kvm.w.store(it.sptep, old)
+        _write_frozen(kvm, it, old)
         it.old_spte = old
         kvm.stats["mirror_restores"] += 1
         return r
-    kvm.w.store(it.sptep, new_spte)
+    _write_frozen(kvm, it, new_spte)
     it.old_spte = new_spte
     return 0
 

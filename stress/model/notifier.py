@@ -23,6 +23,7 @@ they run here: ``before_unlock`` (end, fixed) and ``after_unlock`` (the bug).
 from __future__ import annotations
 
 from stress.arena import Globals, SpMeta
+from stress.model import events
 from stress.model.host import (
     host_page_gen,
     host_page_migrate,
@@ -194,12 +195,14 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int) -> None:
         check_range_current(kvm, start, end)
         kvm_mmu_invalidate_begin(kvm)
         kvm_mmu_invalidate_range_add(kvm, start, end)
+        kvm.w.trace(events.INVALIDATE, start, end, 0)
         kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
     finally:
         kvm.write_unlock()
     for gfn in range(start, end):  # the primary MMU frees the old pages
         host_page_migrate(kvm, gfn)
     kvm.variant.invalidate_end(kvm)
+    kvm.w.trace(events.INVALIDATE, start, end, 1)
     kvm.stats["invalidations"] += 1
 
 

@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterator
 
 from stress.arena import MAX_ROOTS, Globals, SpMeta
+from stress.model import events
 from stress.model.kvm import LOCK_READ, Kvm
 from stress.model.mmu_page import (
     ROLE_INVALID,
@@ -73,11 +74,13 @@ def refcount_inc_not_zero(kvm: Kvm, root: int) -> bool:
         if v >= 1 << 62:
             _underflow(kvm, root, v)
         if kvm.w.cmpxchg(i, v, v + 1) == v:
+            kvm.w.trace(events.ROOT_REF, root, v + 1, 1)
             return True
 
 
 def refcount_dec_and_test(kvm: Kvm, root: int) -> bool:
     old = kvm.w.fetch_add(_count_i(kvm, root), -1)
+    kvm.w.trace(events.ROOT_REF, root, old - 1, -1)
     if old == 0 or old >= 1 << 62:
         _underflow(kvm, root, old)
     return old == 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
+from stress.model import events
 from stress.model.kvm import Kvm, kvm_mem_is_private
 from stress.model.mirror import free_external_spt, remove_external_spte
 from stress.model.mmu_page import (
@@ -177,6 +178,7 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
     A present leaf must never change PFN in place (the kernel's BUG()): it has
     to be zapped, and the TLB flushed, first.
     """
+    kvm.w.trace(events.kind_word(events.SPTE, level), gfn, old_spte, new_spte)
     was_present = is_shadow_present_pte(old_spte)
     is_present = is_shadow_present_pte(new_spte)
     was_leaf = was_present and is_last_spte(old_spte, level)
@@ -370,6 +372,13 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
     as a write, as tdx_handle_ept_violation does.  A fault on a root that was
     invalidated meanwhile is stale and retries (the next entry reloads).
     """
+    kvm.w.trace(events.FAULT_BEGIN, gfn, int(write))
+    r = _kvm_tdp_page_fault(kvm, gfn, write)
+    kvm.w.trace(events.FAULT_END, gfn, r)
+    return r
+
+
+def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
     from stress.model.roots import is_root_invalid, kvm_mmu_reload
 
     kvm_mmu_reload(kvm, kvm.vcpu)

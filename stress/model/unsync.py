@@ -32,6 +32,7 @@ and its cost is what ``tdp-stress bench --unsync`` measures.
 from __future__ import annotations
 
 from stress.arena import Globals
+from stress.model import events
 from stress.model.kvm import Kvm
 
 UNSYNC, UNSYNC_CHILDREN, BITMAP = 0, 1, 2  # shadow page words (BITMAP: 8 words)
@@ -111,6 +112,7 @@ def kvm_mmu_mark_parents_unsync(kvm: Kvm, sp: int, gap_ns: int = 0) -> None:
 def kvm_unsync_page(kvm: Kvm, sp: int, gap_ns: int = 0) -> None:
     kvm.w.fetch_add(kvm.layout.glob(Globals.STAT_MMU_UNSYNC), 1)  # ++kvm->stat.mmu_unsync
     kvm.w.store(_w(kvm, sp, UNSYNC), 1)
+    kvm.w.trace(events.UNSYNC, sp, 0)
     kvm_mmu_mark_parents_unsync(kvm, sp, gap_ns)
     kvm.stats["unsync_marked"] += 1
 
@@ -207,6 +209,7 @@ def _sync_children(kvm: Kvm, sp: int, synced: list[int]) -> None:
         elif kvm.w.load(_w(kvm, child, UNSYNC)):
             kvm.w.store(_w(kvm, child, UNSYNC), 0)  # kvm_sync_page + write-protect
             kvm.w.fetch_add(kvm.layout.glob(Globals.STAT_MMU_UNSYNC), -1)
+            kvm.w.trace(events.UNSYNC, child, 1)
             synced.append(child)
         clear_unsync_child_bit(kvm, sp, index)
 

@@ -1,0 +1,137 @@
+"""Reading the trace rings: merge, decode, timeline, Chrome trace-event JSON.
+
+Every process appends events to its own ring in shared memory (one native call
+per event; see ``Words.trace``), numbered from one shared counter, so the rings
+merge into one global order without any locking.  After a violation, crash or
+hang the supervisor reads the last events of every ring (the rings outlive a
+dead worker: they are in the arena) and keeps them with the report.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from stress.arena import TRACE_EVENT_WORDS, Layout, Slot
+from stress.atomics import Words
+from stress.model import events as ev
+from stress.model.spte import describe
+from stress.model.tdx import error_name
+
+
+def read_events(w: Words, lay: Layout, roles: list[str], keep: int) -> list[dict[str, Any]]:
+    """The last ``keep`` events of all processes, in global order."""
+    if not lay.trace_entries:
+        return []
+    out: list[tuple[int, int, int, int, int, int]] = []
+    for s in range(lay.n_slots):
+        head = w.load(lay.slot(s, Slot.TRACE_HEAD))
+        n = min(head, lay.trace_entries)
+        base = lay.trace_ring(s)
+        for h in range(head - n, head):
+            e = base + (h % lay.trace_entries) * TRACE_EVENT_WORDS
+            out.append(tuple(w.load(e + k) for k in range(TRACE_EVENT_WORDS)))  # type: ignore[arg-type]
+    out.sort()
+    return [decode(e, roles) for e in out[-keep:]]
+
+
+def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
+    seq, t_ns, kw, a, b, c = e
+    kind, level, worker = kw & 0xFF, (kw >> 8) & 0xFF, kw >> 16
+    d: dict[str, Any] = {"seq": seq, "t_ns": t_ns, "worker": worker,
+                         "role": roles[worker] if worker < len(roles) else "supervisor",
+                         "event": ev.NAMES.get(kind, str(kind))}
+    if kind in (ev.SPTE, ev.SPTE_WRITE):
+        d.update(gfn=a, level=level, old=describe(b), new=describe(c))
+    elif kind == ev.FAULT_BEGIN:
+        d.update(gfn=a, write=bool(b & 1))
+    elif kind == ev.FAULT_END:
+        d.update(gfn=a, ret=ev.RET_NAMES.get(b, b))
+    elif kind == ev.LOCK:
+        d.update(op=ev.LOCK_NAMES.get(a, a))
+    elif kind == ev.SEAMCALL:
+        d.update(call=ev.SEAMCALL_NAMES.get(a, a), gfn=b,
+                 status="TDX_SUCCESS" if c == 0 else error_name(c))
+    elif kind == ev.ROOT_REF:
+        d.update(root=a, count=b - (1 << 64) if b >= 1 << 63 else b,
+                 delta=1 if c == 1 else -1)
+    elif kind == ev.INVALIDATE:
+        d.update(start=a, end=b, phase="begin" if c == 0 else "end")
+    elif kind == ev.UNSYNC:
+        d.update(shadow_page=a, phase="marked" if b == 0 else "synced")
+    return d
+
+
+def summary(e: dict[str, Any]) -> str:
+    """One event as a short line for a timeline column."""
+    k = e["event"]
+    if k in ("spte", "spte-write"):
+        verb = "write" if k == "spte-write" else "set"
+        return f"{verb} L{e['level']}[{e['gfn']:#x}] {e['old']} -> {e['new']}"
+    if k == "fault":
+        return f"fault gfn {e['gfn']:#x}{' (write)' if e['write'] else ''}"
+    if k == "fault-end":
+        return f"fault gfn {e['gfn']:#x} -> {e['ret']}"
+    if k == "lock":
+        return f"mmu_lock {e['op']}"
+    if k == "seamcall":
+        return f"{e['call']}({e['gfn']:#x}) = {e['status']}"
+    if k == "root-ref":
+        return f"root {e['root']} count {e['count']} ({'+1' if e['delta'] > 0 else '-1'})"
+    if k == "invalidate":
+        return f"invalidate [{e['start']:#x}, {e['end']:#x}) {e['phase']}"
+    if k == "unsync":
+        return f"shadow page {e['shadow_page']} {e['phase']}"
+    return k
+
+
+PROTOCOL_EVENTS = {"spte", "spte-write", "fault", "fault-end", "seamcall", "invalidate", "unsync"}
+
+
+def focus(events: list[dict[str, Any]], violation: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The events that tell the story of ``violation``: up to the reporting
+    worker's last event, protocol events only (no lock or reference noise), and
+    when the violation names a gfn, only events in its 2 MiB region."""
+    det = (violation or {}).get("details", {})
+    worker = (violation or {}).get("worker")
+    if isinstance(worker, int):
+        last = max((i for i, e in enumerate(events) if e["worker"] == worker), default=None)
+        if last is not None:
+            events = events[: last + 1]
+    events = [e for e in events if e["event"] in PROTOCOL_EVENTS]
+    gfn = det.get("gfn")
+    if isinstance(gfn, int):
+        events = [e for e in events if "gfn" not in e or e["gfn"] >> 9 == gfn >> 9
+                  or e["event"] == "invalidate"]
+    return events
+
+
+def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 52) -> str:
+    """The last events as one column per worker, like seed 000's vCPU0/vCPU1 diagram."""
+    evs = events[-last:]
+    if not evs:
+        return "(no events)"
+    workers = sorted({e["worker"] for e in evs})
+    head = "".join(f"{e_role(evs, w):<{width}}" for w in workers)
+    lines = [head.rstrip(), "".join(f"{'=' * (width - 2):<{width}}" for _ in workers).rstrip()]
+    for e in evs:
+        col = workers.index(e["worker"])
+        lines.append((" " * (width * col) + summary(e)[: width - 2]).rstrip())
+    return "\n".join(lines)
+
+
+def e_role(evs: list[dict[str, Any]], w: int) -> str:
+    role = next(e["role"] for e in evs if e["worker"] == w)
+    return f"{role}{w}"
+
+
+def chrome_trace(events: list[dict[str, Any]]) -> str:
+    """Chrome trace-event JSON (opens in Perfetto / chrome://tracing)."""
+    t0 = events[0]["t_ns"] if events else 0
+    out = [{"name": summary(e), "cat": e["event"], "ph": "i", "s": "t",
+            "ts": (e["t_ns"] - t0) / 1000.0, "pid": 1, "tid": e["worker"],
+            "args": {k: v for k, v in e.items() if k not in ("t_ns",)}} for e in events]
+    meta = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": w,
+             "args": {"name": f"{r}{w}"}}
+            for w, r in sorted({(e["worker"], e["role"]) for e in events})]
+    return json.dumps({"traceEvents": meta + out, "displayTimeUnit": "ns"})
