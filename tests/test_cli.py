@@ -89,7 +89,7 @@ def test_bug_variant_is_caught(tmp_path: Path, variant: str, vm_type: str,
     assert res["exit_reason"] == "violation"
     v = res["violations"][0]
     assert v["invariant"] in invariants and v["variant"] == variant
-    assert {"gfn", "table", "root", "shadow_page", "stat"} & set(v["details"])
+    assert {"gfn", "table", "root", "shadow_page", "shadow_pages", "stat"} & set(v["details"])
 
 
 def test_caught_variant_without_expect_exits_1(tmp_path: Path) -> None:
