@@ -148,3 +148,173 @@ def _fmt(x: float) -> str:
     if abs(x) >= 100:
         return f"{x:.0f}"
     return f"{x:.2f}"
+
+
+# ---------------------------------------------------------------------------
+# throughput, the FFI floor, scaling
+# ---------------------------------------------------------------------------
+
+def floor_ns_per_atomic(calls: int = 200_000, repeats: int = 5) -> Series:
+    """The cost of one bare native atomic (ts_load) called from Python."""
+    import time as _time
+
+    from stress.atomics import ffi, lib
+
+    buf = ffi.new("uint64_t[]", 8)
+    load = lib.ts_load
+    out = Series()
+    for _ in range(repeats):
+        t = _time.perf_counter_ns()
+        for _ in range(calls):
+            load(buf, 1)
+        out.values.append((_time.perf_counter_ns() - t) / calls)
+    return out
+
+
+def atomics_per_fault(faults: int = 3000) -> float:
+    """Shared-word accesses per fault, counted in-process on a private VM: every
+    call through the Words chokepoint (native helpers count once)."""
+    import random as _random
+
+    from stress.arena import Arena, Control, Globals, Layout
+    from stress.atomics import Words
+    from stress.model.host import init_mem_attributes
+    from stress.model.kvm import Geometry, Kvm
+    from stress.model.roots import kvm_tdp_mmu_alloc_root
+    from stress.model.tdp_mmu import kvm_tdp_page_fault
+    from stress.model.variants import get_variant
+
+    class Counting(Words):
+        n = 0
+
+        def __getattribute__(self, name: str):  # noqa: ANN204
+            if name in _COUNTED:
+                Counting.n += 1
+            return super().__getattribute__(name)
+
+    n_gfns = 1 << 16
+    lay = Layout.build(n_slots=2, n_pages=1024, n_gfns=n_gfns)
+    arena = Arena.create(lay, 0)
+    w = Counting(arena.shm.buf, lay.ctl(Control.ABORT))
+    try:
+        w.fill(lay.bitmap, lay.bitmap_words, (1 << 64) - 1)
+        w.store(lay.glob(Globals.RCU_GP_CTR), 1)
+        kvm = Kvm(w, lay, Geometry(root_level=4, n_gfns=n_gfns), get_variant("fixed"), 0)
+        init_mem_attributes(kvm)
+        kvm.read_lock()
+        kvm.vcpu.root = kvm_tdp_mmu_alloc_root(kvm)
+        kvm.read_unlock()
+        rng = _random.Random(1)
+        Counting.n = 0
+        for _ in range(faults):
+            kvm_tdp_page_fault(kvm, rng.randrange(4096), rng.random() < 0.5)
+        return Counting.n / faults
+    finally:
+        w.release()
+        arena.close()
+
+
+_COUNTED = frozenset({"load", "store", "cmpxchg", "xchg", "fetch_add", "fetch_and", "fetch_or",
+                      "read_lock", "read_unlock", "write_lock", "write_unlock", "spin_lock",
+                      "spin_unlock", "spin_trylock", "fill", "bitmap_alloc", "freeze_children",
+                      "scan_ne", "find_mask", "count_equal", "popcount", "trace", "spin_ns"})
+
+
+def _trivial_loop(seconds: float, out) -> None:  # noqa: ANN001
+    import time as _time
+
+    end = _time.monotonic() + seconds
+    n = 0
+    while _time.monotonic() < end:
+        for _ in range(1000):
+            n += 1
+    out.put(n)
+
+
+def machine_rate(procs: int, seconds: float) -> float:
+    """Iterations/s of a trivial CPU-bound loop in ``procs`` processes at once."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_trivial_loop, args=(seconds, q)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    total = sum(q.get() for _ in ps)
+    for p in ps:
+        p.join()
+    return total / seconds
+
+
+def vcpu_rate(base: Config, procs: int, seconds: float) -> float:
+    """Aggregate faults/s of ``procs`` vCPU processes and no other role: the fault
+    path's own cost (no modelled SEAMCALL latency, no injected delays, no
+    halts, resets or nested syncs)."""
+    cfg = config_mod.load_from(base, {
+        "run": {"duration": seconds, "check_interval": 0.0, "variant": "fixed"},
+        "vm": {"type": "default"},
+        "workers": {"vcpu": procs, "zapper": 0, "invalidator": 0, "notifier": 0,
+                    "converter": 0},
+        "vcpu": {"halt_every": 0, "root_reset_every": 0},
+        "unsync": {"enabled": False}, "inject": {"delay_every": 0}})
+    c, d, _reason = _one_run(cfg)
+    return c["faults"] / d
+
+
+def throughput(base: Config, seconds: float, runs: int,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Faults/s per process, the FFI floor, and scaling from 1 to all cores
+    against the machine's own scaling measured in the same run."""
+    import os as _os
+
+    cores = _os.cpu_count() or 1
+    say = progress or (lambda m: None)
+    floor = floor_ns_per_atomic()
+    say(f"floor: {floor.median:.0f} ns per bare native atomic call")
+    per_fault = atomics_per_fault()
+    say(f"{per_fault:.1f} shared-word accesses per fault")
+    vcpu_rate(base, 1, min(seconds, 2.0))  # warm-up
+    rates: dict[int, Series] = {n: Series() for n in range(1, cores + 1)}
+    machine: dict[int, Series] = {n: Series() for n in range(1, cores + 1)}
+    for rnd in range(runs):
+        for n in range(1, cores + 1):
+            rates[n].values.append(vcpu_rate(base, n, seconds))
+            machine[n].values.append(machine_rate(n, seconds))
+            say(f"run {rnd + 1}/{runs} N={n}: {rates[n].values[-1]:.0f} faults/s, machine "
+                f"{machine[n].values[-1]:.3g} it/s")
+    single = rates[1].median
+    fault_ns = 1e9 / single if single else 0.0
+    eff = rates[cores].median / (cores * single) if single else 0.0
+    meff = machine[cores].median / (cores * machine[1].median) if machine[1].median else 0.0
+    return {
+        "benchmark": "throughput", "duration_s": seconds, "runs": runs, "cores": cores,
+        "faults_per_s_per_proc": round(single, 1),
+        "faults_per_s": {str(n): {"median": round(s.median, 1), "min": round(min(s.values), 1),
+                                  "max": round(max(s.values), 1)} for n, s in rates.items()},
+        "floor_ns_per_atomic": round(floor.median, 1),
+        "floor_spread_ns": [round(min(floor.values), 1), round(max(floor.values), 1)],
+        "atomics_per_fault": round(per_fault, 1),
+        "fault_ns": round(fault_ns, 1),
+        "fault_cost_over_floor": round(fault_ns / (floor.median * per_fault), 2)
+        if floor.median and per_fault else None,
+        "scaling_efficiency": round(eff, 3),
+        "machine_scaling_efficiency": round(meff, 3),
+        "relative_scaling": round(eff / meff, 3) if meff else None,
+    }
+
+
+def format_throughput(res: dict[str, Any]) -> str:
+    lines = [f"throughput: fixed protocol, vCPU processes only, {res['runs']} runs x "
+             f"{res['duration_s']:.0f} s (median [min..max])"]
+    for n, s in res["faults_per_s"].items():
+        lines.append(f"  N={n}: {_fmt(s['median'])} faults/s [{_fmt(s['min'])}.."
+                     f"{_fmt(s['max'])}]")
+    lines.append(f"faults/s per process: {_fmt(res['faults_per_s_per_proc'])} "
+                 f"({res['fault_ns'] / 1000:.1f} us per fault)")
+    lines.append(f"floor: {res['floor_ns_per_atomic']:.0f} ns per bare native atomic "
+                 f"({res['atomics_per_fault']:.1f} shared-word accesses per fault): a fault "
+                 f"costs {res['fault_cost_over_floor']}x its atomics' floor")
+    lines.append(f"scaling at N={res['cores']}: {res['scaling_efficiency']:.2f} of N x single; "
+                 f"the machine's own trivial loop: {res['machine_scaling_efficiency']:.2f}; "
+                 f"relative: {res['relative_scaling']}")
+    return "\n".join(lines)

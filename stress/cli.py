@@ -226,14 +226,20 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
               help="Also write the figures to this JSON file.")
 def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool, duration: float,
           runs: int, json_out: str | None) -> int:
-    """Print benchmark figures: SEAMCALL BUSY policies (--policy) or the unsync lock
-    against write-protection (--unsync), side by side in one run."""
+    """Print benchmark figures: fault throughput, the FFI floor and scaling against
+    the machine's own (default); SEAMCALL BUSY policies (--policy); the unsync lock
+    against write-protection (--unsync)."""
     from stress.bench import format_table, policy_comparison, unsync_comparison
 
-    if policy_mode == unsync_mode:
+    if policy_mode and unsync_mode:
         raise click.UsageError("choose one of --policy or --unsync")
     progress = lambda m: click.echo(m, err=True)  # noqa: E731
-    if policy_mode:
+    if not policy_mode and not unsync_mode:
+        from stress.bench import format_throughput, throughput
+
+        res = throughput(config_mod.load(config_file), duration, runs, progress)
+        click.echo(format_throughput(res))
+    elif policy_mode:
         res = policy_comparison(config_mod.load(config_file), duration, runs, progress)
         click.echo(format_table(res, "SEAMCALL BUSY policies: fixed protocol on a TD"))
     else:

@@ -226,3 +226,16 @@ def test_zoo_reports_detection_and_the_fixed_protocol(tmp_path: Path) -> None:
     assert row["name"] == "mirror-no-freeze" and row["runs"] == 2 and row["detected"] == 2
     assert 0 < row["median_ttd_s"] <= row["p90_ttd_s"] < 30
     assert res["fixed"]["violations"] == 0 and res["fixed"]["seconds"] >= 2
+
+
+def test_bench_throughput_reports_floor_and_scaling(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = run_cli("bench", "--duration", "1s", "--runs", "1", "--json", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    for key in ("faults_per_s_per_proc", "floor_ns_per_atomic", "cores", "scaling_efficiency",
+                "machine_scaling_efficiency"):
+        assert key in res
+    assert res["faults_per_s_per_proc"] > 0 and 0 < res["floor_ns_per_atomic"] < 10_000
+    assert res["atomics_per_fault"] > 5 and res["fault_cost_over_floor"] > 1
+    assert 0 < res["machine_scaling_efficiency"] and 0 < res["scaling_efficiency"]
