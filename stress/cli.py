@@ -315,8 +315,11 @@ def merge(paths: tuple[str, ...], out_file: str | None) -> int:
               help="Also write the table as JSON.")
 @click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
               help="Also write JUnit XML: one test case per variant (caught = pass).")
+@click.option("--compare-perturbation", is_flag=True,
+              help="Also run every variant with delay injection and race windows off, and "
+                   "print both times side by side.")
 def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
-        json_out: str | None, junit_path: str | None) -> int:
+        json_out: str | None, junit_path: str | None, compare_perturbation: bool) -> int:
     """Time-to-detect of every bug variant over N seeds, and the fixed protocol clean.
 
     Exit 0 when every variant was detected at least once and the fixed
@@ -328,7 +331,8 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
     unknown = [n for n in chosen if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variant: unknown variant {unknown[0]!r}")
-    res = run_zoo(chosen, seeds, cap, fixed_for, progress=lambda m: click.echo(m, err=True))
+    res = run_zoo(chosen, seeds, cap, fixed_for, progress=lambda m: click.echo(m, err=True),
+                  compare_perturbation=compare_perturbation)
     click.echo(format_zoo(res))
     if json_out:
         write_json_atomic(Path(json_out), res)

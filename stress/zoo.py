@@ -32,32 +32,49 @@ def _config_path(v: Variant) -> str:
     return str(config_mod.DEFAULT_CONFIG.parent / v.config)
 
 
+NO_PERTURBATION = {"inject": {"delay_every": 0, "race_window": 0.0}}
+
+
+def _detect(name: str, seeds: int, cap: float, perturb: bool,
+            progress: Callable[[str], None] | None) -> dict[str, Any]:
+    v = VARIANTS[name]
+    ttds: list[float] = []
+    invariants: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for seed in range(1, seeds + 1):
+        ov: dict[str, dict[str, Any]] = {"run": {
+            "variant": name, "seed": seed, "duration": cap, "expect_violation": True}}
+        if not perturb:
+            ov.update(NO_PERTURBATION)
+        o = Supervisor(config_mod.load(_config_path(v), ov)).run()
+        reasons[o.exit_reason] += 1
+        if o.violations:
+            ttds.append(o.violations[0]["time_s"])
+            invariants[o.violations[0]["invariant"]] += 1
+        if progress:
+            t = f"{o.violations[0]['time_s']:.3f}s" if o.violations else "-"
+            progress(f"{name}{'' if perturb else ' (no perturbation)'} seed {seed}: "
+                     f"{o.exit_reason} {t}")
+    return {"runs": seeds, "detected": len(ttds),
+            "median_ttd_s": round(statistics.median(ttds), 4) if ttds else None,
+            "p90_ttd_s": round(_p90(ttds), 4) if ttds else None,
+            "invariants": dict(invariants.most_common()), "exit_reasons": dict(reasons)}
+
+
 def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[str], None] | None = None,
+            compare_perturbation: bool = False) -> dict[str, Any]:
+    """Perturbation (delay injection at the atomics chokepoint and the targeted
+    race windows) is on as configured; ``compare_perturbation`` also runs every
+    variant with both off and reports the two side by side."""
     rows = []
     for name in variants:
         v = VARIANTS[name]
-        ttds: list[float] = []
-        invariants: Counter[str] = Counter()
-        reasons: Counter[str] = Counter()
-        for seed in range(1, seeds + 1):
-            cfg = config_mod.load(_config_path(v), {"run": {
-                "variant": name, "seed": seed, "duration": cap, "expect_violation": True}})
-            o = Supervisor(cfg).run()
-            reasons[o.exit_reason] += 1
-            if o.violations:
-                ttds.append(o.violations[0]["time_s"])
-                invariants[o.violations[0]["invariant"]] += 1
-            if progress:
-                t = f"{o.violations[0]['time_s']:.3f}s" if o.violations else "-"
-                progress(f"{name} seed {seed}: {o.exit_reason} {t}")
-        rows.append({
-            "name": name, "source": v.source, "config": v.config, "runs": seeds,
-            "detected": len(ttds),
-            "median_ttd_s": round(statistics.median(ttds), 4) if ttds else None,
-            "p90_ttd_s": round(_p90(ttds), 4) if ttds else None,
-            "invariants": dict(invariants.most_common()), "exit_reasons": dict(reasons),
-        })
+        row = {"name": name, "source": v.source, "config": v.config,
+               **_detect(name, seeds, cap, True, progress)}
+        if compare_perturbation:
+            row["without_perturbation"] = _detect(name, seeds, cap, False, progress)
+        rows.append(row)
     fixed: dict[str, Any] = {"seconds": 0.0, "violations": 0, "exit_reason": None}
     if fixed_seconds > 0:
         cfg = config_mod.load(None, {"run": {"duration": fixed_seconds}})
@@ -79,6 +96,18 @@ def format_zoo(res: dict[str, Any]) -> str:
         inv = ", ".join(f"{k} x{n}" for k, n in r["invariants"].items()) or "-"
         lines.append(f"{r['name']:<29}{r['detected']:>4}/{r['runs']:<4}{med:>9}{p90:>9}  {inv}")
         lines.append(f"{'':<29}source: {r['source']}")
+    if any("without_perturbation" in r for r in res["variants"]):
+        lines.append("")
+        lines.append(f"{'perturbation':<29}{'with':>14}{'without':>14}{'speed-up':>10}")
+        for r in res["variants"]:
+            w = r.get("without_perturbation")
+            if not w:
+                continue
+            a, b = r["median_ttd_s"], w["median_ttd_s"]
+            left = f"{r['detected']}/{r['runs']} {a:.3f}s" if a is not None else "-"
+            right = f"{w['detected']}/{w['runs']} {b:.3f}s" if b is not None else "-"
+            ratio = f"{b / a:.1f}x" if a and b else "-"
+            lines.append(f"{r['name']:<29}{left:>14}{right:>14}{ratio:>10}")
     f = res["fixed"]
     if f["seconds"]:
         lines.append(f"fixed protocol: {f['seconds']:.0f} s, {f['violations']} violations "
