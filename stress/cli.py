@@ -78,6 +78,8 @@ def cli() -> None:
 @click.option("--duration", type=DurationType(), help="Run time: 30s, 5m, 2h.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Master seed.")
 @click.option("--variant", help="Protocol variant (see `tdp-stress variants`).")
+@click.option("--variant-file", type=click.Path(dir_okay=False),
+              help="A Python file defining user VARIANTS (see examples/).")
 @click.option("--guest-size", type=SizeType(), help="Guest memory: 64m, 1g, 1t.")
 @click.option("--vm-type", type=click.Choice(["tdx", "default"]),
               help="tdx: direct and mirror roots with the TDX module; default: direct only.")
@@ -95,13 +97,13 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No live status line.")
 def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
         duration: float | None, seed: int | None, variant: str | None,
-        guest_size: int | None, vm_type: str | None, out_dir: str | None,
+        variant_file: str | None, guest_size: int | None, vm_type: str | None, out_dir: str | None,
         check_interval: float | None, expect_violation: bool | None, watchdog: float | None,
         junit_path: str | None, quiet: bool) -> int:
     """Run the stress job of CONFIG_FILE (default: configs/default.toml)."""
     cfg, out = _load_run_config(config_file, vcpus, worker_counts, duration, seed, variant,
                                 guest_size, vm_type, out_dir, check_interval,
-                                expect_violation, watchdog)
+                                expect_violation, watchdog, variant_file)
     results_path = out / "results.json"
 
     status = StatusLine()
@@ -139,15 +141,16 @@ def _load_run_config(config_file: str | None, vcpus: int | None,
                      worker_counts: tuple[tuple[str, int], ...], duration: float | None,
                      seed: int | None, variant: str | None, guest_size: int | None,
                      vm_type: str | None, out_dir: str | None, check_interval: float | None,
-                     expect_violation: bool | None, watchdog: float | None
-                     ) -> tuple[Any, Path]:
+                     expect_violation: bool | None, watchdog: float | None,
+                     variant_file: str | None = None) -> tuple[Any, Path]:
     """The config file with the command line's overrides, and the output directory."""
     overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}, "vm": {}}
     if vm_type is not None:
         overrides["vm"]["type"] = vm_type
     for key, val in (("duration", duration), ("seed", seed), ("variant", variant),
                      ("out", out_dir), ("check_interval", check_interval),
-                     ("expect_violation", expect_violation), ("watchdog", watchdog)):
+                     ("expect_violation", expect_violation), ("watchdog", watchdog),
+                     ("variant_file", variant_file)):
         if val is not None:
             overrides["run"][key] = val
     if guest_size is not None:
@@ -380,8 +383,19 @@ def repro(bundle: str, runs: int, stop_after: int) -> int:
 
 
 @cli.command()
-def variants() -> int:
+@click.option("--variant-file", type=click.Path(dir_okay=False),
+              help="Also list the user variants of this file.")
+def variants(variant_file: str | None) -> int:
     """List protocol variants with their stories."""
+    from stress.model.variants import VariantLoadError, load_entry_point_variants
+    from stress.model.variants import load_variant_file as _load
+
+    try:
+        load_entry_point_variants()
+        if variant_file:
+            _load(variant_file)
+    except VariantLoadError as e:
+        raise ConfigError(str(e)) from None
     width = max(len(n) for n in VARIANTS)
     for v in VARIANTS.values():
         tag = "bug  " if v.buggy else "ok   "

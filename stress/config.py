@@ -63,6 +63,7 @@ class RunConfig:
     duration: float = 60.0
     seed: int = 1
     variant: str = "fixed"
+    variant_file: str = ""  # a Python file of user variants (see README)
     out: str = "tdp-stress-results"
     check_interval: float = 5.0
     expect_violation: bool = False
@@ -233,6 +234,14 @@ def _choice(key: str, choices: tuple[str, ...]):
     return conv
 
 
+def _path_or_empty(key: str):
+    def conv(v: Any) -> str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{key}: expected a path, got {v!r}")
+        return v
+    return conv
+
+
 def _bool(key: str):
     def conv(v: Any) -> bool:
         if not isinstance(v, bool):
@@ -272,6 +281,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "duration": _dur("run.duration", 0.0, 366 * 86400.0),
         "seed": _int("run.seed", 0, 2**63 - 1),
         "variant": _str("run.variant"),
+        "variant_file": _path_or_empty("run.variant_file"),
         "out": _str("run.out"),
         "check_interval": _dur("run.check_interval", 0.0, 86400.0),
         "expect_violation": _bool("run.expect_violation"),
@@ -363,10 +373,22 @@ def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
 
 def validate(cfg: Config) -> Config:
     """Cross-key checks that no single key can make."""
-    from stress.model.variants import UnknownVariant, get_variant
+    from stress.model.variants import (
+        UnknownVariant,
+        VariantLoadError,
+        get_variant,
+        load_variant_file,
+    )
 
     try:
+        if cfg.run.variant_file:
+            load_variant_file(cfg.run.variant_file)
+            # absolute, so a bundle's config.toml works from any directory
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(
+                cfg.run, variant_file=str(Path(cfg.run.variant_file).resolve())))
         variant = get_variant(cfg.run.variant)
+    except VariantLoadError as e:
+        raise ConfigError(f"run.variant_file: {e}") from None
     except UnknownVariant as e:
         raise ConfigError(f"run.variant: {e.args[0]}") from None
     if variant.requires_tdx and cfg.vm.type != "tdx":

@@ -239,3 +239,18 @@ def test_bench_throughput_reports_floor_and_scaling(tmp_path: Path) -> None:
     assert res["faults_per_s_per_proc"] > 0 and 0 < res["floor_ns_per_atomic"] < 10_000
     assert res["atomics_per_fault"] > 5 and res["fault_cost_over_floor"] > 1
     assert 0 < res["machine_scaling_efficiency"] and 0 < res["scaling_efficiency"]
+
+
+def test_user_variant_file(tmp_path: Path) -> None:
+    example = str(ROOT / "examples" / "user_variant.py")
+    r = run_cli("run", "--variant-file", example, "--variant", "mirror-link-no-freeze",
+                "--expect-violation", "--duration", "60s", "--out", str(tmp_path), "-q",
+                timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["run"]["variant_file"] == example
+    assert res["violations"][0]["variant"] == "mirror-link-no-freeze"
+    bad = tmp_path / "bad.py"
+    bad.write_text("VARIANTS = 3\n")
+    r = run_cli("run", "--variant-file", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "defines no VARIANTS list" in r.stderr

@@ -248,7 +248,68 @@ class UnknownVariant(KeyError):
     pass
 
 
+class VariantLoadError(ValueError):
+    pass
+
+
+ENTRY_POINT_GROUP = "tdp_stress.variants"
+_entry_points_loaded = False
+
+
+def register(*variants: Variant) -> None:
+    """Add user variants (from a variant file or an installed package)."""
+    for v in variants:
+        if not isinstance(v, Variant):
+            raise VariantLoadError(f"not a Variant: {v!r}")
+        if v.name in VARIANTS and VARIANTS[v.name] is not v:
+            raise VariantLoadError(f"variant {v.name!r} is already defined")
+        VARIANTS[v.name] = v
+
+
+def load_variant_file(path: str) -> list[str]:
+    """Run a Python file that defines ``VARIANTS = [Variant, ...]`` (usually built
+    with ``dataclasses.replace(FIXED, ...)``) and register them.  Returns their
+    names.  Workers are forked after this, so they inherit the registry."""
+    import importlib.util
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise VariantLoadError(f"{path}: no such variant file")
+    spec = importlib.util.spec_from_file_location(f"tdp_stress_user_variants_{p.stem}", p)
+    if spec is None or spec.loader is None:
+        raise VariantLoadError(f"{path}: cannot be loaded as Python")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # the user's code: report it in one line
+        raise VariantLoadError(f"{path}: {type(e).__name__}: {e}") from None
+    found = getattr(mod, "VARIANTS", None)
+    if not isinstance(found, list | tuple) or not found:
+        raise VariantLoadError(f"{path}: defines no VARIANTS list")
+    register(*found)
+    return [v.name for v in found]
+
+
+def load_entry_point_variants() -> None:
+    """Variants of installed packages (entry-point group ``tdp_stress.variants``):
+    each entry point names a list of Variant objects."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            register(*ep.load())
+        except Exception as e:
+            raise VariantLoadError(f"entry point {ep.name} ({ep.value}): {e}") from None
+
+
 def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        load_entry_point_variants()
     try:
         return VARIANTS[name]
     except KeyError:
