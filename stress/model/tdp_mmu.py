@@ -15,6 +15,7 @@ so that those walkers never read a freed page.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
@@ -408,21 +409,35 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
 # Zaps
 # ---------------------------------------------------------------------------
 
-def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
-    """Zap every present leaf in [start, end) with mmu_lock held for write."""
-    kvm.lockdep_assert_held_write()
+def _zap_present_leafs(kvm: Kvm, root: int, start: int, end: int,
+                       zap_one: Callable[[TdpIter], int]) -> int:
+    """Walk [start, end) under RCU and ``zap_one`` every present leaf; a non-zero
+    return (a lost race) retries the same entry with the refreshed snapshot."""
     n = 0
     kvm.rcu.rcu_read_lock()
     try:
         it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
         while it.in_range(end):
             if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
-                tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)
+                if zap_one(it):
+                    kvm.stats["zap_retry"] += 1
+                    continue
                 n += 1
             it.next()
     finally:
         kvm.rcu.rcu_read_unlock()
     return n
+
+
+def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
+    """Zap every present leaf in [start, end) with mmu_lock held for write."""
+    kvm.lockdep_assert_held_write()
+
+    def zap(it: TdpIter) -> int:
+        tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)
+        return 0
+
+    return _zap_present_leafs(kvm, root, start, end, zap)
 
 
 def tdp_mmu_zap_spte_atomic(kvm: Kvm, it: TdpIter) -> int:
@@ -453,24 +468,13 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
     """Zap every present leaf in [start, end) with mmu_lock held for read, each with
     tdp_mmu_zap_spte_atomic; a lost race retries the same entry."""
     kvm.lockdep_assert_held_read()
-    n = 0
-    kvm.rcu.rcu_read_lock()
-    try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
-        while it.in_range(end):
-            if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
-                if kvm.variant.is_mirror_sptep(it):
-                    r = tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE)
-                else:
-                    r = tdp_mmu_zap_spte_atomic(kvm, it)
-                if r:
-                    kvm.stats["zap_retry"] += 1
-                    continue
-                n += 1
-            it.next()
-    finally:
-        kvm.rcu.rcu_read_unlock()
-    return n
+
+    def zap(it: TdpIter) -> int:
+        if kvm.variant.is_mirror_sptep(it):  # the mirror freezes by itself
+            return tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE)
+        return tdp_mmu_zap_spte_atomic(kvm, it)
+
+    return _zap_present_leafs(kvm, root, start, end, zap)
 
 
 def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool) -> bool:
