@@ -247,6 +247,10 @@ def format_summary(res: dict[str, Any], results_path: Path | None) -> str:
     for e in res["errors"][:5]:
         lines.append("ERROR: " + e.strip().splitlines()[-1] if "\n" in e.strip() else
                      "ERROR: " + e)
+    for w, evs in (res.get("crash_trace") or {}).items():
+        from stress.harness.trace import summary
+
+        lines.append(f"last events of worker {w}: " + "; ".join(summary(e) for e in evs[-5:]))
     hang = res.get("hang")
     if hang:
         stuck = ", ".join(f"worker {s['worker']} ({s['role']}, pid {s['pid']})"
