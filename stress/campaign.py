@@ -35,7 +35,6 @@ import hashlib
 import json
 import re
 import statistics
-import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,15 +196,9 @@ def load_matrix(path: str | Path) -> Matrix:
     """
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise CampaignError(f"{p}: no such matrix file") from None
-    except IsADirectoryError:
-        raise CampaignError(f"{p}: is a directory, not a matrix file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise CampaignError(f"{p}: invalid TOML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CampaignError(f"{p}: {getattr(e, 'strerror', None) or e}") from None
+        raw = _config.read_toml(p, "matrix")
+    except ConfigError as e:
+        raise CampaignError(str(e)) from None
     extra = sorted(k for k in raw if k != "campaign")
     if extra:
         raise CampaignError(f"{p}: unknown section [{extra[0]}] (known: campaign)")

@@ -421,22 +421,26 @@ def load_from(cfg: Config, overrides: dict[str, dict[str, Any]]) -> Config:
     return validate(_apply(cfg, overrides, "overrides"))
 
 
+def read_toml(p: Path, what: str = "config") -> dict[str, Any]:
+    """Parse a TOML file; any failure is one ConfigError line naming the file."""
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such {what} file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a {what} file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
     """Load ``path`` (default configs/default.toml), apply overrides, validate."""
     cfg = Config()
     p = Path(path) if path is not None else DEFAULT_CONFIG
     if path is not None or p.exists():
-        try:
-            raw = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: no such config file") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{p}: is a directory, not a config file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: invalid TOML: {e}") from None
-        except OSError as e:
-            raise ConfigError(f"{p}: {e.strerror}") from None
-        cfg = _apply(cfg, raw, str(p))
+        cfg = _apply(cfg, read_toml(p), str(p))
     if overrides:
         cfg = _apply(cfg, overrides, "command line")
     return validate(cfg)
