@@ -4,6 +4,9 @@
 #include <stddef.h>
 #include <sched.h>
 #include <time.h>
+#include <unistd.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 #include "atomics.h"
 
 #define SEQ __ATOMIC_SEQ_CST
@@ -265,4 +268,34 @@ void ts_trace(uint64_t *b, size_t ring_i, uint64_t mask, size_t head_i, size_t s
 	__atomic_store_n(&e[4], x, __ATOMIC_RELAXED);
 	__atomic_store_n(&e[5], c, __ATOMIC_RELAXED);
 	__atomic_store_n(&b[head_i], h + 1, __ATOMIC_RELEASE);
+}
+
+/*
+ * Turn words live in MAP_SHARED memory, so the futex is a shared (not
+ * FUTEX_PRIVATE) one keyed by the page, and works across processes.  The low
+ * 32 bits of the little-endian word are the futex value.  The wait is bounded
+ * (1 ms) so an abort is noticed even if a wake-up is lost to a dead giver.
+ */
+int ts_turn_wait(uint64_t *b, size_t turn_i, size_t abort_i)
+{
+	unsigned spins = 0;
+	struct timespec ts = { 0, 1000000 };
+	for (;;) {
+		if (__atomic_load_n(&b[turn_i], __ATOMIC_ACQUIRE)) {
+			__atomic_store_n(&b[turn_i], 0, SEQ);
+			return 0;
+		}
+		if (__atomic_load_n(&b[abort_i], __ATOMIC_RELAXED))
+			return -1;
+		if (++spins < SPINS_BEFORE_YIELD)
+			ts_cpu_relax();
+		else
+			syscall(SYS_futex, (uint32_t *)&b[turn_i], FUTEX_WAIT, 0, &ts, NULL, 0);
+	}
+}
+
+void ts_turn_give(uint64_t *b, size_t turn_i)
+{
+	__atomic_store_n(&b[turn_i], 1, SEQ);
+	syscall(SYS_futex, (uint32_t *)&b[turn_i], FUTEX_WAKE, 1, NULL, NULL, 0);
 }

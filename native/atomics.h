@@ -52,3 +52,9 @@ int64_t ts_scan_ne(uint64_t *base, size_t start, size_t n, uint64_t v,
  * 2**k entries of 6 words; seq is a global order from a shared counter. */
 void ts_trace(uint64_t *base, size_t ring_i, uint64_t mask, size_t head_i, size_t seq_i,
               uint64_t kind, uint64_t a, uint64_t b, uint64_t c);
+/* Controlled scheduling: turn words.  A worker waits until its turn word is
+ * non-zero (spinning briefly, then sleeping on a futex), consumes it and
+ * returns 0, or returns -1 once the abort word is set.  turn_give sets the
+ * word and wakes its waiter. */
+int ts_turn_wait(uint64_t *base, size_t turn_i, size_t abort_i);
+void ts_turn_give(uint64_t *base, size_t turn_i);

@@ -25,7 +25,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
 MAX_SHADOW_PAGES = 64  # indirect shadow pages (nested TDP) modelled for the unsync path
 SHADOW_SP_WORDS = 16
@@ -131,6 +131,22 @@ class SpMeta:
     ROOT_ZAPS = 12  # roots: how many times tdp_mmu_zap_root ran on it (oracle)
 
 
+class Sched:
+    """Controlled-scheduling words (offsets inside the sched region; see
+    harness/schedule.py).  Only the worker holding the turn writes them."""
+
+    STEP = 0  # shared accesses (scheduling points) so far, published at each hand-over
+    DONE = 1  # bit per worker that has exited
+    LOG_N = 2  # switch points recorded
+    LOG_LOST = 3  # switch points that did not fit in the log
+    LOW = 4  # pct: the next demoted priority, counting down
+    EXHAUSTED = 5  # 1 + worker that hit the step cap (a livelock under this schedule)
+    TURNS = 8  # one turn word per worker (futex)
+    PRIO = TURNS + 64  # pct: priority per worker (biased by 1 << 32)
+    LOG = PRIO + 64  # switch points: (worker | op << 8, access | to << 32) pairs
+    LOG_ENTRY_WORDS = 2
+
+
 @dataclass(frozen=True)
 class Layout:
     """Word indices of every region, computed from the sizes."""
@@ -146,6 +162,8 @@ class Layout:
     traces: int  # per process: a ring of trace_entries events of TRACE_EVENT_WORDS
     trace_entries: int
     slots: int
+    sched: int
+    sched_log: int  # capacity of the switch-point log
     sp_meta: int
     bitmap: int
     bitmap_words: int
@@ -154,7 +172,7 @@ class Layout:
 
     @classmethod
     def build(cls, n_slots: int, n_pages: int, n_gfns: int = 0,
-              trace_entries: int = 0) -> Layout:
+              trace_entries: int = 0, sched_log: int = 0) -> Layout:
         control = HEADER_WORDS
         glob = control + Control.WORDS
         roots = glob + Globals.WORDS
@@ -163,14 +181,16 @@ class Layout:
         attrs = host_gens + (n_gfns + 7) // 8
         traces = attrs + (n_gfns + 63) // 64
         slots = traces + n_slots * trace_entries * TRACE_EVENT_WORDS
-        sp_meta = slots + n_slots * WORKER_SLOT_WORDS
+        sched = slots + n_slots * WORKER_SLOT_WORDS
+        sp_meta = sched + Sched.LOG + sched_log * Sched.LOG_ENTRY_WORDS
         bitmap = sp_meta + n_pages * SP_META_WORDS
         bitmap_words = (n_pages + 63) // 64
         pages = bitmap + bitmap_words
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
         return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, traces,
-                   trace_entries, slots, sp_meta, bitmap, bitmap_words, pages, nwords)
+                   trace_entries, slots, sched, sched_log, sp_meta, bitmap, bitmap_words,
+                   pages, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off

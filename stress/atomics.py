@@ -16,10 +16,16 @@ from __future__ import annotations
 
 import os
 import random
+import time
+from typing import Protocol
 
 from stress._atomics import ffi, lib
 
-__all__ = ["Words", "DelayInjectingWords", "LockAborted", "ffi", "lib"]
+__all__ = ["Words", "DelayInjectingWords", "ScheduledWords", "LockAborted", "ffi", "lib"]
+
+RW_WRITER = 1 << 63
+RW_WAITING = 1 << 62
+RW_READERS = 0xFFFFFFFF
 
 
 class LockAborted(Exception):
@@ -86,6 +92,15 @@ class Words:
         """Busy-wait: models a latency (an IPI, a SEAMCALL) without giving up the CPU."""
         if ns > 0:
             lib.ts_spin_ns(ns)
+
+    def relax(self) -> None:
+        """cpu_relax() in a wait for another task (a retried fault, a BUSY
+        SEAMCALL): nothing in a free run, a hand-over in a controlled one."""
+
+    def pause(self, seconds: float) -> None:
+        """A modelled sleep (a halt, a role's interval)."""
+        if seconds > 0:
+            time.sleep(seconds)
 
     # -- locks -----------------------------------------------------------------
     def read_lock(self, lock_i: int) -> None:
@@ -206,3 +221,182 @@ class DelayInjectingWords(Words):
     def store(self, i: int, v: int) -> None:
         lib.ts_store(self.base, i, v)
         self._tick()
+
+
+class Scheduler(Protocol):
+    def point(self) -> None: ...
+    def relax(self) -> None: ...
+    def pause(self) -> None: ...
+
+
+def _no_point() -> None:
+    pass
+
+
+class ScheduledWords(Words):
+    """:class:`Words` whose every access is a scheduling point (controlled runs).
+
+    Before each access the worker asks its scheduler (harness/schedule.py)
+    whether to keep the turn; only the turn holder runs, so each access, and
+    each sequence of native calls without a point between them, is atomic with
+    respect to the other workers.  A lock another worker holds can only be
+    released if the waiter lets it run: every lock is a try-loop that relaxes
+    on failure, and the compound helpers that wait (the freeze of a removed
+    table's children) become per-entry loops with a point per entry.  Modelled
+    latencies are not slept: time is not part of a controlled run.
+    """
+
+    def __init__(self, buf: memoryview, abort_i: int, sched: Scheduler) -> None:
+        super().__init__(buf, abort_i)
+        self._sched = sched
+        self._point = _no_point  # set up (build_kvm) runs before the turns start
+
+    def activate(self) -> None:
+        """From now on every access waits for this worker's turn."""
+        self._point = self._sched.point
+
+    def load(self, i: int) -> int:
+        self._point()
+        return lib.ts_load(self.base, i)
+
+    def store(self, i: int, v: int) -> None:
+        self._point()
+        lib.ts_store(self.base, i, v)
+
+    def cmpxchg(self, i: int, old: int, new: int) -> int:
+        self._point()
+        return lib.ts_cmpxchg(self.base, i, old, new)
+
+    def xchg(self, i: int, v: int) -> int:
+        self._point()
+        return lib.ts_xchg(self.base, i, v)
+
+    def fetch_add(self, i: int, v: int) -> int:
+        self._point()
+        return lib.ts_fetch_add(self.base, i, v & 0xFFFFFFFFFFFFFFFF)
+
+    def fetch_and(self, i: int, v: int) -> int:
+        self._point()
+        return lib.ts_fetch_and(self.base, i, v)
+
+    def fetch_or(self, i: int, v: int) -> int:
+        self._point()
+        return lib.ts_fetch_or(self.base, i, v)
+
+    def spin_ns(self, ns: int) -> None:
+        pass
+
+    def relax(self) -> None:
+        self._sched.relax()
+
+    def pause(self, seconds: float) -> None:
+        self._sched.pause()
+
+    # -- locks: try-loops that hand the turn over while the lock is taken ------
+    def read_lock(self, lock_i: int) -> None:
+        while True:
+            self._point()
+            if lib.ts_read_trylock(self.base, lock_i) == 0:
+                return
+            self._sched.relax()
+
+    def write_lock(self, lock_i: int, owner_i: int, pid: int) -> None:
+        """ts_write_lock's loop, one attempt per turn: a waiting writer still
+        sets RW_WAITING, so readers' spin_needbreak sees it."""
+        b = self.base
+        while True:
+            self._point()
+            v = lib.ts_load(b, lock_i)
+            if not v & RW_WRITER:
+                if not v & RW_READERS:
+                    if lib.ts_cmpxchg(b, lock_i, v, RW_WRITER) == v:
+                        lib.ts_store(b, owner_i, pid)
+                        return
+                    continue
+                if not v & RW_WAITING:
+                    lib.ts_fetch_or(b, lock_i, RW_WAITING)
+            self._sched.relax()
+
+    def spin_lock(self, i: int, pid: int) -> None:
+        while True:
+            self._point()
+            if lib.ts_spin_trylock(self.base, i, pid) == 0:
+                return
+            self._sched.relax()
+
+    def read_unlock(self, lock_i: int) -> None:
+        self._point()
+        lib.ts_read_unlock(self.base, lock_i)
+
+    def write_unlock(self, lock_i: int, owner_i: int) -> None:
+        self._point()
+        lib.ts_write_unlock(self.base, lock_i, owner_i)
+
+    def write_trylock(self, lock_i: int, owner_i: int, pid: int) -> bool:
+        self._point()
+        return lib.ts_write_trylock(self.base, lock_i, owner_i, pid) == 0
+
+    def read_trylock(self, lock_i: int) -> bool:
+        self._point()
+        return lib.ts_read_trylock(self.base, lock_i) == 0
+
+    def rwlock_contended(self, lock_i: int) -> bool:
+        self._point()
+        return bool(lib.ts_rwlock_contended(self.base, lock_i))
+
+    def spin_trylock(self, i: int, pid: int) -> bool:
+        self._point()
+        return lib.ts_spin_trylock(self.base, i, pid) == 0
+
+    def spin_unlock(self, i: int) -> None:
+        self._point()
+        lib.ts_spin_unlock(self.base, i)
+
+    # -- compound helpers: one point each, except the one that waits ----------
+    def fill(self, start: int, n: int, v: int) -> None:
+        self._point()
+        lib.ts_fill(self.base, start, n, v)
+
+    def bitmap_alloc(self, bm_i: int, nwords: int, start_word: int) -> int:
+        self._point()
+        return lib.ts_bitmap_alloc(self.base, bm_i, nwords, start_word)
+
+    def popcount(self, start: int, n: int) -> int:
+        self._point()
+        return lib.ts_popcount_range(self.base, start, n)
+
+    def count_equal(self, start: int, n: int, v: int) -> int:
+        self._point()
+        return lib.ts_count_equal(self.base, start, n, v)
+
+    def find_mask(self, start: int, n: int, mask: int) -> int:
+        self._point()
+        return lib.ts_find_mask(self.base, start, n, mask)
+
+    def scan_ne(self, start: int, n: int, v: int) -> list[tuple[int, int]]:
+        self._point()
+        return super().scan_ne(start, n, v)
+
+    def freeze_children(
+        self, start: int, n: int, frozen: int, present_mask: int, freeze_nonpresent: bool
+    ) -> list[tuple[int, int]]:
+        """ts_freeze_children entry by entry, a point before each atomic."""
+        b, out = self.base, []
+        for i in range(n):
+            if freeze_nonpresent:
+                while True:
+                    self._point()
+                    old = lib.ts_xchg(b, start + i, frozen)
+                    if old != frozen:
+                        break
+                    self._sched.relax()  # another task's transient freeze
+            else:
+                self._point()
+                old = lib.ts_load(b, start + i)
+                if not old & present_mask:
+                    continue
+                self._point()
+                old = lib.ts_xchg(b, start + i, frozen)
+            if old & present_mask:
+                out.append((i, old))
+        return out

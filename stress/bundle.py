@@ -53,6 +53,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return json.dumps(str(v))
 
 
@@ -77,15 +79,18 @@ exec tdp-stress run config.toml --expect-violation --out rerun "$@"
 
 
 def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
-                 trace: list[dict[str, Any]] | None = None) -> tuple[Path, bool]:
+                 trace: list[dict[str, Any]] | None = None, suffix: str = "",
+                 schedule: dict[str, Any] | None = None) -> tuple[Path, bool]:
     """Write (or count again) the bundle of ``violation`` under ``root``.
 
     Returns (bundle path, True if it is new).  The config written is the run's
     own, with expect_violation set, so ``repro.sh`` exits 0 when it reproduces.
     With ``trace`` (the merged last events of every worker) the bundle also
     holds ``trace.jsonl``, ``trace.chrome.json`` (Perfetto) and ``timeline.txt``.
+    A bundle found under a controlled schedule (``hunt``, ``shrink``) also holds
+    ``schedule.json`` (how the schedule was found); its config replays it.
     """
-    sig = signature(violation)
+    sig = signature(violation) + suffix
     path = root / sig
     if path.exists():
         hits = path / "hits"
@@ -104,6 +109,8 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
         (tmp / "repro.sh").write_text(REPRO_SH)
         (tmp / "repro.sh").chmod(0o755)
         (tmp / "hits").write_text("1\n")
+        if schedule is not None:
+            (tmp / "schedule.json").write_text(json.dumps(schedule, indent=2) + "\n")
         if trace:
             from stress.harness.trace import chrome_trace, focus, timeline
 

@@ -382,6 +382,109 @@ def repro(bundle: str, runs: int, stop_after: int) -> int:
     return 0 if res["hits"] else 1
 
 
+def _hunt_config(target: str | None, variant: str | None, vcpus: int | None,
+                 worker_counts: tuple[tuple[str, int], ...], guest_size: int | None) -> Any:
+    """The config to hunt with: a bundle's, a config file's, or the variant's own."""
+    from stress.repro import BundleError, load_bundle
+
+    overrides: dict[str, dict[str, Any]] = {"run": {}, "workers": {}, "guest": {}}
+    if target and Path(target).is_dir():
+        try:
+            cfg, _v = load_bundle(Path(target))
+        except BundleError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        if target is None and variant:
+            if variant not in VARIANTS:
+                config_mod.load(None, {"run": {"variant": variant}})  # the one-line error
+            target = str(config_mod.DEFAULT_CONFIG.parent / VARIANTS[variant].config)
+        cfg = config_mod.load(target)
+    if variant:
+        overrides["run"]["variant"] = variant
+    if vcpus is not None:
+        overrides["workers"]["vcpu"] = vcpus
+    for role, n in worker_counts:
+        overrides["workers"][role] = n
+    if guest_size is not None:
+        overrides["guest"]["size"] = guest_size
+    return config_mod.load_from(cfg, {k: v for k, v in overrides.items() if v})
+
+
+@cli.command()
+@click.argument("target", required=False, type=click.Path())
+@click.option("--variant", help="Protocol variant to hunt (default: the config's).")
+@click.option("--tries", type=click.IntRange(1, 100000), default=50, show_default=True,
+              help="Schedules to try before giving up.")
+@click.option("--mode", type=click.Choice(["mixed", "random", "pct"]), default="mixed",
+              show_default=True, help="Schedule policies to try.")
+@click.option("--max-steps", type=click.IntRange(100, 10**9),
+              help="Shared accesses per controlled run (default: schedule.max_steps).")
+@click.option("--seed", "first_seed", type=click.IntRange(0, 2**62), default=1,
+              show_default=True, help="Schedule seed of the first try.")
+@click.option("--vcpus", type=click.IntRange(0, 256), help="Number of vcpu workers.")
+@click.option("--workers", "worker_counts", type=RoleCountType(), multiple=True,
+              help="Workers of a role, e.g. --workers zapper=1 (repeatable).")
+@click.option("--guest-size", type=SizeType(), help="Guest memory: 16m, 1g.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="tdp-stress-hunt",
+              show_default=True, help="Where the bundle goes (OUT/bundles/...).")
+def hunt(target: str | None, variant: str | None, tries: int, mode: str,
+         max_steps: int | None, first_seed: int, vcpus: int | None,
+         worker_counts: tuple[tuple[str, int], ...], guest_size: int | None,
+         out_dir: str) -> int:
+    """Search controlled schedules for a violation; write a bundle that replays it.
+
+    TARGET is a config file or a bundle (e.g. one a free run or soak wrote: the
+    same config is hunted under controlled schedules); default: the variant's
+    own config.  Exit 0 when a failing schedule was found, 1 when not.
+    """
+    from stress.harness.trace import focus, timeline
+    from stress.hunt import hunt as do_hunt
+
+    cfg = _hunt_config(target, variant, vcpus, worker_counts, guest_size)
+    modes = ("random", "pct") if mode == "mixed" else (mode,)
+    res = do_hunt(cfg, tries, first_seed, max_steps, modes,
+                  progress=lambda m: click.echo(m, err=True))
+    if not res.found or res.outcome is None or res.config is None:
+        click.echo(f"hunt: no violation of {cfg.run.variant} in {res.tries} schedules "
+                   f"({res.elapsed_s:.1f} s)")
+        return 130 if res.outcome and res.outcome.exit_reason == "interrupted" else 1
+    v = res.outcome.violations[0]
+    sched = dict(res.strategy or {}, tries=res.tries, replayed_identically=res.replayed_identically)
+    path, _new = write_bundle(Path(out_dir) / "bundles", res.config, v, res.outcome.trace,
+                              suffix="-sched", schedule=sched)
+    click.echo(timeline(focus(res.outcome.trace, v), last=30))
+    click.echo(f"hunt: {v['invariant']} ({cfg.run.variant}) after {res.tries} schedule(s), "
+               f"{res.elapsed_s:.1f} s: {sched['mode']} seed {sched['seed']}, "
+               f"{sched['steps']} steps, {sched['switches']} switches; replayed "
+               f"{'identically' if res.replayed_identically else 'DIFFERENTLY'}\n"
+               f"bundle: {path}  (tdp-stress replay {path})")
+    return 0 if res.replayed_identically else 1
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--runs", type=click.IntRange(1, 1000), default=10, show_default=True,
+              help="Replay this many times.")
+def replay(bundle: str, runs: int) -> int:
+    """Replay a controlled-schedule bundle (from hunt or shrink) RUNS times.
+
+    Exit 0 when every run reports the bundle's invariant with the same trace
+    events, 1 otherwise.
+    """
+    from stress.hunt import replay as do_replay
+    from stress.repro import BundleError
+
+    try:
+        res = do_replay(Path(bundle), runs, progress=lambda m: click.echo(m, err=True))
+    except BundleError as e:
+        raise ConfigError(str(e)) from None
+    click.echo(f"replay {bundle}: {res['invariant']} ({res['variant']}): {res['hits']}/"
+               f"{res['runs']} runs hit, {res['identical']}/{res['runs']} with identical events")
+    if any(a["exit_reason"] == "interrupted" for a in res["attempts"]):
+        return 130
+    return 0 if res["identical"] == res["runs"] else 1
+
+
 @cli.command()
 @click.option("--variant-file", type=click.Path(dir_okay=False),
               help="Also list the user variants of this file.")

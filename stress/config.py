@@ -157,6 +157,31 @@ class TraceConfig:
     keep: int = 2000  # events kept, merged, with a violation, crash or hang
 
 
+SCHEDULE_MODES = ("free", "random", "pct", "replay")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Controlled scheduling (see harness/schedule.py): "free" lets the OS
+    interleave the workers; the other modes make them take turns at the atomics
+    chokepoint so that a run is a pure function of (config, seed, schedule)."""
+
+    mode: str = "free"  # free | random | pct | replay
+    seed: int = 0  # the schedule's own seed (random, pct)
+    switch_p: float = 0.02  # random: chance of a switch at each shared access
+    depth: int = 3  # pct: bug depth d (d - 1 priority change points)
+    max_steps: int = 200_000  # shared accesses before the workers are asked to stop
+    # per-worker op caps ([] = none), op ranges to skip ([worker, first, last]),
+    # and the switch points of a replayed schedule ([worker, op, access, to])
+    max_ops: tuple[int, ...] = ()
+    skip_ops: tuple[tuple[int, int, int], ...] = ()
+    switches: tuple[tuple[int, int, int, int], ...] = ()
+
+    @property
+    def controlled(self) -> bool:
+        return self.mode != "free"
+
+
 @dataclass(frozen=True)
 class PoolConfig:
     pages: int = 0  # 0: sized from the guest
@@ -180,6 +205,7 @@ class Config:
     tdx: TdxConfig = field(default_factory=TdxConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +273,23 @@ def _bool(key: str):
         if not isinstance(v, bool):
             raise ConfigError(f"{key}: expected true or false, got {v!r}")
         return v
+    return conv
+
+
+def _int_rows(key: str, width: int | None):
+    """A list of integers (width None) or of integer rows of ``width``."""
+    def conv(v: Any) -> tuple:
+        if not isinstance(v, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {v!r}")
+        out = []
+        for row in v:
+            items = row if width is not None else [row]
+            if (width is not None and (not isinstance(row, list | tuple) or len(row) != width)) \
+                    or any(isinstance(x, bool) or not isinstance(x, int) or x < -1 for x in items):
+                shape = f"rows of {width} integers" if width else "non-negative integers"
+                raise ConfigError(f"{key}: expected {shape}, got {row!r}")
+            out.append(tuple(row) if width is not None else row)
+        return tuple(out)
     return conv
 
 
@@ -345,6 +388,16 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "keep": _int("trace.keep", 1, 1 << 22),
     },
     "pool": {"pages": _int("pool.pages", 0, 1 << 24)},
+    "schedule": {
+        "mode": _choice("schedule.mode", SCHEDULE_MODES),
+        "seed": _int("schedule.seed", 0, 2**63 - 1),
+        "switch_p": _float("schedule.switch_p", 0.0, 1.0),
+        "depth": _int("schedule.depth", 1, 64),
+        "max_steps": _int("schedule.max_steps", 1, 10**10),
+        "max_ops": _int_rows("schedule.max_ops", None),
+        "skip_ops": _int_rows("schedule.skip_ops", 3),
+        "switches": _int_rows("schedule.switches", 4),
+    },
 }
 
 
@@ -404,6 +457,17 @@ def validate(cfg: Config) -> Config:
                           f"{cfg.tdx.private_chunk}")
     if cfg.n_workers == 0:
         raise ConfigError("workers: at least one worker is needed")
+    sc = cfg.schedule
+    if sc.controlled and cfg.n_workers > 63:
+        raise ConfigError(f"schedule.mode: a controlled schedule takes at most 63 workers, "
+                          f"got {cfg.n_workers}")
+    if sc.max_ops and len(sc.max_ops) != cfg.n_workers:
+        raise ConfigError(f"schedule.max_ops: {len(sc.max_ops)} caps for "
+                          f"{cfg.n_workers} workers")
+    for row in sc.switches:
+        if max(row[0], row[3]) >= cfg.n_workers:
+            raise ConfigError(f"schedule.switches: {list(row)} names a worker beyond the "
+                              f"{cfg.n_workers} configured")
     if cfg.guest.hot_set > cfg.guest.size:
         raise ConfigError(f"guest.hot_set: {cfg.guest.hot_set} bytes is larger than "
                           f"guest.size ({cfg.guest.size} bytes)")

@@ -36,10 +36,11 @@ from typing import Any
 
 import psutil
 
-from stress.arena import Arena, Control, Globals, Layout, Slot, SpMeta, sweep_stale
+from stress.arena import Arena, Control, Globals, Layout, Sched, Slot, SpMeta, sweep_stale
 from stress.atomics import Words
 from stress.checks import QuiescentReport, quiescent_check, teardown_check
 from stress.config import Config
+from stress.harness import schedule
 from stress.harness.trace import read_events
 from stress.harness.workers import STAT_NAMES, build_kvm, enable_nested, worker_main
 from stress.model.errors import InvariantViolation
@@ -62,6 +63,7 @@ EXIT_CODES = {"clean": EXIT_CLEAN, "violation": EXIT_VIOLATION, "crash": EXIT_CR
 # A run ends within duration + OVERRUN_S whatever the workers do: the stop
 # sequence (STOP, ABORT, SIGTERM, SIGKILL) and the final checks fit in it.
 OVERRUN_S = 5.0
+SCHED_LOG = 1 << 16  # switch points a controlled run can record
 STOP_GRACE_S = 1.5  # STOP -> ABORT
 ABORT_GRACE_S = 0.5  # ABORT -> SIGTERM
 TERM_GRACE_S = 0.5  # SIGTERM -> SIGKILL
@@ -114,6 +116,8 @@ class RunOutcome:
     hang: dict[str, Any] | None = None
     # the last protocol events of every worker, merged (violation, crash, hang)
     trace: list[dict[str, Any]] = field(default_factory=list)
+    # controlled runs: the schedule that ran, in replay form (harness/schedule.py)
+    schedule: dict[str, Any] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -145,7 +149,10 @@ class Supervisor:
         self.n = len(self.roles)
         self.layout = Layout.build(n_slots=self.n + 1, n_pages=pool_pages(cfg),
                                    n_gfns=cfg.n_gfns,
-                                   trace_entries=cfg.trace.entries if cfg.trace.enabled else 0)
+                                   trace_entries=cfg.trace.entries if cfg.trace.enabled else 0,
+                                   sched_log=SCHED_LOG if cfg.schedule.controlled else 0)
+        self.controlled = cfg.schedule.controlled
+        self.schedule: dict[str, Any] | None = None
         self.trace: list[dict[str, Any]] = []
         self.records = [WorkerRecord(i, r) for i, r in enumerate(self.roles)]
         self.violations: list[dict[str, Any]] = []
@@ -184,6 +191,8 @@ class Supervisor:
         enable_nested(self.cfg, self.kvm)
         if self.kvm.geometry.tdx:
             kvm_tdp_mmu_alloc_mirror_root(self.kvm)
+        if self.controlled:
+            schedule.init_region(w, lay, self.cfg.schedule, self.n)
 
     def _spawn(self) -> None:
         ctx = multiprocessing.get_context("fork")
@@ -240,6 +249,13 @@ class Supervisor:
         """
         exited = [i for i, p in enumerate(self.procs) if p.exitcode is not None]
         self._drain()
+        if self.controlled:
+            if self.words is not None and self.words.load(self.layout.sched + Sched.EXHAUSTED):
+                self.hang = self._exhausted_report()
+                return "hang"
+            # a controlled run ends when its workers have spent the step budget
+            exited = [i for i in exited
+                      if not (self.records[i].done and self.procs[i].exitcode == 0)]
         if not self.violations and self.words is not None and self.words.load(
                 self.layout.ctl(Control.VIOLATION)):
             # a worker has stopped the run for a violation: its report is on the way
@@ -255,6 +271,14 @@ class Supervisor:
             self.errors.extend(self._crash_message(i) for i in exited)
             return "crash"
         return None
+
+    def _exhausted_report(self) -> dict[str, Any]:
+        w, lay = self.words, self.layout
+        assert w is not None
+        who = w.load(lay.sched + Sched.EXHAUSTED) - 1
+        return self._hang_report([who], "the controlled schedule livelocked: the worker "
+                                 "was still running past 4 x schedule.max_steps + 100000 "
+                                 "steps")
 
     def _crash_message(self, i: int) -> str:
         rec, p = self.records[i], self.procs[i]
@@ -488,7 +512,13 @@ class Supervisor:
         w, lay = self.words, self.layout
         assert w is not None
         stuck = []
-        for i in range(self.n):
+        if self.controlled:  # one worker runs at a time: progress is the sum
+            b = sum(w.load(lay.slot(i, Slot.HEARTBEAT)) for i in range(self.n))
+            if b != beats[0]:
+                beats[0], last_beat[0] = b, now
+            elif now - last_beat[0] > self.cfg.run.watchdog:
+                stuck = [i for i, p in enumerate(self.procs) if p.exitcode is None]
+        for i in range(0 if self.controlled else self.n):
             b = w.load(lay.slot(i, Slot.HEARTBEAT))
             if b != beats[i]:
                 beats[i], last_beat[i] = b, now
@@ -504,7 +534,7 @@ class Supervisor:
         end = self.t_start + cfg.run.duration
         self.deadline = min(end + OVERRUN_S, self.hard_deadline or float("inf"))
         end = min(end, self.deadline - OVERRUN_S / 2)
-        interval = cfg.run.check_interval
+        interval = 0.0 if self.controlled else cfg.run.check_interval
         next_check = self.t_start + interval if interval else float("inf")
         next_status = self.t_start
         gen = 0
@@ -517,6 +547,8 @@ class Supervisor:
             reason = self._check_workers()
             if reason:
                 return reason
+            if self.controlled and all(p.exitcode is not None for p in self.procs):
+                return "clean"
             now = time.monotonic()
             if now >= end:
                 return "clean"
@@ -573,6 +605,12 @@ class Supervisor:
                     else:
                         reason = self._final_checks() or "clean"
                 self._collect_stats()
+                if self.controlled and self.words is not None:
+                    switches, lost = schedule.read_log(self.words, self.layout)
+                    self.schedule = {
+                        "mode": self.cfg.schedule.mode,
+                        "steps": self.words.load(self.layout.sched + Sched.STEP),
+                        "switches": [list(x) for x in switches], "lost": lost}
                 if reason not in ("clean", "interrupted") and self.words is not None:
                     self.trace = read_events(self.words, self.layout,
                                              self.roles + ["supervisor"], self.cfg.trace.keep)
@@ -601,5 +639,5 @@ class Supervisor:
             violations=self.violations, checks=dict(self.checks), errors=self.errors,
             pool_pages=self.layout.n_pages,
             arena_name=self.arena.name if self.arena else "", hang=self.hang,
-            trace=self.trace,
+            trace=self.trace, schedule=self.schedule,
         )

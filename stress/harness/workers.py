@@ -26,8 +26,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from stress.arena import Arena, Control, Globals, Layout, Slot
-from stress.atomics import DelayInjectingWords, LockAborted, Words
+from stress.atomics import DelayInjectingWords, LockAborted, ScheduledWords, Words
 from stress.config import Config
+from stress.harness.schedule import Turns
 from stress.model import unsync
 from stress.model.errors import InvariantViolation
 from stress.model.kvm import Geometry, Kvm, TdxVm, kvm_mem_is_private
@@ -68,6 +69,7 @@ STAT_NAMES = (
 assert len(STAT_NAMES) <= Slot.MAX_STATS
 
 W_STARTING, W_RUNNING, W_PARKED, W_DONE = 0, 1, 2, 3
+MASK63 = (1 << 63) - 1
 PR_SET_PDEATHSIG = 1
 
 
@@ -156,6 +158,7 @@ class VcpuRole(Role):
         write = self.rng.random() < self.cfg.vcpu.write_fraction
         retries = 0
         while (r := kvm_tdp_page_fault(kvm, gfn, write)) == RET_PF_RETRY:
+            kvm.w.relax()  # the guest re-executes the access; others run meanwhile
             retries += 1
             if retries >= self.cfg.vcpu.max_retries:
                 kvm.bug("fault livelock",
@@ -173,7 +176,7 @@ class VcpuRole(Role):
         if vc.halt_every and self.rng.randrange(vc.halt_every) == 0:
             # HLT: the vCPU sleeps outside the guest, still holding its root; an
             # invalidation meanwhile leaves it an obsolete root to drop on entry
-            time.sleep(vc.halt_time * 2 * self.rng.random())
+            kvm.w.pause(vc.halt_time * 2 * self.rng.random())
             kvm.stats["halts"] += 1
         every = vc.root_reset_every
         if every and self.rng.randrange(every) == 0:
@@ -222,7 +225,7 @@ class NotifierRole(Role):
         start = self.pick_gfn()
         mmu_notifier_invalidate_range(self.kvm, start, min(self.n_gfns, start + n))
         if self.cfg.notifier.interval:
-            time.sleep(self.cfg.notifier.interval * (0.5 + self.rng.random()))
+            self.kvm.w.pause(self.cfg.notifier.interval * (0.5 + self.rng.random()))
 
 
 class ConverterRole(Role):
@@ -237,7 +240,7 @@ class ConverterRole(Role):
         end = min(self.n_gfns, start + chunk)
         kvm_vm_set_mem_attributes(kvm, start, end, not kvm_mem_is_private(kvm, start))
         if self.cfg.converter.interval:
-            time.sleep(self.cfg.converter.interval * (0.5 + self.rng.random()))
+            self.kvm.w.pause(self.cfg.converter.interval * (0.5 + self.rng.random()))
 
 
 class InvalidatorRole(Role):
@@ -249,7 +252,7 @@ class InvalidatorRole(Role):
     def step(self) -> None:
         kvm_mmu_zap_all_fast(self.kvm)
         if self.cfg.invalidator.interval:
-            time.sleep(self.cfg.invalidator.interval * (0.5 + self.rng.random()))
+            self.kvm.w.pause(self.cfg.invalidator.interval * (0.5 + self.rng.random()))
 
 
 class ZapperRole(Role):
@@ -356,13 +359,20 @@ class Worker:
         lay = self.layout
         rng = random.Random(worker_seed(cfg, index))
         abort_i = lay.ctl(Control.ABORT)
-        if cfg.inject.delay_every:
-            self.words: Words = DelayInjectingWords(
+        self.turns: Turns | None = None
+        model_words: Words
+        if cfg.schedule.controlled:
+            # the harness's words bypass the scheduler; the model's wait for turns
+            self.words = Words(arena.shm.buf, abort_i)
+            self.turns = Turns(self.words, lay, index, cfg.n_workers, cfg.schedule)
+            model_words = ScheduledWords(arena.shm.buf, abort_i, self.turns)
+        elif cfg.inject.delay_every:
+            self.words = model_words = DelayInjectingWords(
                 arena.shm.buf, abort_i, random.Random(f"delay:{worker_seed(cfg, index)}"),
                 cfg.inject.delay_every, int(cfg.inject.delay_max * 1e9))
         else:
-            self.words = Words(arena.shm.buf, abort_i)
-        self.kvm = build_kvm(cfg, self.words, lay, index, rng)
+            self.words = model_words = Words(arena.shm.buf, abort_i)
+        self.kvm = build_kvm(cfg, model_words, lay, index, rng)
         enable_nested(cfg, self.kvm)
         self.role = ROLE_CLASSES[role](self.kvm, cfg)
         self.stop_i = lay.ctl(Control.STOP)
@@ -400,7 +410,7 @@ class Worker:
             if self.kvm.rcu.pending:
                 if self.words.load(self.layout.ctl(Control.ABORT)):
                     return
-                time.sleep(0.001)
+                self.kvm.w.pause(0.001)
 
     def run(self) -> None:
         w, lay = self.words, self.layout
@@ -412,6 +422,9 @@ class Worker:
                 return
             time.sleep(0.0005)
         w.store(lay.slot(self.index, Slot.STATE), W_RUNNING)
+        if self.turns is not None:
+            self.run_controlled(self.turns)
+            return
         stats = self.kvm.stats
         step = self.role.step
         heartbeat_i = lay.slot(self.index, Slot.HEARTBEAT)
@@ -441,6 +454,38 @@ class Worker:
         kvm_mmu_unload(self.kvm, self.kvm.vcpu)  # vCPU destroyed: its root reference goes
         self.drain(timeout=1.0)
         self.publish()
+
+    def op_seed(self, k: int) -> int:
+        """Op ``k``'s own RNG seed: deleting an earlier op (shrinking) leaves the
+        random choices of the later ones unchanged."""
+        return ((self.cfg.run.seed * 1_000_003 + self.index) * 1_000_000_007 + k) & MASK63
+
+    def run_controlled(self, turns: Turns) -> None:
+        """The op loop of a controlled run: the same ops, but only while this
+        worker holds the turn, until the schedule's step budget is spent (no
+        periodic parking: the checks run at the end)."""
+        w, lay, kvm, sc = self.words, self.layout, self.kvm, self.cfg.schedule
+        assert isinstance(kvm.w, ScheduledWords)
+        kvm.w.activate()
+        turns.start()
+        cap = sc.max_ops[self.index] if sc.max_ops else -1
+        skip = [(first, last) for wk, first, last in sc.skip_ops if wk == self.index]
+        heartbeat_i = lay.slot(self.index, Slot.HEARTBEAT)
+        step, rng, k = self.role.step, kvm.rng, 0
+        while k != cap and not turns.expired and not w.load(self.stop_i):
+            if not any(first <= k <= last for first, last in skip):
+                turns.begin_op(k)
+                rng.seed(self.op_seed(k))
+                step()
+                kvm.stats["ops"] += 1
+                self.reclaim()
+            k += 1
+            w.store(heartbeat_i, k)
+        turns.end_phase()
+        kvm_mmu_unload(kvm, kvm.vcpu)
+        self.drain(timeout=1.0)
+        self.publish()
+        turns.exit()
 
     def hang(self) -> None:
         """Injected fault (inject.hang_after): hold mmu_lock for write, ignore
@@ -492,6 +537,8 @@ def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connecti
         d["role"] = role
         conn.send(("violation", d))
         stop_run_for_violation(worker.words, worker.layout, index)
+        if worker.turns is not None:
+            worker.turns.exit()  # the others run to their op boundary and stop
         code = 1
     except LockAborted:
         code = 0  # the supervisor is tearing the run down
@@ -500,6 +547,8 @@ def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connecti
             conn.send(("error", traceback.format_exc()))
         except OSError:
             pass
+        if worker is not None and worker.turns is not None:
+            worker.turns.exit()
         code = 3
     finally:
         conn.close()

@@ -87,6 +87,7 @@ def seamcall(kvm: Kvm, name: str, call, *args: int) -> int:  # noqa: ANN001
             tries -= 1
             kvm.stats["seamcall_busy"] += 1
             kvm.stats["seamcalls"] += 1
+            kvm.w.relax()  # BUSY: another SEAMCALL holds the module's lock
             err = call(*args)
     if tdx_operand_busy(err):
         kvm.stats["seamcall_busy"] += 1
