@@ -224,6 +224,8 @@ class DelayInjectingWords(Words):
 
 
 class Scheduler(Protocol):
+    abort_hook: object
+
     def point(self) -> None: ...
     def relax(self) -> None: ...
     def pause(self) -> None: ...
@@ -231,6 +233,10 @@ class Scheduler(Protocol):
 
 def _no_point() -> None:
     pass
+
+
+def _raise_aborted() -> None:
+    raise LockAborted("the controlled run was aborted")
 
 
 class ScheduledWords(Words):
@@ -250,6 +256,14 @@ class ScheduledWords(Words):
         super().__init__(buf, abort_i)
         self._sched = sched
         self._point = _no_point  # set up (build_kvm) runs before the turns start
+        sched.abort_hook = self._aborted
+
+    def _aborted(self) -> None:
+        """The run was aborted while this worker waited for its turn: it unwinds
+        (finally blocks unlock, put roots) without the turn, so it must neither
+        trace nor touch shared words any more."""
+        self._trace_args = None
+        self._point = _raise_aborted
 
     def activate(self) -> None:
         """From now on every access waits for this worker's turn."""

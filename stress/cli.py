@@ -486,6 +486,61 @@ def replay(bundle: str, runs: int) -> int:
 
 
 @cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False))
+@click.option("--max-runs", type=click.IntRange(1, 100000), default=400, show_default=True,
+              help="Give up shrinking after this many runs.")
+@click.option("--max-time", type=DurationType(), default="5m", show_default=True,
+              help="... or after this long.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where the shrunk bundle goes (default: next to BUNDLE).")
+def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> int:
+    """Shrink a controlled-schedule bundle while it still fails.
+
+    Fewer workers, fewer ops, fewer preemptions, a smaller guest; writes the
+    smallest failing bundle (BUNDLE-shrunk) and prints its interleaving.  Exit 0
+    when a failing bundle was written.
+    """
+    import shutil
+
+    from stress.harness.trace import focus, timeline
+    from stress.repro import BundleError, load_bundle
+    from stress.shrink import Shrinker
+
+    src = Path(bundle)
+    try:
+        cfg, violation = load_bundle(src)
+    except BundleError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.schedule.mode != "replay":
+        raise ConfigError(f"{src}: not a controlled-schedule bundle (schedule.mode is "
+                          f"{cfg.schedule.mode!r}); make one with `tdp-stress hunt {src}`")
+    try:
+        res = Shrinker(cfg, violation, max_runs, max_time,
+                       progress=lambda m: click.echo(m, err=True)).run()
+    except ValueError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    v = res.outcome.violations[0]
+    root = Path(out_dir) if out_dir else src.parent
+    sched = {"shrunk_from": str(src), "runs": res.runs, "elapsed_s": round(res.elapsed_s, 1),
+             "before": res.start, "after": res.end, "kept": res.log}
+    from stress.bundle import signature
+
+    target = root / (signature(v) + "-shrunk")
+    if target.exists():
+        shutil.rmtree(target)
+    path, _new = write_bundle(root, res.config, v, res.outcome.trace, suffix="-shrunk",
+                              schedule=sched)
+    click.echo(timeline(focus(res.outcome.trace, v), last=60))
+    b, a = res.start, res.end
+    click.echo(f"shrink: {v['invariant']}: {res.runs} runs, {res.elapsed_s:.1f} s; "
+               f"workers {b['workers']} -> {a['workers']}, ops {b['ops']} -> {a['ops']}, "
+               f"preemptions {b['preemptions']} -> {a['preemptions']}, steps {b['steps']} -> "
+               f"{a['steps']}, guest {b['guest_size'] >> 20}m -> {a['guest_size'] >> 20}m\n"
+               f"bundle: {path}  (tdp-stress replay {path})")
+    return 0
+
+
+@cli.command()
 @click.option("--variant-file", type=click.Path(dir_okay=False),
               help="Also list the user variants of this file.")
 def variants(variant_file: str | None) -> int:

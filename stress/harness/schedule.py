@@ -75,26 +75,38 @@ def pct_change_points(sc: ScheduleConfig) -> dict[int, int]:
     return {s: sc.depth - i for i, s in enumerate(steps, 1)}
 
 
+def absent_workers(sc: ScheduleConfig) -> int:
+    """Bit mask of the workers capped at 0 ops: they take no part (shrinking)."""
+    return sum(1 << k for k, cap in enumerate(sc.max_ops) if cap == 0)
+
+
 def init_region(w: Words, lay: Layout, sc: ScheduleConfig, n: int) -> None:
-    """Supervisor, before GO: priorities, and the first turn to worker 0."""
+    """Supervisor, before GO: priorities, absent workers, and the first turn to
+    the first present worker."""
     base = lay.sched
     if sc.mode == "pct":
         for k, p in enumerate(pct_priorities(sc, n)):
             w.store(base + Sched.PRIO + k, p + BIAS)
     w.store(base + Sched.LOW, BIAS)
-    lib.ts_turn_give(w.base, base + Sched.TURNS + 0)
+    absent = absent_workers(sc)
+    w.store(base + Sched.DONE, absent)
+    first = next((k for k in range(n) if not absent >> k & 1), None)
+    if first is not None:
+        lib.ts_turn_give(w.base, base + Sched.TURNS + first)
 
 
-def read_log(w: Words, lay: Layout) -> tuple[list[tuple[int, int, int, int]], int]:
-    """The recorded switch points ([worker, op, access, to]) and how many were lost."""
+def read_log(w: Words, lay: Layout) -> tuple[list[tuple[int, int, int, int]], list[int], int]:
+    """The recorded switch points ([worker, op, access, to]), the kind of each
+    (POINT: a preemption, RELAX, PAUSE, EXIT) and how many did not fit."""
     base = lay.sched
     n = min(w.load(base + Sched.LOG_N), lay.sched_log)
-    out = []
+    out, kinds = [], []
     for k in range(n):
         a = w.load(base + Sched.LOG + 2 * k)
         b = w.load(base + Sched.LOG + 2 * k + 1)
-        out.append((a & 0xFF, (a >> 8) - 1, b & 0xFFFFFFFF, b >> 32))
-    return out, w.load(base + Sched.LOG_LOST)
+        out.append((a & 0xFF, (a >> 8) - 1, b & 0xFFFFFFFF, (b >> 32) & 0xFF))
+        kinds.append(b >> 40)
+    return out, kinds, w.load(base + Sched.LOG_LOST)
 
 
 class Turns:
@@ -132,6 +144,7 @@ class Turns:
             if worker == me:
                 mine[(op, acc)] = to
         self.explicit = mine
+        self.abort_hook: object = None  # set by ScheduledWords: stop tracing on abort
 
     # -- positions -------------------------------------------------------------
     def begin_op(self, k: int) -> None:
@@ -152,19 +165,21 @@ class Turns:
 
     def _wait(self) -> None:
         if lib.ts_turn_wait(self.base, self.turn_i[self.me], self.abort_i):
+            if callable(self.abort_hook):
+                self.abort_hook()
             raise LockAborted("waiting for the turn")
         self.holding = True
         self.step = lib.ts_load(self.base, self.region + Sched.STEP)
         self.done = lib.ts_load(self.base, self.region + Sched.DONE)
 
-    def _hand_over(self, to: int) -> None:
+    def _hand_over(self, to: int, kind: int) -> None:
         base, r = self.base, self.region
         lib.ts_store(base, r + Sched.STEP, self.step)
         n = lib.ts_load(base, r + Sched.LOG_N)
         if n < self.log_cap:
             e = r + Sched.LOG + 2 * n
             lib.ts_store(base, e, self.me | (self.op + 1) << 8)
-            lib.ts_store(base, e + 1, self.acc | to << 32)
+            lib.ts_store(base, e + 1, self.acc | to << 32 | kind << 40)
             lib.ts_store(base, r + Sched.LOG_N, n + 1)
         else:
             lib.ts_store(base, r + Sched.LOG_LOST, lib.ts_load(base, r + Sched.LOG_LOST) + 1)
@@ -185,7 +200,7 @@ class Turns:
         self._advance()
         to = self._decide(POINT)
         if to >= 0 and to != self.me:
-            self._hand_over(to)
+            self._hand_over(to, POINT)
             self._wait()
 
     def relax(self) -> None:
@@ -193,7 +208,7 @@ class Turns:
         self._advance()
         to = self._decide(RELAX)
         if to >= 0 and to != self.me:
-            self._hand_over(to)
+            self._hand_over(to, RELAX)
             self._wait()
         elif lib.ts_load(self.base, self.abort_i):
             raise LockAborted("relax")
@@ -203,7 +218,7 @@ class Turns:
         self._advance()
         to = self._decide(PAUSE)
         if to >= 0 and to != self.me:
-            self._hand_over(to)
+            self._hand_over(to, PAUSE)
             self._wait()
 
     def exit(self) -> None:
@@ -217,7 +232,7 @@ class Turns:
         lib.ts_store(self.base, self.region + Sched.DONE, self.done)
         to = self._decide(EXIT)
         if to >= 0 and to != self.me:
-            self._hand_over(to)
+            self._hand_over(to, EXIT)
         else:
             lib.ts_store(self.base, self.region + Sched.STEP, self.step)
             self.holding = False

@@ -606,11 +606,16 @@ class Supervisor:
                         reason = self._final_checks() or "clean"
                 self._collect_stats()
                 if self.controlled and self.words is not None:
-                    switches, lost = schedule.read_log(self.words, self.layout)
+                    switches, kinds, lost = schedule.read_log(self.words, self.layout)
                     self.schedule = {
                         "mode": self.cfg.schedule.mode,
-                        "steps": self.words.load(self.layout.sched + Sched.STEP),
-                        "switches": [list(x) for x in switches], "lost": lost}
+                        "steps": (self.violations[0].get("sched_step") if self.violations
+                                  else None) or self.words.load(self.layout.sched + Sched.STEP),
+                        "switches": [list(x) for x in switches],
+                        "preemptions": kinds.count(schedule.POINT), "lost": lost,
+                        # per worker: ops it had started (its next op index) at the end
+                        "ops": [self.words.load(self.layout.slot(i, Slot.HEARTBEAT))
+                                for i in range(self.n)]}
                 if reason not in ("clean", "interrupted") and self.words is not None:
                     self.trace = read_events(self.words, self.layout,
                                              self.roles + ["supervisor"], self.cfg.trace.keep)

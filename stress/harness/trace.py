@@ -50,7 +50,7 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
     elif kind == ev.LOCK:
         d.update(op=ev.LOCK_NAMES.get(a, a))
     elif kind == ev.SEAMCALL:
-        d.update(call=ev.SEAMCALL_NAMES.get(a, a), gfn=b,
+        d.update(call=ev.SEAMCALL_NAMES.get(a, a), gfn=b, level=level,
                  status="TDX_SUCCESS" if c == 0 else error_name(c))
     elif kind == ev.ROOT_REF:
         d.update(root=a, count=b - (1 << 64) if b >= 1 << 63 else b,
@@ -101,17 +101,33 @@ def focus(events: list[dict[str, Any]], violation: dict[str, Any] | None) -> lis
     events = [e for e in events if e["event"] in PROTOCOL_EVENTS]
     gfn = det.get("gfn")
     if isinstance(gfn, int):
-        events = [e for e in events if "gfn" not in e or e["gfn"] >> 9 == gfn >> 9
-                  or e["event"] == "invalidate"]
+        events = [e for e in events if _concerns(e, gfn)]
     return events
 
 
-def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 52) -> str:
-    """The last events as one column per worker, like seed 000's vCPU0/vCPU1 diagram."""
+def _concerns(e: dict[str, Any], gfn: int) -> bool:
+    """Does ``e`` touch the 2 MiB region of ``gfn``: an entry whose range covers
+    it (an L3 entry covers 1 GiB), or an invalidation that overlaps it?"""
+    region = gfn >> 9
+    if e["event"] == "invalidate":
+        return e["start"] >> 9 <= region <= (e["end"] - 1) >> 9
+    if "gfn" not in e:
+        return True
+    level = e.get("level") or 0
+    if level == 0:  # no gfn of its own (TDH.MEM.TRACK)
+        return False
+    shift = 9 * max(level - 1, 1)
+    return e["gfn"] >> shift == gfn >> shift
+
+
+def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 0) -> str:
+    """The last events as one column per worker, like seed 000's vCPU0/vCPU1
+    diagram (columns share about 150 characters unless ``width`` is given)."""
     evs = events[-last:]
     if not evs:
         return "(no events)"
     workers = sorted({e["worker"] for e in evs})
+    width = width or max(44, min(76, 150 // len(workers)))
     head = "".join(f"{e_role(evs, w):<{width}}" for w in workers)
     lines = [head.rstrip(), "".join(f"{'=' * (width - 2):<{width}}" for _ in workers).rstrip()]
     for e in evs:

@@ -466,13 +466,16 @@ class Worker:
         periodic parking: the checks run at the end)."""
         w, lay, kvm, sc = self.words, self.layout, self.kvm, self.cfg.schedule
         assert isinstance(kvm.w, ScheduledWords)
+        cap = sc.max_ops[self.index] if sc.max_ops else -1
+        if cap == 0:
+            return  # absent: marked done before GO, it never gets a turn
         kvm.w.activate()
         turns.start()
-        cap = sc.max_ops[self.index] if sc.max_ops else -1
         skip = [(first, last) for wk, first, last in sc.skip_ops if wk == self.index]
         heartbeat_i = lay.slot(self.index, Slot.HEARTBEAT)
         step, rng, k = self.role.step, kvm.rng, 0
         while k != cap and not turns.expired and not w.load(self.stop_i):
+            w.store(heartbeat_i, k + 1)
             if not any(first <= k <= last for first, last in skip):
                 turns.begin_op(k)
                 rng.seed(self.op_seed(k))
@@ -480,7 +483,6 @@ class Worker:
                 kvm.stats["ops"] += 1
                 self.reclaim()
             k += 1
-            w.store(heartbeat_i, k)
         turns.end_phase()
         kvm_mmu_unload(kvm, kvm.vcpu)
         self.drain(timeout=1.0)
@@ -525,6 +527,15 @@ def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connecti
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     code = 0
     worker = None
+    default_hook = sys.unraisablehook
+
+    def unraisable(u: sys.UnraisableHookArgs) -> None:
+        # a generator's finally (a root iterator's put) run by the garbage
+        # collector after the run was aborted: not worth a traceback
+        if not isinstance(u.exc_value, LockAborted):
+            default_hook(u)
+
+    sys.unraisablehook = unraisable
     try:
         worker = Worker(index, role, cfg, arena, conn)
         worker.run()
@@ -535,10 +546,15 @@ def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connecti
         worker.publish()
         d = violation_message(worker.words, worker.layout, index, v, cfg.run.variant)
         d["role"] = role
+        if worker.turns is not None:
+            d["sched_step"] = worker.turns.step  # where in the schedule it fired
         conn.send(("violation", d))
         stop_run_for_violation(worker.words, worker.layout, index)
         if worker.turns is not None:
-            worker.turns.exit()  # the others run to their op boundary and stop
+            # a controlled run ends here: the others wake to ABORT without running
+            # another step, so the trace ends with the violation, the same every replay
+            worker.words.store(worker.layout.ctl(Control.ABORT), 1)
+            worker.turns.exit()
         code = 1
     except LockAborted:
         code = 0  # the supervisor is tearing the run down

@@ -62,6 +62,9 @@ MUST_SUCCEED_TRIES = 200_000
 # SEAMCALL issue, with the VM's BUSY policy
 # ---------------------------------------------------------------------------
 
+SEAMCALLS_WITH_LEVEL = ("TDH.MEM.SEPT.ADD", "TDH.MEM.RANGE.BLOCK", "TDH.MEM.SEPT.REMOVE")
+
+
 def seamcall(kvm: Kvm, name: str, call, *args: int) -> int:  # noqa: ANN001
     """Issue one SEAMCALL under the configured BUSY policy.
 
@@ -91,7 +94,9 @@ def seamcall(kvm: Kvm, name: str, call, *args: int) -> int:  # noqa: ANN001
             err = call(*args)
     if tdx_operand_busy(err):
         kvm.stats["seamcall_busy"] += 1
-    kvm.w.trace(events.SEAMCALL, events.SEAMCALL_IDS.get(name, 0), args[0] if args else 0, err)
+    level = args[1] if len(args) > 1 and name in SEAMCALLS_WITH_LEVEL else 1
+    kvm.w.trace(events.kind_word(events.SEAMCALL, level if args else 0),
+                events.SEAMCALL_IDS.get(name, 0), args[0] if args else 0, err)
     return err
 
 
