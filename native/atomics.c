@@ -281,12 +281,14 @@ int ts_turn_wait(uint64_t *b, size_t turn_i, size_t abort_i)
 	unsigned spins = 0;
 	struct timespec ts = { 0, 1000000 };
 	for (;;) {
+		/* abort first: a turn handed over after the abort is not taken, so
+		 * no worker runs past the end of a controlled run */
+		if (__atomic_load_n(&b[abort_i], __ATOMIC_ACQUIRE))
+			return -1;
 		if (__atomic_load_n(&b[turn_i], __ATOMIC_ACQUIRE)) {
 			__atomic_store_n(&b[turn_i], 0, SEQ);
 			return 0;
 		}
-		if (__atomic_load_n(&b[abort_i], __ATOMIC_RELAXED))
-			return -1;
 		if (++spins < SPINS_BEFORE_YIELD)
 			ts_cpu_relax();
 		else

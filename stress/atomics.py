@@ -227,6 +227,7 @@ class Scheduler(Protocol):
     abort_hook: object
 
     def point(self) -> None: ...
+    def window(self) -> None: ...
     def relax(self) -> None: ...
     def pause(self) -> None: ...
 
@@ -256,6 +257,7 @@ class ScheduledWords(Words):
         super().__init__(buf, abort_i)
         self._sched = sched
         self._point = _no_point  # set up (build_kvm) runs before the turns start
+        self._window = _no_point
         sched.abort_hook = self._aborted
 
     def _aborted(self) -> None:
@@ -263,11 +265,12 @@ class ScheduledWords(Words):
         (finally blocks unlock, put roots) without the turn, so it must neither
         trace nor touch shared words any more."""
         self._trace_args = None
-        self._point = _raise_aborted
+        self._point = self._window = _raise_aborted
 
     def activate(self) -> None:
         """From now on every access waits for this worker's turn."""
         self._point = self._sched.point
+        self._window = self._sched.window
 
     def load(self, i: int) -> int:
         self._point()
@@ -298,7 +301,10 @@ class ScheduledWords(Words):
         return lib.ts_fetch_or(self.base, i, v)
 
     def spin_ns(self, ns: int) -> None:
-        pass
+        """Not slept: a latency is where another task gets in, so it is a
+        scheduling point the policies preempt at more often."""
+        if ns > 0:
+            self._window()
 
     def relax(self) -> None:
         self._sched.relax()

@@ -450,8 +450,15 @@ def hunt(target: str | None, variant: str | None, tries: int, mode: str,
         return 130 if res.outcome and res.outcome.exit_reason == "interrupted" else 1
     v = res.outcome.violations[0]
     sched = dict(res.strategy or {}, tries=res.tries, replayed_identically=res.replayed_identically)
-    path, _new = write_bundle(Path(out_dir) / "bundles", res.config, v, res.outcome.trace,
-                              suffix="-sched", schedule=sched)
+    import shutil
+
+    from stress.bundle import signature
+
+    root = Path(out_dir) / "bundles"
+    if (root / (signature(v) + "-sched")).exists():  # a new hunt replaces the old bundle
+        shutil.rmtree(root / (signature(v) + "-sched"))
+    path, _new = write_bundle(root, res.config, v, res.outcome.trace, suffix="-sched",
+                              schedule=sched)
     click.echo(timeline(focus(res.outcome.trace, v), last=30))
     click.echo(f"hunt: {v['invariant']} ({cfg.run.variant}) after {res.tries} schedule(s), "
                f"{res.elapsed_s:.1f} s: {sched['mode']} seed {sched['seed']}, "

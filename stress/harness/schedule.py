@@ -50,7 +50,8 @@ BIAS = 1 << 32  # pct priorities are stored biased, so demoted ones can go below
 SETUP_OP = -1  # position of points before a worker's first op
 END_OP = 10**9  # ... and after its last (root unload, RCU drain, exit)
 MASK64 = (1 << 64) - 1
-POINT, RELAX, PAUSE, EXIT = range(4)
+POINT, RELAX, PAUSE, EXIT, WINDOW = range(5)
+WINDOW_P32 = 1 << 30  # a known race window is a preemption with probability 1/4
 
 
 def mix(seed: int, step: int) -> int:
@@ -213,6 +214,15 @@ class Turns:
         elif lib.ts_load(self.base, self.abort_i):
             raise LockAborted("relax")
 
+    def window(self) -> None:
+        """A modelled latency or a bug variant's split atomic step: the places a
+        preemption matters most, so random and pct preempt here often (1/4)."""
+        self._advance()
+        to = self._decide(WINDOW)
+        if to >= 0 and to != self.me:
+            self._hand_over(to, POINT)
+            self._wait()
+
     def pause(self) -> None:
         """A modelled sleep: hand the turn to another worker once."""
         self._advance()
@@ -257,11 +267,11 @@ class Turns:
             to = self.explicit.get((self.op, self.acc), -1)
             if to >= 0 and not self.done >> to & 1:
                 return to
-            return -1 if kind == POINT else self._next_round_robin()
+            return -1 if kind in (POINT, WINDOW) else self._next_round_robin()
         if mode == "random":
             h = mix(self.seed, self.step)
-            if kind == POINT:
-                if (h & 0xFFFFFFFF) >= self.p32:
+            if kind == POINT or kind == WINDOW:
+                if (h & 0xFFFFFFFF) >= (self.p32 if kind == POINT else WINDOW_P32):
                     return -1
                 cands = [k for k in range(self.n) if not self.done >> k & 1]
             else:
@@ -275,7 +285,9 @@ class Turns:
             self._set_prio(self.me, newp)
             cands = [k for k in range(self.n) if not self.done >> k & 1]
         else:
-            if kind == RELAX:
+            if kind == WINDOW and (mix(self.seed, self.step) & 0xFFFFFFFF) >= WINDOW_P32:
+                return -1
+            if kind == RELAX or kind == WINDOW:
                 low = lib.ts_load(self.base, self.region + Sched.LOW) - 1
                 lib.ts_store(self.base, self.region + Sched.LOW, low)
                 self._set_prio(self.me, low - BIAS)
