@@ -25,7 +25,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
 MAX_SHADOW_PAGES = 64  # indirect shadow pages (nested TDP) modelled for the unsync path
 SHADOW_SP_WORDS = 16
@@ -35,7 +35,7 @@ SHM_DIR = Path("/dev/shm")
 
 WORDS_PER_PAGE = 512  # SPTE_ENT_PER_PAGE
 SP_META_WORDS = 16  # two cache lines of struct kvm_mmu_page per page
-WORKER_SLOT_WORDS = 64  # per-worker slot: state words then stat counters
+WORKER_SLOT_WORDS = 80  # per-worker slot: state words then stat counters
 
 # header words
 H_MAGIC, H_VERSION, H_CONFIG_HASH, H_OWNER_PID, H_NWORDS = range(5)
@@ -109,6 +109,11 @@ class Slot:
     LOCK_MODE = 4  # mmu_lock mode held: 0 none, 1 read, 2 write
     PARKED_GEN = 5
     TRACE_HEAD = 6  # events written to this process's trace ring
+    # oracle (not kernel state): the [start, end) whose memory attributes this
+    # worker is changing, written under mmu_lock held for write at the
+    # conversion's pre step and cleared at its post step (0, 0: none)
+    ATTR_CHANGE_START = 7
+    ATTR_CHANGE_END = 8
     STATS = 16  # counters start here
     MAX_STATS = WORKER_SLOT_WORDS - STATS
 
@@ -159,6 +164,7 @@ class Layout:
     shadow: int
     host_gens: int  # one byte per gfn: generation of the host page backing it
     attrs: int  # one bit per gfn: KVM_MEMORY_ATTRIBUTE_PRIVATE
+    lpage_info: int  # one word per 2 MiB region: lpage_info[PG_LEVEL_2M] (see host.py)
     traces: int  # per process: a ring of trace_entries events of TRACE_EVENT_WORDS
     trace_entries: int
     slots: int
@@ -179,7 +185,8 @@ class Layout:
         shadow = roots + MAX_ROOTS
         host_gens = shadow + MAX_SHADOW_PAGES * SHADOW_SP_WORDS
         attrs = host_gens + (n_gfns + 7) // 8
-        traces = attrs + (n_gfns + 63) // 64
+        lpage_info = attrs + (n_gfns + 63) // 64
+        traces = lpage_info + (n_gfns + 511) // 512
         slots = traces + n_slots * trace_entries * TRACE_EVENT_WORDS
         sched = slots + n_slots * WORKER_SLOT_WORDS
         sp_meta = sched + Sched.LOG + sched_log * Sched.LOG_ENTRY_WORDS
@@ -188,8 +195,8 @@ class Layout:
         pages = bitmap + bitmap_words
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
-        return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, traces,
-                   trace_entries, slots, sched, sched_log, sp_meta, bitmap, bitmap_words,
+        return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, lpage_info,
+                   traces, trace_entries, slots, sched, sched_log, sp_meta, bitmap, bitmap_words,
                    pages, nwords)
 
     def ctl(self, off: int) -> int:

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.atomics import Words
 from stress.model.errors import InvariantViolation
-from stress.model.host import host_page_gen, host_pfn, pfn_gfn_gen
+from stress.model.host import (
+    KVM_LPAGE_MIXED_FLAG,
+    KVM_PAGES_PER_2M,
+    host_folio_intact,
+    host_page_gen,
+    host_pfn,
+    hugepage_has_uniform_attrs,
+    lpage_info_i,
+    pfn_gfn_gen,
+)
 from stress.model.kvm import Kvm, kvm_mem_is_private
 from stress.model.mmu_page import (
     ROLE_MIRROR,
@@ -44,6 +53,7 @@ from stress.model.spte import (
     describe,
     is_last_spte,
     is_shadow_present_pte,
+    pfn_to_sp,
     spte_to_pfn,
 )
 from stress.model.tdx import (
@@ -100,6 +110,8 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
         rep.fail("tdp_mmu_pages accounting",
                  "kvm->arch.tdp_mmu_pages differs from the number of reachable tables",
                  tdp_mmu_pages=counted, reachable_non_root=len(reachable) - len(roots))
+    if kvm.geometry.tdx:
+        _check_lpage_info(kvm, rep)
     sept_reachable: set[int] = set()
     if mirror_root is not None:
         _check_mirror(kvm, mirror_root, sept_reachable, rep)
@@ -194,6 +206,9 @@ def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tupl
                 rep.fail("corrupt non-present SPTE",
                          "a non-present entry holds neither SHADOW_NONPRESENT_VALUE nor FROZEN",
                          table=page, level=level, index=i, gfn=gfn, spte=f"{v:#x}")
+            elif is_last_spte(v, level) and level > 1:
+                rep.leaves += 1
+                _check_huge_leaf(kvm, rep, page, level, i, gfn, v, bool(root_role & ROLE_MIRROR))
             elif is_last_spte(v, level):
                 rep.leaves += 1
                 mapped_gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
@@ -213,13 +228,52 @@ def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tupl
                              "the mirror root", gfn=gfn, mirror=bool(root_role & ROLE_MIRROR),
                              entry=describe(v))
             else:
-                child = spte_to_pfn(v)
+                child = pfn_to_sp(spte_to_pfn(v))
                 if child >= lay.n_pages:
                     rep.fail("corrupt non-leaf SPTE", "points outside the page pool",
                              table=page, level=level, gfn=gfn, spte=f"{v:#x}")
                 else:
                     stack.append((child, level - 1, gfn, page))
         if rep.violations:
+            return
+
+
+def _check_huge_leaf(kvm: Kvm, rep: QuiescentReport, page: int, level: int, i: int, gfn: int,
+                     v: int, mirror: bool) -> None:
+    """A 2M leaf maps one intact host folio, current for every gfn it covers,
+    over gfns whose attributes are uniform and match the root (direct: all
+    shared); mirror (TDX) leaves are 4K only."""
+    where = {"table": page, "level": level, "index": i, "gfn": gfn, "entry": describe(v)}
+    mapped_gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
+    if mirror:
+        rep.fail("mirror huge page", "a mirror root holds a huge leaf (TDX maps private "
+                 "memory with 4K pages only)", **where)
+    elif mapped_gfn != gfn:
+        rep.fail("leaf maps wrong pfn", "a 2M leaf maps another region's host pages",
+                 expected_pfn=host_pfn(kvm, gfn), **where)
+    elif gen != host_page_gen(kvm, gfn) or not host_folio_intact(kvm, gfn):
+        rep.fail("stale mapping after invalidate_end",
+                 "a 2M leaf maps a host folio that was replaced or split under it",
+                 mapped_gen=gen, current_gen=host_page_gen(kvm, gfn), **where)
+    elif kvm.geometry.tdx and not hugepage_has_uniform_attrs(kvm, gfn):
+        rep.fail("huge page over mixed attributes",
+                 "a 2M leaf covers gfns whose memory attributes differ (some are private)",
+                 **where)
+    elif kvm.geometry.tdx and kvm_mem_is_private(kvm, gfn):
+        rep.fail("gfn mapped in the wrong root",
+                 "a 2M leaf of the direct root maps private gfns", mirror=False, **where)
+
+
+def _check_lpage_info(kvm: Kvm, rep: QuiescentReport) -> None:
+    """With no conversion running, every region's mixed flag says whether its
+    attributes are mixed (kvm_arch_post_set_memory_attributes kept it)."""
+    n = kvm.geometry.n_gfns
+    for base in range(0, n - n % KVM_PAGES_PER_2M, KVM_PAGES_PER_2M):
+        mixed = bool(kvm.w.load(lpage_info_i(kvm, base)) & KVM_LPAGE_MIXED_FLAG)
+        if mixed == hugepage_has_uniform_attrs(kvm, base):
+            rep.fail("lpage_info mixed flag wrong",
+                     "a 2M region's KVM_LPAGE_MIXED_FLAG disagrees with its attributes",
+                     gfn=base, mixed_flag=mixed)
             return
 
 
@@ -260,7 +314,7 @@ def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
                              "the mirror maps a page the S-EPT does not map (or another pfn)",
                              **both)
             else:
-                child = spte_to_pfn(m)
+                child = pfn_to_sp(spte_to_pfn(m))
                 ext = external_spt(kvm, child)
                 if st != SEPT_TABLE or sept_pfn(e) != ext:
                     rep.fail("mirror/S-EPT divergence",

@@ -77,6 +77,10 @@ class GuestConfig:
     root_level: int = 4
     hot_set: int = 64 << 10
     hot_fraction: float = 0.9
+    # share of 2 MiB regions the host backs with a transparent huge page; a
+    # shared fault in one maps it with a 2M leaf in the direct root when the
+    # region allows it (kvm_mmu_hugepage_adjust).  0: 4K mappings only
+    huge_pages: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class VcpuConfig:
     root_reset_every: int = 500  # mean faults between MMU context resets (0: never)
     halt_every: int = 300  # mean faults between halts (0: never)
     halt_time: float = 0.03  # mean length of a halt: the vCPU keeps its root meanwhile
+    # share of faults that are instruction fetches: with the iTLB multihit
+    # mitigation (nx_huge_pages) they map 4K, splitting a huge leaf on the way
+    exec_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,10 @@ class NotifierConfig:
 @dataclass(frozen=True)
 class ConverterConfig:
     interval: float = 0.005  # mean pause between conversions
+    range: int = 0  # gfns converted at once, in bytes (0: tdx.private_chunk)
+    # convert a range, then convert it back on the next step (a guest sharing a
+    # buffer for one I/O), so the attributes around it stay as they were
+    revert: bool = False
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,11 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class PoolConfig:
     pages: int = 0  # 0: sized from the guest
+    # model-only memory map (reference 9.7): the page-table page that maps a 2M
+    # region at level 1 is placed, when free, at the frame of that region's
+    # first huge page, i.e. guest memory "over top of a kernel-allocated SP",
+    # so a huge leaf can replace a table with the same PFN
+    alias_tables: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,6 +353,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "root_level": _int("guest.root_level", 4, 5),
         "hot_set": _size("guest.hot_set", 4096, 1 << 40),
         "hot_fraction": _float("guest.hot_fraction", 0.0, 1.0),
+        "huge_pages": _float("guest.huge_pages", 0.0, 1.0),
     },
     "workers": {role: _int(f"workers.{role}", 0, 256) for role in ROLES},
     "vcpu": {
@@ -345,6 +362,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "root_reset_every": _int("vcpu.root_reset_every", 0, 10**9),
         "halt_every": _int("vcpu.halt_every", 0, 10**9),
         "halt_time": _dur("vcpu.halt_time", 0.0, 60.0),
+        "exec_fraction": _float("vcpu.exec_fraction", 0.0, 1.0),
     },
     "invalidator": {
         "interval": _dur("invalidator.interval", 0.0, 3600.0),
@@ -370,7 +388,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "interval": _dur("notifier.interval", 0.0, 3600.0),
         "max_range": _size("notifier.max_range", 4096, 1 << 40),
     },
-    "converter": {"interval": _dur("converter.interval", 0.0, 3600.0)},
+    "converter": {
+        "interval": _dur("converter.interval", 0.0, 3600.0),
+        "range": _memsize("converter.range"),
+        "revert": _bool("converter.revert"),
+    },
     "unsync": {
         "enabled": _bool("unsync.enabled"),
         "sync_every": _int("unsync.sync_every", 1, 10**9),
@@ -387,7 +409,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "entries": _int("trace.entries", 16, 1 << 20),
         "keep": _int("trace.keep", 1, 1 << 22),
     },
-    "pool": {"pages": _int("pool.pages", 0, 1 << 24)},
+    "pool": {"pages": _int("pool.pages", 0, 1 << 24),
+             "alias_tables": _bool("pool.alias_tables")},
     "schedule": {
         "mode": _choice("schedule.mode", SCHEDULE_MODES),
         "seed": _int("schedule.seed", 0, 2**63 - 1),
@@ -471,6 +494,8 @@ def validate(cfg: Config) -> Config:
     if cfg.guest.hot_set > cfg.guest.size:
         raise ConfigError(f"guest.hot_set: {cfg.guest.hot_set} bytes is larger than "
                           f"guest.size ({cfg.guest.size} bytes)")
+    if cfg.converter.range % 4096:
+        raise ConfigError(f"converter.range: must be a multiple of 4k, got {cfg.converter.range}")
     z = cfg.zapper
     if cfg.workers.get("zapper", 0) and not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared
                                              + z.subtree_zap_exclusive):

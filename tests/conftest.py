@@ -11,7 +11,7 @@ import pytest
 
 from stress.arena import Arena, Control, Globals, Layout, list_segments
 from stress.atomics import Words
-from stress.model.host import init_mem_attributes
+from stress.model.host import init_lpage_info, init_mem_attributes
 from stress.model.kvm import Geometry, Kvm, TdxVm
 from stress.model.roots import kvm_tdp_mmu_alloc_root
 from stress.model.tdp_mmu import kvm_tdp_mmu_alloc_mirror_root
@@ -40,7 +40,8 @@ class Vm:
 
     def __init__(self, variant: str = "fixed", n_pages: int = 256, slots: int = 3,
                  guest_gfns: int = 1 << 18, tdx: bool = False, policy: str = "unwind",
-                 latency_ns: int = 0) -> None:
+                 latency_ns: int = 0, huge_pages: float = 0.0, chunk_shift: int = 3,
+                 alias_floor_words: int = 0) -> None:
         self.extra_words: list[Words] = []
         self.shadowed: dict[int, int] = {}  # nested TDP: gfn -> leaf shadow page
         self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages, n_gfns=guest_gfns)
@@ -50,12 +51,16 @@ class Vm:
         if n_pages % 64:
             w.store(lay.bitmap + lay.bitmap_words - 1, (1 << (n_pages % 64)) - 1)
         w.store(lay.glob(Globals.RCU_GP_CTR), 1)
-        self.geometry = Geometry(root_level=4, n_gfns=guest_gfns, tdx=tdx)
+        self.geometry = Geometry(root_level=4, n_gfns=guest_gfns, tdx=tdx,
+                                 private_chunk_shift=chunk_shift)
+        self.huge_pages = huge_pages
+        self.alias_floor_words = alias_floor_words
         self.variant = get_variant(variant)
         self.policy = policy
         self.latency_ns = latency_ns
         self.kvm = self.task(0)
         init_mem_attributes(self.kvm)
+        init_lpage_info(self.kvm, huge_pages, 0)
         if tdx:
             self.mirror_root = kvm_tdp_mmu_alloc_mirror_root(self.kvm)
         self.kvm.read_lock()
@@ -67,6 +72,8 @@ class Vm:
         """Another task (its own RCU reader slot and lock state) on the same VM."""
         kvm = Kvm(words or self.words, self.layout, self.geometry, self.variant, me)
         kvm.shadowed = self.shadowed
+        kvm.huge_pages = self.huge_pages > 0
+        kvm.alias_floor_words = self.alias_floor_words
         if self.geometry.tdx:
             kvm.tdx = TdxVm(TdxModule(kvm, self.latency_ns), policy=self.policy)
         return kvm

@@ -78,6 +78,11 @@ WRONG_ROOT = "gfn mapped in the wrong root"
     ("fault-skips-retry-check", "tdx", {STALE, PFN_CHANGED}),
     ("seq-snapshot-after-pfn", "tdx", {STALE, PFN_CHANGED}),
     ("conversion-zaps-direct-only", "tdx", {STALE, WRONG_ROOT, SEPT_ERR, DIVERGE}),
+    ("hugepage-attr-change-exact-range", "tdx", {"huge page during attribute change",
+                                                 "huge page over mixed attributes", STALE,
+                                                 WRONG_ROOT}),
+    ("child-removal-on-pfn-change", "default", {"leaked page-table page",
+                                                "tdp_mmu_pages accounting"}),
 ])
 def test_bug_variant_is_caught(tmp_path: Path, variant: str, vm_type: str,
                                invariants: set[str]) -> None:

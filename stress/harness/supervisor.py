@@ -42,7 +42,13 @@ from stress.checks import QuiescentReport, quiescent_check, teardown_check
 from stress.config import Config
 from stress.harness import schedule
 from stress.harness.trace import read_events
-from stress.harness.workers import STAT_NAMES, build_kvm, enable_nested, worker_main
+from stress.harness.workers import (
+    STAT_NAMES,
+    build_kvm,
+    enable_nested,
+    init_huge_pages,
+    worker_main,
+)
 from stress.model.errors import InvariantViolation
 from stress.model.host import init_mem_attributes
 from stress.model.kvm import LOCK_NONE, Kvm
@@ -189,6 +195,7 @@ class Supervisor:
         self.kvm = build_kvm(self.cfg, w, lay, me=self.n)
         init_mem_attributes(self.kvm)
         enable_nested(self.cfg, self.kvm)
+        init_huge_pages(self.cfg, self.kvm)
         if self.kvm.geometry.tdx:
             kvm_tdp_mmu_alloc_mirror_root(self.kvm)
         if self.controlled:

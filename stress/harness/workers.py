@@ -31,6 +31,7 @@ from stress.config import Config
 from stress.harness.schedule import Turns
 from stress.model import unsync
 from stress.model.errors import InvariantViolation
+from stress.model.host import init_lpage_info, kvm_mmu_gfn_disallow_lpage
 from stress.model.kvm import Geometry, Kvm, TdxVm, kvm_mem_is_private
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.notifier import kvm_vm_set_mem_attributes, mmu_notifier_invalidate_range
@@ -64,7 +65,7 @@ STAT_NAMES = (
     "obsolete_roots_dropped", "retry_stale_root", "root_resets", "halts",
     "shadowed_writes", "unsync_marked", "unsync_lock_taken", "unsync_lock_contended", "syncs",
     "pages_synced", "emulated_writes", "invalidations", "conversions", "retry_invalidate",
-    "memory_fault_exits",
+    "memory_fault_exits", "huge_leaves_installed", "huge_splits",
 )
 assert len(STAT_NAMES) <= Slot.MAX_STATS
 
@@ -101,6 +102,9 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
     kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
     kvm.race_window_ns = int(cfg.inject.race_window * 1e9)
+    kvm.huge_pages = cfg.guest.huge_pages > 0
+    if cfg.pool.alias_tables:
+        kvm.alias_floor_words = min(layout.bitmap_words - 1, (cfg.n_gfns // 512 + 63) // 64)
     if tdx:
         kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9)),
                         policy=variant.busy_policy or cfg.tdx.busy_policy,
@@ -112,6 +116,15 @@ def enable_nested(cfg: Config, kvm: Kvm) -> None:
     """Shadow L1's page-table gfns (after the memory attributes are set up)."""
     if cfg.unsync.enabled:
         kvm.shadowed = {g: unsync.leaf_sp(k) for k, g in enumerate(shadowed_gfns(cfg, kvm))}
+
+
+def init_huge_pages(cfg: Config, kvm: Kvm) -> None:
+    """At VM creation, once: lpage_info from the THP placement and the
+    attributes; every shadowed gfn's region disallows huge pages
+    (account_shadowed -> kvm_mmu_gfn_disallow_lpage)."""
+    init_lpage_info(kvm, cfg.guest.huge_pages, cfg.run.seed)
+    for g in kvm.shadowed:
+        kvm_mmu_gfn_disallow_lpage(kvm, g)
 
 
 def shadowed_gfns(cfg: Config, kvm: Kvm) -> list[int]:
@@ -156,8 +169,9 @@ class VcpuRole(Role):
         kvm = self.kvm
         gfn = self.pick_gfn()
         write = self.rng.random() < self.cfg.vcpu.write_fraction
+        exec_ = not write and self.rng.random() < self.cfg.vcpu.exec_fraction
         retries = 0
-        while (r := kvm_tdp_page_fault(kvm, gfn, write)) == RET_PF_RETRY:
+        while (r := kvm_tdp_page_fault(kvm, gfn, write, exec_)) == RET_PF_RETRY:
             kvm.w.relax()  # the guest re-executes the access; others run meanwhile
             retries += 1
             if retries >= self.cfg.vcpu.max_retries:
@@ -233,11 +247,21 @@ class ConverterRole(Role):
 
     name = "converter"
 
+    def __init__(self, kvm: Kvm, cfg: Config) -> None:
+        super().__init__(kvm, cfg)
+        self.pending: tuple[int, int] | None = None  # converter.revert: to convert back
+
     def step(self) -> None:
         kvm = self.kvm
-        chunk = 1 << kvm.geometry.private_chunk_shift
-        start = self.pick_gfn() & -chunk
-        end = min(self.n_gfns, start + chunk)
+        if self.pending is not None:
+            start, end = self.pending
+            self.pending = None
+        else:
+            chunk = (self.cfg.converter.range >> 12) or 1 << kvm.geometry.private_chunk_shift
+            start = self.pick_gfn() // chunk * chunk
+            end = min(self.n_gfns, start + chunk)
+            if self.cfg.converter.revert:
+                self.pending = (start, end)
         kvm_vm_set_mem_attributes(kvm, start, end, not kvm_mem_is_private(kvm, start))
         if self.cfg.converter.interval:
             self.kvm.w.pause(self.cfg.converter.interval * (0.5 + self.rng.random()))

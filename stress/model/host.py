@@ -86,3 +86,138 @@ def init_mem_attributes(kvm: Kvm) -> None:
     for w in range(words):
         private = not ((w * 64) >> shift) & 1
         kvm.w.store(kvm.layout.attrs + w, (1 << 64) - 1 if private else 0)
+
+
+# ---------------------------------------------------------------------------
+# Huge pages: what the host backs with a THP, and KVM's lpage_info
+# ---------------------------------------------------------------------------
+#
+# One word per 2 MiB region (``layout.lpage_info``), KVM's
+# ``lpage_info[PG_LEVEL_2M].disallow_lpage`` plus one model-only host bit:
+#
+# * bits 0-29: the disallow count (a region that sticks out of the memslot,
+#   gfns write-tracked for nested TDP: ``kvm_mmu_gfn_disallow_lpage``);
+# * ``KVM_LPAGE_MIXED_FLAG`` (bit 31): the region's memory attributes are
+#   mixed; set and cleared by KVM_SET_MEMORY_ATTRIBUTES's post step with
+#   mmu_lock held for write, read by faults with it held for read;
+# * ``LPAGE_HOST_HUGE`` (bit 30, the host's, not KVM's): the host backs the
+#   region with a transparent huge page.  The THP is intact while every gfn
+#   of the region has the same host page generation (one folio); replacing
+#   part of it (a conversion's punch-hole) splits it, and the primary MMU
+#   migrating the whole folio (``host_pages_replace`` over the region)
+#   makes it whole again.  ``host_mapping_level`` is 2M only for an intact
+#   THP: ``host_pfn_mapping_level``.
+
+KVM_LPAGE_MIXED_FLAG = 1 << 31
+LPAGE_HOST_HUGE = 1 << 30
+KVM_PAGES_PER_2M = 512
+_GEN_WORDS_PER_2M = KVM_PAGES_PER_2M // 8
+_ATTR_WORDS_PER_2M = KVM_PAGES_PER_2M // 64
+
+
+def lpage_info_i(kvm: Kvm, gfn: int) -> int:
+    return kvm.layout.lpage_info + gfn // KVM_PAGES_PER_2M
+
+
+def hugepage_has_uniform_attrs(kvm: Kvm, base: int) -> bool:
+    """All 512 gfns of the region at ``base`` share one attribute."""
+    if not kvm.geometry.tdx:
+        return True
+    i = kvm.layout.attrs + base // 64
+    first = kvm.w.load(i)
+    return first in (0, (1 << 64) - 1) and kvm.w.count_equal(i, _ATTR_WORDS_PER_2M,
+                                                              first) == _ATTR_WORDS_PER_2M
+
+
+def init_lpage_info(kvm: Kvm, huge_fraction: float, seed: int) -> None:
+    """At VM creation (no other task yet): which regions the host backs with a
+    THP (``huge_fraction`` of them, placed by the seed), which stick out of the
+    memslot, which have mixed attributes."""
+    import random
+
+    rng = random.Random(f"thp:{seed}")
+    n = kvm.geometry.n_gfns
+    for r in range((n + KVM_PAGES_PER_2M - 1) // KVM_PAGES_PER_2M):
+        base = r * KVM_PAGES_PER_2M
+        v = 0
+        if base + KVM_PAGES_PER_2M > n:
+            v = 1  # the memslot ends inside the region
+        elif rng.random() < huge_fraction:
+            v |= LPAGE_HOST_HUGE
+        if v != 1 and not hugepage_has_uniform_attrs(kvm, base):
+            v |= KVM_LPAGE_MIXED_FLAG
+        kvm.w.store(kvm.layout.lpage_info + r, v)
+
+
+def kvm_mmu_gfn_disallow_lpage(kvm: Kvm, gfn: int) -> None:
+    """account_shadowed: a write-tracked gfn (one of L1's page tables) keeps its
+    region mapped with 4K pages."""
+    kvm.w.fetch_add(lpage_info_i(kvm, gfn), 1)
+
+
+def hugepage_disallowed(kvm: Kvm, gfn: int) -> bool:
+    """KVM's side of the 2M decision (mixed attributes or a disallow count);
+    the caller holds mmu_lock, so the mixed flag cannot change under it."""
+    return bool(kvm.w.load(lpage_info_i(kvm, gfn)) & ~LPAGE_HOST_HUGE)
+
+
+def host_folio_intact(kvm: Kvm, base: int) -> bool:
+    """Every gfn of the region at ``base`` is backed by the same folio
+    generation (one host page table walk in the kernel: a PMD leaf)."""
+    i = kvm.layout.host_gens + base // 8
+    first = kvm.w.load(i)
+    if first != (first & 0xFF) * 0x0101010101010101:
+        return False
+    return kvm.w.count_equal(i, _GEN_WORDS_PER_2M, first) == _GEN_WORDS_PER_2M
+
+
+def host_mapping_level(kvm: Kvm, gfn: int) -> int:
+    """host_pfn_mapping_level: 2 for a gfn in an intact THP, else 1.  Read with
+    the pfn, after the fault's mmu_invalidate_seq snapshot: an invalidation that
+    splits or replaces the THP afterwards makes the fault retry."""
+    if not kvm.w.load(lpage_info_i(kvm, gfn)) & LPAGE_HOST_HUGE:
+        return 1
+    return 2 if host_folio_intact(kvm, gfn & -KVM_PAGES_PER_2M) else 1
+
+
+def _is_host_huge(kvm: Kvm, gfn: int) -> bool:
+    return bool(kvm.w.load(lpage_info_i(kvm, gfn)) & LPAGE_HOST_HUGE)
+
+
+def host_invalidation_range(kvm: Kvm, start: int, end: int) -> tuple[int, int]:
+    """The primary MMU invalidates a THP as a whole: a range that starts or ends
+    inside a THP-backed region grows to the region's bounds."""
+    if _is_host_huge(kvm, start):
+        start &= -KVM_PAGES_PER_2M
+    if end & (KVM_PAGES_PER_2M - 1) and _is_host_huge(kvm, end - 1):
+        end = min(kvm.geometry.n_gfns, (end | (KVM_PAGES_PER_2M - 1)) + 1)
+    return start, end
+
+
+def host_folio_migrate(kvm: Kvm, base: int) -> None:
+    """The primary MMU moved the whole THP at ``base`` to a new folio: every gfn
+    gets the same, new generation (which also rejoins a split THP)."""
+    w = kvm.w
+    i0 = kvm.layout.host_gens + base // 8
+    gen = max(max((w.load(i0 + k) >> (8 * b)) & 0xFF for b in range(8))
+              for k in range(_GEN_WORDS_PER_2M))
+    new = ((gen + 1) & 0xFF) * 0x0101010101010101
+    for k in range(_GEN_WORDS_PER_2M):
+        while True:
+            v = w.load(i0 + k)
+            if w.cmpxchg(i0 + k, v, new) == v:
+                break
+
+
+def host_pages_replace(kvm: Kvm, start: int, end: int) -> None:
+    """The primary MMU replaced the pages backing [start, end): whole THPs as
+    one folio, other gfns one page at a time."""
+    gfn = start
+    while gfn < end:
+        if (not gfn & (KVM_PAGES_PER_2M - 1) and gfn + KVM_PAGES_PER_2M <= end
+                and _is_host_huge(kvm, gfn)):
+            host_folio_migrate(kvm, gfn)
+            gfn += KVM_PAGES_PER_2M
+            continue
+        host_page_migrate(kvm, gfn)
+        gfn += 1

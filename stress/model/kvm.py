@@ -84,6 +84,12 @@ class Kvm:
         self.resched_every = 64
         self.resched_countdown = 64
         self.alloc_cursor = (me * 7919) % max(1, layout.bitmap_words)
+        # pool.alias_tables: pages [0, 64 * alias_floor_words) are frames over
+        # top of guest memory, taken only by the level-1 table of the 2M region
+        # whose first huge page sits there (see spte.sp_pfn)
+        self.alias_floor_words = 0
+        # huge pages on: faults may map shared gfns with 2M leaves
+        self.huge_pages = False
 
     # -- mmu_lock ----------------------------------------------------------------
     def read_lock(self) -> None:

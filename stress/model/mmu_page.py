@@ -45,19 +45,41 @@ def role_level(role: int) -> int:
     return role & 0xF
 
 
-def tdp_mmu_alloc_sp(kvm: Kvm) -> int | None:
+def _bitmap_alloc(kvm: Kvm) -> int:
+    """Claim any free page; with ``pool.alias_tables`` the first
+    ``kvm.alias_floor_words`` bitmap words are kept for placed tables."""
+    lay = kvm.layout
+    floor = kvm.alias_floor_words
+    page = kvm.w.bitmap_alloc(lay.bitmap + floor, lay.bitmap_words - floor,
+                              max(0, kvm.alloc_cursor - floor))
+    if page >= 0:
+        page += floor * 64
+        kvm.alloc_cursor = page // 64
+    return page
+
+
+def _claim_page(kvm: Kvm, page: int) -> bool:
+    """Claim one given page if it is free (the model's alias placement)."""
+    if page >= kvm.layout.n_pages:
+        return False
+    bit = 1 << (page % 64)
+    old = kvm.w.fetch_and(kvm.layout.bitmap + page // 64, ~bit & ((1 << 64) - 1))
+    return bool(old & bit)
+
+
+def tdp_mmu_alloc_sp(kvm: Kvm, prefer: int | None = None) -> int | None:
     """Take a page from the pool, filled with SHADOW_NONPRESENT_VALUE.
 
     The page is private to the caller until a cmpxchg publishes it, so its
     initialisation needs no ordering beyond the release of that cmpxchg.
     Returns None when the pool is exhausted (the fault retries later).
+    ``prefer``: a page to take if it is free (``pool.alias_tables`` only).
     """
     lay = kvm.layout
-    page = kvm.w.bitmap_alloc(lay.bitmap, lay.bitmap_words, kvm.alloc_cursor)
+    page = prefer if prefer is not None and _claim_page(kvm, prefer) else _bitmap_alloc(kvm)
     if page < 0:
         kvm.stats["alloc_fail"] += 1
         return None
-    kvm.alloc_cursor = page // 64
     kvm.w.fetch_add(lay.sp(page, SpMeta.GEN), 1)
     kvm.w.store(lay.sp(page, SpMeta.STATE), SP_PRIVATE)
     kvm.w.fill(lay.spt(page), WORDS_PER_PAGE, SHADOW_NONPRESENT_VALUE)
@@ -68,7 +90,7 @@ def kvm_mmu_alloc_external_spt(kvm: Kvm) -> int | None:
     """A page for the TDX module's copy of a mirror table (sp->external_spt).
     KVM never writes its entries: TDH.MEM.SEPT.ADD initialises it."""
     lay = kvm.layout
-    page = kvm.w.bitmap_alloc(lay.bitmap, lay.bitmap_words, kvm.alloc_cursor)
+    page = _bitmap_alloc(kvm)
     if page < 0:
         kvm.stats["alloc_fail"] += 1
         return None

@@ -22,13 +22,22 @@ they run here: ``before_unlock`` (end, fixed) and ``after_unlock`` (the bug).
 
 from __future__ import annotations
 
-from stress.arena import Globals, SpMeta
+from collections.abc import Callable
+
+from stress.arena import Globals, Slot, SpMeta
 from stress.model import events
 from stress.model.host import (
+    KVM_LPAGE_MIXED_FLAG,
+    KVM_PAGES_PER_2M,
+    host_folio_intact,
+    host_invalidation_range,
     host_page_gen,
     host_page_migrate,
+    host_pages_replace,
+    hugepage_has_uniform_attrs,
     kvm_mem_is_private,
     kvm_set_mem_attributes,
+    lpage_info_i,
     pfn_gfn_gen,
 )
 from stress.model.kvm import Kvm
@@ -73,20 +82,29 @@ def kvm_mmu_invalidate_end(kvm: Kvm) -> None:
     kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS), -1)
 
 
-def end_before_unlock(kvm: Kvm) -> None:
-    """Fixed: the end hook runs in the write-locked section (before_unlock)."""
+def end_before_unlock(kvm: Kvm, post: Callable[[], None] | None = None) -> None:
+    """Fixed: the end hook runs in the write-locked section (before_unlock),
+    after the handler (``post``: a conversion's post_set_memory_attributes)."""
     kvm.write_lock()
     try:
+        if post is not None:
+            post()
         kvm_mmu_invalidate_end(kvm)
     finally:
         kvm.write_unlock()
 
 
-def end_after_unlock(kvm: Kvm) -> None:
+def end_after_unlock(kvm: Kvm, post: Callable[[], None] | None = None) -> None:
     """Buggy (seed 002, "KVM: gmem: protect kvm_mmu_invalidate_end()"): the end
     hook runs after mmu_lock is dropped.  Unordered against the fault's check,
     a fault can see in_progress == 0 and the old seq: modelled as the
     decrement landing before the increment, with a window between them."""
+    if post is not None:
+        kvm.write_lock()
+        try:
+            post()
+        finally:
+            kvm.write_unlock()
     kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS), -1)
     kvm.w.spin_ns(kvm.race_window_ns)
     kvm.w.fetch_add(_g(kvm, Globals.MMU_INVALIDATE_SEQ), 1)
@@ -144,7 +162,8 @@ def faultin_pfn_then_seq(kvm: Kvm, gfn: int) -> tuple[int, int]:
 def check_range_current(kvm: Kvm, start: int, end: int) -> None:
     """Oracle, with mmu_lock held for write: every leaf mapping a gfn of the range
     maps the page that backs it now.  An older generation is a page already
-    freed by a completed invalidation: a stale mapping."""
+    freed by a completed invalidation: a stale mapping.  A 2M leaf maps one
+    folio: every gfn of its region must still be backed by it."""
     from stress.model.roots import KVM_ALL_ROOTS, for_each_tdp_mmu_root_yield_safe
     from stress.model.tdp_iter import TdpIter
 
@@ -158,6 +177,8 @@ def check_range_current(kvm: Kvm, start: int, end: int) -> None:
                 if is_shadow_present_pte(v) and is_last_spte(v, it.level):
                     gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
                     now = host_page_gen(kvm, it.gfn)
+                    if gfn == it.gfn and it.level > 1 and not host_folio_intact(kvm, gfn):
+                        now = -1  # part of the folio was replaced under the 2M leaf
                     if gfn == it.gfn and gen != now:
                         mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
                         kvm.bug("stale mapping after invalidate_end",
@@ -190,6 +211,7 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int) -> None:
     """
     from stress.model.roots import KVM_ALL_ROOTS
 
+    start, end = host_invalidation_range(kvm, start, end)
     kvm.write_lock()
     try:
         check_range_current(kvm, start, end)
@@ -199,8 +221,7 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int) -> None:
         kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
     finally:
         kvm.write_unlock()
-    for gfn in range(start, end):  # the primary MMU frees the old pages
-        host_page_migrate(kvm, gfn)
+    host_pages_replace(kvm, start, end)  # the primary MMU frees the old pages
     kvm.variant.invalidate_end(kvm)
     kvm.w.trace(events.INVALIDATE, start, end, 1)
     kvm.stats["invalidations"] += 1
@@ -210,12 +231,15 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
     """KVM_SET_MEMORY_ATTRIBUTES on [start, end): begin and zap the mappings of the
     root type that no longer owns the range (pre_set), store the attributes,
     then end (post_set).  The old backing pages are released (guest_memfd
-    punch-hole on private -> shared, the VMM's unmap on shared -> private)."""
+    punch-hole on private -> shared, the VMM's unmap on shared -> private);
+    replacing part of a THP splits it."""
     kvm.write_lock()
     try:
         check_range_current(kvm, start, end)
         kvm_mmu_invalidate_begin(kvm)
         kvm_mmu_invalidate_range_add(kvm, start, end)
+        kvm.variant.pre_set_range_add(kvm, start, end)  # kvm_arch_pre_set_memory_attributes
+        _attr_change_mark(kvm, start, end)
         kvm.stats["entries_zapped"] += kvm.variant.pre_set_memory_attributes(
             kvm, start, end, private)
     finally:
@@ -223,8 +247,72 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
     kvm_set_mem_attributes(kvm, start, end, private)
     for gfn in range(start, end):
         host_page_migrate(kvm, gfn)
-    kvm.variant.invalidate_end(kvm)
+    kvm.variant.invalidate_end(kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
     kvm.stats["conversions"] += 1
+
+
+def _attr_change_mark(kvm: Kvm, start: int, end: int) -> None:
+    """Oracle bookkeeping (not kernel state): this task is changing the
+    attributes of [start, end) until its post step (write lock held)."""
+    kvm.w.store(kvm.layout.slot(kvm.me, Slot.ATTR_CHANGE_START), start)
+    kvm.w.store(kvm.layout.slot(kvm.me, Slot.ATTR_CHANGE_END), end)
+
+
+def kvm_arch_post_set_memory_attributes(kvm: Kvm, start: int, end: int) -> None:
+    """Recompute the mixed flag of every 2M region [start, end) touches, with
+    mmu_lock held for write (hugepage_set_mixed / hugepage_clear_mixed): a fault,
+    which reads it under the read lock, sees the old or the new flag, never a
+    half-updated one."""
+    kvm.lockdep_assert_held_write()
+    base = start & -KVM_PAGES_PER_2M
+    while base < end:
+        i = lpage_info_i(kvm, base)
+        if hugepage_has_uniform_attrs(kvm, base):
+            kvm.w.fetch_and(i, ~KVM_LPAGE_MIXED_FLAG & ((1 << 64) - 1))
+        else:
+            kvm.w.fetch_or(i, KVM_LPAGE_MIXED_FLAG)
+        base += KVM_PAGES_PER_2M
+    _attr_change_mark(kvm, 0, 0)
+
+
+def attr_change_in_progress(kvm: Kvm, start: int, end: int) -> tuple[int, int, int] | None:
+    """Oracle: (worker, start, end) of an attribute change in progress that
+    intersects [start, end), or None.  Stable under mmu_lock (any mode)."""
+    w, lay = kvm.w, kvm.layout
+    for k in range(lay.n_slots):
+        s = w.load(lay.slot(k, Slot.ATTR_CHANGE_START))
+        e = w.load(lay.slot(k, Slot.ATTR_CHANGE_END))
+        if s < e and s < end and start < e:
+            return k, s, e
+    return None
+
+
+def range_add_hugepage_head_tail(kvm: Kvm, start: int, end: int) -> None:
+    """kvm_arch_pre_set_memory_attributes (fixed, 9129633d568e "KVM: x86/mmu:
+    Prevent installing hugepages when mem attributes are changing"): when the
+    head or tail of the range is part of a 2M region whose attributes are not
+    mixed, add the whole region to the invalidation, so a fault on a gfn of it
+    outside [start, end) retries instead of mapping the region with a 2M leaf
+    until the post step has marked it mixed.  Only the changed gfns are zapped
+    (that takes out any 2M leaf over them)."""
+    n = KVM_PAGES_PER_2M
+    head = start & -n
+    tail = (end - 1) & -n
+    if ((head != start or head + n > end) and head + n <= kvm.geometry.n_gfns
+            and not kvm.w.load(lpage_info_i(kvm, head)) & KVM_LPAGE_MIXED_FLAG):
+        kvm_mmu_invalidate_range_add(kvm, head, head + n)
+    if tail == head:
+        return
+    if (tail + n > end and tail + n <= kvm.geometry.n_gfns
+            and not kvm.w.load(lpage_info_i(kvm, tail)) & KVM_LPAGE_MIXED_FLAG):
+        kvm_mmu_invalidate_range_add(kvm, tail, tail + n)
+
+
+def range_add_exact(kvm: Kvm, start: int, end: int) -> None:
+    """Buggy (before 9129633d568e): only [start, end) is in the invalidation; a
+    fault on another gfn of the same 2M region passes mmu_invalidate_retry_gfn,
+    reads the not-yet-updated "not mixed" and maps the whole region, gfns whose
+    attributes are changing included, with a 2M leaf."""
 
 
 def pre_set_zap_old_owner(kvm: Kvm, start: int, end: int, private: bool) -> int:

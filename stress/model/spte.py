@@ -9,8 +9,13 @@ non-present SPTE holds instead of 0 (TDX's "suppress #VE").
 equality test: an atomic bit operation applied to a frozen entry produces some
 other non-present value that nobody recognises as frozen.
 
-Non-leaf SPTEs point at page-table pages of the arena's pool: their "physical
-frame" is the pool page index.  Leaves map host frames.
+Non-leaf SPTEs point at page-table pages of the arena's pool and leaves map
+host frames.  Frame numbers are labels in one space: page-table page ``p`` sits
+at frame ``HOST_PFN_BASE + 512 * p`` (``sp_pfn``), the label of the first 4 KiB
+of gfn ``512 * p``'s generation-0 page.  Nothing compares a table's frame with
+a leaf's except ``handle_changed_spte``'s PFN test, and only a deliberately
+impossible memory map (``pool.alias_tables``: "guest memory overtop a
+kernel-allocated SP", c8e5a0d0e9bc) ever places a huge page there.
 """
 
 from __future__ import annotations
@@ -95,17 +100,37 @@ def make_spte(pfn: int, level: int, writable: bool) -> int:
     return spte
 
 
+def make_small_spte(huge_spte: int, index: int) -> int:
+    """The 4K child ``index`` of a 2M leaf being split: same permissions and A/D
+    bits, the PFN ``index`` frames further, no large-page bit."""
+    return (huge_spte & ~PT_PAGE_SIZE_MASK) + (index << 12)
+
+
+def sp_pfn(page: int) -> int:
+    """The frame of page-table page ``page`` (see the module docstring)."""
+    return HOST_PFN_BASE + (page << SPTE_LEVEL_BITS)
+
+
+def pfn_to_sp(pfn: int) -> int:
+    """The page-table page at frame ``pfn``; a frame that is no table's gives an
+    index past any pool (the callers' "corrupt non-leaf" checks)."""
+    off = pfn - HOST_PFN_BASE
+    if off < 0 or off & (SPTE_ENT_PER_PAGE - 1):
+        return 1 << 62
+    return off >> SPTE_LEVEL_BITS
+
+
 def make_nonleaf_spte(child_page: int) -> int:
     """Non-leaf SPTEs are fully permissive and point at the child table."""
     return (SPTE_MMU_PRESENT_MASK | VMX_EPT_READABLE_MASK | PT_WRITABLE_MASK
-            | VMX_EPT_EXECUTABLE_MASK | shadow_accessed_mask | (child_page << 12))
+            | VMX_EPT_EXECUTABLE_MASK | shadow_accessed_mask | (sp_pfn(child_page) << 12))
 
 
 def spte_to_child_pt(spte: int, level: int) -> int | None:
     """The child table's page index, or None unless present and non-leaf."""
     if not is_shadow_present_pte(spte) or is_last_spte(spte, level):
         return None
-    return spte_to_pfn(spte)
+    return pfn_to_sp(spte_to_pfn(spte))
 
 
 def is_access_allowed(write: bool, spte: int) -> bool:

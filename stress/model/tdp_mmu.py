@@ -36,6 +36,7 @@ from stress.model.mmu_page import (
 from stress.model.spte import (
     FROZEN_SPTE,
     KVM_PAGES_PER_HPAGE,
+    PG_LEVEL_2M,
     PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
     describe,
@@ -45,6 +46,7 @@ from stress.model.spte import (
     is_last_spte,
     is_shadow_present_pte,
     make_nonleaf_spte,
+    make_small_spte,
     make_spte,
     spte_to_child_pt,
     spte_to_pfn,
@@ -74,6 +76,11 @@ class KvmPageFault:
     pfn: int
     is_private: bool = False
     goal_level: int = PG_LEVEL_4K
+    # the host's mapping level, looked up with the pfn (host_pfn_mapping_level;
+    # 4K for private gfns: TDX maps them 4K only) and capped by lpage_info
+    max_level: int = PG_LEVEL_4K
+    req_level: int = PG_LEVEL_4K
+    exec: bool = False  # an instruction fetch (the iTLB multihit mitigation)
 
 
 def kvm_tdp_mmu_mirror_root(kvm: Kvm) -> int:
@@ -196,10 +203,26 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
         if not is_frozen_spte(new_spte) and not is_frozen_spte(old_spte):
             kvm.warn("non-present to non-present change")
         return
-    if was_present and not was_leaf and (is_leaf or not is_present or pfn_changed):
+    if was_present and not was_leaf and kvm.variant.changed_spte_removes_pt(
+            kvm, old_spte, new_spte, level):
         child = spte_to_child_pt(old_spte, level)
         assert child is not None
         handle_removed_pt(kvm, child, shared)
+
+
+def child_pt_removed_unless_still_table(kvm: Kvm, old_spte: int, new_spte: int,
+                                        level: int) -> bool:
+    """Did this change of a present non-leaf SPTE remove its child table?  Yes
+    when the entry became a leaf (a huge page over the table) or non-present
+    (c8e5a0d0e9bc "KVM: x86/mmu: Check for !leaf=>leaf, not PFN change, in TDP
+    MMU SP removal").  A table replaced in place by another table is impossible
+    (shadow pages are never migrated): WARN, and tear it down anyway."""
+    if not is_shadow_present_pte(new_spte) or is_last_spte(new_spte, level):
+        return True
+    if spte_to_pfn(old_spte) != spte_to_pfn(new_spte):
+        kvm.warn("non-leaf SPTE changed PFN in place")
+        return True
+    return False
 
 
 def tdp_mmu_unlink_sp(kvm: Kvm, sp: int) -> None:
@@ -284,7 +307,10 @@ def tdp_mmu_alloc_child_sp(kvm: Kvm, it: TdpIter) -> int | None:
     is marked LINKED before the cmpxchg that publishes it, so a walker that
     sees the new SPTE sees a fully initialised table.
     """
-    sp = tdp_mmu_alloc_sp(kvm)
+    prefer = None
+    if kvm.alias_floor_words and it.level - 1 == PG_LEVEL_4K:
+        prefer = it.gfn // KVM_PAGES_PER_HPAGE(PG_LEVEL_2M)  # pool.alias_tables
+    sp = tdp_mmu_alloc_sp(kvm, prefer)
     if sp is None:
         return None
     tdp_mmu_init_sp(kvm, sp, it.level - 1, it.gfn, ROLE_MIRROR if it.mirror else 0)
@@ -298,15 +324,56 @@ def tdp_mmu_alloc_child_sp(kvm: Kvm, it: TdpIter) -> int | None:
     return sp
 
 
+def tdp_mmu_split_huge_page(kvm: Kvm, it: TdpIter, sp: int, shared: bool) -> int:
+    """Replace the 2M leaf at the iterator with a table of its 512 4K pieces.
+
+    The children are written with ``make_small_spte`` while the table is still
+    private to this task; ``tdp_mmu_link_sp``'s cmpxchg then swaps leaf for
+    table in one atomic step, so a walker sees either the whole 2M leaf or the
+    whole table.  A leaf becoming a table is not a PFN change of a present leaf.
+    Returns 0, or -EBUSY (the leaf changed since the snapshot: nothing happened).
+    """
+    huge = it.old_spte
+    base = kvm.layout.spt(sp)
+    for i in range(512):
+        kvm.w.store(base + i, make_small_spte(huge, i))
+    r = tdp_mmu_link_sp(kvm, it, sp, shared)
+    if r == 0:
+        kvm.stats["huge_splits"] += 1
+    return r
+
+
+def kvm_mmu_hugepage_adjust(kvm: Kvm, fault: KvmPageFault) -> None:
+    """Pick the fault's goal level, with mmu_lock held for read.
+
+    2M only if the host maps the gfn with a huge page (``max_level``, from the
+    pfn lookup), lpage_info allows it (no disallow count, attributes not mixed:
+    the mixed flag changes only under the write lock) and the fault is not an
+    instruction fetch under the iTLB multihit mitigation.  The pfn is then the
+    huge page's first frame.
+    """
+    from stress.model.host import hugepage_disallowed
+
+    if fault.max_level == PG_LEVEL_4K or hugepage_disallowed(kvm, fault.gfn):
+        return
+    fault.req_level = fault.max_level
+    if fault.exec:  # fault->huge_page_disallowed
+        return
+    fault.goal_level = fault.req_level
+    fault.pfn &= ~(KVM_PAGES_PER_HPAGE(fault.goal_level) - 1)
+
+
 def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
     """Handle a TDP page fault: walk, link missing tables, install the leaf.
 
     mmu_lock is held for read; the walk runs in an RCU read-side section so the
     tables it passes through stay allocated even if another task unlinks them.
     Any lost race (FROZEN on the path, a cmpxchg lost) returns RET_PF_RETRY and
-    the vCPU faults again, as the guest would.
+    the vCPU faults again, as the guest would.  A 2M leaf above a 4K goal is
+    split on the way down; a table at a 2M goal is replaced by the 2M leaf.
     """
     kvm.lockdep_assert_held_read()
+    kvm_mmu_hugepage_adjust(kvm, fault)
     ret = RET_PF_RETRY
     kvm.rcu.rcu_read_lock()
     try:
@@ -326,7 +393,15 @@ def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
             if sp is None:
                 kvm.stats["retry_nomem"] += 1
                 return RET_PF_RETRY
-            if tdp_mmu_link_sp(kvm, it, sp, shared=True):
+            if is_shadow_present_pte(it.old_spte):  # a 2M leaf above the goal
+                if it.mirror:
+                    tdp_mmu_free_sp(kvm, sp)
+                    kvm.bug("mirror huge page", "kvm_tdp_mmu_map: KVM_BUG_ON(is_mirror_sptep) "
+                            "before splitting a huge page", gfn=it.gfn, level=it.level)
+                r = tdp_mmu_split_huge_page(kvm, it, sp, shared=True)
+            else:
+                r = tdp_mmu_link_sp(kvm, it, sp, shared=True)
+            if r:
                 # never visible to anyone: free at once
                 tdp_mmu_free_sp(kvm, sp)
                 kvm.stats["retry_link_lost"] += 1
@@ -362,10 +437,43 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
         kvm.stats["retry_cmpxchg"] += 1
         return RET_PF_RETRY
     kvm.stats["leaves_installed"] += 1
+    if it.level > PG_LEVEL_4K:
+        kvm.stats["huge_leaves_installed"] += 1
+        _check_huge_install(kvm, it)
+        if is_shadow_present_pte(old):  # a huge page over a table: its 4K entries go
+            _check_table_removed(kvm, it, old)
+            kvm_flush_remote_tlbs_gfn(kvm, it.gfn, it.level)
     return RET_PF_EMULATE if emulate else RET_PF_FIXED
 
 
-def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
+def _check_table_removed(kvm: Kvm, it: TdpIter, old: int) -> None:
+    """Oracle (reference 9.7): the table a 2M leaf just replaced was unlinked by
+    handle_changed_spte; still LINKED, it is leaked with everything it maps."""
+    from stress.model.mmu_page import sp_state
+
+    child = spte_to_child_pt(old, it.level)
+    if child is not None and sp_state(kvm, child) == SP_LINKED:
+        kvm.bug("leaked page-table page",
+                "a table replaced by a 2M leaf was not torn down (handle_removed_pt skipped)",
+                gfn=it.gfn, level=it.level, table=child, old=describe(old))
+
+
+def _check_huge_install(kvm: Kvm, it: TdpIter) -> None:
+    """Oracle (reference 9.13): no 2M leaf is installed while an attribute
+    change of any of its gfns is in progress (between the conversion's pre and
+    post steps, both under the write lock, so stable while we hold it for read)."""
+    from stress.model.notifier import attr_change_in_progress
+
+    hit = attr_change_in_progress(kvm, it.gfn, it.gfn + KVM_PAGES_PER_HPAGE(it.level))
+    if hit is not None:
+        worker, start, end = hit
+        kvm.bug("huge page during attribute change",
+                "a 2M leaf was installed over gfns whose memory attributes are being changed",
+                gfn=it.gfn, level=it.level, converting_worker=worker,
+                converting=f"[{start:#x}, {end:#x})")
+
+
+def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False) -> int:
     """One guest entry and fault: kvm_mmu_reload, then the fault path from
     kvm_mmu_faultin_pfn to read_unlock.
 
@@ -374,12 +482,12 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
     invalidated meanwhile is stale and retries (the next entry reloads).
     """
     kvm.w.trace(events.FAULT_BEGIN, gfn, int(write))
-    r = _kvm_tdp_page_fault(kvm, gfn, write)
+    r = _kvm_tdp_page_fault(kvm, gfn, write, exec_)
     kvm.w.trace(events.FAULT_END, gfn, r)
     return r
 
 
-def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
+def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool) -> int:
     from stress.model.roots import is_root_invalid, kvm_mmu_reload
 
     kvm_mmu_reload(kvm, kvm.vcpu)
@@ -387,10 +495,16 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool) -> int:
     # kvm_mmu_faultin_pfn: mmu_invalidate_seq snapshot and pfn lookup (GUP or
     # guest_memfd); then the attribute check: a mismatch exits to userspace
     mmu_seq, pfn = kvm.variant.faultin(kvm, gfn)
+    max_level = PG_LEVEL_4K
+    if kvm.huge_pages and not is_private:
+        from stress.model.host import host_mapping_level
+
+        max_level = host_mapping_level(kvm, gfn)
     if is_private != kvm_mem_is_private(kvm, gfn):
         kvm.stats["memory_fault_exits"] += 1
         return RET_PF_EXIT
-    fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=pfn, is_private=is_private)
+    fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=pfn, is_private=is_private,
+                         max_level=max_level, exec=exec_)
     root = tdp_mmu_get_root_for_fault(kvm, fault)
     kvm.read_lock()
     try:

@@ -19,8 +19,17 @@ from typing import Any
 from stress.model import mirror, notifier, roots, unsync
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
-from stress.model.spte import FROZEN_SPTE, SPTE_MMU_PRESENT_MASK
-from stress.model.tdp_mmu import call_rcu_free_sp, freeze_removed_children
+from stress.model.spte import (
+    FROZEN_SPTE,
+    SPTE_MMU_PRESENT_MASK,
+    is_shadow_present_pte,
+    spte_to_pfn,
+)
+from stress.model.tdp_mmu import (
+    call_rcu_free_sp,
+    child_pt_removed_unless_still_table,
+    freeze_removed_children,
+)
 
 
 def freeze_present_children_only(kvm: Kvm, pt: int, shared: bool) -> list[tuple[int, int]]:
@@ -38,6 +47,16 @@ def free_sp_without_grace_period(kvm: Kvm, pt: int) -> None:
     """Buggy: runs the RCU callback at once instead of after a grace period, so a
     walker still inside the table reads a freed (poisoned or reused) page."""
     tdp_mmu_free_sp_rcu_callback(kvm, pt)
+
+
+def child_pt_removed_if_pfn_changed(kvm: Kvm, old_spte: int, new_spte: int,
+                                    level: int) -> bool:
+    """Buggy (before c8e5a0d0e9bc): a present non-leaf SPTE's child table is torn
+    down only if the entry was zapped or its PFN changed.  A huge leaf that
+    replaces the table at the table's own frame (guest memory over top of a
+    kernel-allocated SP: ``pool.alias_tables``) leaves the table linked to
+    nothing: leaked, still counted in tdp_mmu_pages, its leaves never zapped."""
+    return not is_shadow_present_pte(new_spte) or spte_to_pfn(old_spte) != spte_to_pfn(new_spte)
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,11 @@ class Variant:
     invalidate_end: Callable[[Kvm], None] = notifier.end_before_unlock
     pre_set_memory_attributes: Callable[[Kvm, int, int, bool], int] = (
         notifier.pre_set_zap_old_owner)
+    # huge pages: what a conversion adds to the invalidation besides its range;
+    # whether a change of a present non-leaf SPTE removed its child table
+    pre_set_range_add: Callable[[Kvm, int, int], None] = notifier.range_add_hugepage_head_tail
+    changed_spte_removes_pt: Callable[[Kvm, int, int, int], bool] = (
+        child_pt_removed_unless_still_table)
 
 
 FIXED = Variant(
@@ -201,6 +225,26 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "S-EPT keep mapping a gfn that is now shared.",
         source="reference 6.4: kvm_arch_pre_set_memory_attributes and the root filter",
         pre_set_memory_attributes=notifier.pre_set_zap_direct_only,
+    ),
+    replace(
+        FIXED, name="hugepage-attr-change-exact-range", buggy=True, requires_tdx=True,
+        config="huge.toml",
+        story="A conversion adds only its exact range to the invalidation: a fault on another "
+              "gfn of the same 2M region passes mmu_invalidate_retry_gfn, reads lpage_info's "
+              "not-yet-updated 'not mixed' and maps the whole region, gfns whose attributes "
+              "are changing included, with a 2M leaf in the direct root.",
+        source="reference 9.13: 9129633d568e (KVM: x86/mmu: Prevent installing hugepages when "
+               "mem attributes are changing, 2025)",
+        pre_set_range_add=notifier.range_add_exact,
+    ),
+    replace(
+        FIXED, name="child-removal-on-pfn-change", buggy=True, config="huge-alias.toml",
+        story="handle_changed_spte tears a table down only if the PFN changed: a 2M leaf "
+              "that replaces a table at the table's own frame (guest memory over top of the "
+              "SP, made possible by pool.alias_tables) leaks the table and its leaves.",
+        source="reference 9.7: c8e5a0d0e9bc (KVM: x86/mmu: Check for !leaf=>leaf, not PFN "
+               "change, in TDP MMU SP removal, 2022)",
+        changed_spte_removes_pt=child_pt_removed_if_pfn_changed,
     ),
     replace(
         FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True,
