@@ -147,7 +147,7 @@ class Sched:
     LOW = 4  # pct: the next demoted priority, counting down
     EXHAUSTED = 5  # 1 + worker that hit the step cap (a livelock under this schedule)
     TURNS = 8  # one turn word per worker (futex)
-    PRIO = TURNS + 64  # pct: priority per worker (biased by 1 << 32)
+    PRIO = TURNS + 64  # pct: priority per worker; random: parked until step (biased by 1 << 32)
     LOG = PRIO + 64  # switch points: (worker | op << 8, access | to << 32) pairs
     LOG_ENTRY_WORDS = 2
 

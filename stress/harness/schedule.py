@@ -52,6 +52,7 @@ END_OP = 10**9  # ... and after its last (root unload, RCU drain, exit)
 MASK64 = (1 << 64) - 1
 POINT, RELAX, PAUSE, EXIT, WINDOW = range(5)
 WINDOW_P32 = 1 << 30  # a known race window is a preemption with probability 1/4
+PARK_MIN, PARK_SPAN = 50, 4000  # random: steps a worker preempted in a window sits out
 
 
 def mix(seed: int, step: int) -> int:
@@ -273,9 +274,18 @@ class Turns:
             if kind == POINT or kind == WINDOW:
                 if (h & 0xFFFFFFFF) >= (self.p32 if kind == POINT else WINDOW_P32):
                     return -1
+            if kind == WINDOW:
+                # preempted inside a race window: stay off for a while, as a task
+                # stalled there would while the others run on other CPUs
+                self._set_prio(self.me, self.step + PARK_MIN + (h >> 40) % PARK_SPAN)
+                cands = self._others()
+            elif kind == POINT:
                 cands = [k for k in range(self.n) if not self.done >> k & 1]
             else:
                 cands = self._others()
+            if kind == POINT or kind == WINDOW:  # a spinner may wake a parked holder
+                awake = [k for k in cands if self._prio(k) - BIAS <= self.step]
+                cands = awake or cands
             return cands[(h >> 32) % len(cands)] if cands else -1
         # pct
         if kind == POINT:
