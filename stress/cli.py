@@ -321,8 +321,14 @@ def merge(paths: tuple[str, ...], out_file: str | None) -> int:
 @click.option("--compare-perturbation", is_flag=True,
               help="Also run every variant with delay injection and race windows off, and "
                    "print both times side by side.")
+@click.option("--hunt", "hunt_tries", type=click.IntRange(0, 100000), default=0,
+              help="Also hunt every variant under controlled schedules (up to N tries) and "
+                   "replay the failing schedule SEEDS times (deterministic reproducers).")
+@click.option("--hunt-max-steps", type=click.IntRange(100, 10**9), default=200_000,
+              show_default=True, help="Shared accesses per controlled run of --hunt.")
 def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
-        json_out: str | None, junit_path: str | None, compare_perturbation: bool) -> int:
+        json_out: str | None, junit_path: str | None, compare_perturbation: bool,
+        hunt_tries: int, hunt_max_steps: int) -> int:
     """Time-to-detect of every bug variant over N seeds, and the fixed protocol clean.
 
     Exit 0 when every variant was detected at least once and the fixed
@@ -335,7 +341,8 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
     if unknown:
         raise ConfigError(f"--variant: unknown variant {unknown[0]!r}")
     res = run_zoo(chosen, seeds, cap, fixed_for, progress=lambda m: click.echo(m, err=True),
-                  compare_perturbation=compare_perturbation)
+                  compare_perturbation=compare_perturbation, hunt_tries=hunt_tries,
+                  hunt_max_steps=hunt_max_steps)
     click.echo(format_zoo(res))
     if json_out:
         write_json_atomic(Path(json_out), res)

@@ -61,9 +61,36 @@ def _detect(name: str, seeds: int, cap: float, perturb: bool,
             "invariants": dict(invariants.most_common()), "exit_reasons": dict(reasons)}
 
 
+def _hunt(name: str, tries: int, replays: int, max_steps: int,
+          progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """Controlled scheduling (harness/schedule.py): schedules tried until one
+    fails, then that schedule replayed ``replays`` times."""
+    from stress.hunt import events_key, hunt
+
+    v = VARIANTS[name]
+    cfg = config_mod.load(_config_path(v), {"run": {"variant": name}})
+    res = hunt(cfg, tries, max_steps=max_steps)
+    row: dict[str, Any] = {"tries": res.tries, "found": res.found,
+                           "hunt_s": round(res.elapsed_s, 2), "replays": 0, "identical": 0}
+    if res.found and res.config is not None and res.outcome is not None:
+        want = events_key(res.outcome.trace)
+        inv = res.outcome.violations[0]["invariant"]
+        for _ in range(replays):
+            o = Supervisor(res.config).run()
+            row["replays"] += 1
+            row["identical"] += bool(o.violations and o.violations[0]["invariant"] == inv
+                                     and events_key(o.trace) == want)
+        row["schedule"] = res.strategy
+    if progress:
+        progress(f"{name}: hunt {'found' if res.found else 'nothing'} in {res.tries} "
+                 f"schedule(s), replay {row['identical']}/{row['replays']} identical")
+    return row
+
+
 def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
             progress: Callable[[str], None] | None = None,
-            compare_perturbation: bool = False) -> dict[str, Any]:
+            compare_perturbation: bool = False, hunt_tries: int = 0,
+            hunt_max_steps: int = 200_000) -> dict[str, Any]:
     """Perturbation (delay injection at the atomics chokepoint and the targeted
     race windows) is on as configured; ``compare_perturbation`` also runs every
     variant with both off and reports the two side by side."""
@@ -74,6 +101,8 @@ def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
                **_detect(name, seeds, cap, True, progress)}
         if compare_perturbation:
             row["without_perturbation"] = _detect(name, seeds, cap, False, progress)
+        if hunt_tries:
+            row["hunt"] = _hunt(name, hunt_tries, seeds, hunt_max_steps, progress)
         rows.append(row)
     fixed: dict[str, Any] = {"seconds": 0.0, "violations": 0, "exit_reason": None}
     if fixed_seconds > 0:
@@ -108,6 +137,19 @@ def format_zoo(res: dict[str, Any]) -> str:
             right = f"{w['detected']}/{w['runs']} {b:.3f}s" if b is not None else "-"
             ratio = f"{b / a:.1f}x" if a and b else "-"
             lines.append(f"{r['name']:<29}{left:>14}{right:>14}{ratio:>10}")
+    if any("hunt" in r for r in res["variants"]):
+        lines.append("")
+        lines.append(f"{'controlled schedules':<29}{'hunt':>18}{'replay':>12}  schedule")
+        for r in res["variants"]:
+            h = r.get("hunt")
+            if not h:
+                continue
+            found = f"{h['tries']} tries {h['hunt_s']:.1f}s" if h["found"] else \
+                f"none in {h['tries']}"
+            rep = f"{h['identical']}/{h['replays']}" if h["found"] else "-"
+            sc = h.get("schedule") or {}
+            how = f"{sc.get('mode')} seed {sc.get('seed')}, {sc.get('steps')} steps" if sc else ""
+            lines.append(f"{r['name']:<29}{found:>18}{rep:>12}  {how}")
     f = res["fixed"]
     if f["seconds"]:
         lines.append(f"fixed protocol: {f['seconds']:.0f} s, {f['violations']} violations "
