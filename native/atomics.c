@@ -301,3 +301,118 @@ void ts_turn_give(uint64_t *b, size_t turn_i)
 	__atomic_store_n(&b[turn_i], 1, SEQ);
 	syscall(SYS_futex, (uint32_t *)&b[turn_i], FUTEX_WAKE, 1, NULL, NULL, 0);
 }
+
+/* ts_tdp_walk's parameters (p[]), filled by Words.walk_params in this order. */
+enum {
+	TS_WP_SP_META, TS_WP_SP_META_WORDS, TS_WP_PAGES, TS_WP_N_PAGES,
+	TS_WP_OFF_STATE, TS_WP_OFF_ROLE, TS_WP_OFF_GFN, TS_WP_OFF_GEN,
+	TS_WP_STATE_FREE, TS_WP_POISON, TS_WP_PRESENT, TS_WP_LARGE, TS_WP_PFN_MASK,
+	TS_WP_LEVEL_MASK,
+};
+/* ... its outputs (out[]) ... */
+enum {
+	TS_WO_LEVEL, TS_WO_SPTEP, TS_WO_OLD_SPTE, TS_WO_ROOT_ROLE, TS_WO_LOADS,
+	TS_WO_CHILD, TS_WO_CHILD_STATE, TS_WO_CHILD_LEVEL, TS_WO_CHILD_BASE, TS_WO_STATUS,
+	TS_WO_PT = 16, TS_WO_GEN = 24, TS_WO_WORDS = 32,
+};
+/* ... and its statuses (Words.WALK_*). */
+enum {
+	TS_WALK_DONE, TS_WALK_STEP_DOWN_FAILED, TS_WALK_POISON, TS_WALK_GEN_MOVED,
+	TS_WALK_CHILD_OUTSIDE_POOL, TS_WALK_CHILD_MISMATCH,
+};
+
+#define SPTE_INDEX(gfn, level) (((gfn) >> (9 * ((level) - 1))) & 511)
+#define ROUND_GFN(gfn, level) ((gfn) & ~((1ULL << (9 * ((level) - 1))) - 1))
+
+/*
+ * Every load below is one the Python iterator makes, in the same order
+ * (Words.tdp_walk_stepwise is the reference): tdp_iter_start reads the root's
+ * role and generation; _point/read_spte read the entry, test it for poison and
+ * compare the table's generation with the one recorded on entry; try_step_down
+ * re-reads the entry and, for a present non-leaf, reads the child's GEN,
+ * STATE, ROLE and GFN before stepping into it.
+ */
+int64_t ts_tdp_walk(uint64_t *b, const uint64_t *p, uint64_t root, uint64_t gfn,
+		    int64_t level, int64_t stop_level, uint64_t *out)
+{
+	uint64_t *pt = &out[TS_WO_PT], *gen = &out[TS_WO_GEN];
+	const uint64_t meta = p[TS_WP_SP_META], mw = p[TS_WP_SP_META_WORDS];
+	const uint64_t pages = p[TS_WP_PAGES], present = p[TS_WP_PRESENT];
+	uint64_t loads = 2, sptep, v, child;
+	int64_t status = TS_WALK_DONE;
+
+	for (int64_t k = 0; k < TS_WO_WORDS; k++)
+		out[k] = 0;
+	pt[level] = root;
+	out[TS_WO_ROOT_ROLE] = __atomic_load_n(&b[meta + root * mw + p[TS_WP_OFF_ROLE]],
+					       __ATOMIC_ACQUIRE);
+	gen[level] = __atomic_load_n(&b[meta + root * mw + p[TS_WP_OFF_GEN]], __ATOMIC_ACQUIRE);
+	for (;;) {
+		/* _point + read_spte */
+		sptep = pages + pt[level] * 512 + SPTE_INDEX(gfn, level);
+		v = __atomic_load_n(&b[sptep], __ATOMIC_ACQUIRE);
+		loads++;
+		if (v == p[TS_WP_POISON]) {
+			status = TS_WALK_POISON;
+			break;
+		}
+		loads++;
+		if (__atomic_load_n(&b[meta + pt[level] * mw + p[TS_WP_OFF_GEN]],
+				    __ATOMIC_ACQUIRE) != gen[level]) {
+			status = TS_WALK_GEN_MOVED;
+			break;
+		}
+		/* the caller's loop: stop at stop_level, or unless present non-leaf */
+		if (level <= stop_level || !(v & present) || level == 1 || (v & p[TS_WP_LARGE]))
+			break;
+		/* try_step_down: re-read (read_spte again) */
+		v = __atomic_load_n(&b[sptep], __ATOMIC_ACQUIRE);
+		loads++;
+		if (v == p[TS_WP_POISON]) {
+			status = TS_WALK_POISON;
+			break;
+		}
+		loads++;
+		if (__atomic_load_n(&b[meta + pt[level] * mw + p[TS_WP_OFF_GEN]],
+				    __ATOMIC_ACQUIRE) != gen[level]) {
+			status = TS_WALK_GEN_MOVED;
+			break;
+		}
+		if (!(v & present) || (v & p[TS_WP_LARGE])) {
+			status = TS_WALK_STEP_DOWN_FAILED;
+			break;
+		}
+		child = (v & p[TS_WP_PFN_MASK]) >> 12;
+		out[TS_WO_CHILD] = child;
+		if (child >= p[TS_WP_N_PAGES]) {
+			status = TS_WALK_CHILD_OUTSIDE_POOL;
+			break;
+		}
+		{
+			const uint64_t *m = &b[meta + child * mw];
+			uint64_t g = __atomic_load_n(&m[p[TS_WP_OFF_GEN]], __ATOMIC_ACQUIRE);
+			uint64_t st = __atomic_load_n(&m[p[TS_WP_OFF_STATE]], __ATOMIC_ACQUIRE);
+			uint64_t lv = __atomic_load_n(&m[p[TS_WP_OFF_ROLE]], __ATOMIC_ACQUIRE)
+				      & p[TS_WP_LEVEL_MASK];
+			uint64_t base = __atomic_load_n(&m[p[TS_WP_OFF_GFN]], __ATOMIC_ACQUIRE);
+			loads += 4;
+			if (st == p[TS_WP_STATE_FREE] || lv != (uint64_t)(level - 1)
+			    || base != ROUND_GFN(gfn, level)) {
+				out[TS_WO_CHILD_STATE] = st;
+				out[TS_WO_CHILD_LEVEL] = lv;
+				out[TS_WO_CHILD_BASE] = base;
+				status = TS_WALK_CHILD_MISMATCH;
+				break;
+			}
+			level--;
+			pt[level] = child;
+			gen[level] = g;
+		}
+	}
+	out[TS_WO_LEVEL] = (uint64_t)level;
+	out[TS_WO_SPTEP] = sptep;
+	out[TS_WO_OLD_SPTE] = v;
+	out[TS_WO_LOADS] = loads;
+	out[TS_WO_STATUS] = (uint64_t)status;
+	return status;
+}

@@ -58,3 +58,14 @@ void ts_trace(uint64_t *base, size_t ring_i, uint64_t mask, size_t head_i, size_
  * word and wakes its waiter. */
 int ts_turn_wait(uint64_t *base, size_t turn_i, size_t abort_i);
 void ts_turn_give(uint64_t *base, size_t turn_i);
+
+/*
+ * The TDP iterator's walk for one gfn (tdp_iter_start, then try_step_down
+ * while the entry is a present non-leaf above stop_level), with the model's
+ * use-after-free oracle; see Words.tdp_walk for the contract.  p holds the
+ * layout and SPTE encoding (TS_WP_* order, atomics.c); out receives TS_WO_*
+ * (atomics.c), the table and generation per level at out[16 + level] and
+ * out[24 + level].  Returns a TS_WALK_* status.
+ */
+int64_t ts_tdp_walk(uint64_t *base, const uint64_t *p, uint64_t root, uint64_t gfn,
+                    int64_t level, int64_t stop_level, uint64_t *out);

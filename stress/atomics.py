@@ -21,19 +21,76 @@ from typing import Protocol
 
 from stress._atomics import ffi, lib
 
-__all__ = ["Words", "DelayInjectingWords", "ScheduledWords", "LockAborted", "ffi", "lib"]
+__all__ = ["Words", "DelayInjectingWords", "ScheduledWords", "LockAborted", "WalkParams",
+           "ffi", "lib"]
 
 RW_WRITER = 1 << 63
 RW_WAITING = 1 << 62
 RW_READERS = 0xFFFFFFFF
+
+# Words.tdp_walk: statuses (TS_WALK_*) and the output list's fields (TS_WO_*)
+WALK_DONE = 0  # stopped at stop_level, or at an entry that is not a present non-leaf
+WALK_STEP_DOWN_FAILED = 1  # the re-read in try_step_down found no child table any more
+WALK_POISON = 2  # the entry read was POISON: the table was freed
+WALK_GEN_MOVED = 3  # the table's generation moved since the walker entered it
+WALK_CHILD_OUTSIDE_POOL = 4  # a present non-leaf points outside the page pool
+WALK_CHILD_MISMATCH = 5  # ... at a FREE page, or a table of the wrong level or gfn
+(WO_LEVEL, WO_SPTEP, WO_OLD_SPTE, WO_ROOT_ROLE, WO_LOADS, WO_CHILD, WO_CHILD_STATE,
+ WO_CHILD_LEVEL, WO_CHILD_BASE, WO_STATUS) = range(10)
+WO_PT, WO_GEN, WO_WORDS = 16, 24, 32  # table / generation of level l at WO_PT + l, WO_GEN + l
+# the most loads one tdp_walk makes (5 levels): a stall due within fewer accesses
+# than this cannot be placed inside a native walk (see DelayInjectingWords)
+WALK_MAX_LOADS = 2 + 5 * 8 + 2
+
+
+class WalkParams:
+    """What :meth:`Words.tdp_walk` needs to know of the layout and the SPTE encoding,
+    built once per process (the model's constants stay the single source)."""
+
+    __slots__ = ("sp_meta", "sp_meta_words", "pages", "n_pages", "off_state", "off_role",
+                 "off_gfn", "off_gen", "state_free", "poison", "present", "large", "pfn_mask",
+                 "level_mask", "c")
+
+    def __init__(self, sp_meta: int, sp_meta_words: int, pages: int, n_pages: int,
+                 off_state: int, off_role: int, off_gfn: int, off_gen: int, state_free: int,
+                 poison: int, present: int, large: int, pfn_mask: int, level_mask: int) -> None:
+        vals = (sp_meta, sp_meta_words, pages, n_pages, off_state, off_role, off_gfn, off_gen,
+                state_free, poison, present, large, pfn_mask, level_mask)
+        for name, v in zip(self.__slots__, vals, strict=False):
+            setattr(self, name, v)
+        self.c = ffi.new("uint64_t[]", list(vals))  # TS_WP_* order
 
 
 class LockAborted(Exception):
     """A spin wait gave up because the run's abort word was set."""
 
 
+# compound helpers and the single-word primitives their step-by-step versions use:
+# a subclass that hooks one of those primitives gets the step-by-step version
+# (``<name>_stepwise``) unless it overrides the helper itself
+_COMPOUND_PRIMITIVES: dict[str, tuple[str, ...]] = {
+    "tdp_walk": ("load",),
+}
+
+
 class Words:
-    """Atomic access to the 64-bit words of one shared buffer."""
+    """Atomic access to the 64-bit words of one shared buffer.
+
+    Compound helpers (one native call for a sequence of accesses the protocol
+    defines) each have a pure-Python ``<name>_stepwise`` twin built from the
+    single-word methods, with the same contract and the same accesses in the
+    same order.  A subclass that overrides a primitive a helper is built from
+    (to inject delays, to schedule, to trigger an interleaving) automatically
+    runs the step-by-step twin, so its hook sees every access; it may override
+    the helper itself to decide (see :class:`DelayInjectingWords`).
+    """
+
+    def __init_subclass__(cls, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        for name, prims in _COMPOUND_PRIMITIVES.items():
+            if getattr(cls, name) is getattr(Words, name) and any(
+                    getattr(cls, p) is not getattr(Words, p) for p in prims):
+                setattr(cls, name, getattr(Words, name + "_stepwise"))
 
     def __init__(self, buf: memoryview, abort_i: int = 0) -> None:
         self._cbuf = ffi.from_buffer("uint64_t[]", buf)
@@ -43,6 +100,7 @@ class Words:
         # process-private scratch for the compound helpers
         self._idx = ffi.new("uint32_t[]", 4096)
         self._val = ffi.new("uint64_t[]", 4096)
+        self._walk_out = ffi.new("uint64_t[]", WO_WORDS)
         self._trace_args: tuple[int, int, int, int, int] | None = None
 
     # -- tracing -----------------------------------------------------------------
@@ -173,6 +231,88 @@ class Words:
         return [(self._idx[j], self._val[j]) for j in range(k)]
 
 
+    def tdp_walk(self, wp: WalkParams, root: int, gfn: int, level: int,
+                 stop_level: int) -> list[int]:
+        """The TDP iterator's walk for one gfn, in one native call (ts_tdp_walk).
+
+        tdp_iter_start on ``root`` at ``level`` (read the root's role and
+        generation, then the entry covering ``gfn``), then try_step_down while
+        the entry is a present non-leaf above ``stop_level``.  Every entry read
+        is checked as TdpIter.read_spte does (not POISON, the table's
+        generation unchanged since the walk entered it), and every child as
+        try_step_down does (inside the pool, not FREE, one level down, the
+        right base gfn).  The walk stops at the first failed check.
+
+        Returns a list of WO_WORDS ints: the status (``WALK_*``) at WO_STATUS,
+        where the walk stopped (WO_LEVEL, WO_SPTEP, and WO_OLD_SPTE, the last
+        value read there), the root's role, the loads made (WO_LOADS), the
+        child that failed its check, and per level ``l`` the table and its
+        generation recorded on entry at WO_PT + l and WO_GEN + l (0 below the
+        stop).  Caller: in an RCU read-side section.
+        """
+        lib.ts_tdp_walk(self.base, wp.c, root, gfn, level, stop_level, self._walk_out)
+        return ffi.unpack(self._walk_out, WO_WORDS)
+
+    def tdp_walk_stepwise(self, wp: WalkParams, root: int, gfn: int, level: int,
+                          stop_level: int) -> list[int]:
+        """:meth:`tdp_walk` one ``load`` at a time (the reference version)."""
+        out = [0] * WO_WORDS
+        load = self.load
+        meta, mw = wp.sp_meta, wp.sp_meta_words
+        out[WO_PT + level] = root
+        out[WO_ROOT_ROLE] = load(meta + root * mw + wp.off_role)
+        out[WO_GEN + level] = load(meta + root * mw + wp.off_gen)
+        loads, status = 2, WALK_DONE
+        while True:
+            table = out[WO_PT + level]
+            sptep = wp.pages + table * 512 + ((gfn >> (9 * (level - 1))) & 511)
+            v = load(sptep)
+            loads += 1
+            if v == wp.poison:
+                status = WALK_POISON
+                break
+            loads += 1
+            if load(meta + table * mw + wp.off_gen) != out[WO_GEN + level]:
+                status = WALK_GEN_MOVED
+                break
+            if level <= stop_level or not v & wp.present or level == 1 or v & wp.large:
+                break
+            v = load(sptep)  # try_step_down re-reads the entry
+            loads += 1
+            if v == wp.poison:
+                status = WALK_POISON
+                break
+            loads += 1
+            if load(meta + table * mw + wp.off_gen) != out[WO_GEN + level]:
+                status = WALK_GEN_MOVED
+                break
+            if not v & wp.present or v & wp.large:
+                status = WALK_STEP_DOWN_FAILED
+                break
+            child = (v & wp.pfn_mask) >> 12
+            out[WO_CHILD] = child
+            if child >= wp.n_pages:
+                status = WALK_CHILD_OUTSIDE_POOL
+                break
+            m = meta + child * mw
+            g = load(m + wp.off_gen)
+            st = load(m + wp.off_state)
+            lv = load(m + wp.off_role) & wp.level_mask
+            base = load(m + wp.off_gfn)
+            loads += 4
+            if (st == wp.state_free or lv != level - 1
+                    or base != gfn & -(1 << (9 * (level - 1)))):
+                out[WO_CHILD_STATE], out[WO_CHILD_LEVEL], out[WO_CHILD_BASE] = st, lv, base
+                status = WALK_CHILD_MISMATCH
+                break
+            level -= 1
+            out[WO_PT + level] = child
+            out[WO_GEN + level] = g
+        out[WO_LEVEL], out[WO_SPTEP], out[WO_OLD_SPTE] = level, sptep, v
+        out[WO_LOADS], out[WO_STATUS] = loads, status
+        return out
+
+
 class DelayInjectingWords(Words):
     """:class:`Words` that now and then stalls after a shared access.
 
@@ -222,6 +362,16 @@ class DelayInjectingWords(Words):
         lib.ts_store(self.base, i, v)
         self._tick()
 
+    def tdp_walk(self, wp: WalkParams, root: int, gfn: int, level: int,
+                 stop_level: int) -> list[int]:
+        """Native when no stall falls due inside the walk (the countdown outlasts
+        its loads), so stalls land after exactly the same accesses as with the
+        step-by-step walk, which runs otherwise."""
+        if self._countdown > WALK_MAX_LOADS:
+            out = Words.tdp_walk(self, wp, root, gfn, level, stop_level)
+            self._countdown -= out[WO_LOADS]
+            return out
+        return self.tdp_walk_stepwise(wp, root, gfn, level, stop_level)
 
 class Scheduler(Protocol):
     abort_hook: object

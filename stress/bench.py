@@ -217,7 +217,8 @@ def atomics_per_fault(faults: int = 3000) -> float:
 _COUNTED = frozenset({"load", "store", "cmpxchg", "xchg", "fetch_add", "fetch_and", "fetch_or",
                       "read_lock", "read_unlock", "write_lock", "write_unlock", "spin_lock",
                       "spin_unlock", "spin_trylock", "fill", "bitmap_alloc", "freeze_children",
-                      "scan_ne", "find_mask", "count_equal", "popcount", "trace", "spin_ns"})
+                      "scan_ne", "find_mask", "count_equal", "popcount", "trace", "spin_ns",
+                      "tdp_walk"})
 
 
 def _trivial_loop(seconds: float, out) -> None:  # noqa: ANN001

@@ -14,21 +14,63 @@ enters a table it records the page's generation and checks the page's
 identity (level, gfn); every later read checks the value is not poison and the
 generation has not moved.  Under RCU neither can happen: the page cannot be
 freed, let alone reused, while this walker is inside its read-side section.
+
+Fast descent: a walk for one gfn (a fault's) may start with ``descend_to``:
+tdp_iter_start and then try_step_down while the entry is a present non-leaf
+above that level, all in one ``Words.tdp_walk`` call (native, or step by step
+for Words that hook loads), with the same reads, checks and end state as
+calling ``next()`` until then.
 """
 
 from __future__ import annotations
 
-from stress.arena import WORDS_PER_PAGE, SpMeta
+from functools import lru_cache
+
+from stress.arena import SP_META_WORDS, WORDS_PER_PAGE, Layout, SpMeta
+from stress.atomics import (
+    WALK_CHILD_MISMATCH,
+    WALK_CHILD_OUTSIDE_POOL,
+    WALK_DONE,
+    WALK_GEN_MOVED,
+    WALK_POISON,
+    WALK_STEP_DOWN_FAILED,
+    WO_CHILD,
+    WO_CHILD_BASE,
+    WO_CHILD_LEVEL,
+    WO_CHILD_STATE,
+    WO_GEN,
+    WO_LEVEL,
+    WO_OLD_SPTE,
+    WO_PT,
+    WO_ROOT_ROLE,
+    WO_SPTEP,
+    WO_STATUS,
+    WalkParams,
+)
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import ROLE_MIRROR, SP_FREE, SP_STATE_NAMES, role_level
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
+    PT_PAGE_SIZE_MASK,
+    SPTE_BASE_ADDR_MASK,
     SPTE_INDEX,
+    SPTE_MMU_PRESENT_MASK,
     describe,
     round_gfn_for_level,
     spte_to_child_pt,
 )
+
+
+@lru_cache(maxsize=8)
+def walk_params(layout: Layout) -> WalkParams:
+    """The layout and SPTE encoding for Words.tdp_walk (built once per layout)."""
+    return WalkParams(
+        sp_meta=layout.sp_meta, sp_meta_words=SP_META_WORDS, pages=layout.pages,
+        n_pages=layout.n_pages, off_state=SpMeta.STATE, off_role=SpMeta.ROLE,
+        off_gfn=SpMeta.GFN, off_gen=SpMeta.GEN, state_free=SP_FREE, poison=POISON_SPTE,
+        present=SPTE_MMU_PRESENT_MASK, large=PT_PAGE_SIZE_MASK, pfn_mask=SPTE_BASE_ADDR_MASK,
+        level_mask=0xF)
 
 
 class TdpIter:
@@ -37,25 +79,62 @@ class TdpIter:
                  "fault_private", "yielded_gfn")
 
     def __init__(self, kvm: Kvm, root: int, root_level: int, start: int,
-                 min_level: int = 1, fault_private: bool | None = None) -> None:
+                 min_level: int = 1, fault_private: bool | None = None,
+                 descend_to: int = 0) -> None:
         """tdp_iter_start: position on the root entry covering ``start``.
 
         ``mirror`` is the root's role (every child inherits it); ``fault_private``
-        is set only on a fault's walk (fault->is_private).
+        is set only on a fault's walk (fault->is_private).  With ``descend_to``,
+        go on down as ``next()`` would while the entry is a present non-leaf
+        above that level (see the module's note: one Words.tdp_walk).
         """
         self.kvm = kvm
-        self.mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
         self.fault_private = fault_private
         self.root_level = root_level
         self.min_level = min_level
+        self.next_last_level_gfn = start
+        self.valid = True
+        if descend_to:
+            self._walk(root, max(descend_to, min_level))
+            return
+        self.mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
         self.pt_path = [0] * (root_level + 1)
         self.gens = [0] * (root_level + 1)
         self.pt_path[root_level] = root
         self.gens[root_level] = kvm.w.load(kvm.layout.sp(root, SpMeta.GEN))
-        self.next_last_level_gfn = start
-        self.valid = True
-        self.yielded = False
         self.restart()
+
+    def _walk(self, root: int, stop_level: int) -> None:
+        """tdp_iter_start + try_step_down until ``stop_level`` or an entry that is not
+        a present non-leaf, in one Words.tdp_walk; a failed check raises the
+        same violation as read_spte / try_step_down."""
+        rl = self.root_level
+        start = self.next_last_level_gfn
+        o = self.kvm.w.tdp_walk(walk_params(self.kvm.layout), root, start, rl, stop_level)
+        self.mirror = bool(o[WO_ROOT_ROLE] & ROLE_MIRROR)
+        self.pt_path = o[WO_PT:WO_PT + rl + 1]
+        self.gens = o[WO_GEN:WO_GEN + rl + 1]
+        self.level = level = o[WO_LEVEL]
+        self.gfn = start & -KVM_PAGES_PER_HPAGE(level)
+        self.sptep = o[WO_SPTEP]
+        self.old_spte = o[WO_OLD_SPTE]
+        self.yielded = False
+        self.yielded_gfn = start
+        status = o[WO_STATUS]
+        if status == WALK_DONE:
+            return
+        page = self.pt_path[level]
+        if status == WALK_STEP_DOWN_FAILED:  # the rest of next()
+            self._step_side_or_up()
+        elif status == WALK_POISON:
+            self._poisoned(page)
+        elif status == WALK_GEN_MOVED:
+            self._reused(page)
+        elif status == WALK_CHILD_OUTSIDE_POOL:
+            self._outside_pool()
+        elif status == WALK_CHILD_MISMATCH:
+            self._bad_child(o[WO_CHILD], o[WO_CHILD_STATE], o[WO_CHILD_LEVEL],
+                            o[WO_CHILD_BASE])
 
     def restart(self) -> None:
         """tdp_iter_restart: walk again from the root at next_last_level_gfn (the
@@ -77,10 +156,7 @@ class TdpIter:
         v = kvm.w.load(self.sptep)
         page = self.pt_path[self.level]
         if v == POISON_SPTE:
-            kvm.bug("use-after-free of page-table page",
-                    "a walker read a page-table page that was already freed (poisoned)",
-                    table=page, level=self.level, gfn=self.gfn,
-                    removed_by_worker=self._remover(page))
+            self._poisoned(page)
         if kvm.w.load(kvm.layout.sp(page, SpMeta.GEN)) != self.gens[self.level]:
             self._reused(page)
         return v
@@ -90,6 +166,24 @@ class TdpIter:
         page = self.pt_path[self.level]
         if self.kvm.w.load(self.kvm.layout.sp(page, SpMeta.GEN)) != self.gens[self.level]:
             self._reused(page)
+
+    def _poisoned(self, page: int) -> None:
+        self.kvm.bug("use-after-free of page-table page",
+                     "a walker read a page-table page that was already freed (poisoned)",
+                     table=page, level=self.level, gfn=self.gfn,
+                     removed_by_worker=self._remover(page))
+
+    def _outside_pool(self) -> None:
+        self.kvm.bug("corrupt non-leaf SPTE", "non-leaf SPTE points outside the page pool",
+                     gfn=self.gfn, level=self.level, spte=f"{self.old_spte:#x}")
+
+    def _bad_child(self, child: int, state: int, level: int, base: int) -> None:
+        self.kvm.bug("use-after-free of page-table page",
+                     "a live non-leaf SPTE points at a page that is free or is another table",
+                     table=child, state=SP_STATE_NAMES.get(state, state), level=level,
+                     expected_level=self.level - 1, base_gfn=base,
+                     expected_base_gfn=round_gfn_for_level(self.gfn, self.level),
+                     parent_spte=describe(self.old_spte), removed_by_worker=self._remover(child))
 
     def _reused(self, page: int) -> None:
         self.kvm.bug("use-after-free of page-table page",
@@ -112,19 +206,14 @@ class TdpIter:
             return False
         lay = kvm.layout
         if child >= lay.n_pages:
-            kvm.bug("corrupt non-leaf SPTE", "non-leaf SPTE points outside the page pool",
-                    gfn=self.gfn, level=self.level, spte=f"{self.old_spte:#x}")
+            self._outside_pool()
         gen = kvm.w.load(lay.sp(child, SpMeta.GEN))
         state = kvm.w.load(lay.sp(child, SpMeta.STATE))
         level = role_level(kvm.w.load(lay.sp(child, SpMeta.ROLE)))
         base = kvm.w.load(lay.sp(child, SpMeta.GFN))
         want_base = round_gfn_for_level(self.gfn, self.level)
         if state == SP_FREE or level != self.level - 1 or base != want_base:
-            kvm.bug("use-after-free of page-table page",
-                    "a live non-leaf SPTE points at a page that is free or is another table",
-                    table=child, state=SP_STATE_NAMES.get(state, state), level=level,
-                    expected_level=self.level - 1, base_gfn=base, expected_base_gfn=want_base,
-                    parent_spte=describe(self.old_spte), removed_by_worker=self._remover(child))
+            self._bad_child(child, state, level, base)
         self.level -= 1
         self.pt_path[self.level] = child
         self.gens[self.level] = gen
@@ -157,6 +246,9 @@ class TdpIter:
             return
         if self.try_step_down():
             return
+        self._step_side_or_up()
+
+    def _step_side_or_up(self) -> None:
         while True:
             if self.try_step_side():
                 return

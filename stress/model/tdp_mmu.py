@@ -377,8 +377,9 @@ def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
     ret = RET_PF_RETRY
     kvm.rcu.rcu_read_lock()
     try:
+        # straight down to the first entry the loop below acts on (one tdp_walk)
         it = TdpIter(kvm, root, kvm.geometry.root_level, fault.gfn,
-                     fault_private=fault.is_private)
+                     fault_private=fault.is_private, descend_to=fault.goal_level)
         end = fault.gfn + 1
         while it.in_range(end):
             if is_frozen_spte(it.old_spte):
