@@ -302,6 +302,36 @@ void ts_turn_give(uint64_t *b, size_t turn_i)
 	syscall(SYS_futex, (uint32_t *)&b[turn_i], FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 
+void ts_trace_cfg(uint64_t *b, const uint64_t *tc, uint64_t kind, uint64_t a, uint64_t x,
+		  uint64_t c)
+{
+	if (tc[0])
+		ts_trace(b, tc[1], tc[2], tc[3], tc[4], kind | tc[5], a, x, c);
+}
+
+int ts_read_lock_rec(uint64_t *b, size_t lock_i, size_t abort_i, size_t mode_i,
+		     uint64_t mode, const uint64_t *tc, uint64_t kind, uint64_t a)
+{
+	if (ts_read_lock(b, lock_i, abort_i))
+		return -1;
+	ts_store(b, mode_i, mode);
+	ts_trace_cfg(b, tc, kind, a, 0, 0);
+	return 0;
+}
+
+void ts_read_unlock_rec(uint64_t *b, size_t lock_i, size_t mode_i, uint64_t mode,
+			const uint64_t *tc, uint64_t kind, uint64_t a)
+{
+	ts_trace_cfg(b, tc, kind, a, 0, 0);
+	ts_store(b, mode_i, mode);
+	ts_read_unlock(b, lock_i);
+}
+
+uint64_t ts_xchg_from(uint64_t *b, size_t dst_i, size_t src_i)
+{
+	return ts_xchg(b, dst_i, ts_load(b, src_i));
+}
+
 /* ts_tdp_walk's parameters (p[]), filled by Words.walk_params in this order. */
 enum {
 	TS_WP_SP_META, TS_WP_SP_META_WORDS, TS_WP_PAGES, TS_WP_N_PAGES,

@@ -59,6 +59,18 @@ void ts_trace(uint64_t *base, size_t ring_i, uint64_t mask, size_t head_i, size_
 int ts_turn_wait(uint64_t *base, size_t turn_i, size_t abort_i);
 void ts_turn_give(uint64_t *base, size_t turn_i);
 
+/* The same with the ring's coordinates in tc[] = {enabled, ring_i, mask, head_i,
+ * seq_i, worker << 16} (a no-op unless enabled). */
+void ts_trace_cfg(uint64_t *base, const uint64_t *tc, uint64_t kind, uint64_t a, uint64_t b,
+                  uint64_t c);
+/* mmu_lock for read with lockdep's record: read_lock, store `mode` to mode_i,
+ * trace (kind, a); the unlock does it backwards (trace, store, read_unlock). */
+int ts_read_lock_rec(uint64_t *base, size_t lock_i, size_t abort_i, size_t mode_i,
+                     uint64_t mode, const uint64_t *tc, uint64_t kind, uint64_t a);
+void ts_read_unlock_rec(uint64_t *base, size_t lock_i, size_t mode_i, uint64_t mode,
+                        const uint64_t *tc, uint64_t kind, uint64_t a);
+/* xchg word dst_i to the value of word src_i (loaded first); returns dst's old value. */
+uint64_t ts_xchg_from(uint64_t *base, size_t dst_i, size_t src_i);
 /*
  * The TDP iterator's walk for one gfn (tdp_iter_start, then try_step_down
  * while the entry is a present non-leaf above stop_level), with the model's

@@ -70,7 +70,11 @@ class LockAborted(Exception):
 # (``<name>_stepwise``) unless it overrides the helper itself
 _COMPOUND_PRIMITIVES: dict[str, tuple[str, ...]] = {
     "tdp_walk": ("load",),
+    "read_lock_rec": ("read_lock", "store", "trace"),
+    "read_unlock_rec": ("trace", "store", "read_unlock"),
+    "xchg_from": ("load", "xchg"),
 }
+MASK64 = (1 << 64) - 1
 
 
 class Words:
@@ -102,19 +106,26 @@ class Words:
         self._val = ffi.new("uint64_t[]", 4096)
         self._walk_out = ffi.new("uint64_t[]", WO_WORDS)
         self._trace_args: tuple[int, int, int, int, int] | None = None
+        # the same for the native helpers: enabled, ring, mask, head, seq, worker << 16
+        self._tc = ffi.new("uint64_t[]", 6)
 
     # -- tracing -----------------------------------------------------------------
     def enable_trace(self, ring_i: int, entries: int, head_i: int, seq_i: int,
                      worker: int) -> None:
         """Record events into this process's ring (``entries`` a power of two)."""
         self._trace_args = (ring_i, entries - 1, head_i, seq_i, worker << 16)
+        for k, v in enumerate((1, *self._trace_args)):
+            self._tc[k] = v
+
+    def disable_trace(self) -> None:
+        """No more events from this process (the native helpers' copy too)."""
+        self._trace_args = None
+        self._tc[0] = 0
 
     def trace(self, kind: int, a: int = 0, b: int = 0, c: int = 0) -> None:
         """Append one event (see model/events.py); a no-op unless enabled."""
-        t = self._trace_args
-        if t is not None:
-            lib.ts_trace(self.base, t[0], t[1], t[2], t[3], kind | t[4],
-                         a & 0xFFFFFFFFFFFFFFFF, b & 0xFFFFFFFFFFFFFFFF, c & 0xFFFFFFFFFFFFFFFF)
+        if self._trace_args is not None:
+            lib.ts_trace_cfg(self.base, self._tc, kind, a & MASK64, b & MASK64, c & MASK64)
 
     def release(self) -> None:
         """Drop the buffer export so the segment can be closed."""
@@ -195,6 +206,37 @@ class Words:
         lib.ts_spin_unlock(self.base, i)
 
     # -- compound helpers (one FFI crossing for a loop the protocol defines) ---
+    def read_lock_rec(self, lock_i: int, mode_i: int, mode: int, kind: int, a: int) -> None:
+        """``read_lock(lock_i)``, then ``store(mode_i, mode)`` and ``trace(kind, a)``:
+        a read lock with the holder's record of it (lockdep, the trace), in one call."""
+        if lib.ts_read_lock_rec(self.base, lock_i, self.abort_i, mode_i, mode, self._tc,
+                                kind, a):
+            raise LockAborted("read_lock")
+
+    def read_lock_rec_stepwise(self, lock_i: int, mode_i: int, mode: int, kind: int,
+                               a: int) -> None:
+        self.read_lock(lock_i)
+        self.store(mode_i, mode)
+        self.trace(kind, a)
+
+    def read_unlock_rec(self, lock_i: int, mode_i: int, mode: int, kind: int, a: int) -> None:
+        """``trace(kind, a)``, ``store(mode_i, mode)``, then ``read_unlock(lock_i)``."""
+        lib.ts_read_unlock_rec(self.base, lock_i, mode_i, mode, self._tc, kind, a)
+
+    def read_unlock_rec_stepwise(self, lock_i: int, mode_i: int, mode: int, kind: int,
+                                 a: int) -> None:
+        self.trace(kind, a)
+        self.store(mode_i, mode)
+        self.read_unlock(lock_i)
+
+    def xchg_from(self, dst_i: int, src_i: int) -> int:
+        """``xchg(dst_i, load(src_i))``: publish a copy of one word in another with a
+        full barrier after it; returns dst's old value."""
+        return lib.ts_xchg_from(self.base, dst_i, src_i)
+
+    def xchg_from_stepwise(self, dst_i: int, src_i: int) -> int:
+        return self.xchg(dst_i, self.load(src_i))
+
     def fill(self, start: int, n: int, v: int) -> None:
         lib.ts_fill(self.base, start, n, v)
 
@@ -373,6 +415,28 @@ class DelayInjectingWords(Words):
             return out
         return self.tdp_walk_stepwise(wp, root, gfn, level, stop_level)
 
+    # the other compound helpers likewise: native unless a stall falls due inside
+    def read_lock_rec(self, lock_i: int, mode_i: int, mode: int, kind: int, a: int) -> None:
+        if self._countdown > 1:  # one store
+            Words.read_lock_rec(self, lock_i, mode_i, mode, kind, a)
+            self._countdown -= 1
+        else:
+            self.read_lock_rec_stepwise(lock_i, mode_i, mode, kind, a)
+
+    def read_unlock_rec(self, lock_i: int, mode_i: int, mode: int, kind: int, a: int) -> None:
+        if self._countdown > 1:
+            Words.read_unlock_rec(self, lock_i, mode_i, mode, kind, a)
+            self._countdown -= 1
+        else:
+            self.read_unlock_rec_stepwise(lock_i, mode_i, mode, kind, a)
+
+    def xchg_from(self, dst_i: int, src_i: int) -> int:
+        if self._countdown > 2:  # a load and an xchg
+            self._countdown -= 2
+            return Words.xchg_from(self, dst_i, src_i)
+        return self.xchg_from_stepwise(dst_i, src_i)
+
+
 class Scheduler(Protocol):
     abort_hook: object
 
@@ -414,7 +478,7 @@ class ScheduledWords(Words):
         """The run was aborted while this worker waited for its turn: it unwinds
         (finally blocks unlock, put roots) without the turn, so it must neither
         trace nor touch shared words any more."""
-        self._trace_args = None
+        self.disable_trace()
         self._point = self._window = _raise_aborted
 
     def activate(self) -> None:

@@ -218,7 +218,7 @@ _COUNTED = frozenset({"load", "store", "cmpxchg", "xchg", "fetch_add", "fetch_an
                       "read_lock", "read_unlock", "write_lock", "write_unlock", "spin_lock",
                       "spin_unlock", "spin_trylock", "fill", "bitmap_alloc", "freeze_children",
                       "scan_ne", "find_mask", "count_equal", "popcount", "trace", "spin_ns",
-                      "tdp_walk"})
+                      "tdp_walk", "read_lock_rec", "read_unlock_rec", "xchg_from"})
 
 
 def _trivial_loop(seconds: float, out) -> None:  # noqa: ANN001

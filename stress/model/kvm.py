@@ -90,19 +90,19 @@ class Kvm:
         self.alias_floor_words = 0
         # huge pages on: faults may map shared gfns with 2M leaves
         self.huge_pages = False
+        from stress.model.tdp_iter import walk_params
+
+        self.walk_params = walk_params(layout)  # for Words.tdp_walk
 
     # -- mmu_lock ----------------------------------------------------------------
     def read_lock(self) -> None:
-        self.w.read_lock(self._mmu_lock_i)
+        """read_lock(&kvm->mmu_lock), recorded in this task's slot and trace."""
+        self.w.read_lock_rec(self._mmu_lock_i, self._lock_mode_i, LOCK_READ, events.LOCK, 1)
         self.lock_mode = LOCK_READ
-        self.w.store(self._lock_mode_i, LOCK_READ)
-        self.w.trace(events.LOCK, 1)
 
     def read_unlock(self) -> None:
-        self.w.trace(events.LOCK, 0)
         self.lock_mode = LOCK_NONE
-        self.w.store(self._lock_mode_i, LOCK_NONE)
-        self.w.read_unlock(self._mmu_lock_i)
+        self.w.read_unlock_rec(self._mmu_lock_i, self._lock_mode_i, LOCK_NONE, events.LOCK, 0)
 
     def write_lock(self) -> None:
         self.w.write_lock(self._mmu_lock_i, self._mmu_lock_owner_i, self.pid)

@@ -34,6 +34,7 @@ from stress.model.host import (
     host_page_gen,
     host_page_migrate,
     host_pages_replace,
+    host_pfn,
     hugepage_has_uniform_attrs,
     kvm_mem_is_private,
     kvm_set_mem_attributes,
@@ -139,8 +140,6 @@ def no_retry_check(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
 
 def faultin_seq_then_pfn(kvm: Kvm, gfn: int) -> tuple[int, int]:
     """kvm_mmu_faultin_pfn (fixed): snapshot the seq, then look the pfn up."""
-    from stress.model.host import host_pfn
-
     seq = mmu_invalidate_seq(kvm)
     return seq, host_pfn(kvm, gfn)
 
@@ -148,8 +147,6 @@ def faultin_seq_then_pfn(kvm: Kvm, gfn: int) -> tuple[int, int]:
 def faultin_pfn_then_seq(kvm: Kvm, gfn: int) -> tuple[int, int]:
     """Buggy ordering: the pfn is looked up before the seq is snapshotted, so an
     invalidation that completes in between is invisible to the retry check."""
-    from stress.model.host import host_pfn
-
     pfn = host_pfn(kvm, gfn)
     kvm.w.spin_ns(kvm.race_window_ns)
     return mmu_invalidate_seq(kvm), pfn

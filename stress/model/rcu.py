@@ -41,7 +41,7 @@ class Rcu:
     def rcu_read_lock(self) -> None:
         self.nesting += 1
         if self.nesting == 1:
-            self.w.xchg(self.my_reader_i, self.w.load(self.gp_ctr_i))
+            self.w.xchg_from(self.my_reader_i, self.gp_ctr_i)
 
     def rcu_read_unlock(self) -> None:
         self.nesting -= 1

@@ -110,7 +110,7 @@ class TdpIter:
         same violation as read_spte / try_step_down."""
         rl = self.root_level
         start = self.next_last_level_gfn
-        o = self.kvm.w.tdp_walk(walk_params(self.kvm.layout), root, start, rl, stop_level)
+        o = self.kvm.w.tdp_walk(self.kvm.walk_params, root, start, rl, stop_level)
         self.mirror = bool(o[WO_ROOT_ROLE] & ROLE_MIRROR)
         self.pt_path = o[WO_PT:WO_PT + rl + 1]
         self.gens = o[WO_GEN:WO_GEN + rl + 1]

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.model import events
-from stress.model.kvm import Kvm, kvm_mem_is_private
+from stress.model.host import kvm_mem_is_private
+from stress.model.kvm import Kvm
 from stress.model.mirror import free_external_spt, remove_external_spte
 from stress.model.mmu_page import (
     ROLE_MIRROR,
@@ -33,6 +34,7 @@ from stress.model.mmu_page import (
     tdp_mmu_free_sp,
     tdp_mmu_init_sp,
 )
+from stress.model.roots import is_root_invalid, kvm_mmu_reload
 from stress.model.spte import (
     FROZEN_SPTE,
     KVM_PAGES_PER_HPAGE,
@@ -69,7 +71,7 @@ RET_PF_EMULATE = 3
 RET_PF_EXIT = 4  # KVM_EXIT_MEMORY_FAULT: the access type does not match the attributes
 
 
-@dataclass
+@dataclass(slots=True)
 class KvmPageFault:
     gfn: int
     write: bool
@@ -489,8 +491,6 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False) -> 
 
 
 def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool) -> int:
-    from stress.model.roots import is_root_invalid, kvm_mmu_reload
-
     kvm_mmu_reload(kvm, kvm.vcpu)
     is_private = kvm_mem_is_private(kvm, gfn)  # the guest's view (the GPA's shared bit)
     # kvm_mmu_faultin_pfn: mmu_invalidate_seq snapshot and pfn lookup (GUP or

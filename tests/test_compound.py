@@ -1,10 +1,12 @@
-"""The native walk (Words.tdp_walk) against its step-by-step reference.
+"""Compound helpers (one native call) against their step-by-step references.
 
 ``ts_tdp_walk`` replaces a dozen Python-level loads per fault; these tests pin
 that it is the same walk: the same end state and the same loads on healthy
 trees, the same status on every corruption the use-after-free oracle knows,
 the same violation from a TdpIter, and delay injection that stalls after the
-very same accesses whether the walk ran natively or not.
+very same accesses whether the walk ran natively or not.  The lock helpers
+with lockdep's record and the trace, and ``xchg_from``, leave the same words
+behind as the single-word sequences they stand for.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import random
 
 import pytest
 
-from stress.arena import SpMeta
+from stress.arena import Globals, Slot, SpMeta
 from stress.atomics import (
     WALK_CHILD_MISMATCH,
     WALK_CHILD_OUTSIDE_POOL,
@@ -203,3 +205,46 @@ def test_delay_injection_stalls_after_the_same_accesses_native_or_not(vm) -> Non
         trail.append(seen)
     assert trail[0] == trail[1]
     assert trail[0][-1][0] > 100  # stalls happened, many of them inside walks
+
+
+def _lock_state(lay, w: Words, me: int) -> tuple[int, ...]:  # noqa: ANN001
+    head = w.load(lay.slot(me, Slot.TRACE_HEAD))
+    ring = lay.trace_ring(me) + ((head - 1) % lay.trace_entries) * 6
+    return (w.load(lay.glob(Globals.MMU_LOCK)), w.load(lay.slot(me, Slot.LOCK_MODE)), head,
+            w.load(ring + 2), w.load(ring + 3))  # kind word and a of the last event
+
+
+def test_lock_helpers_and_xchg_from_match_their_steps() -> None:
+    from stress.arena import Arena, Control, Layout
+
+    lay = Layout.build(n_slots=2, n_pages=64, n_gfns=1024, trace_entries=16)
+    arena = Arena.create(lay, 0)
+    ws = []
+    try:
+        states = []
+        for me, stepwise in ((0, False), (1, True)):
+            w = Words(arena.shm.buf, lay.ctl(Control.ABORT))
+            ws.append(w)
+            w.enable_trace(lay.trace_ring(me), lay.trace_entries,
+                           lay.slot(me, Slot.TRACE_HEAD), lay.glob(Globals.TRACE_SEQ), me)
+            lock_i, mode_i = lay.glob(Globals.MMU_LOCK), lay.slot(me, Slot.LOCK_MODE)
+            lock = w.read_lock_rec_stepwise if stepwise else w.read_lock_rec
+            unlock = w.read_unlock_rec_stepwise if stepwise else w.read_unlock_rec
+            lock(lock_i, mode_i, 1, 5, 1)
+            held = _lock_state(lay, w, me)
+            unlock(lock_i, mode_i, 0, 5, 0)
+            states.append((held, _lock_state(lay, w, me)))
+            w.store(100, 0)
+            w.store(101, 77)
+            xf = w.xchg_from_stepwise if stepwise else w.xchg_from
+            assert xf(100, 101) == 0 and w.load(100) == 77
+        assert states[0][0][:2] == (1, 1) and states[0][1][:2] == (0, 0)
+        assert states[0][0][3] & 0xFFFF == 5 and states[0][0][3] >> 16 == 0
+        assert states[1][0][3] >> 16 == 1  # the worker bits
+        strip = [tuple(x if k != 3 else x & 0xFFFF for k, x in enumerate(s))
+                 for st in states for s in st]
+        assert strip[:2] == strip[2:]
+    finally:
+        for w in ws:
+            w.release()
+        arena.close()
