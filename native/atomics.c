@@ -343,7 +343,7 @@ enum {
 enum {
 	TS_WO_LEVEL, TS_WO_SPTEP, TS_WO_OLD_SPTE, TS_WO_ROOT_ROLE, TS_WO_LOADS,
 	TS_WO_CHILD, TS_WO_CHILD_STATE, TS_WO_CHILD_LEVEL, TS_WO_CHILD_BASE, TS_WO_STATUS,
-	TS_WO_PT = 16, TS_WO_GEN = 24, TS_WO_WORDS = 32,
+	TS_WO_PT = 10, TS_WO_GEN = 16, TS_WO_WORDS = 22,	/* levels 0..5 */
 };
 /* ... and its statuses (Words.WALK_*). */
 enum {

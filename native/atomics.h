@@ -76,8 +76,8 @@ uint64_t ts_xchg_from(uint64_t *base, size_t dst_i, size_t src_i);
  * while the entry is a present non-leaf above stop_level), with the model's
  * use-after-free oracle; see Words.tdp_walk for the contract.  p holds the
  * layout and SPTE encoding (TS_WP_* order, atomics.c); out receives TS_WO_*
- * (atomics.c), the table and generation per level at out[16 + level] and
- * out[24 + level].  Returns a TS_WALK_* status.
+ * (atomics.c), the table and generation per level at out[10 + level] and
+ * out[16 + level].  Returns a TS_WALK_* status.
  */
 int64_t ts_tdp_walk(uint64_t *base, const uint64_t *p, uint64_t root, uint64_t gfn,
                     int64_t level, int64_t stop_level, uint64_t *out);

@@ -37,7 +37,7 @@ WALK_CHILD_OUTSIDE_POOL = 4  # a present non-leaf points outside the page pool
 WALK_CHILD_MISMATCH = 5  # ... at a FREE page, or a table of the wrong level or gfn
 (WO_LEVEL, WO_SPTEP, WO_OLD_SPTE, WO_ROOT_ROLE, WO_LOADS, WO_CHILD, WO_CHILD_STATE,
  WO_CHILD_LEVEL, WO_CHILD_BASE, WO_STATUS) = range(10)
-WO_PT, WO_GEN, WO_WORDS = 16, 24, 32  # table / generation of level l at WO_PT + l, WO_GEN + l
+WO_PT, WO_GEN, WO_WORDS = 10, 16, 22  # table / generation of level l at WO_PT + l, WO_GEN + l
 # the most loads one tdp_walk makes (5 levels): a stall due within fewer accesses
 # than this cannot be placed inside a native walk (see DelayInjectingWords)
 WALK_MAX_LOADS = 2 + 5 * 8 + 2

@@ -138,6 +138,17 @@ def format_table(res: dict[str, Any], heading: str) -> str:
     return "\n".join(lines)
 
 
+def variant_comparison(base: Config, variants: list[str], duration: float, runs: int,
+                       variant_file: str = "",
+                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Protocol variants side by side on one config (user variants from
+    ``variant_file`` too), e.g. the frozen-SPTE protocol against seed 000's other
+    idea, no mirror and every S-EPT update under one VM lock
+    (examples/no_mirror.py)."""
+    arms = {v: {"run": {"variant": v, "variant_file": variant_file}} for v in variants}
+    return compare("variants", base, arms, POLICY_METRICS, duration, runs, progress)
+
+
 def format_policy_table(res: dict[str, Any]) -> str:
     return format_table(res, "SEAMCALL BUSY policies: fixed protocol on a TD")
 
@@ -262,6 +273,67 @@ def vcpu_rate(base: Config, procs: int, seconds: float) -> float:
     return c["faults"] / d
 
 
+# per role: (what one op is called, the counter that counts the role's own work)
+ROLE_WORK = {"vcpu": ("faults", "faults"), "zapper": ("zaps", "ops"),
+             "invalidator": ("fast zaps", "fast_zaps"),
+             "notifier": ("invalidations", "invalidations"),
+             "converter": ("conversions", "conversions")}
+
+
+def role_rates(base: Config, seconds: float) -> dict[str, dict[str, float]]:
+    """One run of the config's job with every role it has: per role, the number of
+    processes and, per process, its work/s (faults, zaps, ...), ops/s and
+    SEAMCALLs/s."""
+    cfg = config_mod.load_from(base, {"run": {"duration": seconds, "check_interval": 0.0}})
+    o = Supervisor(cfg).run()
+    d = max(o.duration_s, 1e-9)
+    per: dict[str, Counter[str]] = {}
+    procs: Counter[str] = Counter()
+    for rec in o.workers:
+        per.setdefault(rec.role, Counter()).update(
+            {k: v for k, v in rec.stats.items() if not k.startswith("max_")})
+        procs[rec.role] += 1
+    out: dict[str, dict[str, float]] = {}
+    for role, c in per.items():
+        n = procs[role]
+        counter = ROLE_WORK.get(role, ("ops", "ops"))[1]
+        out[role] = {"procs": n, "work_per_s_per_proc": c[counter] / d / n,
+                     "ops_per_s_per_proc": c["ops"] / d / n,
+                     "seamcalls_per_s_per_proc": c["seamcalls"] / d / n,
+                     "clean": float(o.exit_reason == "clean")}
+    return out
+
+
+def role_throughput(base: Config, seconds: float, runs: int,
+                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Per-role throughput of the config's own job (the default job: every role,
+    modelled latencies and delay injection as configured): a warm-up run, then
+    ``runs`` runs; per role the median and min..max of each figure."""
+    say = progress or (lambda m: None)
+    role_rates(base, min(seconds, 2.0))  # warm-up
+    series: dict[str, dict[str, Series]] = {}
+    procs: dict[str, int] = {}
+    clean = True
+    for rnd in range(runs):
+        rates = role_rates(base, seconds)
+        for role, r in rates.items():
+            procs[role] = int(r["procs"])
+            clean = clean and bool(r["clean"])
+            s = series.setdefault(role, {k: Series() for k in r if k not in ("procs", "clean")})
+            for k, ser in s.items():
+                ser.values.append(r[k])
+        say(f"run {rnd + 1}/{runs} roles: " + ", ".join(
+            f"{role} {r['work_per_s_per_proc']:.0f} {ROLE_WORK.get(role, ('ops',))[0]}/s"
+            for role, r in rates.items()))
+    return {
+        "runs": runs, "duration_s": seconds, "all_clean": clean,
+        "roles": {role: {"procs": procs[role], "work": ROLE_WORK.get(role, ("ops", "ops"))[0],
+                         **{k: {"median": round(s.median, 1), "min": round(s.spread()[0], 1),
+                                "max": round(s.spread()[1], 1)} for k, s in ser.items()}}
+                  for role, ser in series.items()},
+    }
+
+
 def throughput(base: Config, seconds: float, runs: int,
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Faults/s per process, the FFI floor, and scaling from 1 to all cores
@@ -287,6 +359,7 @@ def throughput(base: Config, seconds: float, runs: int,
     fault_ns = 1e9 / single if single else 0.0
     eff = rates[cores].median / (cores * single) if single else 0.0
     meff = machine[cores].median / (cores * machine[1].median) if machine[1].median else 0.0
+    roles = role_throughput(base, seconds, runs, progress)
     return {
         "benchmark": "throughput", "duration_s": seconds, "runs": runs, "cores": cores,
         "faults_per_s_per_proc": round(single, 1),
@@ -301,6 +374,9 @@ def throughput(base: Config, seconds: float, runs: int,
         "scaling_efficiency": round(eff, 3),
         "machine_scaling_efficiency": round(meff, 3),
         "relative_scaling": round(eff / meff, 3) if meff else None,
+        "faults_per_s_per_proc_spread": [round(min(rates[1].values), 1),
+                                         round(max(rates[1].values), 1)],
+        "roles": roles,
     }
 
 
@@ -318,4 +394,14 @@ def format_throughput(res: dict[str, Any]) -> str:
     lines.append(f"scaling at N={res['cores']}: {res['scaling_efficiency']:.2f} of N x single; "
                  f"the machine's own trivial loop: {res['machine_scaling_efficiency']:.2f}; "
                  f"relative: {res['relative_scaling']}")
+    ro = res.get("roles")
+    if ro:
+        lines.append(f"per role, the config's own job ({ro['runs']} runs x "
+                     f"{ro['duration_s']:.0f} s, per process, median [min..max])"
+                     + ("" if ro["all_clean"] else ": NOT CLEAN"))
+        for role, r in ro["roles"].items():
+            def f(k: str, r: dict[str, Any] = r) -> str:
+                return f"{_fmt(r[k]['median'])} [{_fmt(r[k]['min'])}..{_fmt(r[k]['max'])}]"
+            lines.append(f"  {role:<12} x{r['procs']}: {f('work_per_s_per_proc')} {r['work']}/s, "
+                         f"{f('seamcalls_per_s_per_proc')} SEAMCALLs/s")
     return "\n".join(lines)

@@ -221,23 +221,52 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
 @click.option("--unsync", "unsync_mode", is_flag=True,
               help="Compare mmu_unsync_pages_lock with Alternative #1 (never unsync); "
                    "default config configs/unsync.toml.")
+@click.option("--compare", "compare_variants", metavar="A,B,...",
+              help="Compare protocol variants side by side on the config (with "
+                   "--variant-file for user variants), e.g. fixed,sept-vm-lock.")
+@click.option("--variant-file", type=click.Path(dir_okay=False),
+              help="A Python file of user variants (for --compare).")
 @click.option("--duration", type=DurationType(), default="5s", show_default=True,
               help="Length of each measured run.")
 @click.option("--runs", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Measured runs per policy (after one warm-up run).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               help="Also write the figures to this JSON file.")
-def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool, duration: float,
+def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
+          compare_variants: str | None, variant_file: str | None, duration: float,
           runs: int, json_out: str | None) -> int:
     """Print benchmark figures: fault throughput, the FFI floor and scaling against
-    the machine's own (default); SEAMCALL BUSY policies (--policy); the unsync lock
-    against write-protection (--unsync)."""
-    from stress.bench import format_table, policy_comparison, unsync_comparison
+    the machine's own, and per-role throughput of the config's job (default);
+    SEAMCALL BUSY policies (--policy); the unsync lock against write-protection
+    (--unsync); protocol variants side by side (--compare)."""
+    from stress.bench import (
+        format_table,
+        policy_comparison,
+        unsync_comparison,
+        variant_comparison,
+    )
 
-    if policy_mode and unsync_mode:
-        raise click.UsageError("choose one of --policy or --unsync")
+    if sum(map(bool, (policy_mode, unsync_mode, compare_variants))) > 1:
+        raise click.UsageError("choose one of --policy, --unsync or --compare")
+    if variant_file and not compare_variants:
+        raise click.UsageError("--variant-file goes with --compare")
     progress = lambda m: click.echo(m, err=True)  # noqa: E731
-    if not policy_mode and not unsync_mode:
+    if compare_variants:
+        names = [v.strip() for v in compare_variants.split(",") if v.strip()]
+        if len(names) < 1:
+            raise click.UsageError("--compare needs variant names")
+        base = config_mod.load(config_file, {"run": {"variant_file": variant_file or ""}})
+        from stress.model.variants import UnknownVariant, get_variant
+
+        try:
+            for n in names:
+                get_variant(n)
+        except UnknownVariant as e:
+            raise ConfigError(str(e.args[0])) from None
+        res = variant_comparison(base, names, duration, runs,
+                                 base.run.variant_file, progress)
+        click.echo(format_table(res, "Protocol variants side by side"))
+    elif not policy_mode and not unsync_mode:
         from stress.bench import format_throughput, throughput
 
         res = throughput(config_mod.load(config_file), duration, runs, progress)

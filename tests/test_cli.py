@@ -244,6 +244,31 @@ def test_bench_throughput_reports_floor_and_scaling(tmp_path: Path) -> None:
     assert res["faults_per_s_per_proc"] > 0 and 0 < res["floor_ns_per_atomic"] < 10_000
     assert res["atomics_per_fault"] > 5 and res["fault_cost_over_floor"] > 1
     assert 0 < res["machine_scaling_efficiency"] and 0 < res["scaling_efficiency"]
+    roles = res["roles"]["roles"]  # per-role throughput of the default job
+    assert set(roles) == {"vcpu", "zapper", "invalidator", "notifier", "converter"}
+    assert roles["vcpu"]["procs"] == 2 and roles["vcpu"]["work"] == "faults"
+    assert roles["vcpu"]["work_per_s_per_proc"]["median"] > 0
+    assert roles["zapper"]["work_per_s_per_proc"]["median"] > 0
+    assert roles["vcpu"]["seamcalls_per_s_per_proc"]["median"] > 0  # AUG, SEPT.ADD on a TD
+    assert "per role" in r.stdout and "SEAMCALLs/s" in r.stdout
+
+
+def test_bench_compare_measures_the_no_mirror_example(tmp_path: Path) -> None:
+    """examples/no_mirror.py (seed 000's other idea) runs clean and side by side
+    with the frozen-SPTE protocol; KVM never contends inside the TDX module."""
+    out = tmp_path / "bench.json"
+    example = str(ROOT / "examples" / "no_mirror.py")
+    r = run_cli("bench", SMOKE, "--compare", "fixed,sept-vm-lock", "--variant-file", example,
+                "--duration", "2s", "--runs", "1", "--json", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "all runs clean" in r.stdout
+    arms = json.loads(out.read_text())["arms"]
+    assert set(arms) == {"fixed", "sept-vm-lock"}
+    assert arms["sept-vm-lock"]["BUSY/s"]["median"] == 0
+    assert all(arms[a]["faults/s"]["median"] > 0 and arms[a]["SEAMCALLs/s"]["median"] > 0
+               for a in arms)
+    r = run_cli("bench", "--compare", "fixed,no-such-variant")
+    assert r.returncode == 2 and "unknown variant" in r.stderr
 
 
 def test_user_variant_file(tmp_path: Path) -> None:

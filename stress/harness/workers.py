@@ -457,6 +457,7 @@ class Worker:
         hang_at = (time.monotonic() + inj.hang_after
                    if inj.hang_after and inj.hang_worker == self.index else float("inf"))
         leaked: list[bytearray] = []
+        rcu = self.kvm.rcu
         while not w.load(self.stop_i):
             gen = w.load(self.pause_i)
             if gen and gen != self.parked_gen:
@@ -464,13 +465,14 @@ class Worker:
                 continue
             step()
             stats["ops"] += 1
-            w.store(heartbeat_i, stats["ops"])
             if inj.leak_per_op:
                 leaked.append(bytearray(b"\x01" * inj.leak_per_op))  # injected leak
-            self.reclaim()
+            if rcu.pending:
+                self.reclaim()
             now = time.monotonic()
             if now >= next_publish or now >= hang_at:
-                if now >= next_publish:
+                if now >= next_publish:  # counters and heartbeat, every 50 ms
+                    w.store(heartbeat_i, stats["ops"])
                     self.publish()
                     next_publish = now + 0.05
                 if now >= hang_at:

@@ -112,19 +112,19 @@ def end_after_unlock(kvm: Kvm, post: Callable[[], None] | None = None) -> None:
 
 
 def mmu_invalidate_seq(kvm: Kvm) -> int:
-    return kvm.w.load(_g(kvm, Globals.MMU_INVALIDATE_SEQ))
+    return kvm.w.load(kvm.layout.globals + Globals.MMU_INVALIDATE_SEQ)
 
 
 def mmu_invalidate_retry_gfn(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
     """True if the fault must retry: an invalidation covering gfn is in progress,
     or one completed since the fault's snapshot."""
-    w = kvm.w
-    if w.load(_g(kvm, Globals.MMU_INVALIDATE_IN_PROGRESS)):
-        start = w.load(_g(kvm, Globals.MMU_INVALIDATE_RANGE_START))
-        end = w.load(_g(kvm, Globals.MMU_INVALIDATE_RANGE_END))
+    w, g = kvm.w, kvm.layout.globals
+    if w.load(g + Globals.MMU_INVALIDATE_IN_PROGRESS):
+        start = w.load(g + Globals.MMU_INVALIDATE_RANGE_START)
+        end = w.load(g + Globals.MMU_INVALIDATE_RANGE_END)
         if start <= gfn < end:
             return True
-    return w.load(_g(kvm, Globals.MMU_INVALIDATE_SEQ)) != mmu_seq
+    return w.load(g + Globals.MMU_INVALIDATE_SEQ) != mmu_seq
 
 
 def retry_check(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:

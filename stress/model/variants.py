@@ -298,6 +298,7 @@ class VariantLoadError(ValueError):
 
 ENTRY_POINT_GROUP = "tdp_stress.variants"
 _entry_points_loaded = False
+_variant_files: dict[str, list[str]] = {}  # resolved path -> the names it registered
 
 
 def register(*variants: Variant) -> None:
@@ -320,6 +321,9 @@ def load_variant_file(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise VariantLoadError(f"{path}: no such variant file")
+    key = str(p.resolve())
+    if key in _variant_files:  # each config that names it validates it: load once
+        return _variant_files[key]
     spec = importlib.util.spec_from_file_location(f"tdp_stress_user_variants_{p.stem}", p)
     if spec is None or spec.loader is None:
         raise VariantLoadError(f"{path}: cannot be loaded as Python")
@@ -332,7 +336,8 @@ def load_variant_file(path: str) -> list[str]:
     if not isinstance(found, list | tuple) or not found:
         raise VariantLoadError(f"{path}: defines no VARIANTS list")
     register(*found)
-    return [v.name for v in found]
+    _variant_files[key] = [v.name for v in found]
+    return _variant_files[key]
 
 
 def load_entry_point_variants() -> None:
