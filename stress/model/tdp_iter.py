@@ -55,6 +55,7 @@ from stress.model.spte import (
     PT_PAGE_SIZE_MASK,
     SPTE_BASE_ADDR_MASK,
     SPTE_INDEX,
+    SPTE_LEVEL_BITS,
     SPTE_MMU_PRESENT_MASK,
     describe,
     round_gfn_for_level,
@@ -95,7 +96,7 @@ class TdpIter:
         self.next_last_level_gfn = start
         self.valid = True
         if descend_to:
-            self._walk(root, max(descend_to, min_level))
+            self._walk(root, descend_to if descend_to > min_level else min_level)
             return
         self.mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
         self.pt_path = [0] * (root_level + 1)
@@ -115,7 +116,7 @@ class TdpIter:
         self.pt_path = o[WO_PT:WO_PT + rl + 1]
         self.gens = o[WO_GEN:WO_GEN + rl + 1]
         self.level = level = o[WO_LEVEL]
-        self.gfn = start & -KVM_PAGES_PER_HPAGE(level)
+        self.gfn = start & -(1 << SPTE_LEVEL_BITS * (level - 1))  # round_gfn_for_level
         self.sptep = o[WO_SPTEP]
         self.old_spte = o[WO_OLD_SPTE]
         self.yielded = False
