@@ -183,8 +183,9 @@ def floor_ns_per_atomic(calls: int = 200_000, repeats: int = 5) -> Series:
 
 
 def atomics_per_fault(faults: int = 3000) -> float:
-    """Shared-word accesses per fault, counted in-process on a private VM: every
-    call through the Words chokepoint (native helpers count once)."""
+    """Native atomic calls per fault, counted in-process on a private VM: every
+    call through the Words chokepoint that crosses the FFI (a compound helper such
+    as the walk counts once: it is one call)."""
     import random as _random
 
     from stress.arena import Arena, Control, Globals, Layout
@@ -345,7 +346,7 @@ def throughput(base: Config, seconds: float, runs: int,
     floor = floor_ns_per_atomic()
     say(f"floor: {floor.median:.0f} ns per bare native atomic call")
     per_fault = atomics_per_fault()
-    say(f"{per_fault:.1f} shared-word accesses per fault")
+    say(f"{per_fault:.1f} native atomic calls per fault")
     vcpu_rate(base, 1, min(seconds, 2.0))  # warm-up
     rates: dict[int, Series] = {n: Series() for n in range(1, cores + 1)}
     machine: dict[int, Series] = {n: Series() for n in range(1, cores + 1)}
@@ -389,7 +390,7 @@ def format_throughput(res: dict[str, Any]) -> str:
     lines.append(f"faults/s per process: {_fmt(res['faults_per_s_per_proc'])} "
                  f"({res['fault_ns'] / 1000:.1f} us per fault)")
     lines.append(f"floor: {res['floor_ns_per_atomic']:.0f} ns per bare native atomic "
-                 f"({res['atomics_per_fault']:.1f} shared-word accesses per fault): a fault "
+                 f"({res['atomics_per_fault']:.1f} native atomic calls per fault): a fault "
                  f"costs {res['fault_cost_over_floor']}x its atomics' floor")
     lines.append(f"scaling at N={res['cores']}: {res['scaling_efficiency']:.2f} of N x single; "
                  f"the machine's own trivial loop: {res['machine_scaling_efficiency']:.2f}; "
