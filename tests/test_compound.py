@@ -189,6 +189,9 @@ def test_step_down_failed_goes_on_like_next(vm) -> None:
 def test_delay_injection_stalls_after_the_same_accesses_native_or_not(vm) -> None:
     class Stepwise(DelayInjectingWords):
         tdp_walk = Words.tdp_walk_stepwise
+        read_lock_rec = Words.read_lock_rec_stepwise
+        read_unlock_rec = Words.read_unlock_rec_stepwise
+        xchg_from = Words.xchg_from_stepwise
 
     kvm = vm.kvm
     for g in range(GFN, GFN + 2048, 37):
