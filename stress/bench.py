@@ -1,9 +1,15 @@
 """Benchmarks that print figures (never asserted in tests).
 
-``policy_comparison`` runs the fixed protocol on a TD once per SEAMCALL BUSY
-policy (unwind, retry, serialize) and reports, side by side, throughput and
-retry/BUSY rates: the numbers behind seed 000's claim that serialising all
-S-EPT SEAMCALLs of a VM "is not an option, at least not in the long term".
+``throughput`` measures the fault path alone (faults/s per process, the FFI
+floor, native calls per fault, scaling against the machine's own) and then the
+config's own job role by role (``role_throughput``: faults/s, zaps/s, ... and
+SEAMCALLs/s per process).  ``policy_comparison`` runs the fixed protocol on a
+TD once per SEAMCALL BUSY policy (unwind, retry, serialize) and reports, side
+by side, throughput and retry/BUSY rates: the numbers behind seed 000's claim
+that serialising all S-EPT SEAMCALLs of a VM "is not an option, at least not
+in the long term".  ``variant_comparison`` does the same for protocol
+variants, user variants included (seed 000's "no mirror" idea is
+examples/no_mirror.py).
 
 Method (pyperf's): one warm-up run per policy that is thrown away, then
 ``runs`` measured runs, policies interleaved run by run so a noisy
