@@ -337,7 +337,7 @@ enum {
 	TS_WP_SP_META, TS_WP_SP_META_WORDS, TS_WP_PAGES, TS_WP_N_PAGES,
 	TS_WP_OFF_STATE, TS_WP_OFF_ROLE, TS_WP_OFF_GFN, TS_WP_OFF_GEN,
 	TS_WP_STATE_FREE, TS_WP_POISON, TS_WP_PRESENT, TS_WP_LARGE, TS_WP_PFN_MASK,
-	TS_WP_LEVEL_MASK,
+	TS_WP_LEVEL_MASK, TS_WP_SP_PFN_BASE,
 };
 /* ... its outputs (out[]) ... */
 enum {
@@ -412,7 +412,12 @@ int64_t ts_tdp_walk(uint64_t *b, const uint64_t *p, uint64_t root, uint64_t gfn,
 			status = TS_WALK_STEP_DOWN_FAILED;
 			break;
 		}
-		child = (v & p[TS_WP_PFN_MASK]) >> 12;
+		/* spte_to_child_pt: table p sits at frame SP_PFN_BASE + 512 * p (sp_pfn) */
+		child = ((v & p[TS_WP_PFN_MASK]) >> 12) - p[TS_WP_SP_PFN_BASE];
+		if (((v & p[TS_WP_PFN_MASK]) >> 12) < p[TS_WP_SP_PFN_BASE] || (child & 511))
+			child = 1ULL << 62;	/* no table's frame: pfn_to_sp */
+		else
+			child >>= 9;
 		out[TS_WO_CHILD] = child;
 		if (child >= p[TS_WP_N_PAGES]) {
 			status = TS_WALK_CHILD_OUTSIDE_POOL;

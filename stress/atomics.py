@@ -49,13 +49,14 @@ class WalkParams:
 
     __slots__ = ("sp_meta", "sp_meta_words", "pages", "n_pages", "off_state", "off_role",
                  "off_gfn", "off_gen", "state_free", "poison", "present", "large", "pfn_mask",
-                 "level_mask", "c")
+                 "level_mask", "sp_pfn_base", "c")
 
     def __init__(self, sp_meta: int, sp_meta_words: int, pages: int, n_pages: int,
                  off_state: int, off_role: int, off_gfn: int, off_gen: int, state_free: int,
-                 poison: int, present: int, large: int, pfn_mask: int, level_mask: int) -> None:
+                 poison: int, present: int, large: int, pfn_mask: int, level_mask: int,
+                 sp_pfn_base: int) -> None:
         vals = (sp_meta, sp_meta_words, pages, n_pages, off_state, off_role, off_gfn, off_gen,
-                state_free, poison, present, large, pfn_mask, level_mask)
+                state_free, poison, present, large, pfn_mask, level_mask, sp_pfn_base)
         for name, v in zip(self.__slots__, vals, strict=False):
             setattr(self, name, v)
         self.c = ffi.new("uint64_t[]", list(vals))  # TS_WP_* order
@@ -331,7 +332,9 @@ class Words:
             if not v & wp.present or v & wp.large:
                 status = WALK_STEP_DOWN_FAILED
                 break
-            child = (v & wp.pfn_mask) >> 12
+            pfn = (v & wp.pfn_mask) >> 12  # spte_to_child_pt: sp_pfn's inverse
+            off = pfn - wp.sp_pfn_base
+            child = 1 << 62 if off < 0 or off & 511 else off >> 9
             out[WO_CHILD] = child
             if child >= wp.n_pages:
                 status = WALK_CHILD_OUTSIDE_POOL

@@ -59,6 +59,7 @@ from stress.model.spte import (
     SPTE_MMU_PRESENT_MASK,
     describe,
     round_gfn_for_level,
+    sp_pfn,
     spte_to_child_pt,
 )
 
@@ -71,7 +72,7 @@ def walk_params(layout: Layout) -> WalkParams:
         n_pages=layout.n_pages, off_state=SpMeta.STATE, off_role=SpMeta.ROLE,
         off_gfn=SpMeta.GFN, off_gen=SpMeta.GEN, state_free=SP_FREE, poison=POISON_SPTE,
         present=SPTE_MMU_PRESENT_MASK, large=PT_PAGE_SIZE_MASK, pfn_mask=SPTE_BASE_ADDR_MASK,
-        level_mask=0xF)
+        level_mask=0xF, sp_pfn_base=sp_pfn(0))
 
 
 class TdpIter:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.model import events
-from stress.model.host import kvm_mem_is_private
+from stress.model.host import host_mapping_level, hugepage_disallowed, kvm_mem_is_private
 from stress.model.kvm import Kvm
 from stress.model.mirror import free_external_spt, remove_external_spte
 from stress.model.mmu_page import (
@@ -354,8 +354,6 @@ def kvm_mmu_hugepage_adjust(kvm: Kvm, fault: KvmPageFault) -> None:
     instruction fetch under the iTLB multihit mitigation.  The pfn is then the
     huge page's first frame.
     """
-    from stress.model.host import hugepage_disallowed
-
     if fault.max_level == PG_LEVEL_4K or hugepage_disallowed(kvm, fault.gfn):
         return
     fault.req_level = fault.max_level
@@ -498,8 +496,6 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool) -> int:
     mmu_seq, pfn = kvm.variant.faultin(kvm, gfn)
     max_level = PG_LEVEL_4K
     if kvm.huge_pages and not is_private:
-        from stress.model.host import host_mapping_level
-
         max_level = host_mapping_level(kvm, gfn)
     if is_private != kvm_mem_is_private(kvm, gfn):
         kvm.stats["memory_fault_exits"] += 1
