@@ -32,7 +32,11 @@ def _config_path(v: Variant) -> str:
     return str(config_mod.DEFAULT_CONFIG.parent / v.config)
 
 
-NO_PERTURBATION = {"inject": {"delay_every": 0, "race_window": 0.0}}
+# the perturbation knobs (issue #9 item 4): delay injection at the atomics
+# chokepoint, the targeted race windows of split atomic steps, and the hot set
+# that focuses every worker on a few pages; "without" turns all three off
+NO_PERTURBATION = {"inject": {"delay_every": 0, "race_window": 0.0},
+                   "guest": {"hot_fraction": 0.0}}
 
 
 def _detect(name: str, seeds: int, cap: float, perturb: bool,
@@ -135,7 +139,12 @@ def format_zoo(res: dict[str, Any]) -> str:
             a, b = r["median_ttd_s"], w["median_ttd_s"]
             left = f"{r['detected']}/{r['runs']} {a:.3f}s" if a is not None else "-"
             right = f"{w['detected']}/{w['runs']} {b:.3f}s" if b is not None else "-"
-            ratio = f"{b / a:.1f}x" if a and b else "-"
+            if a and b:
+                ratio = f"{b / a:.1f}x"
+            elif a and not w["detected"]:  # not caught within the cap without it
+                ratio = f">{res['cap_s'] / a:.0f}x"
+            else:
+                ratio = "-"
             lines.append(f"{r['name']:<29}{left:>14}{right:>14}{ratio:>10}")
     if any("hunt" in r for r in res["variants"]):
         lines.append("")

@@ -199,28 +199,29 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         try_to_unsync=unsync.unsync_never,
     ),
     replace(
-        FIXED, name="invalidate-end-after-unlock", buggy=True,
+        FIXED, name="invalidate-end-after-unlock", buggy=True, config="invalidate.toml",
         story="kvm_mmu_invalidate_end runs after mmu_lock is dropped: a fault under the read "
               "lock sees in_progress == 0 with the old seq and maps the page just freed.",
         source="seed 002 (KVM: gmem: protect kvm_mmu_invalidate_end(), Aug 2023)",
         invalidate_end=notifier.end_after_unlock,
     ),
     replace(
-        FIXED, name="fault-skips-retry-check", buggy=True,
+        FIXED, name="fault-skips-retry-check", buggy=True, config="invalidate.toml",
         story="The fault never calls mmu_invalidate_retry_gfn under mmu_lock, so a pfn looked "
               "up before an invalidation is mapped after the invalidation's zap.",
         source="reference 4.1 / 6: is_page_fault_stale and mmu_invalidate_retry_gfn",
         fault_retry_check=notifier.no_retry_check,
     ),
     replace(
-        FIXED, name="seq-snapshot-after-pfn", buggy=True,
+        FIXED, name="seq-snapshot-after-pfn", buggy=True, config="invalidate.toml",
         story="The fault snapshots mmu_invalidate_seq after looking up the pfn: an "
               "invalidation that completes in between goes unnoticed.",
         source="reference 4.1: the seq snapshot comes before the pfn and attribute reads",
         faultin=notifier.faultin_pfn_then_seq,
     ),
     replace(
-        FIXED, name="conversion-zaps-direct-only", buggy=True, requires_tdx=True,
+        FIXED, name="conversion-zaps-direct-only", buggy=True, config="invalidate.toml",
+        requires_tdx=True,
         story="A private -> shared conversion zaps only the direct root: the mirror and the "
               "S-EPT keep mapping a gfn that is now shared.",
         source="reference 6.4: kvm_arch_pre_set_memory_attributes and the root filter",
