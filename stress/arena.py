@@ -25,10 +25,13 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 7
+LAYOUT_VERSION = 8
 MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
 MAX_SHADOW_PAGES = 64  # indirect shadow pages (nested TDP) modelled for the unsync path
 SHADOW_SP_WORDS = 16
+TLB_ENTRIES = 16  # per-vCPU TLB: direct-mapped by gfn (model/tlb.py)
+TLB_MAX_LEVELS = 5  # table pages a cached walk remembers (paging-structure caches)
+TLB_HDR_WORDS = 2  # per vCPU: vcpu->requests, vcpu->mode
 TRACE_EVENT_WORDS = 6  # seq, time ns, kind | level << 8 | worker << 16, a, b, c
 PREFIX = "tdpstress-"
 SHM_DIR = Path("/dev/shm")
@@ -95,6 +98,7 @@ class Globals:
     MMU_INVALIDATE_IN_PROGRESS = 17  # kvm->mmu_invalidate_in_progress
     MMU_INVALIDATE_RANGE_START = 18
     MMU_INVALIDATE_RANGE_END = 19
+    ROOT_SEQ = 21  # roots created so far: a root's place in the list (newest first)
     # global order of trace events: every event of every process increments it, so it
     # has a cache line of its own (sharing one with the words above made each event
     # invalidate the line every fault reads mmu_invalidate_seq from)
@@ -137,6 +141,7 @@ class SpMeta:
     SCHEDULED_TO_ZAP = 10  # roots: tdp_mmu_scheduled_root_to_zap
     ROOT_SLOT = 11  # roots: 1 + index of the root's slot in the roots list
     ROOT_ZAPS = 12  # roots: how many times tdp_mmu_zap_root ran on it (oracle)
+    ROOT_SEQ = 13  # roots: creation number; the list is walked newest first
 
 
 class Sched:
@@ -168,6 +173,8 @@ class Layout:
     host_gens: int  # one byte per gfn: generation of the host page backing it
     attrs: int  # one bit per gfn: KVM_MEMORY_ATTRIBUTE_PRIVATE
     lpage_info: int  # one word per 2 MiB region: lpage_info[PG_LEVEL_2M] (see host.py)
+    dirty: int  # one word per gfn: D bits set (low 32) and propagated (high 32)
+    tlb: int  # per-vCPU requests, mode and TLB, field-major (see tlb_* below)
     traces: int  # per process: a ring of trace_entries events of TRACE_EVENT_WORDS
     trace_entries: int
     slots: int
@@ -189,7 +196,9 @@ class Layout:
         host_gens = shadow + MAX_SHADOW_PAGES * SHADOW_SP_WORDS
         attrs = host_gens + (n_gfns + 7) // 8
         lpage_info = attrs + (n_gfns + 63) // 64
-        traces = lpage_info + (n_gfns + 511) // 512
+        dirty = lpage_info + (n_gfns + 511) // 512
+        tlb = dirty + n_gfns
+        traces = tlb + n_slots * (TLB_HDR_WORDS + TLB_ENTRIES * (3 + TLB_MAX_LEVELS))
         slots = traces + n_slots * trace_entries * TRACE_EVENT_WORDS
         sched = slots + n_slots * WORKER_SLOT_WORDS
         sp_meta = sched + Sched.LOG + sched_log * Sched.LOG_ENTRY_WORDS
@@ -199,8 +208,8 @@ class Layout:
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
         return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, lpage_info,
-                   traces, trace_entries, slots, sched, sched_log, sp_meta, bitmap, bitmap_words,
-                   pages, nwords)
+                   dirty, tlb, traces, trace_entries, slots, sched, sched_log, sp_meta, bitmap,
+                   bitmap_words, pages, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off
@@ -214,6 +223,27 @@ class Layout:
 
     def trace_ring(self, worker: int) -> int:
         return self.traces + worker * self.trace_entries * TRACE_EVENT_WORDS
+
+    # per-vCPU TLBs, field-major so one native scan covers every vCPU: headers,
+    # then the tags (gfn + 1, 0 empty), pfns, flags and walked tables (page + 1)
+    def tlb_hdr(self, vcpu: int, off: int) -> int:
+        return self.tlb + vcpu * TLB_HDR_WORDS + off
+
+    @property
+    def tlb_tags(self) -> int:
+        return self.tlb + self.n_slots * TLB_HDR_WORDS
+
+    @property
+    def tlb_pfns(self) -> int:
+        return self.tlb_tags + self.n_slots * TLB_ENTRIES
+
+    @property
+    def tlb_flags(self) -> int:
+        return self.tlb_pfns + self.n_slots * TLB_ENTRIES
+
+    @property
+    def tlb_pts(self) -> int:
+        return self.tlb_flags + self.n_slots * TLB_ENTRIES
 
     def shadow_sp(self, sp: int, off: int) -> int:
         """Word ``off`` of indirect shadow page ``sp`` (see model/unsync.py)."""

@@ -93,6 +93,7 @@ class VcpuConfig:
     # share of faults that are instruction fetches: with the iTLB multihit
     # mitigation (nx_huge_pages) they map 4K, splitting a huge leaf on the way
     exec_fraction: float = 0.0
+    guest_accesses: int = 1  # guest loads/stores (TLB, hardware walk) before each fault
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class ZapperConfig:
     leaf_zap_shared: int = 2
     subtree_zap_shared: int = 3
     subtree_zap_exclusive: int = 1
+    clear_dirty: int = 0  # dirty-log harvest: clear D bits (read lock), flush
     max_range: int = 2 << 20
     tlb_flush_latency: float = 50e-6
 
@@ -363,6 +365,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "halt_every": _int("vcpu.halt_every", 0, 10**9),
         "halt_time": _dur("vcpu.halt_time", 0.0, 60.0),
         "exec_fraction": _float("vcpu.exec_fraction", 0.0, 1.0),
+        "guest_accesses": _int("vcpu.guest_accesses", 0, 10**6),
     },
     "invalidator": {
         "interval": _dur("invalidator.interval", 0.0, 3600.0),
@@ -373,6 +376,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "leaf_zap_shared": _int("zapper.leaf_zap_shared", 0, 1000),
         "subtree_zap_shared": _int("zapper.subtree_zap_shared", 0, 1000),
         "subtree_zap_exclusive": _int("zapper.subtree_zap_exclusive", 0, 1000),
+        "clear_dirty": _int("zapper.clear_dirty", 0, 1000),
         "max_range": _size("zapper.max_range", 4096, 1 << 40),
         "tlb_flush_latency": _dur("zapper.tlb_flush_latency", 0.0, 0.1),
     },
@@ -498,7 +502,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"converter.range: must be a multiple of 4k, got {cfg.converter.range}")
     z = cfg.zapper
     if cfg.workers.get("zapper", 0) and not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared
-                                             + z.subtree_zap_exclusive):
+                                             + z.subtree_zap_exclusive + z.clear_dirty):
         raise ConfigError("zapper: all op weights are 0")
     if cfg.guest.size > 1 << (12 + 9 * cfg.guest.root_level):
         raise ConfigError(f"guest.size: too large for a {cfg.guest.root_level}-level root")

@@ -53,13 +53,20 @@ UNDERFLOW = "refcount underflow"
 STALE = "stale mapping after invalidate_end"
 PFN_CHANGED = "present leaf PFN changed in place"
 WRONG_ROOT = "gfn mapped in the wrong root"
+# a page released while a leaf still maps it, or a table freed too early, also
+# leaves a D bit unpropagated or a vCPU's TLB holding it
+LOST_DIRTY = "lost-dirty-bit"
+STALE_TLB = "stale-tlb-entry-after-free"
+GUEST_UAF = "guest access to freed page"
 
 
 @pytest.mark.parametrize("variant, vm_type, invariants", [
-    ("zap-without-freeze", "default", {"SPTE installed in removed table"}),
-    ("zap-without-freeze", "tdx", {"SPTE installed in removed table", SEPT_ERR}),
-    ("free-without-grace-period", "default", {UAF}),
-    ("free-without-grace-period", "tdx", {UAF}),
+    ("zap-without-freeze", "default", {"SPTE installed in removed table", LOST_DIRTY,
+                                      STALE_TLB}),
+    ("zap-without-freeze", "tdx", {"SPTE installed in removed table", SEPT_ERR,
+                                  LOST_DIRTY, STALE_TLB}),
+    ("free-without-grace-period", "default", {UAF, STALE_TLB}),
+    ("free-without-grace-period", "tdx", {UAF, STALE_TLB}),
     ("mirror-no-freeze", "tdx", {SEPT_ERR, DIVERGE}),
     ("mirror-zap-no-freeze", "tdx", {SEPT_ERR, DIVERGE}),
     ("sept-spinlock-only", "tdx", {SEPT_ERR, DIVERGE}),
@@ -74,9 +81,12 @@ WRONG_ROOT = "gfn mapped in the wrong root"
                                         "unsync page unreachable",
                                         "kvm->stat.mmu_unsync accounting"}),
     ("unsync-lock-no-recheck", "default", {"kvm->stat.mmu_unsync accounting"}),
-    ("invalidate-end-after-unlock", "tdx", {STALE, PFN_CHANGED}),
-    ("fault-skips-retry-check", "tdx", {STALE, PFN_CHANGED}),
-    ("seq-snapshot-after-pfn", "tdx", {STALE, PFN_CHANGED}),
+    ("invalidate-end-after-unlock", "tdx", {STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF}),
+    ("fault-skips-retry-check", "tdx", {STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF}),
+    ("seq-snapshot-after-pfn", "tdx", {STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF}),
+    ("tlb-no-flush-before-yield", "tdx", {"stale-tlb-entry-after-unlock", STALE_TLB}),
+    ("tlb-flush-after-rcu-unlock", "tdx", {STALE_TLB}),
+    ("lost-dirty-bit", "default", {LOST_DIRTY}),
     ("conversion-zaps-direct-only", "tdx", {STALE, WRONG_ROOT, SEPT_ERR, DIVERGE}),
     ("hugepage-attr-change-exact-range", "tdx", {"huge page during attribute change",
                                                  "huge page over mixed attributes", STALE,

@@ -44,13 +44,16 @@ from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_le
 from stress.model.tdp_mmu import (
     RET_PF_EMULATE,
     RET_PF_RETRY,
+    kvm_tdp_mmu_clear_dirty_range,
     kvm_tdp_mmu_zap_leafs,
+    kvm_tdp_mmu_zap_leafs_roots,
     kvm_tdp_page_fault,
     tdp_mmu_zap_leafs_atomic,
     tdp_mmu_zap_range_at_level,
     zap_root_types,
 )
 from stress.model.tdx import TdxModule
+from stress.model.tlb import guest_access
 from stress.model.variants import get_variant
 
 # counters published in the worker's slot (live status, crash forensics)
@@ -65,7 +68,8 @@ STAT_NAMES = (
     "obsolete_roots_dropped", "retry_stale_root", "root_resets", "halts",
     "shadowed_writes", "unsync_marked", "unsync_lock_taken", "unsync_lock_contended", "syncs",
     "pages_synced", "emulated_writes", "invalidations", "conversions", "retry_invalidate",
-    "memory_fault_exits", "huge_leaves_installed", "huge_splits",
+    "memory_fault_exits", "huge_leaves_installed", "huge_splits", "tlb_hits", "tlb_fills",
+    "ept_violations", "dirty_bits_set", "tlb_flushes_serviced", "dirty_harvests", "kicks",
 )
 assert len(STAT_NAMES) <= Slot.MAX_STATS
 
@@ -160,16 +164,25 @@ class Role:
 
 
 class VcpuRole(Role):
-    """A vCPU: faults on a gfn and re-faults while the fault says RET_PF_RETRY,
-    as a guest re-executing the access would."""
+    """A vCPU: the guest runs ``vcpu.guest_accesses`` loads and stores through its
+    TLB and the hardware walker (model/tlb.py), stopping at the first EPT
+    violation; then KVM faults on that gfn (or on the last one touched: a
+    spurious fault) and re-faults while the fault says RET_PF_RETRY, as a guest
+    re-executing the access would."""
 
     name = "vcpu"
 
     def step(self) -> None:
         kvm = self.kvm
+        vc = self.cfg.vcpu
         gfn = self.pick_gfn()
-        write = self.rng.random() < self.cfg.vcpu.write_fraction
-        exec_ = not write and self.rng.random() < self.cfg.vcpu.exec_fraction
+        write = self.rng.random() < vc.write_fraction
+        for _ in range(vc.guest_accesses):
+            if not guest_access(kvm, gfn, write):
+                break
+            gfn = self.pick_gfn()
+            write = self.rng.random() < vc.write_fraction
+        exec_ = not write and self.rng.random() < vc.exec_fraction
         retries = 0
         while (r := kvm_tdp_page_fault(kvm, gfn, write, exec_)) == RET_PF_RETRY:
             kvm.w.relax()  # the guest re-executes the access; others run meanwhile
@@ -186,7 +199,6 @@ class VcpuRole(Role):
         kvm.stats["retries"] += retries
         if retries > kvm.stats["max_fault_retries"]:
             kvm.stats["max_fault_retries"] = retries
-        vc = self.cfg.vcpu
         if vc.halt_every and self.rng.randrange(vc.halt_every) == 0:
             # HLT: the vCPU sleeps outside the guest, still holding its root; an
             # invalidation meanwhile leaves it an obsolete root to drop on entry
@@ -292,7 +304,8 @@ class ZapperRole(Role):
         for op, wgt in ((self.leaf_zap, z.leaf_zap),
                         (self.leaf_zap_shared, z.leaf_zap_shared),
                         (self.subtree_zap_shared, z.subtree_zap_shared),
-                        (self.subtree_zap_exclusive, z.subtree_zap_exclusive)):
+                        (self.subtree_zap_exclusive, z.subtree_zap_exclusive),
+                        (self.clear_dirty, z.clear_dirty)):
             if wgt:
                 self.ops.append(op)
                 self.weights.append(wgt)
@@ -313,11 +326,22 @@ class ZapperRole(Role):
         start, end = self._range()
         kvm.write_lock()
         try:
-            for root in for_each_tdp_mmu_root_yield_safe(kvm, zap_root_types(kvm, False)):
-                kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs(kvm, root, start, end)
+            kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs_roots(
+                kvm, zap_root_types(kvm, False), start, end)
         finally:
             kvm.write_unlock()
         kvm.stats["leaf_zaps"] += 1
+
+    def clear_dirty(self) -> None:
+        """KVM_CLEAR_DIRTY_LOG on a range: harvest and clear D bits, flush."""
+        kvm = self.kvm
+        start, end = self._range()
+        kvm.read_lock()
+        try:
+            kvm_tdp_mmu_clear_dirty_range(kvm, start, end)
+        finally:
+            kvm.read_unlock()
+        kvm.stats["dirty_harvests"] += 1
 
     def leaf_zap_shared(self) -> None:
         kvm = self.kvm

@@ -41,7 +41,15 @@ def host_pfn(kvm: Kvm, gfn: int) -> int:
 
 
 def host_page_migrate(kvm: Kvm, gfn: int) -> None:
-    """The primary MMU replaced the page backing ``gfn``: the old one is freed."""
+    """The primary MMU replaced the page backing ``gfn``: the old one is freed.
+
+    Oracles first (no leaf maps the page any more: the caller zapped and
+    flushed under mmu_lock): no vCPU's TLB still translates to it, and every D
+    bit set in an SPTE mapping it reached the page (kvm_set_pfn_dirty)."""
+    from stress.model.tlb import check_dirty_propagated, check_no_stale_pfn
+
+    check_no_stale_pfn(kvm, gfn, host_pfn(kvm, gfn))
+    check_dirty_propagated(kvm, gfn)
     i = kvm.layout.host_gens + gfn // 8
     shift = 8 * (gfn % 8)
     while True:
@@ -197,6 +205,11 @@ def host_invalidation_range(kvm: Kvm, start: int, end: int) -> tuple[int, int]:
 def host_folio_migrate(kvm: Kvm, base: int) -> None:
     """The primary MMU moved the whole THP at ``base`` to a new folio: every gfn
     gets the same, new generation (which also rejoins a split THP)."""
+    from stress.model.tlb import check_dirty_propagated, check_no_stale_pfn
+
+    for gfn in range(base, base + KVM_PAGES_PER_2M):  # the oracles of host_page_migrate
+        check_no_stale_pfn(kvm, gfn, host_pfn(kvm, gfn))
+        check_dirty_propagated(kvm, gfn)
     w = kvm.w
     i0 = kvm.layout.host_gens + base // 8
     gen = max(max((w.load(i0 + k) >> (8 * b)) & 0xFF for b in range(8))

@@ -71,6 +71,8 @@ class Kvm:
         self._mmu_lock_owner_i = layout.glob(Globals.MMU_LOCK_OWNER)
         self._lock_mode_i = layout.slot(me, Slot.LOCK_MODE)
         self.tlb_flush_ns = 0  # remote TLB flush latency (set from the config)
+        # (root, pfn) of leaves this task zapped since its last remote TLB flush
+        self.tlb_unflushed: list[tuple[int, int]] = []
         self.tdx: TdxVm | None = None
         from stress.model.roots import Vcpu
 

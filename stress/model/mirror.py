@@ -273,8 +273,8 @@ def _zap_while_frozen(kvm: Kvm, it, old: int, new_spte: int, shared_zap: bool) -
         r = remove_external_spte(kvm, it.gfn, it.level, old, may_unwind=True)
         if r:
             return r
-    else:
-        handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
+    handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True,
+                            mirror=True)
     return 0
 
 
@@ -289,7 +289,8 @@ def _publish_map(kvm: Kvm, it, old: int, new_spte: int) -> None:  # noqa: ANN001
 
     _write_frozen(kvm, it, new_spte)
     it.old_spte = new_spte
-    handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
+    handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True,
+                            mirror=True)
 
 
 def _freeze(kvm: Kvm, it) -> bool:  # noqa: ANN001
@@ -359,13 +360,15 @@ def set_mirror_spte_then_seamcall(kvm: Kvm, it, new_spte: int) -> int:  # noqa: 
         if r:  # too late to take it back cleanly: try to put the old value back
             kvm.w.cmpxchg(it.sptep, new_spte, old)
             return r
-        handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
+        handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True,
+                            mirror=True)
         return 0
     if is_last_spte(old, it.level):
         # cannot unwind a published zap: the removal must go through
         remove_external_spte(kvm, it.gfn, it.level, old, may_unwind=False)
     else:
-        handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
+        handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True,
+                            mirror=True)
     return 0
 
 

@@ -133,13 +133,17 @@ def tdp_mmu_free_sp(kvm: Kvm, page: int) -> None:
 def tdp_mmu_free_sp_rcu_callback(kvm: Kvm, page: int) -> None:
     """The RCU callback: the grace period has ended, nobody can reach the page.
 
-    Oracle: a removed table's entries were all frozen (shared mode) or left
+    Oracles: no vCPU's paging-structure cache still holds the page (see
+    tlb.py); a removed table's entries were all frozen (shared mode) or left
     non-present (exclusive mode) by handle_removed_pt, and nothing may write a
     frozen entry.  A present entry here was installed into the table after it
     was removed: a mapping (or a whole sub-tree) no zap or invalidation can
     ever find again.
     """
+    from stress.model.tlb import check_no_stale_table
+
     lay = kvm.layout
+    check_no_stale_table(kvm, page)
     i = kvm.w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
     if i >= 0:
         kvm.bug("SPTE installed in removed table",

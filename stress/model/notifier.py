@@ -191,12 +191,10 @@ def check_range_current(kvm: Kvm, start: int, end: int) -> None:
 def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int) -> int:
     """Zap [start, end) in every root of ``types`` (write lock; the mirror through
     the S-EPT removal path)."""
-    from stress.model.roots import for_each_tdp_mmu_root_yield_safe
-    from stress.model.tdp_mmu import kvm_tdp_mmu_zap_leafs
+    from stress.model.tdp_mmu import kvm_tdp_mmu_zap_leafs_roots
 
     kvm.lockdep_assert_held_write()
-    return sum(kvm_tdp_mmu_zap_leafs(kvm, root, start, end)
-               for root in for_each_tdp_mmu_root_yield_safe(kvm, types))
+    return kvm_tdp_mmu_zap_leafs_roots(kvm, types, start, end)  # flushes before returning
 
 
 def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int) -> None:
@@ -218,8 +216,10 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int) -> None:
         kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
     finally:
         kvm.write_unlock()
-    host_pages_replace(kvm, start, end)  # the primary MMU frees the old pages
-    kvm.variant.invalidate_end(kvm)
+    try:
+        host_pages_replace(kvm, start, end)  # the primary MMU frees the old pages
+    finally:  # even when an oracle fires, so that no fault retries for ever
+        kvm.variant.invalidate_end(kvm)
     kvm.w.trace(events.INVALIDATE, start, end, 1)
     kvm.stats["invalidations"] += 1
 
@@ -242,9 +242,12 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
     finally:
         kvm.write_unlock()
     kvm_set_mem_attributes(kvm, start, end, private)
-    for gfn in range(start, end):
-        host_page_migrate(kvm, gfn)
-    kvm.variant.invalidate_end(kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
+    try:
+        for gfn in range(start, end):
+            host_page_migrate(kvm, gfn)
+    finally:  # even when an oracle fires, so that no fault retries for ever
+        kvm.variant.invalidate_end(
+            kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
     kvm.stats["conversions"] += 1
 
 

@@ -161,17 +161,26 @@ def listed_roots(kvm: Kvm) -> list[int]:
 
 
 def tdp_mmu_next_root(kvm: Kvm, after: int, types: int) -> tuple[int | None, int]:
-    """The next root after slot ``after`` that matches ``types`` and whose
-    reference we could take (a root at count 0 is dying: skipped).
-    Returns (root, its slot) or (None, MAX_ROOTS)."""
+    """The next root in list order after the one whose creation number is
+    ``after`` (-1: from the head) that matches ``types`` and whose reference we
+    could take (a root at count 0 is dying: skipped).  list_add_rcu adds a new
+    root at the head, so the list is walked newest first: a valid root before
+    the invalid ones it replaced.  Returns (root, its creation number) or
+    (None, 0)."""
     lay = kvm.layout
     kvm.rcu.rcu_read_lock()
     try:
-        for s in range(after + 1, MAX_ROOTS):
+        found = []
+        for s in range(MAX_ROOTS):
             v = kvm.w.load(lay.root_slot(s))
-            if v and tdp_mmu_root_match(kvm, v - 1, types) and kvm_tdp_mmu_get_root(kvm, v - 1):
-                return v - 1, s
-        return None, MAX_ROOTS
+            if v:
+                seq = kvm.w.load(lay.sp(v - 1, SpMeta.ROOT_SEQ))
+                if after < 0 or seq < after:
+                    found.append((seq, v - 1))
+        for seq, root in sorted(found, reverse=True):
+            if tdp_mmu_root_match(kvm, root, types) and kvm_tdp_mmu_get_root(kvm, root):
+                return root, seq
+        return None, 0
     finally:
         kvm.rcu.rcu_read_unlock()
 
@@ -181,11 +190,11 @@ def for_each_tdp_mmu_root_yield_safe(kvm: Kvm, types: int = KVM_ALL_ROOTS) -> It
     may yield mmu_lock).  ``prev`` is put only after ``next`` is pinned; breaking
     out of the loop puts the current root."""
     kvm.lockdep_assert_held()
-    slot = -1
+    cursor = -1
     root: int | None = None
     try:
         while True:
-            nxt, slot = tdp_mmu_next_root(kvm, slot, types)
+            nxt, cursor = tdp_mmu_next_root(kvm, cursor, types)
             if root is not None:
                 kvm_tdp_mmu_put_root(kvm, root)
             root = nxt
@@ -338,6 +347,7 @@ def _new_root(kvm: Kvm, mirror: bool) -> int:
     lay = kvm.layout
     kvm.w.store(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0)
     kvm.w.store(lay.sp(root, SpMeta.ROOT_ZAPS), 0)
+    kvm.w.store(lay.sp(root, SpMeta.ROOT_SEQ), kvm.w.fetch_add(lay.glob(Globals.ROOT_SEQ), 1) + 1)
     kvm.w.store(lay.sp(root, SpMeta.ROOT_COUNT), 2 if kvm.variant.root_gifted_ref else 1)
     kvm.w.store(lay.sp(root, SpMeta.STATE), SP_LINKED)
     _list_add(kvm, root)
@@ -363,9 +373,16 @@ def kvm_mmu_reload(kvm: Kvm, vcpu: Vcpu) -> None:
 
 
 def kvm_mmu_unload(kvm: Kvm, vcpu: Vcpu) -> None:
-    """kvm_mmu_free_roots: put the vCPU's reference (mmu_lock held for read)."""
+    """kvm_mmu_free_roots: put the vCPU's reference (mmu_lock held for read).
+
+    The vCPU's TLB entries of the root die with it: KVM flushes the TLB when it
+    next loads a root (kvm_mmu_load), and the guest cannot run in between, so
+    the model empties the TLB here, where the oracles can see it."""
+    from stress.model.tlb import kvm_vcpu_flush_tlb_all
+
     if vcpu.root is None:
         return
+    kvm_vcpu_flush_tlb_all(kvm)
     root, vcpu.root = vcpu.root, None
     kvm.read_lock()
     try:
@@ -414,7 +431,10 @@ def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
     top = kvm.geometry.root_level
     end = KVM_PAGES_PER_HPAGE(top + 1)
     for level in (PG_LEVEL_4K, top):
-        tdp_mmu_zap_range_at_level(kvm, root, 0, end, level, shared, may_yield=True)
+        # no TLB flush: the root is invalid and every vCPU was made to drop it
+        # (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before it runs the guest again
+        tdp_mmu_zap_range_at_level(kvm, root, 0, end, level, shared, may_yield=True,
+                                   flush_tlb=False)
     kvm.stats["root_zaps"] += 1
 
 
@@ -438,6 +458,8 @@ def zap_invalidated_roots_final(kvm: Kvm, shared: bool) -> None:
 def kvm_mmu_zap_all_fast(kvm: Kvm) -> None:
     """Memslot update: invalidate every direct root (write lock), then zap them
     (read lock, yielding).  kvm->slots_lock serialises callers."""
+    from stress.model.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_make_all_cpus_request
+
     slots_i = kvm.layout.glob(Globals.SLOTS_LOCK)
     kvm.w.spin_lock(slots_i, kvm.pid)
     try:
@@ -445,6 +467,9 @@ def kvm_mmu_zap_all_fast(kvm: Kvm) -> None:
         try:
             kvm.stats["roots_invalidated"] += kvm_tdp_mmu_invalidate_roots(kvm,
                                                                             KVM_DIRECT_ROOTS)
+            # every vCPU leaves guest mode and drops its obsolete root before it
+            # runs the guest again: the invalid roots are zapped without a flush
+            kvm_make_all_cpus_request(kvm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
         finally:
             kvm.write_unlock()
         kvm.read_lock()

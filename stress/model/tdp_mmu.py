@@ -15,11 +15,11 @@ so that those walkers never read a freed page.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
-from stress.model import events
+from stress.model import events, tlb
 from stress.model.host import host_mapping_level, hugepage_disallowed, kvm_mem_is_private
 from stress.model.kvm import Kvm
 from stress.model.mirror import free_external_spt, remove_external_spte
@@ -50,6 +50,7 @@ from stress.model.spte import (
     make_nonleaf_spte,
     make_small_spte,
     make_spte,
+    shadow_dirty_mask,
     spte_to_child_pt,
     spte_to_pfn,
 )
@@ -135,12 +136,12 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
         return -EBUSY
     it.check_page()
     kvm.w.store(kvm.layout.sp(it.pt_path[it.level], SpMeta.LAST_WRITER), kvm.me + 1)
-    handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
+    handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True, mirror=it.mirror)
     return 0
 
 
 def tdp_mmu_set_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int, gfn: int,
-                     level: int, mirror: bool = False) -> int:
+                     level: int, mirror: bool = False, mirror_role: bool | None = None) -> int:
     """Set an SPTE with mmu_lock held for write; return the value replaced.
 
     No other task may hold a reachable entry frozen while we hold the write
@@ -159,8 +160,9 @@ def tdp_mmu_set_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int, gfn: in
         kvm.bug("exclusive install of mirror SPTE",
                 "tdp_mmu_set_spte: KVM_BUG_ON(is_shadow_present_pte(new_spte)) on a mirror",
                 gfn=gfn, level=level, new=describe(new_spte))
-    old_spte = kvm_tdp_mmu_write_spte(kvm, sptep, old_spte, new_spte, level)
-    handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared=False)
+    old_spte = kvm.variant.write_spte(kvm, sptep, old_spte, new_spte, level)
+    handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared=False,
+                        mirror=mirror if mirror_role is None else mirror_role)
     if mirror:
         remove_external_spte(kvm, gfn, level, old_spte, may_unwind=False)
     return old_spte
@@ -168,22 +170,35 @@ def tdp_mmu_set_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int, gfn: in
 
 def kvm_tdp_mmu_write_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int,
                            level: int) -> int:
-    """xchg if the old value is a present leaf (its A/D/W bits are volatile), else a
-    plain store; returns the value actually replaced."""
+    """xchg if the old value is a present leaf (spte_has_volatile_bits: the CPU sets
+    A/D in it without mmu_lock), else a plain store; returns the value actually
+    replaced, so handle_changed_spte sees a D bit set since the snapshot."""
     if is_shadow_present_pte(old_spte) and is_last_spte(old_spte, level):
         return kvm.w.xchg(sptep, new_spte)
     kvm.w.store(sptep, new_spte)
     return old_spte
 
 
+def kvm_tdp_mmu_write_spte_plain(kvm: Kvm, sptep: int, old_spte: int, new_spte: int,
+                                 level: int) -> int:
+    """Buggy (before ba3a6120a4e7): WRITE_ONCE of the new value and the caller's
+    snapshot returned as the old one.  A D bit the guest's walker set between the
+    snapshot and the store is overwritten unseen: the page is never marked dirty."""
+    kvm.w.spin_ns(kvm.race_window_ns)
+    kvm.w.store(sptep, new_spte)
+    return old_spte
+
+
 def tdp_mmu_iter_set_spte(kvm: Kvm, it: TdpIter, new_spte: int) -> None:
     it.old_spte = tdp_mmu_set_spte(kvm, it.sptep, it.old_spte, new_spte, it.gfn, it.level,
-                                   mirror=kvm.variant.is_mirror_sptep(it))
+                                   mirror=kvm.variant.is_mirror_sptep(it), mirror_role=it.mirror)
 
 
 def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level: int,
-                        shared: bool) -> None:
-    """Bookkeeping after an SPTE changed: tear down a table that lost its parent.
+                        shared: bool, mirror: bool = False) -> None:
+    """Bookkeeping after an SPTE changed: tear down a table that lost its parent,
+    propagate a D bit that leaves a leaf (``kvm_set_pfn_dirty``; not for mirror
+    SPTEs, which no CPU walks: the TDX module tracks private pages).
 
     A present leaf must never change PFN in place (the kernel's BUG()): it has
     to be zapped, and the TLB flushed, first.
@@ -201,6 +216,14 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
                 gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte))
     if old_spte == new_spte:
         return
+    # pre-6.13 dirty tracking: a D bit leaving a leaf marks the page dirty
+    old_d = was_leaf and bool(old_spte & shadow_dirty_mask)
+    new_d = is_leaf and bool(new_spte & shadow_dirty_mask)
+    if not mirror and (old_d != new_d or (old_d and pfn_changed)):
+        if old_d:
+            tlb.kvm_set_pfn_dirty(kvm, gfn)
+        if new_d:
+            tlb.dirty_set(kvm, gfn)
     if not was_present and not is_present:
         if not is_frozen_spte(new_spte) and not is_frozen_spte(old_spte):
             kvm.warn("non-present to non-present change")
@@ -209,7 +232,7 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
             kvm, old_spte, new_spte, level):
         child = spte_to_child_pt(old_spte, level)
         assert child is not None
-        handle_removed_pt(kvm, child, shared)
+        handle_removed_pt(kvm, child, shared)  # its mirror-ness is the child's role
 
 
 def child_pt_removed_unless_still_table(kvm: Kvm, old_spte: int, new_spte: int,
@@ -254,11 +277,12 @@ def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
                 "handle_removed_pt: KVM_BUG_ON(shared) for a mirror SP (v6.16)",
                 table=pt, level=level, gfn=base_gfn)
     tdp_mmu_unlink_sp(kvm, pt)
+    role_mirror = bool(kvm.w.load(lay.sp(pt, SpMeta.ROLE)) & ROLE_MIRROR)
     for i, old in kvm.variant.freeze_children(kvm, pt, shared):
         gfn = base_gfn + i * KVM_PAGES_PER_HPAGE(level)
         if mirror:
             remove_external_spte(kvm, gfn, level, old, may_unwind=False)
-        handle_changed_spte(kvm, gfn, old, FROZEN_SPTE, level, shared)
+        handle_changed_spte(kvm, gfn, old, FROZEN_SPTE, level, shared, mirror=role_mirror)
     if mirror:
         free_external_spt(kvm, base_gfn, level, external_spt(kvm, pt))
     kvm.variant.free_removed_sp(kvm, pt)
@@ -339,9 +363,13 @@ def tdp_mmu_split_huge_page(kvm: Kvm, it: TdpIter, sp: int, shared: bool) -> int
     base = kvm.layout.spt(sp)
     for i in range(512):
         kvm.w.store(base + i, make_small_spte(huge, i))
+    dirty = huge & shadow_dirty_mask and not it.mirror
     r = tdp_mmu_link_sp(kvm, it, sp, shared)
     if r == 0:
         kvm.stats["huge_splits"] += 1
+        if dirty:  # the 2M leaf's D bit (seen leaving it) lives on in every piece
+            for i in range(512):
+                tlb.dirty_set(kvm, it.gfn + i)
     return r
 
 
@@ -523,7 +551,8 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool) -> int:
 def _zap_present_leafs(kvm: Kvm, root: int, start: int, end: int,
                        zap_one: Callable[[TdpIter], int]) -> int:
     """Walk [start, end) under RCU and ``zap_one`` every present leaf; a non-zero
-    return (a lost race) retries the same entry with the refreshed snapshot."""
+    return (a lost race) retries the same entry with the refreshed snapshot.
+    ``zap_one`` flushes what it zapped itself (tdp_mmu_zap_spte_atomic)."""
     n = 0
     kvm.rcu.rcu_read_lock()
     try:
@@ -540,15 +569,116 @@ def _zap_present_leafs(kvm: Kvm, root: int, start: int, end: int,
     return n
 
 
-def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
-    """Zap every present leaf in [start, end) with mmu_lock held for write."""
+def tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int, can_yield: bool,
+                      flush: bool) -> tuple[int, bool]:
+    """Zap every present leaf of one root in [start, end), mmu_lock held for write.
+
+    ``flush`` comes in pending from the caller's earlier roots and goes out
+    pending: only leaves are zapped, no table is freed, so the flush may wait
+    until after rcu_read_unlock, but never past a yield of mmu_lock
+    (tdp_mmu_iter_cond_resched services it first).  Returns (leaves zapped,
+    flush still pending).
+    """
     kvm.lockdep_assert_held_write()
+    n = 0
+    kvm.rcu.rcu_read_lock()
+    try:
+        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+        while it.in_range(end):
+            if can_yield and tdp_mmu_iter_cond_resched(kvm, it, shared=False, flush=flush):
+                flush = False
+                it.next()
+                continue
+            if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
+                kvm.tlb_unflushed.append((root, spte_to_pfn(it.old_spte)))
+                tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)
+                flush = True
+                n += 1
+            it.next()
+    finally:
+        kvm.rcu.rcu_read_unlock()
+    return n, flush
 
-    def zap(it: TdpIter) -> int:
-        tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)
-        return 0
 
-    return _zap_present_leafs(kvm, root, start, end, zap)
+def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
+    """Zap every present leaf of one root in [start, end) with mmu_lock held for
+    write, no yielding, and flush before returning (the lock is still held)."""
+    n, flush = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield=False, flush=False)
+    if flush:
+        kvm_flush_remote_tlbs_range(kvm, start, end)
+    return n
+
+
+def zap_leafs_flush_threaded(kvm: Kvm, roots: Iterable[int], start: int,
+                             end: int) -> tuple[int, bool]:
+    """kvm_tdp_mmu_zap_leafs over roots (fixed, a835429cda91): the pending flush
+    of the roots zapped so far is handed to the next root's zap, whose yields
+    service it before dropping mmu_lock."""
+    n, flush = 0, False
+    for root in roots:
+        k, flush = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield=True, flush=flush)
+        n += k
+    return n, flush
+
+
+def zap_leafs_flush_per_root(kvm: Kvm, roots: Iterable[int], start: int,
+                             end: int) -> tuple[int, bool]:
+    """Buggy (before a835429cda91): each root's zap starts with no pending flush
+    and the caller ORs the results, so a yield while walking a later root drops
+    mmu_lock with the earlier roots' zaps not yet flushed: an mmu_notifier that
+    runs meanwhile finds the gfns already non-present, does not flush, and the
+    page is freed while a vCPU's TLB still maps it."""
+    n, flush = 0, False
+    for root in roots:
+        k, f = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield=True, flush=False)
+        n += k
+        flush |= f
+    return n, flush
+
+
+def kvm_tdp_mmu_zap_leafs_roots(kvm: Kvm, types: int, start: int, end: int) -> int:
+    """kvm_zap_gfn_range's TDP MMU part: zap the leaves of [start, end) in every
+    root of ``types``, yielding, then service the pending flush before the
+    caller drops mmu_lock (held for write).  Returns the leaves zapped."""
+    from stress.model.roots import for_each_tdp_mmu_root_yield_safe
+
+    roots = for_each_tdp_mmu_root_yield_safe(kvm, types)
+    try:
+        n, flush = kvm.variant.zap_leafs_roots(kvm, roots, start, end)
+    finally:
+        roots.close()  # puts the root a lost race left pinned, now
+    if flush:
+        kvm_flush_remote_tlbs_range(kvm, start, end)
+    return n
+
+
+def kvm_tdp_mmu_clear_dirty_range(kvm: Kvm, start: int, end: int) -> int:
+    """KVM_CLEAR_DIRTY_LOG's clear_dirty_gfn_range on [start, end) of every valid
+    direct root, mmu_lock held for read: each present leaf with D loses it by
+    cmpxchg (the D bit is harvested, handle_changed_spte marks the page dirty),
+    then every TLB is flushed, so the next guest write walks and sets D again.
+    Returns the D bits cleared."""
+    from stress.model.roots import KVM_DIRECT_ROOTS, for_each_tdp_mmu_root_yield_safe
+
+    kvm.lockdep_assert_held_read()
+    n = 0
+    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_DIRECT_ROOTS):
+        kvm.rcu.rcu_read_lock()
+        try:
+            it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+            while it.in_range(end):
+                old = it.old_spte
+                if (is_shadow_present_pte(old) and is_last_spte(old, it.level)
+                        and old & shadow_dirty_mask):
+                    if tdp_mmu_set_spte_atomic(kvm, it, old & ~shadow_dirty_mask):
+                        continue  # retry with the refreshed snapshot
+                    n += 1
+                it.next()
+        finally:
+            kvm.rcu.rcu_read_unlock()
+    if n:
+        kvm_flush_remote_tlbs_range(kvm, start, end)
+    return n
 
 
 def tdp_mmu_zap_spte_atomic(kvm: Kvm, it: TdpIter) -> int:
@@ -570,9 +700,22 @@ def tdp_mmu_zap_spte_atomic(kvm: Kvm, it: TdpIter) -> int:
 
 
 def kvm_flush_remote_tlbs_gfn(kvm: Kvm, gfn: int, level: int) -> None:
-    """No TLBs are modelled yet: the flush costs its IPI round-trip latency."""
-    kvm.w.spin_ns(kvm.tlb_flush_ns)
-    kvm.stats["tlb_flushes"] += 1
+    """Flush one gfn from every vCPU's TLB (a full flush: see tlb.py)."""
+    tlb.kvm_flush_remote_tlbs(kvm)
+
+
+def kvm_flush_remote_tlbs_range(kvm: Kvm, start: int, end: int) -> None:
+    """Flush [start, end) from every vCPU's TLB (a full flush: see tlb.py)."""
+    tlb.kvm_flush_remote_tlbs(kvm)
+
+
+def rcu_do_batch(kvm: Kvm) -> None:
+    """Run this task's RCU callbacks whose grace period has ended, as the RCU
+    softirq may on this CPU once it has left its read-side section."""
+    from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+
+    if kvm.rcu.pending and not kvm.rcu.nesting:
+        kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
 
 
 def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
@@ -588,21 +731,29 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
     return _zap_present_leafs(kvm, root, start, end, zap)
 
 
-def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool) -> bool:
+def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool, flush: bool = False) -> bool:
     """Yield mmu_lock (and RCU) if someone waits for it or it is time to, but only
-    after forward progress since the last yield (no livelock).  The caller must
-    then restart its walk from the root: the tree may have changed completely."""
+    after forward progress since the last yield (no livelock).  A pending TLB
+    flush is serviced first, before RCU is dropped (zapped tables may be freed
+    once we leave the read-side section) and before mmu_lock is (another task
+    may free a page this task unmapped).  The caller must then restart its walk
+    from the root (the tree may have changed completely) and clear its flush."""
     if it.next_last_level_gfn == it.yielded_gfn:
         return False
     kvm.resched_countdown -= 1
     if kvm.resched_countdown > 0 and not kvm.rwlock_needbreak():
         return False
     kvm.resched_countdown = kvm.resched_every
+    if flush:
+        tlb.kvm_flush_remote_tlbs(kvm)
+    if kvm.tlb_unflushed:
+        tlb.check_flushed_before_unlock(kvm)
     kvm.rcu.rcu_read_unlock()
     if shared:
         kvm.read_unlock()
     else:
         kvm.write_unlock()
+    rcu_do_batch(kvm)
     tdp_mmu_yield(kvm)
     if shared:
         kvm.read_lock()
@@ -614,25 +765,50 @@ def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool) -> bool:
     return True
 
 
+def flush_then_rcu_unlock(kvm: Kvm, flush: bool) -> bool:
+    """End of a zap that may have freed tables (fixed, fcb93eb6d09d): the pending
+    flush is serviced before rcu_read_unlock, so no vCPU's paging-structure
+    cache holds a removed table once its grace period can end.  Returns the
+    flush left to the caller: none."""
+    if flush:
+        tlb.kvm_flush_remote_tlbs(kvm)
+    kvm.rcu.rcu_read_unlock()
+    return False
+
+
+def rcu_unlock_then_flush(kvm: Kvm, flush: bool) -> bool:
+    """Buggy (before fcb93eb6d09d): RCU is released with the flush still pending
+    and the flush left to the caller, so the removed tables' grace period can
+    end, and their RCU callbacks free them, while a vCPU still caches them."""
+    kvm.rcu.rcu_read_unlock()
+    return flush
+
+
 def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_level: int,
-                               shared: bool, may_yield: bool = False) -> int:
+                               shared: bool, may_yield: bool = False,
+                               flush_tlb: bool = True) -> int:
     """Zap every present entry at ``zap_level`` in [start, end), leaf or not.
 
     The range form of ``__tdp_mmu_zap_root``: a non-leaf zapped here takes its
     whole sub-tree with it through ``handle_removed_pt``.  In shared mode a lost
     cmpxchg retries the same position with the refreshed snapshot; a frozen
-    entry is not present and is skipped.
+    entry is not present and is skipped.  Removed tables go to RCU, so the TLB
+    flush (unless ``flush_tlb`` is off: invalid roots, which no vCPU runs on
+    once KVM_REQ_MMU_FREE_OBSOLETE_ROOTS was made) is due before RCU is
+    released (the variant's ``zap_release_rcu``).
     """
     if shared:
         kvm.lockdep_assert_held_read()
     else:
         kvm.lockdep_assert_held_write()
     n = 0
+    flush = False
     kvm.rcu.rcu_read_lock()
     try:
         it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level)
         while it.in_range(end):
-            if may_yield and tdp_mmu_iter_cond_resched(kvm, it, shared):
+            if may_yield and tdp_mmu_iter_cond_resched(kvm, it, shared, flush):
+                flush = False
                 it.next()  # restarts from the root at next_last_level_gfn
                 continue
             if is_shadow_present_pte(it.old_spte) and it.level == zap_level:
@@ -642,10 +818,16 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
                         continue  # goto retry with the refreshed old_spte
                 else:
                     tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)
+                flush = flush_tlb
                 n += 1
             it.next()
-    finally:
+    except BaseException:
         kvm.rcu.rcu_read_unlock()
+        raise
+    flush = kvm.variant.zap_release_rcu(kvm, flush)
+    rcu_do_batch(kvm)
+    if flush:  # the caller's deferred flush
+        kvm_flush_remote_tlbs_range(kvm, start, end)
     return n
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stress.model import mirror, notifier, roots, unsync
+from stress.model import mirror, notifier, roots, tdp_mmu, unsync
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import (
@@ -102,6 +102,14 @@ class Variant:
     pre_set_range_add: Callable[[Kvm, int, int], None] = notifier.range_add_hugepage_head_tail
     changed_spte_removes_pt: Callable[[Kvm, int, int, int], bool] = (
         child_pt_removed_unless_still_table)
+    # TLBs and A/D bits (tlb.py): how a leaf zap over several roots carries its
+    # pending flush into the next root's yields; where a table-freeing zap
+    # flushes relative to rcu_read_unlock; how an exclusive write replaces a
+    # leaf whose A/D bits the CPU may set concurrently
+    zap_leafs_roots: Callable[[Kvm, Any, int, int], tuple[int, bool]] = (
+        tdp_mmu.zap_leafs_flush_threaded)
+    zap_release_rcu: Callable[[Kvm, bool], bool] = tdp_mmu.flush_then_rcu_unlock
+    write_spte: Callable[[Kvm, int, int, int, int], int] = tdp_mmu.kvm_tdp_mmu_write_spte
 
 
 FIXED = Variant(
@@ -246,6 +254,34 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="reference 9.7: c8e5a0d0e9bc (KVM: x86/mmu: Check for !leaf=>leaf, not PFN "
                "change, in TDP MMU SP removal, 2022)",
         changed_spte_removes_pt=child_pt_removed_if_pfn_changed,
+    ),
+    replace(
+        FIXED, name="tlb-no-flush-before-yield", buggy=True, config="tlb.toml",
+        story="A leaf zap over several roots hands no pending flush to the next root: a "
+              "yield there drops mmu_lock with the earlier roots' zaps unflushed; an "
+              "mmu_notifier finds the gfns non-present, skips the flush and frees the page "
+              "a vCPU's TLB still maps.",
+        source="reference 9.3: commit a835429cda91 (KVM: x86/mmu: Ensure TLBs are flushed "
+               "when yielding during GFN range zap, 2021)",
+        zap_leafs_roots=tdp_mmu.zap_leafs_flush_per_root,
+    ),
+    replace(
+        FIXED, name="tlb-flush-after-rcu-unlock", buggy=True, config="tlb.toml",
+        story="A zap that removes page tables releases RCU before its TLB flush: the "
+              "tables' grace period ends and their RCU callback frees them while a vCPU's "
+              "paging-structure cache still points at them.",
+        source="reference 9.18: commit fcb93eb6d09d (kvm: x86/mmu: Flush TLB before "
+               "zap_gfn_range releases RCU, 2022)",
+        zap_release_rcu=tdp_mmu.rcu_unlock_then_flush,
+    ),
+    replace(
+        FIXED, name="lost-dirty-bit", buggy=True, config="dirty.toml",
+        story="The exclusive (write-lock) overwrite of a present leaf is a plain store "
+              "against the iterator's snapshot: a D bit the guest's walker set in between "
+              "is overwritten unseen and the page is released without being marked dirty.",
+        source="reference 9.5: commit ba3a6120a4e7 (KVM: x86/mmu: Use atomic XCHG to write "
+               "TDP MMU SPTEs with volatile bits, 2022)",
+        write_spte=tdp_mmu.kvm_tdp_mmu_write_spte_plain,
     ),
     replace(
         FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True,
