@@ -138,7 +138,8 @@ def format_zoo(res: dict[str, Any]) -> str:
                 continue
             a, b = r["median_ttd_s"], w["median_ttd_s"]
             left = f"{r['detected']}/{r['runs']} {a:.3f}s" if a is not None else "-"
-            right = f"{w['detected']}/{w['runs']} {b:.3f}s" if b is not None else "-"
+            right = f"{w['detected']}/{w['runs']} {b:.3f}s" if b is not None else \
+                f"{w['detected']}/{w['runs']}     -"
             if a and b:
                 ratio = f"{b / a:.1f}x"
             elif a and not w["detected"]:  # not caught within the cap without it
