@@ -62,21 +62,38 @@ class HuntResult:
     replayed_identically: bool = False
 
 
+def one_per_role(cfg: Config) -> Config:
+    """``cfg`` with at most one worker of each role: fewer interleavings to search."""
+    return dataclasses.replace(cfg, workers={r: min(n, 1) for r, n in cfg.workers.items()})
+
+
 def hunt(cfg: Config, tries: int, first_seed: int = 1, max_steps: int | None = None,
          modes: tuple[str, ...] = ("random", "pct"),
          progress: Callable[[str], None] | None = None) -> HuntResult:
-    """Controlled runs of ``cfg`` until one fails; see the module docstring."""
+    """Controlled runs of ``cfg`` until one fails; see the module docstring.
+
+    Each round of strategies runs on the config as given, the next round (if it
+    has more than one worker of a role) on one worker per role with 2.5x the
+    steps: a smaller search space, where some races are found much sooner."""
     strategies = [s for s in STRATEGIES if s[0] in modes]
     t0 = time.monotonic()
     steps = max_steps or cfg.schedule.max_steps
+    small = one_per_role(cfg)
+    configs = [(cfg, steps, "")] + ([(small, int(2.5 * steps), ", one worker per role")]
+                                     if small.n_workers < cfg.n_workers else [])
+    cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(
+        cfg.schedule, max_ops=(), skip_ops=()))
     for k in range(tries):
         mode, p, depth = strategies[k % len(strategies)]
+        base, steps_k, note = configs[(k // len(strategies)) % len(configs)]
+        base = dataclasses.replace(base, schedule=dataclasses.replace(
+            base.schedule, max_ops=(), skip_ops=()))
         seed = first_seed + k
-        run_cfg = with_schedule(cfg, mode=mode, seed=seed, max_steps=steps,
+        run_cfg = with_schedule(base, mode=mode, seed=seed, max_steps=steps_k,
                                 switch_p=p or cfg.schedule.switch_p, depth=depth,
                                 switches=())
         o = Supervisor(run_cfg).run()
-        what = f"{mode} seed {seed}" + (f" p={p}" if mode == "random" else f" d={depth}")
+        what = f"{mode} seed {seed}" + (f" p={p}" if mode == "random" else f" d={depth}") + note
         if progress:
             progress(f"try {k + 1}: {what}: {o.exit_reason}"
                      + (f" ({o.violations[0]['invariant']})" if o.violations else "")
@@ -91,7 +108,8 @@ def hunt(cfg: Config, tries: int, first_seed: int = 1, max_steps: int | None = N
                     and events_key(again.trace) == events_key(o.trace))
             return HuntResult(True, k + 1, time.monotonic() - t0, o, rcfg,
                               {"mode": mode, "seed": seed, "switch_p": p, "depth": depth,
-                               "max_steps": steps, "steps": o.schedule["steps"],
+                               "max_steps": steps_k, "workers": run_cfg.workers,
+                               "steps": o.schedule["steps"],
                                "switches": len(o.schedule["switches"]),
                                "lost": o.schedule["lost"]}, same)
     return HuntResult(False, tries, time.monotonic() - t0)
