@@ -369,9 +369,16 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
     unknown = [n for n in chosen if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variant: unknown variant {unknown[0]!r}")
-    res = run_zoo(chosen, seeds, cap, fixed_for, progress=lambda m: click.echo(m, err=True),
-                  compare_perturbation=compare_perturbation, hunt_tries=hunt_tries,
-                  hunt_max_steps=hunt_max_steps)
+    from stress.zoo import ZooInterrupted
+
+    try:
+        res = run_zoo(chosen, seeds, cap, fixed_for,
+                      progress=lambda m: click.echo(m, err=True),
+                      compare_perturbation=compare_perturbation, hunt_tries=hunt_tries,
+                      hunt_max_steps=hunt_max_steps)
+    except ZooInterrupted:
+        click.echo("tdp-stress: interrupted", err=True)
+        return 130
     click.echo(format_zoo(res))
     if json_out:
         write_json_atomic(Path(json_out), res)

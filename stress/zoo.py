@@ -23,6 +23,10 @@ SCHEMA = "tdp-stress-zoo"
 SCHEMA_VERSION = 1
 
 
+class ZooInterrupted(Exception):
+    """SIGINT or SIGTERM reached a run: the zoo stops (exit 130)."""
+
+
 def _p90(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
@@ -51,6 +55,8 @@ def _detect(name: str, seeds: int, cap: float, perturb: bool,
         if not perturb:
             ov.update(NO_PERTURBATION)
         o = Supervisor(config_mod.load(_config_path(v), ov)).run()
+        if o.exit_reason == "interrupted":
+            raise ZooInterrupted
         reasons[o.exit_reason] += 1
         if o.violations:
             ttds.append(o.violations[0]["time_s"])
@@ -74,6 +80,8 @@ def _hunt(name: str, tries: int, replays: int, max_steps: int,
     v = VARIANTS[name]
     cfg = config_mod.load(_config_path(v), {"run": {"variant": name}})
     res = hunt(cfg, tries, max_steps=max_steps)
+    if res.outcome is not None and res.outcome.exit_reason == "interrupted":
+        raise ZooInterrupted
     row: dict[str, Any] = {"tries": res.tries, "found": res.found,
                            "hunt_s": round(res.elapsed_s, 2), "replays": 0, "identical": 0}
     if res.found and res.config is not None and res.outcome is not None:
@@ -81,6 +89,8 @@ def _hunt(name: str, tries: int, replays: int, max_steps: int,
         inv = res.outcome.violations[0]["invariant"]
         for _ in range(replays):
             o = Supervisor(res.config).run()
+            if o.exit_reason == "interrupted":
+                raise ZooInterrupted
             row["replays"] += 1
             row["identical"] += bool(o.violations and o.violations[0]["invariant"] == inv
                                      and events_key(o.trace) == want)
@@ -114,6 +124,8 @@ def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
         if progress:
             progress(f"fixed protocol for {fixed_seconds:.0f} s")
         o = Supervisor(cfg).run()
+        if o.exit_reason == "interrupted":
+            raise ZooInterrupted
         fixed = {"seconds": o.duration_s, "violations": len(o.violations),
                  "exit_reason": o.exit_reason, "checks": o.checks}
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "seeds": seeds, "cap_s": cap,

@@ -198,3 +198,19 @@ def test_violation_bundle_holds_the_merged_trace(tmp_path: Path) -> None:
     assert any(e["ph"] == "i" for e in chrome["traceEvents"])
     timeline = (bundle / "timeline.txt").read_text()
     assert v["invariant"] in timeline and "TDH.MEM." in timeline
+
+
+def test_zoo_stops_on_sigterm(tmp_path: Path) -> None:
+    """A zoo is many runs: SIGTERM ends the whole zoo (exit 130), not one run."""
+    proc = subprocess.Popen([sys.executable, "-m", "stress.cli", "zoo", "--variant",
+                             "root-put-resurrect", "--seeds", "20", "--cap", "30s",
+                             "--fixed", "0", "--json", str(tmp_path / "zoo.json")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)  # the first run is under way (root-put-resurrect is never "caught")
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 20
+    assert "interrupted" in err and not (tmp_path / "zoo.json").exists()
+    assert segments_of(proc.pid) == []

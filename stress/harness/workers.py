@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import gc
 import os
 import random
 import signal
@@ -450,10 +451,14 @@ class Worker:
             time.sleep(0.0005)
         w.store(lay.slot(self.index, Slot.STATE), W_RUNNING)
 
-    def drain(self, timeout: float) -> None:
-        """Run pending RCU callbacks before exit, as long as peers let us."""
+    def drain(self, timeout: float, max_rounds: int | None = None) -> None:
+        """Run pending RCU callbacks before exit, as long as peers let us (a
+        controlled run bounds the rounds, not the time, to stay deterministic)."""
         deadline = time.monotonic() + timeout
-        while self.kvm.rcu.pending and time.monotonic() < deadline:
+        rounds = 0
+        while self.kvm.rcu.pending and (time.monotonic() < deadline if max_rounds is None
+                                        else rounds < max_rounds):
+            rounds += 1
             self.reclaim()
             if self.kvm.rcu.pending:
                 if self.words.load(self.layout.ctl(Control.ABORT)):
@@ -519,6 +524,9 @@ class Worker:
         cap = sc.max_ops[self.index] if sc.max_ops else -1
         if cap == 0:
             return  # absent: marked done before GO, it never gets a turn
+        # the cyclic GC runs finalizers (an abandoned root iterator puts its root):
+        # start every run from empty generations so it runs at the same points
+        gc.collect()
         kvm.w.activate()
         turns.start()
         skip = [(first, last) for wk, first, last in sc.skip_ops if wk == self.index]
@@ -535,7 +543,7 @@ class Worker:
             k += 1
         turns.end_phase()
         kvm_mmu_unload(kvm, kvm.vcpu)
-        self.drain(timeout=1.0)
+        self.drain(timeout=1.0, max_rounds=1000)
         self.publish()
         turns.exit()
 
