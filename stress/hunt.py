@@ -100,6 +100,11 @@ def hunt(cfg: Config, tries: int, first_seed: int = 1, max_steps: int | None = N
                      + (f", {o.schedule['steps']} steps" if o.schedule else ""))
         if o.exit_reason == "interrupted":
             return HuntResult(False, k + 1, time.monotonic() - t0, o)
+        if o.violations and o.schedule is not None and o.schedule["lost"]:
+            if progress:
+                progress(f"  ... but {o.schedule['lost']} switch points did not fit in the "
+                         f"log: not replayable, hunting on")
+            continue
         if o.violations and o.schedule is not None:
             rcfg = replay_config(run_cfg, o)
             again = Supervisor(rcfg).run()

@@ -69,7 +69,7 @@ EXIT_CODES = {"clean": EXIT_CLEAN, "violation": EXIT_VIOLATION, "crash": EXIT_CR
 # A run ends within duration + OVERRUN_S whatever the workers do: the stop
 # sequence (STOP, ABORT, SIGTERM, SIGKILL) and the final checks fit in it.
 OVERRUN_S = 5.0
-SCHED_LOG = 1 << 16  # switch points a controlled run can record
+SCHED_LOG = 1 << 18  # switch points a controlled run can record (4 MiB)
 STOP_GRACE_S = 1.5  # STOP -> ABORT
 ABORT_GRACE_S = 0.5  # ABORT -> SIGTERM
 TERM_GRACE_S = 0.5  # SIGTERM -> SIGKILL
