@@ -268,13 +268,13 @@ def machine_rate(procs: int, seconds: float) -> float:
 def vcpu_rate(base: Config, procs: int, seconds: float) -> float:
     """Aggregate faults/s of ``procs`` vCPU processes and no other role: the fault
     path's own cost (no modelled SEAMCALL latency, no injected delays, no
-    halts, resets or nested syncs)."""
+    halts, resets or nested syncs, no guest "hardware" accesses between faults)."""
     cfg = config_mod.load_from(base, {
         "run": {"duration": seconds, "check_interval": 0.0, "variant": "fixed"},
         "vm": {"type": "default"},
         "workers": {"vcpu": procs, "zapper": 0, "invalidator": 0, "notifier": 0,
                     "converter": 0},
-        "vcpu": {"halt_every": 0, "root_reset_every": 0},
+        "vcpu": {"halt_every": 0, "root_reset_every": 0, "guest_accesses": 0},
         "unsync": {"enabled": False}, "inject": {"delay_every": 0}})
     c, d, _reason = _one_run(cfg)
     return c["faults"] / d
