@@ -80,7 +80,8 @@ exec tdp-stress run config.toml --expect-violation --out rerun "$@"
 
 def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
                  trace: list[dict[str, Any]] | None = None, suffix: str = "",
-                 schedule: dict[str, Any] | None = None) -> tuple[Path, bool]:
+                 schedule: dict[str, Any] | None = None,
+                 replace: bool = False) -> tuple[Path, bool]:
     """Write (or count again) the bundle of ``violation`` under ``root``.
 
     Returns (bundle path, True if it is new).  The config written is the run's
@@ -89,10 +90,11 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
     holds ``trace.jsonl``, ``trace.chrome.json`` (Perfetto) and ``timeline.txt``.
     A bundle found under a controlled schedule (``hunt``, ``shrink``) also holds
     ``schedule.json`` (how the schedule was found); its config replays it.
+    With ``replace`` an existing bundle of the signature is replaced, not counted.
     """
     sig = signature(violation) + suffix
     path = root / sig
-    if path.exists():
+    if path.exists() and not replace:
         hits = path / "hits"
         n = int(hits.read_text()) + 1 if hits.exists() else 2
         _atomic_text(hits, f"{n}\n")
@@ -120,7 +122,13 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
                 f"{violation.get('invariant')}: {violation.get('message')}\n"
                 f"{json.dumps(violation.get('details', {}), default=str)}\n\n"
                 + timeline(focus(trace, violation)) + "\n")
-        os.rename(tmp, path)
+        if path.exists():  # replace: move the old one aside, then swap
+            old = Path(tempfile.mkdtemp(prefix=f".{sig}.old.", dir=root))
+            os.rename(path, old / "b")
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

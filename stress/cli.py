@@ -493,15 +493,9 @@ def hunt(target: str | None, variant: str | None, tries: int, mode: str,
         return 130 if res.outcome and res.outcome.exit_reason == "interrupted" else 1
     v = res.outcome.violations[0]
     sched = dict(res.strategy or {}, tries=res.tries, replayed_identically=res.replayed_identically)
-    import shutil
-
-    from stress.bundle import signature
-
-    root = Path(out_dir) / "bundles"
-    if (root / (signature(v) + "-sched")).exists():  # a new hunt replaces the old bundle
-        shutil.rmtree(root / (signature(v) + "-sched"))
-    path, _new = write_bundle(root, res.config, v, res.outcome.trace, suffix="-sched",
-                              schedule=sched)
+    # a new hunt replaces the old bundle of the same signature
+    path, _new = write_bundle(Path(out_dir) / "bundles", res.config, v, res.outcome.trace,
+                              suffix="-sched", schedule=sched, replace=True)
     click.echo(timeline(focus(res.outcome.trace, v), last=30))
     click.echo(f"hunt: {v['invariant']} ({cfg.run.variant}) after {res.tries} schedule(s), "
                f"{res.elapsed_s:.1f} s: {sched['mode']} seed {sched['seed']}, "
@@ -550,8 +544,6 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> 
     smallest failing bundle (BUNDLE-shrunk) and prints its interleaving.  Exit 0
     when a failing bundle was written.
     """
-    import shutil
-
     from stress.harness.trace import focus, timeline
     from stress.repro import BundleError, load_bundle
     from stress.shrink import Shrinker
@@ -573,13 +565,8 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> 
     root = Path(out_dir) if out_dir else src.parent
     sched = {"shrunk_from": str(src), "runs": res.runs, "elapsed_s": round(res.elapsed_s, 1),
              "before": res.start, "after": res.end, "kept": res.log}
-    from stress.bundle import signature
-
-    target = root / (signature(v) + "-shrunk")
-    if target.exists():
-        shutil.rmtree(target)
     path, _new = write_bundle(root, res.config, v, res.outcome.trace, suffix="-shrunk",
-                              schedule=sched)
+                              schedule=sched, replace=True)
     click.echo(timeline(focus(res.outcome.trace, v), last=60))
     b, a = res.start, res.end
     click.echo(f"shrink: {v['invariant']}: {res.runs} runs, {res.elapsed_s:.1f} s; "

@@ -154,3 +154,21 @@ def test_replay_refuses_a_free_run_bundle(tmp_path: Path) -> None:
                 timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "replayed identically" in r.stdout
+
+
+def test_a_new_hunt_replaces_its_bundle(tmp_path: Path) -> None:
+    """Free-run bundles of one signature are counted; hunt and shrink bundles are
+    replaced by the newer reproducer (atomically, no stale files left)."""
+    from stress.bundle import write_bundle
+
+    cfg = config_mod.load(None)
+    v = {"invariant": "x", "variant": "fixed", "message": "m", "details": {}}
+    p1, new1 = write_bundle(tmp_path, cfg, v, suffix="-sched", schedule={"try": 1})
+    (p1 / "stale").write_text("old")
+    p2, new2 = write_bundle(tmp_path, cfg, v, suffix="-sched", schedule={"try": 2},
+                            replace=True)
+    assert p1 == p2 and new1 and new2
+    assert json.loads((p2 / "schedule.json").read_text()) == {"try": 2}
+    assert not (p2 / "stale").exists() and sorted(tmp_path.iterdir()) == [p2]
+    p3, new3 = write_bundle(tmp_path, cfg, v, suffix="-sched")
+    assert not new3 and (p3 / "hits").read_text() == "2\n"

@@ -197,40 +197,31 @@ class Turns:
             lib.ts_store(self.base, self.abort_i, 1)
             raise LockAborted(f"schedule exhausted after {self.step} steps")
 
-    def point(self) -> None:
-        """A scheduling point: called before every shared access."""
+    def point(self, kind: int = POINT) -> bool:
+        """A scheduling point (``kind`` POINT: before every shared access); True
+        if the turn went to another worker and came back."""
         self._advance()
-        to = self._decide(POINT)
+        to = self._decide(kind)
         if to >= 0 and to != self.me:
-            self._hand_over(to, POINT)
+            # a preemption in a window is logged as one: it is the policy's choice
+            self._hand_over(to, POINT if kind == WINDOW else kind)
             self._wait()
+            return True
+        return False
 
     def relax(self) -> None:
         """A spin-wait's failed attempt: let another worker run (cpu_relax)."""
-        self._advance()
-        to = self._decide(RELAX)
-        if to >= 0 and to != self.me:
-            self._hand_over(to, RELAX)
-            self._wait()
-        elif lib.ts_load(self.base, self.abort_i):
+        if not self.point(RELAX) and lib.ts_load(self.base, self.abort_i):
             raise LockAborted("relax")
 
     def window(self) -> None:
         """A modelled latency or a bug variant's split atomic step: the places a
         preemption matters most, so random and pct preempt here often (1/4)."""
-        self._advance()
-        to = self._decide(WINDOW)
-        if to >= 0 and to != self.me:
-            self._hand_over(to, POINT)
-            self._wait()
+        self.point(WINDOW)
 
     def pause(self) -> None:
         """A modelled sleep: hand the turn to another worker once."""
-        self._advance()
-        to = self._decide(PAUSE)
-        if to >= 0 and to != self.me:
-            self._hand_over(to, PAUSE)
-            self._wait()
+        self.point(PAUSE)
 
     def exit(self) -> None:
         """This worker is done: hand the turn on for good (no-op unless holding)."""
