@@ -546,7 +546,7 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> 
     """
     from stress.harness.trace import focus, timeline
     from stress.repro import BundleError, load_bundle
-    from stress.shrink import Shrinker
+    from stress.shrink import Shrinker, ShrinkInterrupted
 
     src = Path(bundle)
     try:
@@ -561,6 +561,9 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> 
                        progress=lambda m: click.echo(m, err=True)).run()
     except ValueError as e:
         raise ConfigError(f"{src}: {e}") from None
+    except ShrinkInterrupted:
+        click.echo("tdp-stress: interrupted", err=True)
+        return 130
     v = res.outcome.violations[0]
     root = Path(out_dir) if out_dir else src.parent
     sched = {"shrunk_from": str(src), "runs": res.runs, "elapsed_s": round(res.elapsed_s, 1),

@@ -35,6 +35,10 @@ from stress.harness.supervisor import RunOutcome, Supervisor
 from stress.hunt import replay_config
 
 
+class ShrinkInterrupted(Exception):
+    """SIGINT or SIGTERM reached a run: stop shrinking, write nothing."""
+
+
 @dataclass
 class ShrinkResult:
     config: Config
@@ -121,6 +125,8 @@ class Shrinker:
             return False
         self.runs += 1
         o = Supervisor(cfg).run()
+        if o.exit_reason == "interrupted":
+            raise ShrinkInterrupted
         ok = bool(o.violations) and signature(o.violations[0]) == self.want \
             and o.schedule is not None and not o.schedule["lost"]
         if ok and self.best_outcome is not None:
