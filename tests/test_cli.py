@@ -58,6 +58,7 @@ WRONG_ROOT = "gfn mapped in the wrong root"
 LOST_DIRTY = "lost-dirty-bit"
 STALE_TLB = "stale-tlb-entry-after-free"
 GUEST_UAF = "guest access to freed page"
+ROOT_UAF = {UNDERFLOW, UAF, SEPT_ERR, "SPTE installed in removed table"}
 
 
 @pytest.mark.parametrize("variant, vm_type, invariants", [
@@ -73,9 +74,12 @@ GUEST_UAF = "guest access to freed page"
     ("private-selector-by-fault", "tdx", {SEPT_ERR, DIVERGE, "S-EPT table without live mirror "
                                                             "table"}),
     ("mirror-no-restore", "tdx", {SEPT_ERR, DIVERGE, UAF}),
-    ("root-put-dec-not-one", "tdx", {UNDERFLOW, UAF}),
-    ("root-put-force-zero", "tdx", {UNDERFLOW, UAF}),
-    ("root-double-put", "tdx", {UNDERFLOW, UAF}),
+    # a root freed while a task still uses it: usually the refcount or the walker's
+    # poison check fires first; now and then the freed page, reused as a table, takes
+    # an SPTE or a SEAMCALL first (seen once in ~50 CI runs each)
+    ("root-put-dec-not-one", "tdx", ROOT_UAF),
+    ("root-put-force-zero", "tdx", ROOT_UAF),
+    ("root-double-put", "tdx", ROOT_UAF),
     ("unsync-without-lock", "default", {"unsync_children underflow", "missed sync",
                                         "unsync_children != popcount(bitmap)",
                                         "unsync page unreachable",
