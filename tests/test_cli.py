@@ -76,7 +76,7 @@ ROOT_UAF = {UNDERFLOW, UAF, SEPT_ERR, "SPTE installed in removed table"}
     ("mirror-no-restore", "tdx", {SEPT_ERR, DIVERGE, UAF}),
     # a root freed while a task still uses it: usually the refcount or the walker's
     # poison check fires first; now and then the freed page, reused as a table, takes
-    # an SPTE or a SEAMCALL first (seen once in ~50 CI runs each)
+    # an SPTE or a SEAMCALL first (both seen in CI runs of this test)
     ("root-put-dec-not-one", "tdx", ROOT_UAF),
     ("root-put-force-zero", "tdx", ROOT_UAF),
     ("root-double-put", "tdx", ROOT_UAF),
