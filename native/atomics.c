@@ -362,13 +362,29 @@ enum {
  * re-reads the entry and, for a present non-leaf, reads the child's GEN,
  * STATE, ROLE and GFN before stepping into it.
  */
+/* read_spte with the walker's checks: the entry (not poison), then its table's
+ * generation against the one recorded on entry; each load is counted. */
+static inline int64_t read_spte_checked(const uint64_t *b, uint64_t sptep, uint64_t gen_i,
+					uint64_t gen, uint64_t poison, uint64_t *v,
+					uint64_t *loads)
+{
+	*v = __atomic_load_n(&b[sptep], __ATOMIC_ACQUIRE);
+	++*loads;
+	if (*v == poison)
+		return TS_WALK_POISON;
+	++*loads;
+	if (__atomic_load_n(&b[gen_i], __ATOMIC_ACQUIRE) != gen)
+		return TS_WALK_GEN_MOVED;
+	return TS_WALK_DONE;
+}
+
 int64_t ts_tdp_walk(uint64_t *b, const uint64_t *p, uint64_t root, uint64_t gfn,
 		    int64_t level, int64_t stop_level, uint64_t *out)
 {
 	uint64_t *pt = &out[TS_WO_PT], *gen = &out[TS_WO_GEN];
 	const uint64_t meta = p[TS_WP_SP_META], mw = p[TS_WP_SP_META_WORDS];
 	const uint64_t pages = p[TS_WP_PAGES], present = p[TS_WP_PRESENT];
-	uint64_t loads = 2, sptep, v, child;
+	uint64_t loads = 2, sptep, gen_i, v, child;
 	int64_t status = TS_WALK_DONE;
 
 	for (int64_t k = 0; k < TS_WO_WORDS; k++)
@@ -380,34 +396,17 @@ int64_t ts_tdp_walk(uint64_t *b, const uint64_t *p, uint64_t root, uint64_t gfn,
 	for (;;) {
 		/* _point + read_spte */
 		sptep = pages + pt[level] * 512 + SPTE_INDEX(gfn, level);
-		v = __atomic_load_n(&b[sptep], __ATOMIC_ACQUIRE);
-		loads++;
-		if (v == p[TS_WP_POISON]) {
-			status = TS_WALK_POISON;
+		gen_i = meta + pt[level] * mw + p[TS_WP_OFF_GEN];
+		status = read_spte_checked(b, sptep, gen_i, gen[level], p[TS_WP_POISON], &v, &loads);
+		if (status != TS_WALK_DONE)
 			break;
-		}
-		loads++;
-		if (__atomic_load_n(&b[meta + pt[level] * mw + p[TS_WP_OFF_GEN]],
-				    __ATOMIC_ACQUIRE) != gen[level]) {
-			status = TS_WALK_GEN_MOVED;
-			break;
-		}
 		/* the caller's loop: stop at stop_level, or unless present non-leaf */
 		if (level <= stop_level || !(v & present) || level == 1 || (v & p[TS_WP_LARGE]))
 			break;
 		/* try_step_down: re-read (read_spte again) */
-		v = __atomic_load_n(&b[sptep], __ATOMIC_ACQUIRE);
-		loads++;
-		if (v == p[TS_WP_POISON]) {
-			status = TS_WALK_POISON;
+		status = read_spte_checked(b, sptep, gen_i, gen[level], p[TS_WP_POISON], &v, &loads);
+		if (status != TS_WALK_DONE)
 			break;
-		}
-		loads++;
-		if (__atomic_load_n(&b[meta + pt[level] * mw + p[TS_WP_OFF_GEN]],
-				    __ATOMIC_ACQUIRE) != gen[level]) {
-			status = TS_WALK_GEN_MOVED;
-			break;
-		}
 		if (!(v & present) || (v & p[TS_WP_LARGE])) {
 			status = TS_WALK_STEP_DOWN_FAILED;
 			break;

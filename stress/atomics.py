@@ -306,28 +306,28 @@ class Words:
         out[WO_ROOT_ROLE] = load(meta + root * mw + wp.off_role)
         out[WO_GEN + level] = load(meta + root * mw + wp.off_gen)
         loads, status = 2, WALK_DONE
+
+        def read_spte_checked(sptep: int, gen_i: int, gen: int) -> tuple[int, int, int]:
+            """(value, status, loads made): the entry, its poison and generation checks."""
+            v = load(sptep)
+            if v == wp.poison:
+                return v, WALK_POISON, 1
+            return v, WALK_GEN_MOVED if load(gen_i) != gen else WALK_DONE, 2
+
         while True:
             table = out[WO_PT + level]
             sptep = wp.pages + table * 512 + ((gfn >> (9 * (level - 1))) & 511)
-            v = load(sptep)
-            loads += 1
-            if v == wp.poison:
-                status = WALK_POISON
-                break
-            loads += 1
-            if load(meta + table * mw + wp.off_gen) != out[WO_GEN + level]:
-                status = WALK_GEN_MOVED
+            gen_i = meta + table * mw + wp.off_gen
+            v, status, n = read_spte_checked(sptep, gen_i, out[WO_GEN + level])
+            loads += n
+            if status != WALK_DONE:
                 break
             if level <= stop_level or not v & wp.present or level == 1 or v & wp.large:
                 break
-            v = load(sptep)  # try_step_down re-reads the entry
-            loads += 1
-            if v == wp.poison:
-                status = WALK_POISON
-                break
-            loads += 1
-            if load(meta + table * mw + wp.off_gen) != out[WO_GEN + level]:
-                status = WALK_GEN_MOVED
+            # try_step_down re-reads the entry
+            v, status, n = read_spte_checked(sptep, gen_i, out[WO_GEN + level])
+            loads += n
+            if status != WALK_DONE:
                 break
             if not v & wp.present or v & wp.large:
                 status = WALK_STEP_DOWN_FAILED
