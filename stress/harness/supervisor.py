@@ -208,7 +208,8 @@ class Supervisor:
         for i, role in enumerate(self.roles):
             r, wconn = ctx.Pipe(duplex=False)
             p = ctx.Process(target=worker_main,
-                            args=(i, role, self.cfg, self.arena, wconn, self._stacks_file(i)),
+                            args=(i, role, self.cfg, self.arena, wconn, self._stacks_file(i),
+                                  os.getpid()),
                             name=f"tdp-stress-{role}{i}")
             p.start()
             wconn.close()

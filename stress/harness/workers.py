@@ -76,6 +76,7 @@ assert len(STAT_NAMES) <= Slot.MAX_STATS
 
 W_STARTING, W_RUNNING, W_PARKED, W_DONE = 0, 1, 2, 3
 MASK63 = (1 << 63) - 1
+EXIT_ORPHANED = 3  # the supervisor died before this worker was set up
 PR_SET_PDEATHSIG = 1
 
 
@@ -388,12 +389,17 @@ ROLE_CLASSES: dict[str, type[Role]] = {"vcpu": VcpuRole, "zapper": ZapperRole,
                                         "notifier": NotifierRole, "converter": ConverterRole}
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG, and then the check that makes it race-free: a parent
+    that died between fork and prctl sent no signal, and we are already
+    reparented (prctl(2))."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(EXIT_ORPHANED)
 
 
 class Worker:
@@ -574,9 +580,9 @@ def stop_run_for_violation(words: Words, layout: Layout, index: int) -> None:
 
 
 def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connection,
-                stacks_path: str | None = None) -> None:
+                stacks_path: str | None = None, parent: int | None = None) -> None:
     """Entry point of a worker process (after fork)."""
-    _die_with_parent()
+    _die_with_parent(os.getppid() if parent is None else parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # SIGUSR1 dumps every thread's Python stack, from a C signal handler, so it
