@@ -25,7 +25,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
-LAYOUT_VERSION = 8
+LAYOUT_VERSION = 9
 MAX_ROOTS = 64  # slots of kvm->arch.tdp_mmu_roots
 MAX_SHADOW_PAGES = 64  # indirect shadow pages (nested TDP) modelled for the unsync path
 SHADOW_SP_WORDS = 16
@@ -38,7 +38,7 @@ SHM_DIR = Path("/dev/shm")
 
 WORDS_PER_PAGE = 512  # SPTE_ENT_PER_PAGE
 SP_META_WORDS = 16  # two cache lines of struct kvm_mmu_page per page
-WORKER_SLOT_WORDS = 80  # per-worker slot: state words then stat counters
+WORKER_SLOT_WORDS = 128  # per-worker slot: state words then stat counters
 
 # header words
 H_MAGIC, H_VERSION, H_CONFIG_HASH, H_OWNER_PID, H_NWORDS = range(5)
@@ -103,7 +103,22 @@ class Globals:
     # has a cache line of its own (sharing one with the words above made each event
     # invalidate the line every fault reads mmu_invalidate_seq from)
     TRACE_SEQ = 24
-    WORDS = 32
+    # TDX (struct kvm_tdx, and the module's per-TD state)
+    TD_STATE = 32  # kvm_tdx->state: TD_STATE_INITIALIZED, then RUNNABLE after finalize
+    PRE_FAULT_ALLOWED = 33  # kvm->arch.pre_fault_allowed (set after TD_STATE_RUNNABLE)
+    HKID = 34  # kvm_tdx->hkid > 0: assigned (the module's pages cannot be reclaimed)
+    WAIT_FOR_SEPT_ZAP = 35  # kvm_tdx->wait_for_sept_zap: no vCPU may enter the TD
+    TD_EPOCH_LOCK_OWNER = 36
+    SEPT_LOCK_HOLDERS = 37  # module: kinds of the S-EPT tree lock's holders (BUSY stats)
+    EPOCH_LOCK_HOLDERS = 38  # module: kinds of the TD epoch lock's holders
+    INIT_MEM_PENDING = 39  # vCPUs still building the initial image (the last finalizes)
+    VM_DEAD = 40  # kvm->vm_dead / KVM_REQ_VM_DEAD: the VM was killed (kvm_vm_dead)
+    TDR_LOCK = 41  # module: the TDR's lock (shared by most calls, exclusive by a few)
+    TDR_LOCK_OWNER = 42
+    TDR_LOCK_HOLDERS = 43
+    NR_PREMAPPED = 44  # kvm_tdx->nr_premapped (v6.16's initial-image protocol)
+    SWEEP = 45  # harness: hot-set picks so far, all workers (guest.sweep)
+    WORDS = 64
 
 
 class Slot:
@@ -121,6 +136,13 @@ class Slot:
     # conversion's pre step and cleared at its post step (0, 0: none)
     ATTR_CHANGE_START = 7
     ATTR_CHANGE_END = 8
+    # TDX module, per vCPU: 1 + the TD epoch this vCPU runs with while in the TD
+    # (0 outside), and zero-step mitigation's count of entries re-faulting at one gfn
+    TD_VCPU_EPOCH = 9
+    ZERO_STEP_COUNT = 10
+    ZERO_STEP_GFN = 11  # 1 + the gfn of that RIP's last EPT violation
+    ZERO_STEP_RIP = 12  # 1 + the guest RIP the count is for
+    VCPU_MUTEX = 13  # vcpu->mutex (a vCPU ioctl holds it; the TD's state changes take all)
     STATS = 16  # counters start here
     MAX_STATS = WORKER_SLOT_WORDS - STATS
 
@@ -174,6 +196,7 @@ class Layout:
     attrs: int  # one bit per gfn: KVM_MEMORY_ATTRIBUTE_PRIVATE
     lpage_info: int  # one word per 2 MiB region: lpage_info[PG_LEVEL_2M] (see host.py)
     dirty: int  # one word per gfn: D bits set (low 32) and propagated (high 32)
+    accepted: int  # one word per gfn: 1 + the host page generation the TD guest accepted
     tlb: int  # per-vCPU requests, mode and TLB, field-major (see tlb_* below)
     traces: int  # per process: a ring of trace_entries events of TRACE_EVENT_WORDS
     trace_entries: int
@@ -197,7 +220,8 @@ class Layout:
         attrs = host_gens + (n_gfns + 7) // 8
         lpage_info = attrs + (n_gfns + 63) // 64
         dirty = lpage_info + (n_gfns + 511) // 512
-        tlb = dirty + n_gfns
+        accepted = dirty + n_gfns
+        tlb = accepted + n_gfns
         traces = tlb + n_slots * (TLB_HDR_WORDS + TLB_ENTRIES * (3 + TLB_MAX_LEVELS))
         slots = traces + n_slots * trace_entries * TRACE_EVENT_WORDS
         sched = slots + n_slots * WORKER_SLOT_WORDS
@@ -208,8 +232,8 @@ class Layout:
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         nwords = pages + n_pages * WORDS_PER_PAGE
         return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, lpage_info,
-                   dirty, tlb, traces, trace_entries, slots, sched, sched_log, sp_meta, bitmap,
-                   bitmap_words, pages, nwords)
+                   dirty, accepted, tlb, traces, trace_entries, slots, sched, sched_log, sp_meta,
+                   bitmap, bitmap_words, pages, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off

@@ -268,8 +268,16 @@ class Words:
             raise LockAborted("freeze_children")
         return [(self._idx[j], self._val[j]) for j in range(k)]
 
+    SCAN_CHUNK = 4096  # the out arrays' size: a scan of more words goes in chunks
+
     def scan_ne(self, start: int, n: int, v: int) -> list[tuple[int, int]]:
         """``(index, value)`` of every word in the range that is not ``v``."""
+        if n > self.SCAN_CHUNK:
+            out: list[tuple[int, int]] = []
+            for off in range(0, n, self.SCAN_CHUNK):
+                out.extend((off + i, x) for i, x in
+                           self.scan_ne(start + off, min(self.SCAN_CHUNK, n - off), v))
+            return out
         k = lib.ts_scan_ne(self.base, start, n, v, self._idx, self._val)
         return [(self._idx[j], self._val[j]) for j in range(k)]
 

@@ -60,12 +60,15 @@ from stress.model.tdx import (
     SEPT_BLOCKED,
     SEPT_FREE,
     SEPT_MAPPED,
+    SEPT_PENDING,
+    SEPT_PENDING_BLOCKED,
     SEPT_TABLE,
     SEPT_TABLE_BLOCKED,
     describe_sept,
     sept_entry,
     sept_pfn,
     sept_state,
+    sept_value,
 )
 from stress.model.unsync import check_unsync_state
 
@@ -115,6 +118,8 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
     sept_reachable: set[int] = set()
     if mirror_root is not None:
         _check_mirror(kvm, mirror_root, sept_reachable, rep)
+        if not rep.violations:
+            _check_accepted(kvm, rep)
     removed_ext = set()
     for page, state in enumerate(states):
         if state == SP_LINKED and page not in reachable:
@@ -292,7 +297,8 @@ def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
         mpage, spage, level, base = stack.pop()
         sept_reachable.add(spage)
         mirror = dict(w.scan_ne(lay.spt(mpage), WORDS_PER_PAGE, SHADOW_NONPRESENT_VALUE))
-        sept = dict(w.scan_ne(lay.spt(spage), WORDS_PER_PAGE, sept_entry(SEPT_FREE)))
+        sept = {i: sept_value(e)
+                for i, e in w.scan_ne(lay.spt(spage), WORDS_PER_PAGE, sept_entry(SEPT_FREE))}
         for i in sorted(mirror.keys() | sept.keys()):
             m = mirror.get(i, SHADOW_NONPRESENT_VALUE)
             e = sept.get(i, sept_entry(SEPT_FREE))
@@ -300,7 +306,7 @@ def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
             gfn = base + i * KVM_PAGES_PER_HPAGE(level)
             both = {"gfn": gfn, "level": level, "mirror": describe(m), "sept": describe_sept(e),
                     "mirror_table": mpage, "sept_table": spage}
-            if st in (SEPT_BLOCKED, SEPT_TABLE_BLOCKED):
+            if st in (SEPT_BLOCKED, SEPT_TABLE_BLOCKED, SEPT_PENDING_BLOCKED):
                 rep.fail("blocked S-EPT entry at quiescence",
                          "an S-EPT entry is still blocked although no removal is running",
                          **both)
@@ -309,7 +315,7 @@ def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
                     rep.fail("mirror/S-EPT divergence",
                              "the S-EPT maps what the mirror does not", **both)
             elif is_last_spte(m, level):
-                if st != SEPT_MAPPED or sept_pfn(e) != spte_to_pfn(m):
+                if st not in (SEPT_MAPPED, SEPT_PENDING) or sept_pfn(e) != spte_to_pfn(m):
                     rep.fail("mirror/S-EPT divergence",
                              "the mirror maps a page the S-EPT does not map (or another pfn)",
                              **both)
@@ -324,6 +330,27 @@ def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
                     stack.append((child, ext, level - 1, gfn))
             if rep.violations:
                 return
+
+
+def _check_accepted(kvm: Kvm, rep: QuiescentReport) -> None:
+    """Every private page the guest accepted, and whose host page did not change
+    since (no conversion, no punch-hole), is still mapped and accepted in the
+    S-EPT: nothing else may take it away from a running TD."""
+    from stress.model.td import guest_accepted
+
+    assert kvm.tdx is not None
+    w, lay = kvm.w, kvm.layout
+    for gfn, _v in w.scan_ne(lay.accepted, kvm.geometry.n_gfns, 0):
+        if not kvm_mem_is_private(kvm, gfn) or not guest_accepted(kvm, gfn):
+            continue
+        e = kvm.tdx.module.entry(gfn)
+        if e is None or sept_state(e) != SEPT_MAPPED:
+            rep.fail("accepted private page lost",
+                     "a private page the guest accepted is no longer mapped and accepted in "
+                     "the S-EPT, although its host page did not change: KVM removed it "
+                     "without a conversion or punch-hole", gfn=gfn,
+                     sept=describe_sept(e) if e is not None else "unreachable")
+            return
 
 
 def _check_removed(kvm: Kvm, page: int, rep: QuiescentReport) -> None:

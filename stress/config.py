@@ -77,6 +77,11 @@ class GuestConfig:
     root_level: int = 4
     hot_set: int = 64 << 10
     hot_fraction: float = 0.9
+    # a boot-like sweep: every `sweep` hot-set picks (counted by all workers
+    # together) the hot set moves on by 2 MiB, so tasks keep touching tables
+    # nobody has touched yet, together (first touches of a TD's mirror tables);
+    # 0: the hot set stays where the seed put it
+    sweep: int = 0
     # share of 2 MiB regions the host backs with a transparent huge page; a
     # shared fault in one maps it with a 2M leaf in the direct root when the
     # region allows it (kvm_mmu_hugepage_adjust).  0: 4K mappings only
@@ -94,6 +99,10 @@ class VcpuConfig:
     # mitigation (nx_huge_pages) they map 4K, splitting a huge leaf on the way
     exec_fraction: float = 0.0
     guest_accesses: int = 1  # guest loads/stores (TLB, hardware walk) before each fault
+    # KVM_PRE_FAULT_MEMORY: share of vCPU ops that pre-fault a range instead of
+    # running the guest (kvm_tdp_map_page's retry loop, which never enters the guest)
+    prefault_fraction: float = 0.0
+    prefault_range: int = 16 << 12  # bytes pre-faulted by one ioctl
 
 
 @dataclass(frozen=True)
@@ -161,6 +170,18 @@ class TdxConfig:
     busy_policy: str = "unwind"  # unwind | retry | serialize
     busy_retries: int = 16
     private_chunk: int = 32 << 10
+    # zero-step mitigation: the TDX module suspects a zero-step attack after this many
+    # TD entries that re-fault at one guest RIP (6 per the TDX module, per KVM)
+    zero_step_threshold: int = 6
+    # a TD guest's instruction touches up to this many consecutive private pages
+    # (rep movs across pages): each EPT violation on them exits at one RIP
+    instruction_span: int = 8
+    # chance, per pass of tdx_handle_ept_violation's local retry loop, that
+    # kvm_vcpu_has_events() (an interrupt to inject) ends it: the vCPU re-enters
+    pending_event_fraction: float = 0.05
+    # pages of the initial image (KVM_TDX_INIT_MEM_REGION: PAGE.ADD + MR.EXTEND)
+    # built by the first vCPU before the TD is finalized; 0: finalize at once
+    init_mem_pages: int = 64
 
 
 @dataclass(frozen=True)
@@ -355,6 +376,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "root_level": _int("guest.root_level", 4, 5),
         "hot_set": _size("guest.hot_set", 4096, 1 << 40),
         "hot_fraction": _float("guest.hot_fraction", 0.0, 1.0),
+        "sweep": _int("guest.sweep", 0, 10**9),
         "huge_pages": _float("guest.huge_pages", 0.0, 1.0),
     },
     "workers": {role: _int(f"workers.{role}", 0, 256) for role in ROLES},
@@ -366,6 +388,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "halt_time": _dur("vcpu.halt_time", 0.0, 60.0),
         "exec_fraction": _float("vcpu.exec_fraction", 0.0, 1.0),
         "guest_accesses": _int("vcpu.guest_accesses", 0, 10**6),
+        "prefault_fraction": _float("vcpu.prefault_fraction", 0.0, 1.0),
+        "prefault_range": _size("vcpu.prefault_range", 4096, 1 << 30),
     },
     "invalidator": {
         "interval": _dur("invalidator.interval", 0.0, 3600.0),
@@ -407,6 +431,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "busy_policy": _choice("tdx.busy_policy", BUSY_POLICIES),
         "busy_retries": _int("tdx.busy_retries", 1, 10**6),
         "private_chunk": _size("tdx.private_chunk", 4096, 1 << 40),
+        "zero_step_threshold": _int("tdx.zero_step_threshold", 1, 10**6),
+        "instruction_span": _int("tdx.instruction_span", 1, 512),
+        "pending_event_fraction": _float("tdx.pending_event_fraction", 0.0, 1.0),
+        "init_mem_pages": _int("tdx.init_mem_pages", 0, 1 << 20),
     },
     "trace": {
         "enabled": _bool("trace.enabled"),

@@ -14,6 +14,7 @@ from stress.atomics import Words
 from stress.model.host import init_lpage_info, init_mem_attributes
 from stress.model.kvm import Geometry, Kvm, TdxVm
 from stress.model.roots import kvm_tdp_mmu_alloc_root
+from stress.model.td import tdx_td_finalize
 from stress.model.tdp_mmu import kvm_tdp_mmu_alloc_mirror_root
 from stress.model.tdx import TdxModule
 from stress.model.variants import get_variant
@@ -41,7 +42,7 @@ class Vm:
     def __init__(self, variant: str = "fixed", n_pages: int = 256, slots: int = 3,
                  guest_gfns: int = 1 << 18, tdx: bool = False, policy: str = "unwind",
                  latency_ns: int = 0, huge_pages: float = 0.0, chunk_shift: int = 3,
-                 alias_floor_words: int = 0) -> None:
+                 alias_floor_words: int = 0, runnable: bool = True) -> None:
         self.extra_words: list[Words] = []
         self.shadowed: dict[int, int] = {}  # nested TDP: gfn -> leaf shadow page
         self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages, n_gfns=guest_gfns)
@@ -63,6 +64,8 @@ class Vm:
         init_lpage_info(self.kvm, huge_pages, 0)
         if tdx:
             self.mirror_root = kvm_tdp_mmu_alloc_mirror_root(self.kvm)
+            if runnable:  # no initial image: KVM_TDX_FINALIZE_VM at once
+                assert tdx_td_finalize(self.kvm) == 0
         self.kvm.read_lock()
         self.root = kvm_tdp_mmu_alloc_root(self.kvm)  # the VM's first direct root,
         self.kvm.read_unlock()  # its creator's reference is the task's vCPU's

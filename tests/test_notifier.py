@@ -10,7 +10,7 @@ from stress.model import notifier as n
 from stress.model.errors import InvariantViolation
 from stress.model.host import host_page_gen, kvm_mem_is_private
 from stress.model.tdp_mmu import RET_PF_EXIT, RET_PF_FIXED, RET_PF_RETRY, kvm_tdp_page_fault
-from stress.model.tdx import SEPT_FREE, SEPT_MAPPED, sept_state
+from stress.model.tdx import SEPT_FREE, SEPT_PENDING, sept_state
 
 GFN = 0x2468  # shared (chunk 0x2468 >> 3 is odd)
 PRIV = 0x2460  # private
@@ -79,7 +79,7 @@ def test_conversion_to_shared_zaps_the_mirror(make_vm) -> None:
     k = vm.kvm
     assert kvm_mem_is_private(k, PRIV)
     assert kvm_tdp_page_fault(k, PRIV, write=True) == RET_PF_FIXED
-    assert sept_state(_mirror_leaf(vm)) == SEPT_MAPPED
+    assert sept_state(_mirror_leaf(vm)) == SEPT_PENDING  # AUGed, not yet accepted
     n.kvm_vm_set_mem_attributes(k, PRIV & ~7, (PRIV & ~7) + 8, private=False)
     assert not kvm_mem_is_private(k, PRIV)
     assert sept_state(_mirror_leaf(vm)) == SEPT_FREE  # removed from the S-EPT too

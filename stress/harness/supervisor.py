@@ -53,6 +53,7 @@ from stress.model.errors import InvariantViolation
 from stress.model.host import init_mem_attributes
 from stress.model.kvm import LOCK_NONE, Kvm
 from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
+from stress.model.td import tdx_td_finalize
 from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_mirror_root
 
 EXIT_CLEAN = 0
@@ -197,7 +198,9 @@ class Supervisor:
         enable_nested(self.cfg, self.kvm)
         init_huge_pages(self.cfg, self.kvm)
         if self.kvm.geometry.tdx:
-            kvm_tdp_mmu_alloc_mirror_root(self.kvm)
+            kvm_tdp_mmu_alloc_mirror_root(self.kvm)  # KVM_TDX_INIT_VM: the TD is INITIALIZED
+            if not self.cfg.tdx.init_mem_pages or not self.cfg.workers.get("vcpu"):
+                tdx_td_finalize(self.kvm)  # no initial image to build: runnable at once
         if self.controlled:
             schedule.init_region(w, lay, self.cfg.schedule, self.n)
 

@@ -37,12 +37,19 @@ def read_events(w: Words, lay: Layout, roles: list[str], keep: int) -> list[dict
 
 def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
     seq, t_ns, kw, a, b, c = e
-    kind, level, worker = kw & 0xFF, (kw >> 8) & 0xFF, kw >> 16
+    kind, level, worker, flags, table = ev.split_kind(kw)
     d: dict[str, Any] = {"seq": seq, "t_ns": t_ns, "worker": worker,
                          "role": roles[worker] if worker < len(roles) else "supervisor",
                          "event": ev.NAMES.get(kind, str(kind))}
     if kind in (ev.SPTE, ev.SPTE_WRITE):
         d.update(gfn=a, level=level, old=describe(b), new=describe(c))
+        if kind == ev.SPTE_WRITE:
+            d.update(table=table, root="mirror" if flags & ev.F_MIRROR else "direct",
+                     failed=bool(flags & ev.F_FAILED), restore=bool(flags & ev.F_RESTORE))
+    elif kind == ev.REMOVED_PT:
+        d.update(table=a, gfn=b, level=level, shared=bool(c))
+    elif kind == ev.TD:
+        d.update(op=ev.TD_NAMES.get(a, a), gfn=b, status=c)
     elif kind == ev.FAULT_BEGIN:
         d.update(gfn=a, write=bool(b & 1))
     elif kind == ev.FAULT_END:
@@ -65,9 +72,18 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
 def summary(e: dict[str, Any]) -> str:
     """One event as a short line for a timeline column."""
     k = e["event"]
-    if k in ("spte", "spte-write"):
-        verb = "write" if k == "spte-write" else "set"
-        return f"{verb} L{e['level']}[{e['gfn']:#x}] {e['old']} -> {e['new']}"
+    if k == "spte-write":
+        where = f"{e['root']} t{e['table']} L{e['level']}[{e['gfn']:#x}]"
+        if e.get("failed"):
+            return f"cmpxchg {where} expected {e['old']}, found {e['new']}: lost"
+        verb = "restore" if e.get("restore") else "store"
+        return f"{verb} {where} {e['old']} -> {e['new']}"
+    if k == "spte":
+        return f"changed L{e['level']}[{e['gfn']:#x}] {e['old']} -> {e['new']}"
+    if k == "removed-pt":
+        return f"handle_removed_pt t{e['table']} L{e['level']} gfn {e['gfn']:#x}"
+    if k == "td":
+        return f"{e['op']} gfn {e['gfn']:#x} -> {e['status']:#x}"
     if k == "fault":
         return f"fault gfn {e['gfn']:#x}{' (write)' if e['write'] else ''}"
     if k == "fault-end":

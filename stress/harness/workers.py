@@ -42,6 +42,21 @@ from stress.model.roots import (
     kvm_mmu_zap_all_fast,
 )
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
+from stress.model.td import (
+    EXIT_FASTPATH_EXIT_HANDLED,
+    GUEST_EPT_VIOLATION,
+    GUEST_OK,
+    check_td_runnable,
+    kvm_arch_vcpu_pre_fault_memory,
+    td_exit,
+    td_guest_access_private,
+    tdx_handle_ept_violation,
+    tdx_map_gpa,
+    tdx_td_finalize,
+    tdx_vcpu_init_mem_region,
+    tdx_vcpu_ioctl,
+    tdx_vcpu_run,
+)
 from stress.model.tdp_mmu import (
     RET_PF_EMULATE,
     RET_PF_RETRY,
@@ -53,8 +68,8 @@ from stress.model.tdp_mmu import (
     tdp_mmu_zap_range_at_level,
     zap_root_types,
 )
-from stress.model.tdx import TdxModule
-from stress.model.tlb import guest_access
+from stress.model.tdx import VP_EPT_VIOLATION, TdxModule
+from stress.model.tlb import guest_access, guest_access_in_mode
 from stress.model.variants import get_variant
 
 # counters published in the worker's slot (live status, crash forensics)
@@ -111,11 +126,34 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     kvm.huge_pages = cfg.guest.huge_pages > 0
     if cfg.pool.alias_tables:
         kvm.alias_floor_words = min(layout.bitmap_words - 1, (cfg.n_gfns // 512 + 63) // 64)
+    kvm.max_fault_retries = cfg.vcpu.max_retries
+    roles = worker_roles(cfg)
+    kvm.vcpu_slots = tuple(i for i, r in enumerate(roles) if r == "vcpu")
     if tdx:
-        kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9)),
+        kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9),
+                                  cfg.tdx.zero_step_threshold),
                         policy=variant.busy_policy or cfg.tdx.busy_policy,
                         busy_retries=cfg.tdx.busy_retries)
+        kvm.tdx_pending_event_fraction = cfg.tdx.pending_event_fraction
     return kvm
+
+
+def worker_roles(cfg: Config) -> list[str]:
+    """The role of every worker slot, in slot order (the supervisor's order)."""
+    return [role for role, n in cfg.workers.items() for _ in range(n)]
+
+
+def initial_image_gfns(cfg: Config, kvm: Kvm) -> list[int]:
+    """The private gfns of the TD's initial image (KVM_TDX_INIT_MEM_REGION), from
+    the start of the hot set on, so the guest uses them at once."""
+    base, _n = hot_region(cfg)
+    out: list[int] = []
+    g = base
+    while len(out) < cfg.tdx.init_mem_pages and g < cfg.n_gfns:
+        if kvm_mem_is_private(kvm, g):
+            out.append(g)
+        g += 1
+    return out
 
 
 def enable_nested(cfg: Config, kvm: Kvm) -> None:
@@ -158,7 +196,13 @@ class Role:
 
     def pick_gfn(self) -> int:
         if self.rng.random() < self.cfg.guest.hot_fraction:
-            return self.hot_base + self.rng.randrange(self.hot_n)
+            sweep = self.cfg.guest.sweep
+            if not sweep:
+                return self.hot_base + self.rng.randrange(self.hot_n)
+            # harness bookkeeping (not a guest access): the shared pick counter
+            k = self.kvm.w.fetch_add(self.kvm.layout.glob(Globals.SWEEP), 1) // sweep
+            base = (self.hot_base + k * 512) % max(1, self.n_gfns - self.hot_n + 1)
+            return base + self.rng.randrange(self.hot_n)
         return self.rng.randrange(self.n_gfns)
 
     def step(self) -> None:
@@ -174,7 +218,20 @@ class VcpuRole(Role):
 
     name = "vcpu"
 
+    def __init__(self, kvm: Kvm, cfg: Config) -> None:
+        super().__init__(kvm, cfg)
+        # a TD: the first vCPU builds the initial image and finalizes the TD; the
+        # guest instruction in progress (its RIP, the pages it touches, write) and
+        # the private gfn of its last EPT violation (zero-step mitigation)
+        self.builder = bool(kvm.vcpu_slots) and kvm.me == kvm.vcpu_slots[0]
+        self.rip = 0
+        self.insn: tuple[int, list[int], bool] | None = None
+        self.last_fault: int | None = None
+
     def step(self) -> None:
+        if self.kvm.geometry.tdx:
+            self.step_td()
+            return
         kvm = self.kvm
         vc = self.cfg.vcpu
         gfn = self.pick_gfn()
@@ -195,6 +252,11 @@ class VcpuRole(Role):
                         gfn=gfn, write=write)
         if r == RET_PF_EMULATE:
             self.emulate_write(gfn)
+        self.after_fault(retries)
+
+    def after_fault(self, retries: int) -> None:
+        kvm = self.kvm
+        vc = self.cfg.vcpu
         if kvm.shadowed and self.rng.randrange(self.cfg.unsync.sync_every) == 0:
             self.sync_roots()
         kvm.stats["faults"] += 1
@@ -213,6 +275,84 @@ class VcpuRole(Role):
             kvm_mmu_unload(kvm, kvm.vcpu)
             kvm.stats["root_resets"] += 1
 
+    # -- a TD's vCPU ------------------------------------------------------------------
+    def step_td(self) -> None:
+        """Before the TD runs: the first vCPU builds the initial image and
+        finalizes the TD, the others do vCPU ioctls (userspace setting them up).
+        Then: KVM_PRE_FAULT_MEMORY now and then, else enter the TD, run the
+        guest's instruction (private pages accepted before use, shared ones
+        through the hardware walker) and handle the EPT violation it exits with."""
+        kvm = self.kvm
+        vc = self.cfg.vcpu
+        if not check_td_runnable(kvm):
+            if self.builder:
+                self.build_initial_image()
+            else:
+                tdx_vcpu_ioctl(kvm)
+                kvm.w.pause(0.0002)
+            return
+        if vc.prefault_fraction and self.rng.random() < vc.prefault_fraction:
+            n = max(1, vc.prefault_range >> 12)
+            start = self.pick_gfn()
+            kvm_arch_vcpu_pre_fault_memory(kvm, start, min(self.n_gfns, start + n))
+            kvm.stats["prefaults"] += 1
+            return
+        if self.insn is None:
+            self.rip += 1
+            gfn = self.pick_gfn()
+            span = 1
+            if kvm_mem_is_private(kvm, gfn) and self.cfg.tdx.instruction_span > 1:
+                span = self.rng.randint(1, self.cfg.tdx.instruction_span)
+            self.insn = (self.rip, list(range(gfn, min(self.n_gfns, gfn + span))),
+                         self.rng.random() < vc.write_fraction)
+            self.last_fault = None
+        rip, gfns, write = self.insn
+        r = tdx_vcpu_run(kvm, rip if self.last_fault is not None else None, self.last_fault)
+        if r == EXIT_FASTPATH_EXIT_HANDLED:
+            kvm.w.relax()
+            return
+        if r == VP_EPT_VIOLATION:  # zero-step: the module re-raised the EPT violation
+            assert self.last_fault is not None
+            self.handle_td_exit(self.last_fault, write, GUEST_EPT_VIOLATION)
+            return
+        fault = None
+        for gfn in gfns:
+            if kvm_mem_is_private(kvm, gfn):
+                how = td_guest_access_private(kvm, gfn)
+            else:
+                how = GUEST_OK if guest_access_in_mode(kvm, gfn, write) else GUEST_EPT_VIOLATION
+            if how != GUEST_OK:
+                fault = (gfn, how)
+                break
+        td_exit(kvm)
+        if fault is None:
+            self.insn = None
+            self.last_fault = None
+            kvm.stats["instructions"] += 1
+            return
+        self.handle_td_exit(fault[0], write, fault[1])
+
+    def handle_td_exit(self, gfn: int, write: bool, how: int) -> None:
+        kvm = self.kvm
+        private = kvm_mem_is_private(kvm, gfn)
+        r = tdx_handle_ept_violation(kvm, gfn, write, how)
+        # an unresolved private fault re-enters at the same RIP: zero-step counts it
+        self.last_fault = gfn if private else None
+        if r == RET_PF_EMULATE:
+            self.emulate_write(gfn)
+        self.after_fault(0)
+
+    def build_initial_image(self) -> None:
+        """KVM_TDX_INIT_MEM_REGION over the initial image, then
+        KVM_TDX_FINALIZE_VM (the first vCPU only, once)."""
+        kvm = self.kvm
+        gfns = initial_image_gfns(self.cfg, kvm)
+        r = tdx_vcpu_init_mem_region(kvm, gfns)
+        if r:
+            kvm.bug("KVM_TDX_INIT_MEM_REGION failed", f"the initial image was refused ({r})")
+        r = tdx_td_finalize(kvm)
+        if r:
+            kvm.bug("KVM_TDX_FINALIZE_VM failed", f"the TD could not be finalized ({r})")
 
     def emulate_write(self, gfn: int) -> None:
         """A write to a write-protected shadowed gfn: emulated, and the shadowed
@@ -249,9 +389,19 @@ class NotifierRole(Role):
     name = "notifier"
 
     def step(self) -> None:
+        kvm = self.kvm
         n = self.rng.randint(1, max(1, self.cfg.notifier.max_range >> 12))
         start = self.pick_gfn()
-        mmu_notifier_invalidate_range(self.kvm, start, min(self.n_gfns, start + n))
+        end = min(self.n_gfns, start + n)
+        attr_filter = None
+        if kvm.geometry.tdx:
+            # a guest_memfd punch-hole of private memory or the mmu_notifier of the
+            # shared mapping; guest_memfd's lock keeps punch-holes away from the
+            # initial image until the TD runs
+            attr_filter = "private" if kvm_mem_is_private(kvm, start) else "shared"
+            if attr_filter == "private" and not check_td_runnable(kvm):
+                attr_filter = "shared"
+        mmu_notifier_invalidate_range(kvm, start, end, attr_filter)
         if self.cfg.notifier.interval:
             self.kvm.w.pause(self.cfg.notifier.interval * (0.5 + self.rng.random()))
 
@@ -267,6 +417,9 @@ class ConverterRole(Role):
 
     def step(self) -> None:
         kvm = self.kvm
+        if kvm.geometry.tdx and not check_td_runnable(kvm):
+            kvm.w.pause(0.0005)  # conversions are the guest's: it must be running
+            return
         if self.pending is not None:
             start, end = self.pending
             self.pending = None
@@ -276,9 +429,23 @@ class ConverterRole(Role):
             end = min(self.n_gfns, start + chunk)
             if self.cfg.converter.revert:
                 self.pending = (start, end)
-        kvm_vm_set_mem_attributes(kvm, start, end, not kvm_mem_is_private(kvm, start))
+        private = not kvm_mem_is_private(kvm, start)
+        if kvm.geometry.tdx:
+            self.map_gpa(start, end, private)
+        else:
+            kvm_vm_set_mem_attributes(kvm, start, end, private)
         if self.cfg.converter.interval:
             self.kvm.w.pause(self.cfg.converter.interval * (0.5 + self.rng.random()))
+
+    def map_gpa(self, start: int, end: int, private: bool) -> None:
+        """On a TD the guest converts: a vCPU in the TD issues
+        TDG.VP.VMCALL<MapGPA>, the TD exits, userspace converts chunk by chunk."""
+        kvm = self.kvm
+        if tdx_vcpu_run(kvm, None, None) == EXIT_FASTPATH_EXIT_HANDLED:
+            kvm.w.relax()
+            return
+        td_exit(kvm)  # the TDVMCALL exits to KVM, then to userspace
+        tdx_map_gpa(kvm, start, end, private)
 
 
 class InvalidatorRole(Role):

@@ -197,27 +197,48 @@ def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int) -> int:
     return kvm_tdp_mmu_zap_leafs_roots(kvm, types, start, end)  # flushes before returning
 
 
-def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int) -> None:
+def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
+                                  attr_filter: str | None = None) -> None:
     """invalidate_range_start, the page change, invalidate_range_end.
 
-    For shared gfns it is the mmu_notifier of the VMM's mapping; for private
-    ones guest_memfd's invalidation (punch-hole); both zap every root type here
-    (over-zapping is safe) and then the backing pages are replaced.
+    ``attr_filter`` (a TD): ``"shared"`` is the mmu_notifier of the VMM's
+    mapping, which backs only shared gfns (kvm_unmap_gfn_range with
+    KVM_FILTER_SHARED: direct roots); ``"private"`` is a guest_memfd
+    punch-hole the guest agreed to (it stops using the pages first), which zaps
+    the mirror roots (KVM_FILTER_PRIVATE) through the S-EPT removal path.  Only
+    the pages of that kind are replaced.  None (a VM without TDX): every root.
     """
-    from stress.model.roots import KVM_ALL_ROOTS
+    from stress.model.roots import (
+        KVM_ALL_ROOTS,
+        KVM_DIRECT_ROOTS,
+        KVM_INVALID_ROOTS,
+        KVM_MIRROR_ROOTS,
+    )
 
     start, end = host_invalidation_range(kvm, start, end)
+    types = {None: KVM_ALL_ROOTS, "shared": KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS,
+             "private": KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS}[attr_filter]
+    if attr_filter == "private":
+        from stress.model.td import guest_release_private
+
+        guest_release_private(kvm, start, end)
     kvm.write_lock()
     try:
         check_range_current(kvm, start, end)
         kvm_mmu_invalidate_begin(kvm)
         kvm_mmu_invalidate_range_add(kvm, start, end)
         kvm.w.trace(events.INVALIDATE, start, end, 0)
-        kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
+        kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, types)
     finally:
         kvm.write_unlock()
     try:
-        host_pages_replace(kvm, start, end)  # the primary MMU frees the old pages
+        if attr_filter is None:
+            host_pages_replace(kvm, start, end)  # the primary MMU frees the old pages
+        else:
+            want = attr_filter == "private"
+            for gfn in range(start, end):
+                if kvm_mem_is_private(kvm, gfn) == want:
+                    host_page_migrate(kvm, gfn)
     finally:  # even when an oracle fires, so that no fault retries for ever
         kvm.variant.invalidate_end(kvm)
     kvm.w.trace(events.INVALIDATE, start, end, 1)

@@ -22,12 +22,10 @@ from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.model import events, tlb
 from stress.model.host import host_mapping_level, hugepage_disallowed, kvm_mem_is_private
 from stress.model.kvm import Kvm
-from stress.model.mirror import free_external_spt, remove_external_spte
 from stress.model.mmu_page import (
     ROLE_MIRROR,
     SP_LINKED,
     SP_REMOVED,
-    external_spt,
     kvm_mmu_alloc_external_spt,
     role_level,
     tdp_mmu_alloc_sp,
@@ -84,6 +82,8 @@ class KvmPageFault:
     max_level: int = PG_LEVEL_4K
     req_level: int = PG_LEVEL_4K
     exec: bool = False  # an instruction fetch (the iTLB multihit mitigation)
+    # the gpa carries the TD's shared bit (kvm_is_addr_direct): the direct root
+    addr_direct: bool = True
 
 
 def kvm_tdp_mmu_mirror_root(kvm: Kvm) -> int:
@@ -91,23 +91,38 @@ def kvm_tdp_mmu_mirror_root(kvm: Kvm) -> int:
 
 
 def tdp_mmu_get_root_for_fault(kvm: Kvm, fault: KvmPageFault) -> int:
-    """The mirror root for private faults, the vCPU's direct root for shared ones."""
-    if fault.is_private:
+    """The mirror root unless the gpa is direct (on a TD: it has the shared bit,
+    kvm_is_addr_direct), the vCPU's direct root otherwise."""
+    if kvm.geometry.tdx and not fault.addr_direct:
         return kvm_tdp_mmu_mirror_root(kvm)
     assert kvm.vcpu.root is not None
     return kvm.vcpu.root
 
 
 def zap_root_types(kvm: Kvm, shared: bool) -> int:
-    """The roots a range zap visits: all, invalid ones included (an mmu_notifier
-    must reach a root still being zapped).  Under the read lock the variant
-    decides whether mirror roots are included (the v6.16 rule zaps mirror SPTEs
-    only under the write lock)."""
+    """The roots the zapper's range zaps visit: all, invalid ones included (an
+    mmu_notifier must reach a root still being zapped), except mirror roots on a
+    TD.  The zapper plays kvm_zap_gfn_range, the range form of
+    kvm_tdp_mmu_zap_sp, NX recovery and dirty logging; on a TD none of them
+    reaches private memory (guest_memfd slots have no dirty logging, mirror
+    pages are never NX-tracked, kvm_zap_gfn_range's callers do not run for a
+    TD), and upstream never zaps mirror SPTEs with mmu_lock held for read nor
+    mirror tables while the TD runs.  Mirror leaves are zapped by the
+    conversion and guest_memfd paths (notifier.py), with the PRIVATE filter.
+    A variant may let the zapper visit mirror roots (the mirror-zap-shared
+    proposal)."""
     from stress.model.roots import KVM_ALL_ROOTS, KVM_MIRROR_ROOTS
 
-    if shared and not kvm.variant.mirror_shared_zaps:
+    if kvm.geometry.tdx and not kvm.variant.mirror_shared_zaps:
         return KVM_ALL_ROOTS & ~KVM_MIRROR_ROOTS
     return KVM_ALL_ROOTS
+
+
+def trace_spte(kvm: Kvm, sptep: int, gfn: int, level: int, b: int, c: int,
+               flags: int = 0) -> None:
+    """One SPTE store event, at the store or cmpxchg that makes it: the entry's
+    table and root type ride in the kind word (see events.spte_kind)."""
+    kvm.w.trace(events.spte_kind(level, (sptep - kvm.layout.pages) >> 9, flags), gfn, b, c)
 
 
 # ---------------------------------------------------------------------------
@@ -120,7 +135,8 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
     Returns 0 if the SPTE was set; -EBUSY if another task changed it since the
     iterator's snapshot, with no side effect other than refreshing
     ``it.old_spte`` with the current value, so the caller retries on fresh data.
-    A frozen entry is never replaced: its owner will write it next.
+    A frozen entry is never replaced: its owner will write it next.  A mirror
+    SPTE is frozen while its external SPTE is set (mirror.py).
     """
     kvm.lockdep_assert_held_read()
     old = it.old_spte
@@ -128,12 +144,16 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
         kvm.warn("set_spte_atomic on frozen SPTE")
         return -EBUSY
     if new_spte != FROZEN_SPTE and kvm.variant.is_mirror_sptep(it):
-        # the S-EPT must follow: see mirror.py (freeze, SEAMCALL, publish)
+        # the S-EPT must follow: see mirror.py (freeze, set_external_spte, publish)
         return kvm.variant.set_mirror_spte_atomic(kvm, it, new_spte)
     found = kvm.w.cmpxchg(it.sptep, old, new_spte)
     if found != old:
+        trace_spte(kvm, it.sptep, it.gfn, it.level, old, found,
+                   events.F_FAILED | (events.F_MIRROR if it.mirror else 0))
         it.old_spte = found
         return -EBUSY
+    trace_spte(kvm, it.sptep, it.gfn, it.level, old, new_spte,
+               events.F_MIRROR if it.mirror else 0)
     it.check_page()
     kvm.w.store(kvm.layout.sp(it.pt_path[it.level], SpMeta.LAST_WRITER), kvm.me + 1)
     handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True, mirror=it.mirror)
@@ -146,25 +166,23 @@ def tdp_mmu_set_spte(kvm: Kvm, sptep: int, old_spte: int, new_spte: int, gfn: in
 
     No other task may hold a reachable entry frozen while we hold the write
     lock (every freezer finishes before it drops its read lock), so FROZEN here
-    means the protocol is broken.  A mirror SPTE is only ever removed here: the
-    mirror is cleared first, then the S-EPT (BLOCK, TRACK, REMOVE), all inside
-    the write-lock critical section, which is what hides the transient
-    divergence from every other task.
+    means the protocol is broken.  A mirror SPTE's change reaches the S-EPT
+    through handle_changed_spte's set_external_spte, inside this write-locked
+    section, which is what hides the transient divergence (mirror cleared,
+    S-EPT entry still there) from every other KVM task.  ``mirror``: the
+    entry gets the external hooks (the variant's selector); ``mirror_role``:
+    its table's role (for dirty tracking), when the two differ.
     """
     kvm.lockdep_assert_held_write()
     if is_frozen_spte(old_spte) or is_frozen_spte(new_spte):
         kvm.bug("FROZEN SPTE under write lock",
                 "tdp_mmu_set_spte saw a frozen old or new value with mmu_lock held for write",
                 gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte))
-    if mirror and is_shadow_present_pte(new_spte):
-        kvm.bug("exclusive install of mirror SPTE",
-                "tdp_mmu_set_spte: KVM_BUG_ON(is_shadow_present_pte(new_spte)) on a mirror",
-                gfn=gfn, level=level, new=describe(new_spte))
+    role = mirror if mirror_role is None else mirror_role
     old_spte = kvm.variant.write_spte(kvm, sptep, old_spte, new_spte, level)
-    handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared=False,
-                        mirror=mirror if mirror_role is None else mirror_role)
-    if mirror:
-        remove_external_spte(kvm, gfn, level, old_spte, may_unwind=False)
+    trace_spte(kvm, sptep, gfn, level, old_spte, new_spte, events.F_MIRROR if role else 0)
+    handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared=False, mirror=role,
+                        external=mirror)
     return old_spte
 
 
@@ -195,15 +213,30 @@ def tdp_mmu_iter_set_spte(kvm: Kvm, it: TdpIter, new_spte: int) -> None:
 
 
 def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level: int,
-                        shared: bool, mirror: bool = False) -> None:
-    """Bookkeeping after an SPTE changed: tear down a table that lost its parent,
-    propagate a D bit that leaves a leaf (``kvm_set_pfn_dirty``; not for mirror
-    SPTEs, which no CPU walks: the TDX module tracks private pages).
+                        shared: bool, mirror: bool = False, external: bool | None = None) -> None:
+    """handle_changed_spte: __handle_changed_spte, whose failure is a KVM bug
+    here (callers are not prepared to handle errors)."""
+    r = __handle_changed_spte(kvm, gfn, old_spte, new_spte, level, shared, mirror, external)
+    if r:
+        kvm.bug("set_external_spte failed", "handle_changed_spte: "
+                "KVM_BUG_ON(__handle_changed_spte()) (a mirror change the S-EPT refused)",
+                gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte), ret=r)
+
+
+def __handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level: int,
+                          shared: bool, mirror: bool = False,
+                          external: bool | None = None) -> int:
+    """Bookkeeping after (or, for a frozen mirror SPTE, while) an SPTE changes:
+    tear down a table that lost its parent, propagate any other change of a
+    mirror SPTE to the external page table (``set_external_spte``; the table's
+    own removal is handle_removed_pt's), propagate a D bit that leaves a leaf
+    (``kvm_set_pfn_dirty``; not for mirror SPTEs, which no CPU walks: the TDX
+    module tracks private pages).  Returns the hook's error, 0 otherwise.
 
     A present leaf must never change PFN in place (the kernel's BUG()): it has
-    to be zapped, and the TLB flushed, first.
+    to be zapped, and the TLB flushed, first.  ``mirror``: the SPTE is in a
+    mirror table; ``external``: it gets the external hooks (default: mirror).
     """
-    kvm.w.trace(events.kind_word(events.SPTE, level), gfn, old_spte, new_spte)
     was_present = is_shadow_present_pte(old_spte)
     is_present = is_shadow_present_pte(new_spte)
     was_leaf = was_present and is_last_spte(old_spte, level)
@@ -215,7 +248,7 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
                 "a present leaf SPTE was overwritten with a different PFN without a zap",
                 gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte))
     if old_spte == new_spte:
-        return
+        return 0
     # pre-6.13 dirty tracking: a D bit leaving a leaf marks the page dirty
     old_d = was_leaf and bool(old_spte & shadow_dirty_mask)
     new_d = is_leaf and bool(new_spte & shadow_dirty_mask)
@@ -227,12 +260,15 @@ def handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, level:
     if not was_present and not is_present:
         if not is_frozen_spte(new_spte) and not is_frozen_spte(old_spte):
             kvm.warn("non-present to non-present change")
-        return
+        return 0
     if was_present and not was_leaf and kvm.variant.changed_spte_removes_pt(
             kvm, old_spte, new_spte, level):
         child = spte_to_child_pt(old_spte, level)
         assert child is not None
         handle_removed_pt(kvm, child, shared)  # its mirror-ness is the child's role
+    elif mirror if external is None else external:
+        return kvm.variant.set_external_spte(kvm, gfn, old_spte, new_spte, level)
+    return 0
 
 
 def child_pt_removed_unless_still_table(kvm: Kvm, old_spte: int, new_spte: int,
@@ -266,7 +302,10 @@ def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
     with xchg, waiting out another task's transient freeze, so that their late
     cmpxchg fails and they retry from the root.  In exclusive mode nobody
     walks it, and non-present entries are skipped.  Present children are
-    handled recursively; the page itself goes to RCU.
+    handled recursively (a mirror child leaf leaves the S-EPT through
+    set_external_spte, children before parents as the TDX module requires);
+    then a mirror table's S-EPT page is released (``free_external_spt``) and
+    the page itself goes to RCU.
     """
     lay = kvm.layout
     level = role_level(kvm.w.load(lay.sp(pt, SpMeta.ROLE)))
@@ -277,14 +316,17 @@ def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
                 "handle_removed_pt: KVM_BUG_ON(shared) for a mirror SP (v6.16)",
                 table=pt, level=level, gfn=base_gfn)
     tdp_mmu_unlink_sp(kvm, pt)
+    kvm.w.trace(events.kind_word(events.REMOVED_PT, level), pt, base_gfn, int(shared))
     role_mirror = bool(kvm.w.load(lay.sp(pt, SpMeta.ROLE)) & ROLE_MIRROR)
+    flags = events.F_MIRROR if role_mirror else 0
+    base_i = lay.spt(pt)
     for i, old in kvm.variant.freeze_children(kvm, pt, shared):
         gfn = base_gfn + i * KVM_PAGES_PER_HPAGE(level)
-        if mirror:
-            remove_external_spte(kvm, gfn, level, old, may_unwind=False)
-        handle_changed_spte(kvm, gfn, old, FROZEN_SPTE, level, shared, mirror=role_mirror)
+        trace_spte(kvm, base_i + i, gfn, level, old, FROZEN_SPTE, flags)
+        handle_changed_spte(kvm, gfn, old, FROZEN_SPTE, level, shared, mirror=role_mirror,
+                            external=mirror)
     if mirror:
-        free_external_spt(kvm, base_gfn, level, external_spt(kvm, pt))
+        kvm.variant.free_external_spt(kvm, pt)
     kvm.variant.free_removed_sp(kvm, pt)
 
 
@@ -462,6 +504,8 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
     if new == old:
         kvm.stats["spurious"] += 1
         return RET_PF_EMULATE if emulate else RET_PF_SPURIOUS
+    if kvm.geometry.tdx:
+        _check_root_owns_gfn(kvm, it, fault)
     if tdp_mmu_set_spte_atomic(kvm, it, new):
         kvm.stats["retry_cmpxchg"] += 1
         return RET_PF_RETRY
@@ -473,6 +517,20 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
             _check_table_removed(kvm, it, old)
             kvm_flush_remote_tlbs_gfn(kvm, it.gfn, it.level)
     return RET_PF_EMULATE if emulate else RET_PF_FIXED
+
+
+def _check_root_owns_gfn(kvm: Kvm, it: TdpIter, fault: KvmPageFault) -> None:
+    """Oracle: on a TD a leaf goes into the root type that owns the gfn's
+    attribute: private gfns into the mirror root, shared ones into the direct
+    root.  Stable here: attributes change only inside an invalidation, which
+    this fault's retry check (under the read lock it still holds) ruled out."""
+    private = kvm_mem_is_private(kvm, fault.gfn)
+    if private != it.mirror:
+        kvm.bug("gfn mapped in the wrong root",
+                f"a fault installs a leaf for a {'private' if private else 'shared'} gfn in "
+                f"the {'mirror' if it.mirror else 'direct'} root",
+                gfn=fault.gfn, mirror=it.mirror, fault_private=fault.is_private,
+                addr_direct=fault.addr_direct)
 
 
 def _check_table_removed(kvm: Kvm, it: TdpIter, old: int) -> None:
@@ -502,7 +560,8 @@ def _check_huge_install(kvm: Kvm, it: TdpIter) -> None:
                 converting=f"[{start:#x}, {end:#x})")
 
 
-def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False) -> int:
+def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
+                       addr_direct: bool | None = None, private: bool | None = None) -> int:
     """One guest entry and fault: kvm_mmu_reload, then the fault path from
     kvm_mmu_faultin_pfn to read_unlock.
 
@@ -511,14 +570,19 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False) -> 
     invalidated meanwhile is stale and retries (the next entry reloads).
     """
     kvm.w.trace(events.FAULT_BEGIN, gfn, int(write))
-    r = _kvm_tdp_page_fault(kvm, gfn, write, exec_)
+    r = _kvm_tdp_page_fault(kvm, gfn, write, exec_, addr_direct, private)
     kvm.w.trace(events.FAULT_END, gfn, r)
     return r
 
 
-def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool) -> int:
+def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
+                        addr_direct: bool | None, private: bool | None) -> int:
     kvm_mmu_reload(kvm, kvm.vcpu)
-    is_private = kvm_mem_is_private(kvm, gfn)  # the guest's view (the GPA's shared bit)
+    # PFERR_PRIVATE_ACCESS: fixed by the access (the exit's gpa, the pre-fault's
+    # error code); by default the guest's view now
+    is_private = kvm_mem_is_private(kvm, gfn) if private is None else private
+    if addr_direct is None:
+        addr_direct = not is_private
     # kvm_mmu_faultin_pfn: mmu_invalidate_seq snapshot and pfn lookup (GUP or
     # guest_memfd); then the attribute check: a mismatch exits to userspace
     mmu_seq, pfn = kvm.variant.faultin(kvm, gfn)
@@ -529,7 +593,7 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool) -> int:
         kvm.stats["memory_fault_exits"] += 1
         return RET_PF_EXIT
     fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=pfn, is_private=is_private,
-                         max_level=max_level, exec=exec_)
+                         max_level=max_level, exec=exec_, addr_direct=addr_direct)
     root = tdp_mmu_get_root_for_fault(kvm, fault)
     kvm.read_lock()
     try:
@@ -542,6 +606,33 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool) -> int:
         return kvm_tdp_mmu_map(kvm, root, fault)
     finally:
         kvm.read_unlock()
+
+
+def kvm_tdp_mmu_map_private_pfn(kvm: Kvm, gfn: int, pfn: int) -> int:
+    """Map a guest_memfd pfn into the mirror root at 4K (the initial image; the
+    caller holds slots_lock): kvm_tdp_mmu_map under the read lock, retried while
+    it says RET_PF_RETRY, until a signal or the VM is dead.  Not a fault: no
+    invalidation sequence check (slots_lock and guest_memfd's lock exclude the
+    invalidations)."""
+    from stress.model.td import signal_pending, vm_dead
+
+    kvm_mmu_reload(kvm, kvm.vcpu)
+    fault = KvmPageFault(gfn=gfn, write=True, pfn=pfn, is_private=True, addr_direct=False)
+    root = kvm_tdp_mmu_mirror_root(kvm)
+    while True:
+        if signal_pending(kvm):
+            return -4  # -EINTR
+        if vm_dead(kvm):
+            return -5  # -EIO
+        kvm.read_lock()
+        try:
+            r = kvm_tdp_mmu_map(kvm, root, fault)
+        finally:
+            kvm.read_unlock()
+        if r != RET_PF_RETRY:
+            return 0 if r == RET_PF_FIXED else -5
+        kvm.stats["map_private_retries"] += 1
+        kvm.w.relax()
 
 
 # ---------------------------------------------------------------------------
@@ -695,6 +786,7 @@ def tdp_mmu_zap_spte_atomic(kvm: Kvm, it: TdpIter) -> int:
     if r:
         return r
     kvm_flush_remote_tlbs_gfn(kvm, it.gfn, it.level)
+    trace_spte(kvm, it.sptep, it.gfn, it.level, FROZEN_SPTE, SHADOW_NONPRESENT_VALUE)
     kvm.w.store(it.sptep, SHADOW_NONPRESENT_VALUE)
     return 0
 
@@ -855,7 +947,13 @@ def kvm_tdp_mmu_alloc_mirror_root(kvm: Kvm) -> int:
 
 def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
     """VM teardown with no vCPU left: invalidate every root, zap it exclusively,
-    reclaim the S-EPT root, put the TDP MMU's references, wait for RCU.
+    put the TDP MMU's references, wait for RCU.
+
+    A TD goes in upstream's order: every guest_memfd is released first (it holds
+    a reference to the VM), zapping every private leaf through the S-EPT hooks
+    while the HKID is still assigned; then tdx_mmu_release_hkid; then the roots,
+    the mirror root with its tables among them, whose S-EPT pages are reclaimed
+    (TDH.PHYMEM.PAGE.RECLAIM, allowed only now); last the S-EPT root.
 
     Afterwards every page of the pool must be free, tdp_mmu_pages zero and the
     roots list empty; the checker verifies that (a leak means a reference or a
@@ -863,6 +961,8 @@ def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
     """
     from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
     from stress.model.roots import (
+        KVM_INVALID_ROOTS,
+        KVM_MIRROR_ROOTS,
         KVM_VALID_ROOTS,
         kvm_mmu_unload,
         kvm_tdp_mmu_invalidate_roots,
@@ -873,6 +973,22 @@ def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
 
     kvm_mmu_unload(kvm, kvm.vcpu)
     mirror_root = kvm.w.load(kvm.layout.glob(Globals.MIRROR_ROOT)) if kvm.geometry.tdx else 0
+    if kvm.geometry.tdx:
+        assert kvm.tdx is not None
+        kvm.write_lock()  # kvm_gmem_release: the PRIVATE-filtered unmap of everything
+        try:
+            kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs_roots(
+                kvm, KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS, 0, kvm.geometry.n_gfns)
+        finally:
+            kvm.write_unlock()
+        left = kvm.tdx.module.mapped_leaves(limit=4)
+        if left:
+            gfn, e = left[0]
+            kvm.bug("private page left at HKID release",
+                    "the S-EPT still maps private pages after every guest_memfd was released: "
+                    "tdx_mmu_release_hkid would leave them to the module",
+                    gfn=gfn, sept=e, count_at_least=len(left))
+        kvm.tdx.module.release_hkid()  # tdx_mmu_release_hkid (vm_pre_destroy)
     kvm.write_lock()
     try:
         kvm_tdp_mmu_invalidate_roots(kvm, KVM_VALID_ROOTS)
@@ -885,9 +1001,7 @@ def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
         kvm.write_unlock()
     if kvm.geometry.tdx:
         assert kvm.tdx is not None
-        if kvm.tdx.module.td_teardown() is None:
-            kvm.bug("S-EPT not empty at teardown",
-                    "the mirror root was zapped but the S-EPT root still maps something")
+        kvm.tdx.module.td_teardown()  # tdx_vm_destroy: reclaim what the TD still owns
         kvm.w.store(kvm.layout.glob(Globals.MIRROR_ROOT), 0)
     kvm.read_lock()
     try:

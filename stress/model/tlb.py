@@ -183,6 +183,14 @@ def guest_access(kvm: Kvm, gfn: int, write: bool) -> bool:
         vcpu_exit_guest(kvm)
 
 
+def guest_access_in_mode(kvm: Kvm, gfn: int, write: bool) -> bool:
+    """A guest access by a vCPU already in guest mode (a TD's vCPU between
+    TDH.VP.ENTER and its exit): a shared gfn through the direct root."""
+    if kvm.vcpu.root is None:
+        return False
+    return _access(kvm, gfn, write)
+
+
 def _access(kvm: Kvm, gfn: int, write: bool) -> bool:
     w, lay, v = kvm.w, kvm.layout, kvm.me
     root = kvm.vcpu.root

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stress.model import mirror, notifier, roots, tdp_mmu, unsync
+from stress.model import mirror, notifier, roots, td, tdp_mmu, unsync
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import (
@@ -74,9 +74,28 @@ class Variant:
     is_mirror_sp: Callable[[Kvm, int], bool] = mirror.is_mirror_sp_by_role
     # mirror (TDX): an update of a mirror SPTE with mmu_lock held for read
     set_mirror_spte_atomic: Callable[[Kvm, Any, int], int] = mirror.set_mirror_spte_frozen
-    # mirror (TDX): shared-mode zaps visit mirror roots; mirror tables may be
-    # torn down with mmu_lock held for read (the 2026 rework; not in v6.16)
-    mirror_shared_zaps: bool = True
+    # mirror (TDX): kvm_x86_ops.set_external_spte(kvm, gfn, old, new, level) and
+    # .free_external_spt(kvm, sp): TDX's S-EPT hooks
+    set_external_spte: Callable[[Kvm, int, int, int, int], int] = (
+        mirror.tdx_sept_set_private_spte)
+    free_external_spt: Callable[[Kvm, int], None] = mirror.tdx_sept_free_private_spt
+    # TDX removal (write lock): a SEAMCALL's BUSY handling (tdh_do_no_vcpus), TLB
+    # tracking (tdx_track), whether tdx_vcpu_run honours wait_for_sept_zap
+    tdh_do_no_vcpus: Callable[..., int] = mirror.tdh_do_no_vcpus
+    tdx_track: Callable[[Kvm], None] = mirror.tdx_track
+    td_honours_wait_for_sept_zap: bool = True
+    # TDX vCPU and VM ioctls: when tdx_handle_ept_violation's local retry goes on;
+    # whether KVM_PRE_FAULT_MEMORY's gpa carries the shared bit; how a page of the
+    # initial image is mapped; which locks KVM_TDX_INIT_MEM_REGION holds
+    ept_violation_local_retry: Callable[[Kvm, int, int], bool] = td.local_retry_exits
+    prefault_gpa_direct: Callable[[Kvm, int], bool] = td.prefault_gpa_with_direct_bits
+    map_initial_page: Callable[[Kvm, int, int], int] = tdp_mmu.kvm_tdp_mmu_map_private_pfn
+    tdx_vm_state_guard: Callable[[Kvm], list[int]] = td.tdx_vm_state_guard_all
+    # mirror (TDX): the zapper's zaps visit mirror roots too (the mirror-zap-shared
+    # proposal; upstream zaps mirror leaves only through guest_memfd and
+    # conversions, under the write lock); handle_removed_pt has no
+    # KVM_BUG_ON(shared) for a mirror table (v6.16 had one)
+    mirror_shared_zaps: bool = False
     mirror_shared_teardown: bool = True
     # the variant only makes sense for a TD / forces a SEAMCALL BUSY policy
     requires_tdx: bool = False
@@ -115,9 +134,12 @@ class Variant:
 FIXED = Variant(
     name="fixed",
     story="The upstream protocol: shared-mode removal freezes every child, pages are "
-          "freed after an RCU grace period; mirror SPTEs are frozen while their SEAMCALLs "
-          "run, for maps and for shared-mode zaps (the 2026 rework).",
-    source="arch/x86/kvm/mmu/tdp_mmu.c; seed 000 (the freeze idea)",
+          "freed after an RCU grace period; on a TD, mirror SPTEs are frozen while their "
+          "SEAMCALLs (AUG, SEPT.ADD) run with mmu_lock held for read, removed (BLOCK, TRACK, "
+          "REMOVE through tdh_do_no_vcpus) only with it held for write, and mirror tables "
+          "are freed only at teardown.",
+    source="tdx.c at kvm-x86 09c6f74ecb86; tdp_mmu.c of the same era (Yan Zhao, "
+           "'[PATCH v3 00/15] TDX MMU refactors', 2026-05-28, on kvm-x86-next-2026.05.26)",
     buggy=False,
     freeze_children=freeze_removed_children,
     free_removed_sp=call_rcu_free_sp,
@@ -127,11 +149,31 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     FIXED,
     replace(
         FIXED, name="fixed-v6.16",
-        story="The v6.16 TDX rule: mirror SPTEs are frozen on the map side, and zapped "
-              "(and mirror tables torn down) only with mmu_lock held for write.",
-        source="tdp_mmu.c of v6.16: KVM_BUG_ON(!is_shadow_present_pte(new_spte)) on a mirror",
+        story="The v6.16 TDX protocol: four pfn-based hooks; mirror SPTEs frozen on the map "
+              "side (KVM_BUG_ON for an atomic zap; a failed freeze does not refresh the "
+              "iterator's snapshot), removed only with mmu_lock held for write, mirror "
+              "tables never removed while the TD runs (KVM_BUG_ON(shared) in "
+              "handle_removed_pt); the initial image premapped (nr_premapped) and ADDed "
+              "outside mmu_lock.",
+        source="tdp_mmu.c and tdx.c of v6.16 (the TDX merge, 'KVM TDX changes for 6.16')",
         set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_v616,
-        mirror_shared_zaps=False, mirror_shared_teardown=False, requires_tdx=True,
+        set_external_spte=mirror.tdx_sept_set_private_spte_v616,
+        map_initial_page=mirror.map_initial_page_premap,
+        mirror_shared_teardown=False, requires_tdx=True,
+    ),
+    replace(
+        FIXED, name="mirror-zap-shared", requires_tdx=True,
+        story="A design proposal, not upstream: mirror SPTEs are zapped and mirror tables "
+              "torn down with mmu_lock held for read too, the entry frozen until the S-EPT "
+              "has dropped it (BLOCK unwound on BUSY; TRACK, REMOVE and SEPT.REMOVE retried "
+              "until they succeed, vCPUs still running).  Valid in the model; compare it "
+              "with 'bench --compare fixed,mirror-zap-shared'.",
+        source="the model's reading of the 2026 rework before the code was read (kept as a "
+               "proposal for comparison)",
+        set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_zap_shared,
+        set_external_spte=mirror.proposal_set_external_spte,
+        free_external_spt=mirror.proposal_free_external_spt,
+        mirror_shared_zaps=True, mirror_shared_teardown=True,
     ),
     replace(
         FIXED, name="zap-without-freeze", buggy=True,
@@ -284,26 +326,31 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         write_spte=tdp_mmu.kvm_tdp_mmu_write_spte_plain,
     ),
     replace(
-        FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True,
-        story="Mirror SPTEs are published with cmpxchg and the SEAMCALL issued afterwards, "
-              "on the map and the zap side: a zap and a map interleave and the S-EPT keeps a "
-              "mapping the mirror removed.",
-        source="seed 000 (Sean Christopherson, TDX v11 review, Jan 2023): the vCPU0/vCPU1 "
-               "mirror[x]/sept[x] diagram",
+        FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True, config="tdx-boot.toml",
+        story="Mirror SPTEs are published with cmpxchg and the SEAMCALL issued afterwards: a "
+              "fault walks into a mirror table the S-EPT does not have yet and AUGs under a "
+              "missing parent, or two faults' SEAMCALLs land in the other order.",
+        source="Sean Christopherson's review of the TDX MMU patches, Jan 2023 (the "
+               "vCPU0/vCPU1 mirror[x]/sept[x] diagram that led to freezing mirror SPTEs)",
         set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
     ),
     replace(
         FIXED, name="mirror-zap-no-freeze", buggy=True, requires_tdx=True,
-        story="Half a fix: the map side freezes, but the zap side publishes non-present "
-              "before its BLOCK/TRACK/REMOVE, so a fault AUGs into an entry still mapped.",
-        source="seed 000; the 2026 rework that allows atomic mirror zaps again",
+        story="Only under the mirror-zap-shared proposal: maps freeze, but a read-lock zap "
+              "publishes non-present before its BLOCK/TRACK/REMOVE, so a fault AUGs into an "
+              "entry the S-EPT still maps.",
+        source="the mirror-zap-shared proposal's zap side without the freeze",
         set_mirror_spte_atomic=mirror.set_mirror_spte_map_frozen_zap_published,
+        set_external_spte=mirror.proposal_set_external_spte,
+        free_external_spt=mirror.proposal_free_external_spt,
+        mirror_shared_zaps=True, mirror_shared_teardown=True,
     ),
     replace(
-        FIXED, name="sept-spinlock-only", buggy=True, requires_tdx=True,
+        FIXED, name="sept-spinlock-only", buggy=True, requires_tdx=True, config="tdx-boot.toml",
         story="SEAMCALLs serialised by a spinlock but mirror SPTEs not frozen: the lock "
               "orders SEAMCALLs, not the mirror updates around them, so the race stays.",
-        source="seed 000 (\"That doesn't address the race above either\")",
+        source="Sean Christopherson, Jan 2023 review of the TDX MMU patches: \"That doesn't "
+               "address the race above either\"",
         set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
         busy_policy="serialize",
     ),
@@ -311,16 +358,59 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         FIXED, name="private-selector-by-fault", buggy=True, requires_tdx=True,
         story="External hooks chosen by the fault's is_private instead of the mirror role: "
               "zaps and teardown have no fault, skip the S-EPT and leave it mapped.",
-        source="seed 003 (Rick Edgecombe / Kai Huang, May 2024)",
+        source="Rick Edgecombe / Kai Huang, May 2024 review of 'KVM: x86/mmu: Support GFN "
+               "direct bits' and the mirror-root series (is_private vs role.is_mirror)",
         is_mirror_sptep=mirror.is_mirror_sptep_by_fault,
         is_mirror_sp=mirror.is_mirror_sp_by_fault,
     ),
     replace(
-        FIXED, name="mirror-no-restore", buggy=True, requires_tdx=True,
+        FIXED, name="mirror-no-restore", buggy=True, requires_tdx=True, config="tdx-busy.toml",
         story="On TDX_OPERAND_BUSY the map side publishes the new mirror value anyway "
               "instead of restoring the old one: the mirror maps what the S-EPT does not.",
         source="__tdp_mmu_set_spte_atomic / set_external_spte_present: restore on failure",
         set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_no_restore,
+    ),
+    replace(
+        FIXED, name="sept-zap-busy-unhandled", buggy=True, requires_tdx=True,
+        config="tdx-busy.toml",
+        story="Removal of a private page with mmu_lock held for write tries RANGE.BLOCK once "
+              "and hands TDX_OPERAND_BUSY to a caller that cannot fail, and spins on TRACK "
+              "and PAGE.REMOVE: a vCPU's zero-step TDH.VP.ENTER or TDCALL holding the "
+              "module's lock makes the no-fail path fail.",
+        source="4b2abc49712b \"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page "
+               "removal\" (Yan Zhao, Jan 2025; merged for v6.16): the code before it",
+        tdh_do_no_vcpus=mirror.tdh_spin_without_kick,
+    ),
+    replace(
+        FIXED, name="sept-zap-no-wait-for-sept-zap", buggy=True, requires_tdx=True,
+        config="tdx-busy.toml",
+        story="Half of the fix: on BUSY the removal kicks every vCPU out and retries once, "
+              "but tdx_vcpu_run does not wait for the retry (wait_for_sept_zap ignored), so a "
+              "vCPU re-enters at once, takes the module's lock again and the retry, which "
+              "must succeed, is BUSY too.",
+        source="4b2abc49712b \"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page "
+               "removal\": its wait_for_sept_zap check in tdx_vcpu_run",
+        td_honours_wait_for_sept_zap=False,
+    ),
+    replace(
+        FIXED, name="prefault-gpa-without-direct-bits", buggy=True, requires_tdx=True,
+        config="tdx-busy.toml",
+        story="KVM_PRE_FAULT_MEMORY passes the gpa of a shared gfn without the TD's shared "
+              "bit, so tdp_mmu_get_root_for_fault picks the mirror root: a shared page is "
+              "mapped in the mirror and AUGed into the S-EPT.",
+        source="aa2024c01a9a \"KVM: x86/mmu: Embed direct bits into gpa for "
+               "KVM_PRE_FAULT_MEMORY\" (Paolo Bonzini, Jun 2025, 6.16-rc)",
+        prefault_gpa_direct=td.prefault_gpa_without_direct_bits,
+    ),
+    replace(
+        FIXED, name="init-mem-region-slots-lock-only", buggy=True, requires_tdx=True,
+        config="tdx-busy.toml",
+        story="KVM_TDX_INIT_MEM_REGION holds only slots_lock, so userspace's ioctls on the "
+              "other vCPUs run meanwhile: their TDH.VP.RD takes the TDR shared while PAGE.ADD "
+              "or MR.EXTEND holds it exclusively, and the BUSY is a KVM_BUG_ON.",
+        source="15945e9ec195 \"KVM: TDX: Guard VM state transitions with \"all\" the locks\" "
+               "(Sean Christopherson, Oct 2025, 6.19)",
+        tdx_vm_state_guard=td.tdx_vm_state_guard_slots_only,
     ),
 ]}
 
