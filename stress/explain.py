@@ -97,6 +97,7 @@ def new_run_dir(root: Path, now: _dt.datetime | None = None) -> Path:
     ``-2``, ``-3`` within the same second), with ``root/latest`` pointing at it.
 
     Raises OSError when it cannot be created."""
+    root = root.absolute()  # printed paths work from any directory
     root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     stamp = (now or _dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
     for k in range(1, 10_000):

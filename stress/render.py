@@ -143,7 +143,7 @@ def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 0) -> st
                                                 for _ in workers)).rstrip()]
     for e in evs:
         indent = " " * (col * workers.index(e["worker"]))
-        wrapped = textwrap.wrap(event_text(e), col - 2, subsequent_indent="    ",
+        wrapped = textwrap.wrap(event_text(e), col - 2, subsequent_indent="  ",
                                 break_on_hyphens=False) or [""]
         stamp = f"+{(e['t_ns'] - t0) / 1000:.1f}"
         for j, piece in enumerate(wrapped):
