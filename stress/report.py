@@ -200,8 +200,8 @@ class StatusLine:
     """Renders a StatusSnapshot as one line of rates since the previous one.
 
     With ``width`` the line fits in it: fields are dropped least important
-    first (tables, retries, then roles from the last), never the clock, the
-    checks or the violations."""
+    first (tables, retries, the roles' worker counts and op names, then roles
+    from the last), never the clock, the checks or the violations."""
 
     def __init__(self) -> None:
         self.prev: StatusSnapshot | None = None
@@ -218,10 +218,11 @@ class StatusLine:
             return (now - before) / dt
 
         head = f"[{s.elapsed_s:6.1f}s/{s.duration_s:.0f}s]"
-        roles = []
+        roles, compact = [], []
         for role in s.per_role:
             op = ROLE_OP.get(role, "ops")
             roles.append(f"{role} x{s.workers[role]} {_si(rate(role, op))} {op}/s")
+            compact.append(f"{role} {_si(rate(role, op))}/s")
         tot = {k: sum(rate(r, k) for r in s.per_role) for k in
                ("retries", "zap_retry", "tables_linked", "tables_freed")}
         extra = [f"retries {_si(tot['retries'] + tot['zap_retry'])}/s",
@@ -236,6 +237,9 @@ class StatusLine:
             return text
         while len(text) > width and extra:
             extra.pop()
+            text = line(roles, extra)
+        if len(text) > width:  # "vcpu 7.9k/s": the role's op rate, no counts or names
+            roles = compact
             text = line(roles, extra)
         while len(text) > width and roles:
             roles.pop()
