@@ -83,13 +83,18 @@ def details_text(det: dict[str, Any]) -> str:
 
 
 def _where(e: dict[str, Any]) -> str:
-    """The root and table of an entry, when the event carries them."""
+    """The root (mirror or direct) and table of an entry, when the event carries
+    them (``root`` "mirror"/"direct" or a root id, ``mirror`` a flag, ``table``)."""
     parts = []
+    root = e.get("root")
     if "mirror" in e:
         parts.append("mirror" if e["mirror"] else "direct")
-    for key in ("root", "table"):
-        if isinstance(e.get(key), int):
-            parts.append(f"{key} {e[key]:#x}")
+    if isinstance(root, str):
+        parts.append(root)
+    elif isinstance(root, int) and not isinstance(root, bool):
+        parts.append(f"root {root:#x}")
+    if isinstance(e.get("table"), int):
+        parts.append(f"table {e['table']:#x}")
     return f" ({' '.join(parts)})" if parts else ""
 
 
@@ -97,9 +102,13 @@ def event_text(e: dict[str, Any]) -> str:
     """One event in full, values in hex."""
     k = e["event"]
     if k in ("spte", "spte-write"):
-        verb = "write" if k == "spte-write" else "set"
-        return (f"{verb} L{e['level']}[gfn {e['gfn']:#x}]{_where(e)} "
-                f"{_spte(e, 'old')} -> {_spte(e, 'new')}")
+        where = f"L{e['level']}[gfn {e['gfn']:#x}]{_where(e)}"
+        if e.get("failed"):  # a cmpxchg that lost: old is what it expected
+            return (f"cmpxchg {where} expected {_spte(e, 'old')}, found "
+                    f"{_spte(e, 'new')}: lost")
+        # spte: handle_changed_spte's record of a change; spte-write: the store itself
+        verb = "changed" if k == "spte" else "restore" if e.get("restore") else "store"
+        return f"{verb} {where} {_spte(e, 'old')} -> {_spte(e, 'new')}"
     if k == "fault":
         kind = " write" if e.get("write") else " read"
         return f"fault gfn {e['gfn']:#x}{kind}{_where(e)}"
@@ -158,7 +167,7 @@ LOCK_RELEASE = {"read_unlock": "read", "write_unlock": "write"}
 
 def _cleared(e: dict[str, Any]) -> bool:
     """An SPTE change that zaps: a present entry made non-present or frozen."""
-    if e["event"] not in ("spte", "spte-write"):
+    if e["event"] not in ("spte", "spte-write") or e.get("failed"):
         return False
     try:
         old, new = int(e["old_spte"], 16), int(e["new_spte"], 16)

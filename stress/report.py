@@ -97,8 +97,8 @@ def format_soak_summary(res: dict[str, Any], results_path: Path | None) -> str:
              f"{res['epochs_done']} epochs in {res['duration_s']:.1f} s of "
              f"{res['planned_duration_s']:.0f} s, exit {res['exit_reason']} ({res['exit_code']})"]
     rates = res["rates_per_s"]
-    lines.append("rates: " + ", ".join(f"{k} {_si(rates[k])}/s" for k in HEADLINE
-                                       if rates.get(k)))
+    lines.extend(_wrap("rates: ", [f"{k} {_si(rates[k])}/s" for k in HEADLINE if rates.get(k)],
+                       100))
     for b in res["distinct_violations"]:
         lines.append(f"VIOLATION [{b['invariant']}] x{b['hits']} (first in epoch "
                      f"{b['first_epoch']}, seed {b['first_seed']}): {b['bundle']}")

@@ -18,7 +18,7 @@ import pytest
 from stress.config import ConfigError, find_config, parse_duration
 from stress.explain import annotate, new_run_dir, who
 from stress.harness.supervisor import StatusSnapshot
-from stress.render import chrome_trace, spte_text, timeline
+from stress.render import chrome_trace, event_text, spte_text, timeline
 from stress.report import StatusLine
 from tests.conftest import ROOT, run_cli, segments_of
 
@@ -191,6 +191,9 @@ def test_timeline_wraps_instead_of_cutting() -> None:
     assert "0x0600100008202b07" in flat and "present(pfn=0x100008202,W,A,D)" in flat
     assert "TDX_EPT_ENTRY_STATE_INCORRECT (0xc0000b0d00000001)" in flat.replace("\n", "")
     assert spte_text(1 << 63) == "0x8000000000000000 SHADOW_NONPRESENT_VALUE"
+    # the root and table of an entry, where the event carries them
+    lost = dict(EVENTS[2], event="spte-write", root="mirror", table=5, failed=True)
+    assert event_text(lost).startswith("cmpxchg L1[gfn 0x8202] (mirror table 0x5) expected ")
 
 
 def test_chrome_trace_slices_cut_by_the_window() -> None:

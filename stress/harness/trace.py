@@ -46,8 +46,7 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
                          "role": roles[worker] if worker < len(roles) else "supervisor",
                          "event": ev.NAMES.get(kind, str(kind))}
     if kind in (ev.SPTE, ev.SPTE_WRITE):
-        d.update(gfn=a, level=level, old=describe(b), new=describe(c),
-                 old_spte=f"{b:#018x}", new_spte=f"{c:#018x}")
+        d.update(gfn=a, level=level, old=describe(b), new=describe(c))
     elif kind == ev.FAULT_BEGIN:
         d.update(gfn=a, write=bool(b & 1))
     elif kind == ev.FAULT_END:
@@ -56,7 +55,7 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
         d.update(op=ev.LOCK_NAMES.get(a, a))
     elif kind == ev.SEAMCALL:
         d.update(call=ev.SEAMCALL_NAMES.get(a, a), gfn=b, level=level,
-                 status="TDX_SUCCESS" if c == 0 else error_name(c), status_code=f"{c:#x}")
+                 status="TDX_SUCCESS" if c == 0 else error_name(c))
     elif kind == ev.ROOT_REF:
         d.update(root=a, count=b - (1 << 64) if b >= 1 << 63 else b,
                  delta=1 if c == 1 else -1)
@@ -64,6 +63,11 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
         d.update(start=a, end=b, phase="begin" if c == 0 else "end")
     elif kind == ev.UNSYNC:
         d.update(shadow_page=a, phase="marked" if b == 0 else "synced")
+    # the raw values too, for timelines that show them in full (render.py)
+    if kind in (ev.SPTE, ev.SPTE_WRITE):
+        d.update(old_spte=f"{b:#018x}", new_spte=f"{c:#018x}")
+    elif kind == ev.SEAMCALL:
+        d["status_code"] = f"{c:#x}"
     return d
 
 
