@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A ready CI stress job: a time-boxed soak of the fixed protocol, then proof
-# that each bug variant is still caught.  JUnit files and reproducer bundles
-# land in OUT (keep it as the job's artifacts).
+# that each bug variant is still caught.  JUnit files land in OUT, the soak's
+# results, checkpoint and reproducer bundles in OUT/soak/latest/ (a link to the
+# soak's own timestamped directory); keep OUT as the job's artifacts.
 #
 #   scripts/ci-stress.sh [DURATION] [OUT]      e.g. scripts/ci-stress.sh 10m ci-stress
 #

@@ -16,10 +16,12 @@ is stale and :func:`sweep_stale` removes it.
 
 from __future__ import annotations
 
+import _posixshmem
 import os
 import re
 import secrets
 import struct
+import warnings
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -50,11 +52,37 @@ HEADER_WORDS = 8
 _CREATED: set[str] = set()
 
 
+def _tracker_alive() -> bool:
+    """Is this process's multiprocessing resource tracker still there?
+
+    A tracker that was killed (by a user, an OOM killer, a test) would be
+    relaunched by the next register/unregister, which warns, and the new one
+    prints a KeyError traceback when it is told to forget a segment it never
+    saw.  So once it is gone we stop talking to it: the supervisor unlinks its
+    own segment and ``tdp-stress cleanup`` sweeps the ones a killed run left.
+    """
+    rt = resource_tracker._resource_tracker  # type: ignore[attr-defined]
+    if getattr(rt, "_pid", None) is None:
+        return True  # not started yet: the next call starts a fresh one
+    try:
+        return bool(rt._check_alive())
+    except Exception:
+        return False
+
+
 def _untrack(shm: shared_memory.SharedMemory) -> None:
     """Undo the resource tracker registration an attach made (3.11 has no
     track=False): otherwise the tracker unlinks the segment when we exit."""
-    if shm.name not in _CREATED:
+    if shm.name not in _CREATED and _tracker_alive():
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+
+
+def _unlink(shm: shared_memory.SharedMemory) -> None:
+    """``shm.unlink()``, without the tracker's unregister when it is dead."""
+    if _tracker_alive():
+        shm.unlink()
+    else:
+        _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
 
 
 class ArenaError(Exception):
@@ -297,7 +325,9 @@ class Arena:
     def create(cls, layout: Layout, config_hash: int) -> Arena:
         name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nwords * 8)
+            with warnings.catch_warnings():  # "resource_tracker: process died unexpectedly"
+                warnings.simplefilter("ignore", UserWarning)
+                shm = shared_memory.SharedMemory(name=name, create=True, size=layout.nwords * 8)
         except OSError as e:
             raise ArenaError(f"cannot create shared memory segment {name}: {e}") from e
         _CREATED.add(shm.name)
@@ -344,7 +374,7 @@ class Arena:
             if self.owner:
                 _CREATED.discard(shm.name)
                 try:
-                    shm.unlink()
+                    _unlink(shm)
                 except FileNotFoundError:
                     pass
 

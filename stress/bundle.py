@@ -26,6 +26,7 @@ import cffi
 
 from stress import __version__
 from stress.config import Config
+from stress.files import readable
 
 
 def signature(violation: dict[str, Any]) -> str:
@@ -72,16 +73,16 @@ def environment() -> dict[str, Any]:
 
 REPRO_SH = """#!/bin/sh
 # Re-run the run that found this violation: same config, variant and seed.
-# Exit 0 from tdp-stress here means the violation was found again (--expect-violation).
-cd "$(dirname "$0")" || exit 2
-exec tdp-stress run config.toml --expect-violation --out rerun "$@"
+# Exit 0 when the violation came back (the same invariant first, as
+# `tdp-stress repro` counts a hit); 1 when it did not.  More runs: ./repro.sh --runs 10
+exec tdp-stress repro "$(dirname "$0")" --runs 1 --stop-after 1 "$@"
 """
 
 
 def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
                  trace: list[dict[str, Any]] | None = None, suffix: str = "",
                  schedule: dict[str, Any] | None = None,
-                 replace: bool = False) -> tuple[Path, bool]:
+                 replace: bool = False, width: int = 0) -> tuple[Path, bool]:
     """Write (or count again) the bundle of ``violation`` under ``root``.
 
     Returns (bundle path, True if it is new).  The config written is the run's
@@ -91,6 +92,7 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
     A bundle found under a controlled schedule (``hunt``, ``shrink``) also holds
     ``schedule.json`` (how the schedule was found); its config replays it.
     With ``replace`` an existing bundle of the signature is replaced, not counted.
+    ``width``: of timeline.txt (default 160 characters; long events wrap).
     """
     sig = signature(violation) + suffix
     path = root / sig
@@ -101,6 +103,7 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
         return path, False
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{sig}.", dir=root))
+    readable(tmp, directory=True)  # mkdtemp's 0700: CI artifacts are read by others
     try:
         import dataclasses
 
@@ -109,19 +112,23 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
         (tmp / "violation.json").write_text(json.dumps(violation, indent=2, default=str) + "\n")
         (tmp / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
         (tmp / "repro.sh").write_text(REPRO_SH)
-        (tmp / "repro.sh").chmod(0o755)
+        readable(tmp / "repro.sh", executable=True)
         (tmp / "hits").write_text("1\n")
         if schedule is not None:
             (tmp / "schedule.json").write_text(json.dumps(schedule, indent=2) + "\n")
         if trace:
-            from stress.harness.trace import chrome_trace, focus, timeline
+            from stress.explain import worker_names
+            from stress.harness.trace import chrome_trace, focus
+            from stress.render import details_text, hexify, timeline
 
             (tmp / "trace.jsonl").write_text("".join(json.dumps(e) + "\n" for e in trace))
-            (tmp / "trace.chrome.json").write_text(chrome_trace(trace))
+            (tmp / "trace.chrome.json").write_text(chrome_trace(
+                trace, f"tdp-stress {cfg.run.variant} seed {cfg.run.seed}", worker_names(cfg)))
+            who = f"{violation['who']}\n" if violation.get("who") else ""
             (tmp / "timeline.txt").write_text(
-                f"{violation.get('invariant')}: {violation.get('message')}\n"
-                f"{json.dumps(violation.get('details', {}), default=str)}\n\n"
-                + timeline(focus(trace, violation)) + "\n")
+                f"{violation.get('invariant')}: {hexify(str(violation.get('message')))}\n{who}"
+                f"{details_text(violation.get('details', {}))}\n\n"
+                + timeline(focus(trace, violation), width=width) + "\n")
         if path.exists():  # replace: move the old one aside, then swap
             old = Path(tempfile.mkdtemp(prefix=f".{sig}.old.", dir=root))
             os.rename(path, old / "b")
@@ -139,4 +146,5 @@ def _atomic_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    readable(tmp)
     os.replace(tmp, path)

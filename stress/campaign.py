@@ -194,8 +194,8 @@ def load_matrix(path: str | Path) -> Matrix:
     Every config is loaded with every variant before anything runs, so a bad
     matrix fails at once with one line naming the key, never half-way through.
     """
-    p = Path(path)
     try:
+        p = _config.find_config(path)  # a file, or a shipped matrix by name
         raw = _config.read_toml(p, "matrix")
     except ConfigError as e:
         raise CampaignError(str(e)) from None

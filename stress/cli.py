@@ -8,7 +8,9 @@ swaps 0 and 1.  Every error is one line on stderr: ``tdp-stress: error: ...``.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,21 @@ from stress.report import (
 
 
 class DurationType(click.ParamType):
+    """30s, 5m, 2h, compound 1h30m; ``positive``: 0 is refused."""
+
     name = "DURATION"
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
         try:
-            return parse_duration(value, f"--{param.name}" if param else "duration")
+            secs = parse_duration(value, f"--{param.name}" if param else "duration")
         except ConfigError as e:
             self.fail(str(e).split(": ", 1)[-1], param, ctx)
+        if self.positive and secs <= 0:
+            self.fail(f"must be more than 0, got {value!r}", param, ctx)
+        return secs
 
 
 class SizeType(click.ParamType):
@@ -50,6 +60,105 @@ class SizeType(click.ParamType):
             return parse_size(value, "size")
         except ConfigError as e:
             self.fail(str(e).split(": ", 1)[-1], param, ctx)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class VcpusType(click.ParamType):
+    """A number of vCPU workers, 1 to 256, or ``auto``: one per CPU."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            n = value
+        elif str(value).strip().lower() == "auto":
+            return min(256, cpu_count())
+        else:
+            try:
+                n = int(str(value).strip())
+            except ValueError:
+                self.fail(f"expected a number of vCPUs or 'auto', got {value!r}", param, ctx)
+        if not 1 <= n <= 256:
+            self.fail(f"must be between 1 and 256 (or auto), got {value!r}", param, ctx)
+        return n
+
+
+class OutFileType(click.ParamType):
+    """A file to write: its directory must exist (no path is created silently);
+    ``allow_stdout``: ``-`` is standard output."""
+
+    name = "FILE"
+
+    def __init__(self, allow_stdout: bool = False) -> None:
+        self.allow_stdout = allow_stdout
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        text = str(value)
+        if text == "-" and self.allow_stdout:
+            return text
+        p = Path(text).expanduser()
+        if p.is_dir():
+            self.fail(f"{p} is a directory", param, ctx)
+        parent = p.parent
+        if not parent.is_dir():
+            self.fail(f"directory {parent} does not exist", param, ctx)
+        if not os.access(parent, os.W_OK):
+            self.fail(f"directory {parent} is not writable", param, ctx)
+        return str(p)
+
+
+def quiet_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``-q/--quiet`` and ``--plain``, the same on every long-running command."""
+    f = click.option("--plain", is_flag=True,
+                     help="Plain progress lines, no live display, even on a terminal.")(f)
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="No progress output on stderr (results still printed).")(f)
+
+
+def json_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--json", "json_out", type=OutFileType(allow_stdout=True),
+                        metavar="FILE|-",
+                        help=f"Also write {what} as JSON to FILE; '-': JSON on stdout "
+                             "(the human summary then goes to stderr).")
+
+
+def variant_file_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--variant-file", type=click.Path(dir_okay=False),
+                        help="A Python file defining user VARIANTS (see examples/).")(f)
+
+
+def _progress(quiet: bool) -> Callable[[str], None] | None:
+    return None if quiet else (lambda m: click.echo(m, err=True))
+
+
+def _say(text: str, json_out: str | None) -> None:
+    """The human summary: stdout, or stderr when stdout carries the JSON."""
+    click.echo(text, err=json_out == "-")
+
+
+def _emit_json(json_out: str | None, data: Any) -> None:
+    if json_out == "-":
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif json_out:
+        write_json_atomic(Path(json_out), data)
+
+
+def _load_variant_file(variant_file: str | None) -> None:
+    """Register a user variant file's VARIANTS (for commands that name them)."""
+    if not variant_file:
+        return
+    from stress.model.variants import VariantLoadError, load_variant_file
+
+    try:
+        load_variant_file(variant_file)
+    except VariantLoadError as e:
+        raise ConfigError(f"--variant-file: {e}") from None
 
 
 class RoleCountType(click.ParamType):
@@ -71,70 +180,131 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--vcpus", type=click.IntRange(0, 256), help="Number of vcpu workers.")
+@click.argument("config_file", required=False)
+@click.option("--vcpus", type=VcpusType(), help="Number of vcpu workers (auto: one per CPU).")
 @click.option("--workers", "worker_counts", type=RoleCountType(), multiple=True,
               help="Workers of a role, e.g. --workers zapper=2 (repeatable).")
-@click.option("--duration", type=DurationType(), help="Run time: 30s, 5m, 2h.")
+@click.option("--duration", type=DurationType(positive=True),
+              help="Run time: 30s, 5m, 2h, 1h30m.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Master seed.")
 @click.option("--variant", help="Protocol variant (see `tdp-stress variants`).")
-@click.option("--variant-file", type=click.Path(dir_okay=False),
-              help="A Python file defining user VARIANTS (see examples/).")
+@variant_file_option
 @click.option("--guest-size", type=SizeType(), help="Guest memory: 64m, 1g, 1t.")
 @click.option("--vm-type", type=click.Choice(["tdx", "default"]),
               help="tdx: direct and mirror roots with the TDX module; default: direct only.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Output directory for results.json.")
+              help="Output root: each run writes OUT/<timestamp>/ (results.json, bundles/) "
+                   "and points OUT/latest at it.")
 @click.option("--check-interval", type=DurationType(),
               help="Quiescent check every DURATION (0: only at the end).")
 @click.option("--expect-violation", is_flag=True, default=None,
               help="Exit 0 if a violation is found and 1 if not (CI jobs proving a bug is "
                    "caught).")
-@click.option("--watchdog", type=DurationType(),
+@click.option("--watchdog", type=DurationType(positive=True),
               help="A worker without progress for DURATION is hung (exit 4).")
-@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
-              help="Also write a JUnit XML report to this file.")
-@click.option("--quiet", "-q", is_flag=True, help="No live status line.")
+@click.option("--junit", "junit_path", type=OutFileType(),
+              help="Also write a JUnit XML report to this file (its directory must exist).")
+@json_option("results.json")
+@click.option("--keep-going", is_flag=True,
+              help="Also write bundles for the violations that follow the first one "
+                   "(its consequences).")
+@click.option("--width", type=click.IntRange(60, 1000),
+              help="Width of the bundle's timeline.txt (default 160; events wrap).")
+@quiet_options
 def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
         duration: float | None, seed: int | None, variant: str | None,
         variant_file: str | None, guest_size: int | None, vm_type: str | None, out_dir: str | None,
         check_interval: float | None, expect_violation: bool | None, watchdog: float | None,
-        junit_path: str | None, quiet: bool) -> int:
-    """Run the stress job of CONFIG_FILE (default: configs/default.toml)."""
-    cfg, out = _load_run_config(config_file, vcpus, worker_counts, duration, seed, variant,
-                                guest_size, vm_type, out_dir, check_interval,
-                                expect_violation, watchdog, variant_file)
+        junit_path: str | None, json_out: str | None, keep_going: bool, width: int | None,
+        quiet: bool, plain: bool) -> int:
+    """Run the stress job of CONFIG_FILE: a file, or a shipped config's name
+    (`tdp-stress configs`; default: default)."""
+    from stress.explain import annotate, worker_names, write_bundles
+
+    cfg = _load_run_config(config_file, vcpus, worker_counts, duration, seed, variant,
+                           guest_size, vm_type, out_dir, check_interval,
+                           expect_violation, watchdog, variant_file)
+    out = _new_run_dir(cfg)
     results_path = out / "results.json"
 
-    status = StatusLine()
-    tty = sys.stderr.isatty()
-    last_plain = [-1e9]
-
-    def on_status(snap: Any) -> None:
-        line = status.render(snap)
-        if tty:
-            click.echo("\r\x1b[2K" + line, err=True, nl=False)
-        elif snap.elapsed_s - last_plain[0] >= 5.0:
-            last_plain[0] = snap.elapsed_s
-            click.echo(line, err=True)
-
     started = now_iso()
-    outcome = Supervisor(cfg, on_status=None if quiet else on_status).run()
-    if tty and not quiet:
-        click.echo("\r\x1b[2K", err=True, nl=False)
+    with RunStatus(quiet, plain) as status:
+        outcome = Supervisor(cfg, on_status=status.update if status.enabled else None).run()
     res = build_results(cfg, outcome, started)
-    for v in res["violations"]:
-        v["bundle"] = str(write_bundle(out / "bundles", cfg, v, outcome.trace)[0])
+    res["config_file"] = _config_label(config_file)
+    res["run_dir"] = str(out)
+    annotate(res["violations"], worker_names(cfg))
+    write_bundles(out / "bundles", cfg, res["violations"], outcome.trace, keep_going,
+                  width or 0)
     write_json_atomic(results_path, res)
     if junit_path:
         write_junit(Path(junit_path), "tdp-stress", [junit_case(
             f"run {cfg.run.variant} seed {cfg.run.seed}", res["duration_s"],
             outcome.exit_reason, cfg.run.expect_violation, res["violations"],
             res["errors"])])
-    click.echo(format_summary(res, results_path))
+    _emit_json(json_out, res)
+    _say(format_summary(res, results_path, _term_width()), json_out)
     if outcome.exit_reason == "interrupted":
         click.echo("tdp-stress: interrupted", err=True)
     return int(res["exit_code"])
+
+
+def _term_width() -> int:
+    import shutil
+
+    return max(60, min(shutil.get_terminal_size((100, 24)).columns, 160))
+
+
+def _config_label(config_file: str | None) -> str:
+    """The config a run used, as the summary names it."""
+    if config_file is None:
+        return str(config_mod.DEFAULT_CONFIG)
+    try:
+        return str(config_mod.find_config(config_file))
+    except ConfigError:
+        return config_file
+
+
+class RunStatus:
+    """The live one-line status of ``run``: on a terminal a rich live line that
+    fits its width (the least important fields go first, nothing wraps or is
+    left behind); elsewhere, or with ``--plain``, a plain line every 5 s."""
+
+    def __init__(self, quiet: bool, plain: bool) -> None:
+        from rich.console import Console
+
+        self.enabled = not quiet
+        self.console = Console(file=sys.stderr)
+        self.live_mode = self.enabled and not plain and sys.stderr.isatty()
+        self.live: Any = None
+        self.line = StatusLine()
+        self.last_plain = -1e9
+
+    def __enter__(self) -> RunStatus:
+        if self.live_mode:
+            from rich.live import Live
+            from rich.text import Text
+
+            self.live = Live(Text(""), console=self.console, refresh_per_second=4,
+                             transient=True)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def update(self, snap: Any) -> None:
+        if self.live is not None:
+            from rich.text import Text
+
+            text = self.line.render(snap, self.console.width - 1)
+            self.live.update(Text(text, no_wrap=True, overflow="ellipsis"))
+        else:
+            text = self.line.render(snap)
+            if snap.elapsed_s - self.last_plain >= 5.0:
+                self.last_plain = snap.elapsed_s
+                click.echo(text, err=True)
 
 
 def _load_run_config(config_file: str | None, vcpus: int | None,
@@ -142,8 +312,8 @@ def _load_run_config(config_file: str | None, vcpus: int | None,
                      seed: int | None, variant: str | None, guest_size: int | None,
                      vm_type: str | None, out_dir: str | None, check_interval: float | None,
                      expect_violation: bool | None, watchdog: float | None,
-                     variant_file: str | None = None) -> tuple[Any, Path]:
-    """The config file with the command line's overrides, and the output directory."""
+                     variant_file: str | None = None) -> Any:
+    """The config file with the command line's overrides (nothing created yet)."""
     overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}, "vm": {}}
     if vm_type is not None:
         overrides["vm"]["type"] = vm_type
@@ -159,63 +329,79 @@ def _load_run_config(config_file: str | None, vcpus: int | None,
         overrides["workers"]["vcpu"] = vcpus
     for role, n in worker_counts:
         overrides["workers"][role] = n
-    cfg = config_mod.load(config_file, {k: v for k, v in overrides.items() if v})
-    out = Path(cfg.run.out)
+    return config_mod.load(config_file, {k: v for k, v in overrides.items() if v})
+
+
+def _new_run_dir(cfg: Any) -> Path:
+    """This run's own directory under run.out (see explain.new_run_dir)."""
+    from stress.explain import new_run_dir
+
+    root = Path(cfg.run.out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        return new_run_dir(root)
     except OSError as e:
-        raise ConfigError(f"run.out: cannot create output directory {out}: "
-                          f"{e.strerror}") from None
-    return cfg, out
+        raise ConfigError(f"run.out: cannot create a run directory in {root}: "
+                          f"{e.strerror or e}") from None
 
 
 @cli.command()
-@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
-@click.option("--duration", type=DurationType(), default="8h", show_default=True,
-              help="Total soak time: 30m, 8h.")
-@click.option("--epoch", type=DurationType(), default="10m", show_default=True,
+@click.argument("config_file", required=False)
+@click.option("--duration", type=DurationType(positive=True), default="8h", show_default=True,
+              help="Total soak time: 30m, 8h, 1h30m.")
+@click.option("--epoch", type=DurationType(positive=True), default="10m", show_default=True,
               help="Length of one epoch (a run on a fresh seed).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Master seed.")
 @click.option("--variant", help="Protocol variant (see `tdp-stress variants`).")
-@click.option("--vcpus", type=click.IntRange(0, 256), help="Number of vcpu workers.")
+@variant_file_option
+@click.option("--vcpus", type=VcpusType(), help="Number of vcpu workers (auto: one per CPU).")
 @click.option("--workers", "worker_counts", type=RoleCountType(), multiple=True,
               help="Workers of a role, e.g. --workers zapper=2 (repeatable).")
 @click.option("--vm-type", type=click.Choice(["tdx", "default"]))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Output directory: checkpoint.json, results.json, bundles/.")
+              help="Output root: the soak writes OUT/<timestamp>/ (checkpoint.json, "
+                   "results.json, bundles/) and points OUT/latest at it.")
 @click.option("--keep-going", is_flag=True,
               help="Collect distinct violations as bundles and continue.")
 @click.option("--expect-violation", is_flag=True, default=None,
               help="Exit 0 if a violation is found and 1 if not.")
-@click.option("--watchdog", type=DurationType(), help="No-progress timeout (exit 4).")
-@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
-              help="Also write a JUnit XML report (one test case per epoch).")
-@click.option("--plain", is_flag=True, help="Plain progress lines even on a terminal.")
+@click.option("--watchdog", type=DurationType(positive=True),
+              help="No-progress timeout (exit 4).")
+@click.option("--junit", "junit_path", type=OutFileType(),
+              help="Also write a JUnit XML report (one test case per epoch; its directory "
+                   "must exist).")
+@json_option("the soak's results.json")
+@click.option("--width", type=click.IntRange(60, 1000),
+              help="Width of the bundles' timeline.txt (default 160; events wrap).")
+@quiet_options
 def soak(config_file: str | None, duration: float, epoch: float, seed: int | None,
-         variant: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
-         vm_type: str | None, out_dir: str | None, keep_going: bool,
-         expect_violation: bool | None, watchdog: float | None, junit_path: str | None,
+         variant: str | None, variant_file: str | None, vcpus: int | None,
+         worker_counts: tuple[tuple[str, int], ...], vm_type: str | None, out_dir: str | None,
+         keep_going: bool, expect_violation: bool | None, watchdog: float | None,
+         junit_path: str | None, json_out: str | None, width: int | None, quiet: bool,
          plain: bool) -> int:
     """Soak: epochs of fresh seeds for DURATION, a checkpoint after each epoch."""
     from stress.progress import SoakProgress
     from stress.soak import Soak
 
-    cfg, out = _load_run_config(config_file, vcpus, worker_counts, None, seed, variant, None,
-                                vm_type, out_dir, None, expect_violation, watchdog)
-    progress = SoakProgress(live=sys.stderr.isatty() and not plain)
+    cfg = _load_run_config(config_file, vcpus, worker_counts, None, seed, variant, None,
+                           vm_type, out_dir, None, expect_violation, watchdog, variant_file)
+    out = _new_run_dir(cfg)
+    progress = SoakProgress(live=sys.stderr.isatty() and not plain and not quiet,
+                            quiet=quiet)
     with progress:
         res = Soak(cfg, duration, epoch, keep_going, out, on_status=progress.update,
-                   on_epoch=progress.epoch_done).run()
+                   on_epoch=progress.epoch_done, width=width or 0).run()
     if junit_path:
         write_junit(Path(junit_path), "tdp-stress-soak", [junit_case(
             f"epoch {e['epoch']} seed {e['seed']}", e["duration_s"], e["exit_reason"],
             cfg.run.expect_violation, e["violations"], e["errors"]) for e in res["epochs"]])
-    click.echo(format_soak_summary(res, out / "results.json"))
+    _emit_json(json_out, res)
+    _say(format_soak_summary(res, out / "results.json"), json_out)
     return int(res["exit_code"])
 
 
 @cli.command()
-@click.argument("config_file", required=False, type=click.Path(dir_okay=False))
+@click.argument("config_file", required=False)
 @click.option("--policy", "policy_mode", is_flag=True,
               help="Compare the SEAMCALL BUSY policies (unwind, retry, serialize).")
 @click.option("--unsync", "unsync_mode", is_flag=True,
@@ -224,17 +410,16 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
 @click.option("--compare", "compare_variants", metavar="A,B,...",
               help="Compare protocol variants side by side on the config (with "
                    "--variant-file for user variants), e.g. fixed,sept-vm-lock.")
-@click.option("--variant-file", type=click.Path(dir_okay=False),
-              help="A Python file of user variants (for --compare).")
-@click.option("--duration", type=DurationType(), default="5s", show_default=True,
+@variant_file_option
+@click.option("--duration", type=DurationType(positive=True), default="5s", show_default=True,
               help="Length of each measured run.")
 @click.option("--runs", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Measured runs per policy (after one warm-up run).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False),
-              help="Also write the figures to this JSON file.")
+@json_option("the figures")
+@quiet_options
 def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
           compare_variants: str | None, variant_file: str | None, duration: float,
-          runs: int, json_out: str | None) -> int:
+          runs: int, json_out: str | None, quiet: bool, plain: bool) -> int:
     """Print benchmark figures: fault throughput, the FFI floor and scaling against
     the machine's own, and per-role throughput of the config's job (default);
     SEAMCALL BUSY policies (--policy); the unsync lock against write-protection
@@ -248,14 +433,13 @@ def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
 
     if sum(map(bool, (policy_mode, unsync_mode, compare_variants))) > 1:
         raise click.UsageError("choose one of --policy, --unsync or --compare")
-    if variant_file and not compare_variants:
-        raise click.UsageError("--variant-file goes with --compare")
-    progress = lambda m: click.echo(m, err=True)  # noqa: E731
+    progress = _progress(quiet)
+    vf = {"run": {"variant_file": variant_file}} if variant_file else None
     if compare_variants:
         names = [v.strip() for v in compare_variants.split(",") if v.strip()]
         if len(names) < 1:
             raise click.UsageError("--compare needs variant names")
-        base = config_mod.load(config_file, {"run": {"variant_file": variant_file or ""}})
+        base = config_mod.load(config_file, vf)
         from stress.model.variants import UnknownVariant, get_variant
 
         try:
@@ -265,32 +449,33 @@ def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
             raise ConfigError(str(e.args[0])) from None
         res = variant_comparison(base, names, duration, runs,
                                  base.run.variant_file, progress)
-        click.echo(format_table(res, "Protocol variants side by side"))
+        text = format_table(res, "Protocol variants side by side")
     elif not policy_mode and not unsync_mode:
         from stress.bench import format_throughput, throughput
 
-        res = throughput(config_mod.load(config_file), duration, runs, progress)
-        click.echo(format_throughput(res))
+        res = throughput(config_mod.load(config_file, vf), duration, runs, progress)
+        text = format_throughput(res)
     elif policy_mode:
-        res = policy_comparison(config_mod.load(config_file), duration, runs, progress)
-        click.echo(format_table(res, "SEAMCALL BUSY policies: fixed protocol on a TD"))
+        res = policy_comparison(config_mod.load(config_file, vf), duration, runs, progress)
+        text = format_table(res, "SEAMCALL BUSY policies: fixed protocol on a TD")
     else:
         path = config_file or str(config_mod.DEFAULT_CONFIG.parent / "unsync.toml")
-        res = unsync_comparison(config_mod.load(path), duration, runs, progress)
-        click.echo(format_table(res, "Marking shadow pages unsync from TDP MMU faults: "
-                                     "mmu_unsync_pages_lock vs can_unsync=false"))
-    if json_out:
-        write_json_atomic(Path(json_out), res)
+        res = unsync_comparison(config_mod.load(path, vf), duration, runs, progress)
+        text = format_table(res, "Marking shadow pages unsync from TDP MMU faults: "
+                                 "mmu_unsync_pages_lock vs can_unsync=false")
+    _emit_json(json_out, res)
+    _say(text, json_out)
     return 0
 
 
 @cli.command()
-@click.argument("matrix_file", type=click.Path(dir_okay=False))
+@click.argument("matrix_file")
 @click.option("--shard", default="1/1", show_default=True,
               help="Run slice i of N of the matrix (1-based), e.g. --shard 3/8.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="campaign-out",
               show_default=True, help="Output directory for shard-i-of-N.json and cells/.")
-def campaign(matrix_file: str, shard: str, out_dir: str) -> int:
+@quiet_options
+def campaign(matrix_file: str, shard: str, out_dir: str, quiet: bool, plain: bool) -> int:
     """Run one shard of a campaign matrix (config x variant x seed).
 
     Exit 0 when every cell of the shard met its expectation (bug variants
@@ -303,7 +488,7 @@ def campaign(matrix_file: str, shard: str, out_dir: str) -> int:
         spec = parse_shard(shard)
     except CampaignError as e:
         raise ConfigError(str(e)) from None
-    res = run_campaign(matrix, spec, Path(out_dir), progress=lambda m: click.echo(m, err=True))
+    res = run_campaign(matrix, spec, Path(out_dir), progress=_progress(quiet))
     fails = [c for c in res["cells"] if c["verdict"] != "pass"]
     click.echo(f"campaign {res['campaign']} shard {spec[0]}/{spec[1]}: {len(res['cells'])} "
                f"cells, {len(fails)} failed; {out_dir}")
@@ -337,16 +522,17 @@ def merge(paths: tuple[str, ...], out_file: str | None) -> int:
 @cli.command()
 @click.option("--seeds", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Seeds (runs) per bug variant.")
-@click.option("--cap", type=DurationType(), default="30s", show_default=True,
+@click.option("--cap", type=DurationType(positive=True), default="30s", show_default=True,
               help="Longest run per seed.")
 @click.option("--fixed", "fixed_for", type=DurationType(), default="1m", show_default=True,
               help="How long the fixed protocol must run clean (0: skip).")
 @click.option("--variant", "names", multiple=True,
               help="Only these variants (repeatable); default every bug variant.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False),
-              help="Also write the table as JSON.")
-@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
-              help="Also write JUnit XML: one test case per variant (caught = pass).")
+@variant_file_option
+@json_option("the table")
+@click.option("--junit", "junit_path", type=OutFileType(),
+              help="Also write JUnit XML: one test case per variant (caught = pass; its "
+                   "directory must exist).")
 @click.option("--compare-perturbation", is_flag=True,
               help="Also run every variant with delay injection and race windows off, and "
                    "print both times side by side.")
@@ -355,16 +541,19 @@ def merge(paths: tuple[str, ...], out_file: str | None) -> int:
                    "replay the failing schedule SEEDS times (deterministic reproducers).")
 @click.option("--hunt-max-steps", type=click.IntRange(100, 10**9), default=200_000,
               show_default=True, help="Shared accesses per controlled run of --hunt.")
+@quiet_options
 def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
-        json_out: str | None, junit_path: str | None, compare_perturbation: bool,
-        hunt_tries: int, hunt_max_steps: int) -> int:
+        variant_file: str | None, json_out: str | None, junit_path: str | None,
+        compare_perturbation: bool, hunt_tries: int, hunt_max_steps: int, quiet: bool,
+        plain: bool) -> int:
     """Time-to-detect of every bug variant over N seeds, and the fixed protocol clean.
 
     Exit 0 when every variant was detected at least once and the fixed
     protocol ran clean, 1 otherwise.
     """
-    from stress.zoo import format_zoo, run_zoo
+    from stress.zoo import format_zoo, not_detected, run_zoo
 
+    _load_variant_file(variant_file)
     chosen = list(names) or [v.name for v in VARIANTS.values() if v.buggy]
     unknown = [n for n in chosen if n not in VARIANTS]
     if unknown:
@@ -372,16 +561,15 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
     from stress.zoo import ZooInterrupted
 
     try:
-        res = run_zoo(chosen, seeds, cap, fixed_for,
-                      progress=lambda m: click.echo(m, err=True),
+        res = run_zoo(chosen, seeds, cap, fixed_for, progress=_progress(quiet),
                       compare_perturbation=compare_perturbation, hunt_tries=hunt_tries,
-                      hunt_max_steps=hunt_max_steps)
+                      hunt_max_steps=hunt_max_steps,
+                      variant_file=str(Path(variant_file).resolve()) if variant_file else "")
     except ZooInterrupted:
         click.echo("tdp-stress: interrupted", err=True)
         return 130
-    click.echo(format_zoo(res))
-    if json_out:
-        write_json_atomic(Path(json_out), res)
+    _emit_json(json_out, res)
+    _say(format_zoo(res), json_out)
     if junit_path:
         cases = [{"name": r["name"], "time_s": float(r["median_ttd_s"] or 0.0),
                   "outcome": "pass" if r["detected"] else "failure",
@@ -393,9 +581,10 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
                           "outcome": "pass" if f["exit_reason"] == "clean" else "failure",
                           "message": f["exit_reason"] or "", "details": json.dumps(f)})
         write_junit(Path(junit_path), "tdp-stress-zoo", cases)
-    ok = all(r["detected"] for r in res["variants"]) and not res["fixed"]["violations"] and (
-        res["fixed"]["exit_reason"] in (None, "clean"))
-    return 0 if ok else 1
+    missed = not_detected(res)
+    if missed:
+        _say(missed, json_out)
+    return 1 if missed else 0
 
 
 @cli.command()
@@ -404,7 +593,12 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
               help="Re-run the bundle at most this many times.")
 @click.option("--stop-after", type=click.IntRange(1, 1000), default=3, show_default=True,
               help="Stop after this many hits.")
-def repro(bundle: str, runs: int, stop_after: int) -> int:
+@click.option("--variant-file", type=click.Path(dir_okay=False),
+              help="The user variant file of the bundle's variant, if it moved since.")
+@json_option("repro.json")
+@quiet_options
+def repro(bundle: str, runs: int, stop_after: int, variant_file: str | None,
+          json_out: str | None, quiet: bool, plain: bool) -> int:
     """Re-run a reproducer bundle: reliability (hits/runs) and time to each hit.
 
     Exit 0 when the violation came back at least once, 1 when it did not.
@@ -412,25 +606,30 @@ def repro(bundle: str, runs: int, stop_after: int) -> int:
     from stress.repro import BundleError, reproduce
 
     try:
-        res = reproduce(Path(bundle), runs, stop_after,
-                        progress=lambda m: click.echo(m, err=True))
+        res = reproduce(Path(bundle), runs, stop_after, progress=_progress(quiet),
+                        variant_file=variant_file)
     except BundleError as e:
         raise ConfigError(str(e)) from None
     times = ", ".join(f"{t:.3f}s" for t in res["times_to_hit_s"]) or "-"
-    click.echo(f"repro {bundle}: {res['invariant']} ({res['variant']}, seed {res['seed']}): "
-               f"{res['hits']}/{res['runs']} runs hit, reliability {res['reliability']:.0%}; "
-               f"time to hit: {times}")
+    _emit_json(json_out, res)
+    _say(f"repro {bundle}: {res['invariant']} ({res['variant']}, seed {res['seed']}): "
+         f"{res['hits']}/{res['runs']} runs hit, reliability {res['reliability']:.0%}; "
+         f"time to hit: {times}", json_out)
     if any(a["exit_reason"] == "interrupted" for a in res["attempts"]):
         return 130
     return 0 if res["hits"] else 1
 
 
 def _hunt_config(target: str | None, variant: str | None, vcpus: int | None,
-                 worker_counts: tuple[tuple[str, int], ...], guest_size: int | None) -> Any:
+                 worker_counts: tuple[tuple[str, int], ...], guest_size: int | None,
+                 variant_file: str | None = None) -> Any:
     """The config to hunt with: a bundle's, a config file's, or the variant's own."""
     from stress.repro import BundleError, load_bundle
 
     overrides: dict[str, dict[str, Any]] = {"run": {}, "workers": {}, "guest": {}}
+    _load_variant_file(variant_file)
+    if variant_file:
+        overrides["run"]["variant_file"] = variant_file
     if target and Path(target).is_dir():
         try:
             cfg, _v = load_bundle(Path(target))
@@ -464,44 +663,57 @@ def _hunt_config(target: str | None, variant: str | None, vcpus: int | None,
               help="Shared accesses per controlled run (default: schedule.max_steps).")
 @click.option("--seed", "first_seed", type=click.IntRange(0, 2**62), default=1,
               show_default=True, help="Schedule seed of the first try.")
-@click.option("--vcpus", type=click.IntRange(0, 256), help="Number of vcpu workers.")
+@click.option("--vcpus", type=VcpusType(), help="Number of vcpu workers (auto: one per CPU).")
 @click.option("--workers", "worker_counts", type=RoleCountType(), multiple=True,
               help="Workers of a role, e.g. --workers zapper=1 (repeatable).")
 @click.option("--guest-size", type=SizeType(), help="Guest memory: 16m, 1g.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="tdp-stress-hunt",
               show_default=True, help="Where the bundle goes (OUT/bundles/...).")
+@variant_file_option
+@click.option("--width", type=click.IntRange(60, 1000),
+              help="Width of the printed timeline and the bundle's timeline.txt "
+                   "(default: the terminal's, 160 in the file).")
+@json_option("the hunt's result")
+@quiet_options
 def hunt(target: str | None, variant: str | None, tries: int, mode: str,
          max_steps: int | None, first_seed: int, vcpus: int | None,
          worker_counts: tuple[tuple[str, int], ...], guest_size: int | None,
-         out_dir: str) -> int:
+         out_dir: str, variant_file: str | None, width: int | None, json_out: str | None,
+         quiet: bool, plain: bool) -> int:
     """Search controlled schedules for a violation; write a bundle that replays it.
 
     TARGET is a config file or a bundle (e.g. one a free run or soak wrote: the
     same config is hunted under controlled schedules); default: the variant's
     own config.  Exit 0 when a failing schedule was found, 1 when not.
     """
+    from stress.explain import annotate, worker_names
     from stress.harness.trace import focus, timeline
     from stress.hunt import hunt as do_hunt
 
-    cfg = _hunt_config(target, variant, vcpus, worker_counts, guest_size)
+    cfg = _hunt_config(target, variant, vcpus, worker_counts, guest_size, variant_file)
     modes = ("random", "pct") if mode == "mixed" else (mode,)
-    res = do_hunt(cfg, tries, first_seed, max_steps, modes,
-                  progress=lambda m: click.echo(m, err=True))
+    res = do_hunt(cfg, tries, first_seed, max_steps, modes, progress=_progress(quiet))
     if not res.found or res.outcome is None or res.config is None:
-        click.echo(f"hunt: no violation of {cfg.run.variant} in {res.tries} schedules "
-                   f"({res.elapsed_s:.1f} s)")
+        _emit_json(json_out, {"found": False, "variant": cfg.run.variant, "tries": res.tries,
+                              "elapsed_s": round(res.elapsed_s, 3)})
+        _say(f"hunt: no violation of {cfg.run.variant} in {res.tries} schedules "
+             f"({res.elapsed_s:.1f} s)", json_out)
         return 130 if res.outcome and res.outcome.exit_reason == "interrupted" else 1
     v = res.outcome.violations[0]
     sched = dict(res.strategy or {}, tries=res.tries, replayed_identically=res.replayed_identically)
     # a new hunt replaces the old bundle of the same signature
+    annotate([v], worker_names(res.config))
     path, _new = write_bundle(Path(out_dir) / "bundles", res.config, v, res.outcome.trace,
-                              suffix="-sched", schedule=sched, replace=True)
-    click.echo(timeline(focus(res.outcome.trace, v), last=30))
-    click.echo(f"hunt: {v['invariant']} ({cfg.run.variant}) after {res.tries} schedule(s), "
-               f"{res.elapsed_s:.1f} s: {sched['mode']} seed {sched['seed']}, "
-               f"{sched['steps']} steps, {sched['switches']} switches; replayed "
-               f"{'identically' if res.replayed_identically else 'DIFFERENTLY'}\n"
-               f"bundle: {path}  (tdp-stress replay {path})")
+                              suffix="-sched", schedule=sched, replace=True, width=width or 0)
+    _emit_json(json_out, {"found": True, "variant": cfg.run.variant, "bundle": str(path),
+                          "violation": v, "schedule": sched,
+                          "elapsed_s": round(res.elapsed_s, 3)})
+    _say(timeline(focus(res.outcome.trace, v), last=30, width=width or _term_width()), json_out)
+    _say(f"hunt: {v['invariant']} ({cfg.run.variant}) after {res.tries} schedule(s), "
+         f"{res.elapsed_s:.1f} s: {sched['mode']} seed {sched['seed']}, "
+         f"{sched['steps']} steps, {sched['switches']} switches; replayed "
+         f"{'identically' if res.replayed_identically else 'DIFFERENTLY'}\n"
+         f"bundle: {path}  (tdp-stress replay {path})", json_out)
     return 0 if res.replayed_identically else 1
 
 
@@ -509,7 +721,9 @@ def hunt(target: str | None, variant: str | None, tries: int, mode: str,
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--runs", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="Replay this many times.")
-def replay(bundle: str, runs: int) -> int:
+@json_option("the replay's result")
+@quiet_options
+def replay(bundle: str, runs: int, json_out: str | None, quiet: bool, plain: bool) -> int:
     """Replay a controlled-schedule bundle (from hunt or shrink) RUNS times.
 
     Exit 0 when every run reports the bundle's invariant with the same trace
@@ -519,11 +733,13 @@ def replay(bundle: str, runs: int) -> int:
     from stress.repro import BundleError
 
     try:
-        res = do_replay(Path(bundle), runs, progress=lambda m: click.echo(m, err=True))
+        res = do_replay(Path(bundle), runs, progress=_progress(quiet))
     except BundleError as e:
         raise ConfigError(str(e)) from None
-    click.echo(f"replay {bundle}: {res['invariant']} ({res['variant']}): {res['hits']}/"
-               f"{res['runs']} runs hit, {res['identical']}/{res['runs']} with identical events")
+    _emit_json(json_out, res)
+    _say(f"replay {bundle}: {res['invariant']} ({res['variant']}): {res['hits']}/"
+         f"{res['runs']} runs hit, {res['identical']}/{res['runs']} with identical events",
+         json_out)
     if any(a["exit_reason"] == "interrupted" for a in res["attempts"]):
         return 130
     return 0 if res["identical"] == res["runs"] else 1
@@ -533,17 +749,23 @@ def replay(bundle: str, runs: int) -> int:
 @click.argument("bundle", type=click.Path(file_okay=False))
 @click.option("--max-runs", type=click.IntRange(1, 100000), default=400, show_default=True,
               help="Give up shrinking after this many runs.")
-@click.option("--max-time", type=DurationType(), default="5m", show_default=True,
+@click.option("--max-time", type=DurationType(positive=True), default="5m", show_default=True,
               help="... or after this long.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Where the shrunk bundle goes (default: next to BUNDLE).")
-def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> int:
+@click.option("--width", type=click.IntRange(60, 1000),
+              help="Width of the printed timeline and the bundle's timeline.txt "
+                   "(default: the terminal's, 160 in the file).")
+@quiet_options
+def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None,
+           width: int | None, quiet: bool, plain: bool) -> int:
     """Shrink a controlled-schedule bundle while it still fails.
 
     Fewer workers, fewer ops, fewer preemptions, a smaller guest; writes the
     smallest failing bundle (BUNDLE-shrunk) and prints its interleaving.  Exit 0
     when a failing bundle was written.
     """
+    from stress.explain import annotate, worker_names
     from stress.harness.trace import focus, timeline
     from stress.repro import BundleError, load_bundle
     from stress.shrink import Shrinker, ShrinkInterrupted
@@ -557,8 +779,7 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> 
         raise ConfigError(f"{src}: not a controlled-schedule bundle (schedule.mode is "
                           f"{cfg.schedule.mode!r}); make one with `tdp-stress hunt {src}`")
     try:
-        res = Shrinker(cfg, violation, max_runs, max_time,
-                       progress=lambda m: click.echo(m, err=True)).run()
+        res = Shrinker(cfg, violation, max_runs, max_time, progress=_progress(quiet)).run()
     except ValueError as e:
         raise ConfigError(f"{src}: {e}") from None
     except ShrinkInterrupted:
@@ -568,9 +789,10 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None) -> 
     root = Path(out_dir) if out_dir else src.parent
     sched = {"shrunk_from": str(src), "runs": res.runs, "elapsed_s": round(res.elapsed_s, 1),
              "before": res.start, "after": res.end, "kept": res.log}
+    annotate([v], worker_names(res.config))
     path, _new = write_bundle(root, res.config, v, res.outcome.trace, suffix="-shrunk",
-                              schedule=sched, replace=True)
-    click.echo(timeline(focus(res.outcome.trace, v), last=60))
+                              schedule=sched, replace=True, width=width or 0)
+    click.echo(timeline(focus(res.outcome.trace, v), last=60, width=width or _term_width()))
     b, a = res.start, res.end
     click.echo(f"shrink: {v['invariant']}: {res.runs} runs, {res.elapsed_s:.1f} s; "
                f"workers {b['workers']} -> {a['workers']}, ops {b['ops']} -> {a['ops']}, "
@@ -599,6 +821,18 @@ def variants(variant_file: str | None) -> int:
         tag = "bug  " if v.buggy else "ok   "
         click.echo(f"{v.name:<{width}}  {tag}  {v.story}")
         click.echo(f"{'':<{width}}         source: {v.source}")
+    return 0
+
+
+@cli.command()
+def configs() -> int:
+    """List the shipped configs (`tdp-stress run NAME` from anywhere)."""
+    shipped = config_mod.shipped_configs()
+    width = max((len(n) for n in shipped), default=0)
+    for name, path in shipped.items():
+        kind = "  (campaign matrix)" if "[campaign]" in path.read_text() else ""
+        click.echo(f"{name:<{width}}  {config_mod.describe_config(path)}{kind}")
+    click.echo(f"({len(shipped)} configs in {config_mod.CONFIG_DIR})")
     return 0
 
 

@@ -19,7 +19,10 @@ from typing import Any
 
 ROLES = ("vcpu", "zapper", "invalidator", "notifier", "converter")
 BUSY_POLICIES = ("unwind", "retry", "serialize")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+# the shipped configs are package data (stress/configs, a link to the repository's
+# configs/ in a checkout), so they are found by name from anywhere
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 
 
 class ConfigError(ValueError):
@@ -42,17 +45,25 @@ def parse_size(text: str | int, key: str = "size") -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
+_DUR_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h|d)")
+
+
 def parse_duration(text: str | int | float, key: str = "duration") -> float:
-    """``30``, ``30s``, ``5m``, ``2h``, ``250ms``: seconds."""
+    """``30``, ``30s``, ``5m``, ``2h``, ``250ms``, compound ``1h30m``: seconds."""
     if isinstance(text, bool):
         raise ConfigError(f"{key}: expected a duration like 30s, got {text!r}")
     if isinstance(text, int | float):
         secs = float(text)
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|us|s|m|h|d)?\s*", str(text).lower())
-        if not m:
-            raise ConfigError(f"{key}: expected a duration like 30s, 5m or 2h, got {text!r}")
-        secs = float(m.group(1)) * _DUR_UNITS[m.group(2) or ""]
+        t = str(text).strip().lower()
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|us|s|m|h|d)?", t)
+        if m:
+            secs = float(m.group(1)) * _DUR_UNITS[m.group(2) or ""]
+        elif t and _DUR_PART.sub("", t) == "":  # 1h30m, 2m30s, 1d12h
+            secs = sum(float(n) * _DUR_UNITS[u] for n, u in _DUR_PART.findall(t))
+        else:
+            raise ConfigError(f"{key}: expected a duration like 30s, 5m, 2h or 1h30m, "
+                              f"got {text!r}")
     if secs < 0:
         raise ConfigError(f"{key}: must not be negative, got {text!r}")
     return secs
@@ -556,10 +567,53 @@ def read_toml(p: Path, what: str = "config") -> dict[str, Any]:
         raise ConfigError(f"{p}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs installed with the package, by name (``smoke``: smoke.toml)."""
+    try:
+        return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.toml"))}
+    except OSError:
+        return {}
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` if it names a file; else the shipped config of that name
+    (``smoke``, ``smoke.toml``), so a config is addressable from anywhere.
+    An unknown name is a ConfigError listing the shipped ones."""
+    p = Path(path)
+    if p.exists() or len(p.parts) != 1:
+        return p
+    shipped = shipped_configs()
+    name = p.stem if p.suffix == ".toml" else p.name
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"{p}: no such config file, and not a shipped config "
+                      f"(shipped: {', '.join(shipped)}; see `tdp-stress configs`)")
+
+
+def describe_config(p: Path, limit: int = 100) -> str:
+    """A config's one-line description (what `tdp-stress configs` shows): the
+    first sentence of its leading comment, at most ``limit`` characters."""
+    words: list[str] = []
+    try:
+        for line in p.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            words.extend(line.lstrip("#").split())
+    except OSError:
+        return ""
+    text = " ".join(words)
+    if ". " in text:
+        text = text[: text.index(". ") + 1]
+    if len(text) > limit:
+        text = text[: limit - 3].rsplit(" ", 1)[0] + "..."
+    return text
+
+
 def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Load ``path`` (default configs/default.toml), apply overrides, validate."""
+    """Load ``path`` (a file, or a shipped config's name; default the shipped
+    default.toml), apply overrides, validate."""
     cfg = Config()
-    p = Path(path) if path is not None else DEFAULT_CONFIG
+    p = find_config(path) if path is not None else DEFAULT_CONFIG
     if path is not None or p.exists():
         cfg = _apply(cfg, read_toml(p), str(p))
     if overrides:

@@ -26,8 +26,9 @@ def _hms(s: float) -> str:
 
 
 class SoakProgress:
-    def __init__(self, live: bool, plain_every: float = 10.0) -> None:
-        self.live_mode = live
+    def __init__(self, live: bool, plain_every: float = 10.0, quiet: bool = False) -> None:
+        self.quiet = quiet  # no progress at all (-q)
+        self.live_mode = live and not quiet
         self.plain_every = plain_every
         self.console = Console(file=sys.stderr)
         self.live: Live | None = None
@@ -52,9 +53,12 @@ class SoakProgress:
         if self.last is None or st.epoch != self.last.epoch:
             self.line = StatusLine()  # rates restart with each epoch's run
         self.last = st
-        run_line = self.line.render(st.run) if st.run else ""
+        width = self.console.width - 16 if self.live is not None else None  # the panel's label
+        run_line = self.line.render(st.run, width) if st.run else ""
         if self.live is not None:
             self.live.update(self._render(run_line))
+        elif self.quiet:
+            return
         elif st.elapsed_s - self.last_plain >= self.plain_every:
             self.last_plain = st.elapsed_s
             rss = f" rss {st.run.rss_bytes >> 20} MiB" if st.run else ""
@@ -68,7 +72,7 @@ class SoakProgress:
         line = (f"epoch {rec['epoch']} seed {rec['seed']}: {rec['exit_reason']} in "
                 f"{rec['duration_s']:.1f} s ({ops}; max rss {rec['max_rss_mb']:.0f} MiB)")
         self.epoch_lines.append(line)
-        if self.live is None:
+        if self.live is None and not self.quiet:
             print(line, file=sys.stderr, flush=True)
 
     def _render(self, run_line: str = "") -> Table:

@@ -7,7 +7,7 @@ depends on tdp-stress can write::
 
     @pytest.mark.stress
     def test_fixed_protocol_is_clean(stress_run):
-        res = stress_run("configs/smoke.toml", duration="30s")
+        res = stress_run("smoke", duration="30s")   # a shipped config, by name
         assert res["exit_reason"] == "clean", res["violations"]
 
     @pytest.mark.stress
@@ -16,9 +16,12 @@ depends on tdp-stress can write::
         assert res["exit_reason"] == "violation"
 
 and run them with ``pytest -n auto -m stress`` (``-m soak`` for long ones).
-Each call runs a real supervisor with real worker processes, in its own
-output directory under the test's ``tmp_path``, and returns the results.json
-dict; reproducer bundles of violations are under ``<out>/bundles``.
+``config`` is a file or the name of a shipped config (``tdp-stress configs``
+lists them), so the example works from any directory.  Each call runs a real
+supervisor with real worker processes, in its own output directory under the
+test's ``tmp_path``, and returns the results.json dict; the reproducer bundle
+of the first violation (the cause; later ones are marked ``consequence_of``)
+is under ``<out>/bundles``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import pytest
 
 from stress import config as config_mod
-from stress.bundle import write_bundle
+from stress.explain import annotate, worker_names, write_bundles
 from stress.harness.supervisor import Supervisor
 from stress.report import build_results, now_iso, write_json_atomic
 
@@ -47,7 +50,8 @@ StressRun = Callable[..., dict[str, Any]]
 def stress_run(tmp_path: Path) -> StressRun:
     """Run tdp-stress in-process: ``stress_run(config=None, duration="10s", **overrides)``.
 
-    ``overrides`` are ``run`` keys (``variant``, ``seed``, ``check_interval``,
+    ``config``: a config file or a shipped config's name (``"smoke"``); None is
+    the shipped default.  ``overrides`` are ``run`` keys (``variant``, ``seed``, ``check_interval``,
     ...) or ``section={...}`` dicts (``workers={"vcpu": 4}``).
     """
     counter = [0]
@@ -66,8 +70,8 @@ def stress_run(tmp_path: Path) -> StressRun:
         started = now_iso()
         outcome = Supervisor(cfg).run()
         res = build_results(cfg, outcome, started)
-        for v in res["violations"]:
-            v["bundle"] = str(write_bundle(out / "bundles", cfg, v, outcome.trace)[0])
+        annotate(res["violations"], worker_names(cfg))
+        write_bundles(out / "bundles", cfg, res["violations"], outcome.trace)
         write_json_atomic(out / "results.json", res)
         return res
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from stress import __version__
 from stress.config import Config
+from stress.files import readable
 from stress.harness.supervisor import EXIT_CLEAN, EXIT_VIOLATION, RunOutcome, StatusSnapshot
 
 SCHEMA = "tdp-stress-results"
@@ -96,8 +97,8 @@ def format_soak_summary(res: dict[str, Any], results_path: Path | None) -> str:
              f"{res['epochs_done']} epochs in {res['duration_s']:.1f} s of "
              f"{res['planned_duration_s']:.0f} s, exit {res['exit_reason']} ({res['exit_code']})"]
     rates = res["rates_per_s"]
-    lines.append("rates: " + ", ".join(f"{k} {_si(rates[k])}/s" for k in HEADLINE
-                                       if rates.get(k)))
+    lines.extend(_wrap("rates: ", [f"{k} {_si(rates[k])}/s" for k in HEADLINE if rates.get(k)],
+                       100))
     for b in res["distinct_violations"]:
         lines.append(f"VIOLATION [{b['invariant']}] x{b['hits']} (first in epoch "
                      f"{b['first_epoch']}, seed {b['first_seed']}): {b['bundle']}")
@@ -134,10 +135,11 @@ def write_junit(path: Path, suite: str, cases: list[dict[str, Any]]) -> Path:
     tree = ET.ElementTree(ET.Element("testsuites"))
     tree.getroot().append(ts)
     ET.indent(tree)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # the CLI refuses a --junit path in a missing directory before the run starts
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         tree.write(f, encoding="utf-8", xml_declaration=True)
+    readable(tmp)
     os.replace(tmp, path)
     return path
 
@@ -176,6 +178,7 @@ def write_json_atomic(path: Path, data: Any) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -194,12 +197,16 @@ def _si(x: float) -> str:
 
 
 class StatusLine:
-    """Renders a StatusSnapshot as one line of rates since the previous one."""
+    """Renders a StatusSnapshot as one line of rates since the previous one.
+
+    With ``width`` the line fits in it: fields are dropped least important
+    first (tables, retries, the roles' worker counts and op names, then roles
+    from the last), never the clock, the checks or the violations."""
 
     def __init__(self) -> None:
         self.prev: StatusSnapshot | None = None
 
-    def render(self, s: StatusSnapshot) -> str:
+    def render(self, s: StatusSnapshot, width: int | None = None) -> str:
         prev = self.prev
         self.prev = s
         dt = s.elapsed_s - prev.elapsed_s if prev else s.elapsed_s
@@ -210,47 +217,103 @@ class StatusLine:
             before = prev.per_role.get(role, Counter())[key] if prev else 0
             return (now - before) / dt
 
-        parts = [f"[{s.elapsed_s:7.1f}s/{s.duration_s:.0f}s]"]
+        head = f"[{s.elapsed_s:6.1f}s/{s.duration_s:.0f}s]"
+        roles, compact = [], []
         for role in s.per_role:
             op = ROLE_OP.get(role, "ops")
-            parts.append(f"{role} x{s.workers[role]} {_si(rate(role, op))} {op}/s")
+            roles.append(f"{role} x{s.workers[role]} {_si(rate(role, op))} {op}/s")
+            compact.append(f"{role} {_si(rate(role, op))}/s")
         tot = {k: sum(rate(r, k) for r in s.per_role) for k in
                ("retries", "zap_retry", "tables_linked", "tables_freed")}
-        parts.append(f"retries {_si(tot['retries'] + tot['zap_retry'])}/s")
-        parts.append(f"tables +{_si(tot['tables_linked'])}/-{_si(tot['tables_freed'])}/s")
-        parts.append(f"checks {s.checks}")
-        parts.append(f"violations {s.violations}")
-        return " | ".join(parts)
+        extra = [f"retries {_si(tot['retries'] + tot['zap_retry'])}/s",
+                 f"tables +{_si(tot['tables_linked'])}/-{_si(tot['tables_freed'])}/s"]
+        tail = [f"checks {s.checks}", f"violations {s.violations}"]
+
+        def line(r: list[str], x: list[str]) -> str:
+            return " | ".join([head, *r, *x, *tail])
+
+        text = line(roles, extra)
+        if width is None:
+            return text
+        while len(text) > width and extra:
+            extra.pop()
+            text = line(roles, extra)
+        if len(text) > width:  # "vcpu 7.9k/s": the role's op rate, no counts or names
+            roles = compact
+            text = line(roles, extra)
+        while len(text) > width and roles:
+            roles.pop()
+            text = line(roles, extra)
+        return text[:width]
 
 
-def format_summary(res: dict[str, Any], results_path: Path | None) -> str:
-    lines = [f"tdp-stress run: variant {res['variant']}, seed {res['seed']}, "
+# what the summary says about retries (a column of the role table)
+RETRIES_NOTE = ("retries: faults that returned RET_PF_RETRY (a lost cmpxchg, a frozen SPTE, "
+                "a TDX_OPERAND_BUSY unwound, an invalidation in progress) and zaps that lost "
+                "a cmpxchg and went again: the protocol's normal answer to contention, not "
+                "an error")
+
+
+def _wrap(prefix: str, items: list[str], width: int) -> list[str]:
+    """``prefix item, item, ...`` wrapped at ``width``, continuation lines indented."""
+    import textwrap
+
+    nbsp = "\u00a0"  # an item ("faults 304") is never split across lines
+    lines = textwrap.wrap(", ".join(i.replace(" ", nbsp) for i in items), width,
+                          initial_indent=prefix, subsequent_indent=" " * len(prefix),
+                          break_on_hyphens=False)
+    return [line.replace(nbsp, " ") for line in lines] or [prefix.rstrip()]
+
+
+def format_summary(res: dict[str, Any], results_path: Path | None, width: int = 100) -> str:
+    from stress.render import details_text, hexify
+
+    cfg = res.get("config") or {}
+    vm = (cfg.get("vm") or {}).get("type", "?")
+    vm_name = {"tdx": "TD (tdx: direct and mirror roots)", "default": "default VM (direct root)"
+               }.get(vm, vm)
+    config_file = res.get("config_file")
+    lines = [f"tdp-stress run: variant {res['variant']}, seed {res['seed']}, {vm_name}"
+             + (f", config {config_file}" if config_file else ""),
              f"{res['duration_s']:.1f} s, exit {res['exit_reason']} ({res['exit_code']})"]
-    lines.append(f"{'role':<8} {'workers':>7} {'ops':>10} {'ops/s':>9} {'retries':>9}")
-    for role, r in res["roles"].items():
-        lines.append(f"{role:<8} {r['workers']:>7} {r['ops']:>10} {_si(r['ops_per_s']):>9} "
-                     f"{r['retries']:>9}")
-    rates = res["rates_per_s"]
-    lines.append("totals: " + ", ".join(f"{k} {res['totals'][k]} ({_si(rates[k])}/s)"
-                                        for k in res["totals"] if res["totals"][k]))
+    roles = res["roles"]
+    rw = max([len("role")] + [len(r) for r in roles])
+    lines.append(f"{'role':<{rw}}  {'workers':>7}  {'ops':>10}  {'op':<10}  {'ops/s':>8}  "
+                 f"{'retries':>9}")
+    for role, r in roles.items():
+        op = ROLE_OP.get(role, "ops")
+        lines.append(f"{role:<{rw}}  {r['workers']:>7}  {r['ops']:>10}  {op:<10}  "
+                     f"{_si(r['ops_per_s']):>8}  {r['retries']:>9}")
+    lines.extend(_wrap("", [RETRIES_NOTE], width))
+    lines.append("counters by role:")
+    for role, r in roles.items():
+        items = [f"{k} {v}" for k, v in r["counters"].items() if v]
+        lines.extend(_wrap(f"  {role + ':':<{rw + 1}} ", items, width))
     checks = res["checks"]
     lines.append("checks: " + (", ".join(f"{k} {v}" for k, v in checks.items()) or "none"))
     if res["violations"]:
-        for v in res["violations"][:5]:
+        for i, v in enumerate(res["violations"][:5]):
             det = v.get("details", {})
-            where = ", ".join(f"{k}={det[k]}" for k in ("gfn", "level", "table", "worker")
-                              if k in det)
-            lines.append(f"VIOLATION [{v['invariant']}] at {v.get('time_s', 0):.3f}s: "
-                         f"{v['message']} ({where})")
+            where = details_text({k: det[k] for k in ("gfn", "level", "table", "root")
+                                  if k in det})
+            tag = "VIOLATION" if i == 0 else "  consequence"
+            lines.append(f"{tag} [{v['invariant']}] at {v.get('time_s', 0):.3f}s: "
+                         f"{hexify(str(v['message']))}" + (f" ({where})" if where else ""))
+            if v.get("who"):
+                lines.append(f"{'':{len(tag)}}   {v['who']}")
+        more = len(res["violations"]) - 5
+        if more > 0:
+            lines.append(f"  ... and {more} more consequence(s) in results.json")
     else:
         lines.append("violations: none")
     for e in res["errors"][:5]:
         lines.append("ERROR: " + e.strip().splitlines()[-1] if "\n" in e.strip() else
                      "ERROR: " + e)
     for w, evs in (res.get("crash_trace") or {}).items():
-        from stress.harness.trace import summary
+        from stress.render import event_text
 
-        lines.append(f"last events of worker {w}: " + "; ".join(summary(e) for e in evs[-5:]))
+        lines.append(f"last events of worker {w}: " + "; ".join(event_text(e)
+                                                              for e in evs[-5:]))
     hang = res.get("hang")
     if hang:
         stuck = ", ".join(f"worker {s['worker']} ({s['role']}, pid {s['pid']})"
@@ -261,4 +324,9 @@ def format_summary(res: dict[str, Any], results_path: Path | None) -> str:
                      f"{len(hang['stacks'])} workers in results.json")
     if results_path:
         lines.append(f"results: {results_path}")
+    first = res["violations"][0] if res["violations"] else None
+    if first and first.get("bundle"):
+        from stress.explain import next_steps
+
+        lines.append(next_steps(first["bundle"]))
     return "\n".join(lines)

@@ -25,7 +25,9 @@ class BundleError(ValueError):
     pass
 
 
-def load_bundle(path: Path) -> tuple[Any, dict[str, Any]]:
+def load_bundle(path: Path, variant_file: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The bundle's config (with ``variant_file`` in place of the recorded one)
+    and its violation."""
     cfg_file, vio_file = path / "config.toml", path / "violation.json"
     if not cfg_file.is_file() or not vio_file.is_file():
         raise BundleError(f"{path}: not a reproducer bundle (needs config.toml and "
@@ -34,12 +36,14 @@ def load_bundle(path: Path) -> tuple[Any, dict[str, Any]]:
         violation = json.loads(vio_file.read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{vio_file}: invalid JSON: {e}") from None
-    return config_mod.load(cfg_file), violation
+    ov = {"run": {"variant_file": variant_file}} if variant_file else None
+    return config_mod.load(cfg_file, ov), violation
 
 
 def reproduce(path: Path, runs: int, stop_after: int,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    cfg, violation = load_bundle(path)
+              progress: Callable[[str], None] | None = None,
+              variant_file: str | None = None) -> dict[str, Any]:
+    cfg, violation = load_bundle(path, variant_file)
     want, want_sig = violation["invariant"], signature(violation)
     attempts = []
     for i in range(1, runs + 1):

@@ -28,8 +28,8 @@ from typing import Any
 
 from stress import __version__
 from stress import config as config_mod
-from stress.bundle import write_bundle
 from stress.config import Config
+from stress.explain import annotate, worker_names, write_bundles
 from stress.harness.supervisor import (
     EXIT_CODES,
     OVERRUN_S,
@@ -67,8 +67,10 @@ class SoakStatus:
 class Soak:
     def __init__(self, cfg: Config, duration: float, epoch: float, keep_going: bool,
                  out_dir: Path, on_status: Callable[[SoakStatus], None] | None = None,
-                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                 width: int = 0) -> None:
         self.cfg = cfg
+        self.width = width  # of the bundles' timeline.txt
         self.duration = duration
         self.epoch = epoch
         self.keep_going = keep_going
@@ -170,10 +172,16 @@ class Soak:
         started = now_iso()
         outcome = Supervisor(cfg, on_status=status, hard_deadline=hard_deadline).run()
         res = build_results(cfg, outcome, started)
+        # the first violation of an epoch is its cause; the others are marked as
+        # its consequences and bundled only with keep_going
+        annotate(res["violations"], worker_names(cfg))
+        write_bundles(self.out / "bundles", cfg, res["violations"], outcome.trace,
+                      self.keep_going, self.width)
         for v in res["violations"]:
-            path, new = write_bundle(self.out / "bundles", cfg, v, outcome.trace)
-            v["bundle"] = str(path)
-            b = self.bundles.setdefault(str(path), {"bundle": str(path),
+            if "bundle" not in v:
+                continue
+            path = v["bundle"]
+            b = self.bundles.setdefault(path, {"bundle": path,
                                                     "invariant": v["invariant"],
                                                     "variant": v["variant"], "hits": 0,
                                                     "first_epoch": index, "first_seed": seed})

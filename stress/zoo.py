@@ -44,14 +44,15 @@ NO_PERTURBATION = {"inject": {"delay_every": 0, "race_window": 0.0},
 
 
 def _detect(name: str, seeds: int, cap: float, perturb: bool,
-            progress: Callable[[str], None] | None) -> dict[str, Any]:
+            progress: Callable[[str], None] | None, variant_file: str = "") -> dict[str, Any]:
     v = VARIANTS[name]
     ttds: list[float] = []
     invariants: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     for seed in range(1, seeds + 1):
         ov: dict[str, dict[str, Any]] = {"run": {
-            "variant": name, "seed": seed, "duration": cap, "expect_violation": True}}
+            "variant": name, "seed": seed, "duration": cap, "expect_violation": True,
+            **({"variant_file": variant_file} if variant_file else {})}}
         if not perturb:
             ov.update(NO_PERTURBATION)
         o = Supervisor(config_mod.load(_config_path(v), ov)).run()
@@ -72,13 +73,14 @@ def _detect(name: str, seeds: int, cap: float, perturb: bool,
 
 
 def _hunt(name: str, tries: int, replays: int, max_steps: int,
-          progress: Callable[[str], None] | None) -> dict[str, Any]:
+          progress: Callable[[str], None] | None, variant_file: str = "") -> dict[str, Any]:
     """Controlled scheduling (harness/schedule.py): schedules tried until one
     fails, then that schedule replayed ``replays`` times."""
     from stress.hunt import events_key, hunt
 
     v = VARIANTS[name]
-    cfg = config_mod.load(_config_path(v), {"run": {"variant": name}})
+    cfg = config_mod.load(_config_path(v), {"run": {
+        "variant": name, **({"variant_file": variant_file} if variant_file else {})}})
     res = hunt(cfg, tries, max_steps=max_steps)
     if res.outcome is not None and res.outcome.exit_reason == "interrupted":
         raise ZooInterrupted
@@ -104,19 +106,22 @@ def _hunt(name: str, tries: int, replays: int, max_steps: int,
 def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
             progress: Callable[[str], None] | None = None,
             compare_perturbation: bool = False, hunt_tries: int = 0,
-            hunt_max_steps: int = 200_000) -> dict[str, Any]:
+            hunt_max_steps: int = 200_000, variant_file: str = "") -> dict[str, Any]:
     """Perturbation (delay injection at the atomics chokepoint and the targeted
     race windows) is on as configured; ``compare_perturbation`` also runs every
-    variant with both off and reports the two side by side."""
+    variant with both off and reports the two side by side.  ``variant_file``:
+    a user variant file every run loads (its variants can then be named)."""
     rows = []
     for name in variants:
         v = VARIANTS[name]
         row = {"name": name, "source": v.source, "config": v.config,
-               **_detect(name, seeds, cap, True, progress)}
+               **_detect(name, seeds, cap, True, progress, variant_file)}
         if compare_perturbation:
-            row["without_perturbation"] = _detect(name, seeds, cap, False, progress)
+            row["without_perturbation"] = _detect(name, seeds, cap, False, progress,
+                                                  variant_file)
         if hunt_tries:
-            row["hunt"] = _hunt(name, hunt_tries, seeds, hunt_max_steps, progress)
+            row["hunt"] = _hunt(name, hunt_tries, seeds, hunt_max_steps, progress,
+                                variant_file)
         rows.append(row)
     fixed: dict[str, Any] = {"seconds": 0.0, "violations": 0, "exit_reason": None}
     if fixed_seconds > 0:
@@ -132,18 +137,35 @@ def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
             "variants": rows, "fixed": fixed}
 
 
+def not_detected(res: dict[str, Any]) -> str:
+    """The zoo's verdict when it fails: a line naming every variant not
+    detected (and a fixed protocol that did not run clean); "" when it passed."""
+    missed = [r["name"] for r in res["variants"] if not r["detected"]]
+    f = res["fixed"]
+    parts = []
+    if missed:
+        parts.append(f"not detected ({len(missed)} of {len(res['variants'])}): "
+                     + ", ".join(missed))
+    if f["violations"] or f["exit_reason"] not in (None, "clean"):
+        parts.append(f"fixed protocol not clean ({f['exit_reason']}, "
+                     f"{f['violations']} violations)")
+    return "zoo FAILED: " + "; ".join(parts) if parts else ""
+
+
 def format_zoo(res: dict[str, Any]) -> str:
+    # the name column fits the longest name (user variants can be long)
+    nw = max([len("controlled schedules")] + [len(r["name"]) for r in res["variants"]]) + 2
     lines = [f"bug zoo: {res['seeds']} seeds per variant, cap {res['cap_s']:.0f} s per run",
-             f"{'variant':<29}{'detected':>9}{'median':>9}{'p90':>9}  invariant (first fired)"]
+             f"{'variant':<{nw}}{'detected':>9}{'median':>9}{'p90':>9}  invariant (first fired)"]
     for r in res["variants"]:
         med = f"{r['median_ttd_s']:.3f}s" if r["median_ttd_s"] is not None else "-"
         p90 = f"{r['p90_ttd_s']:.3f}s" if r["p90_ttd_s"] is not None else "-"
         inv = ", ".join(f"{k} x{n}" for k, n in r["invariants"].items()) or "-"
-        lines.append(f"{r['name']:<29}{r['detected']:>4}/{r['runs']:<4}{med:>9}{p90:>9}  {inv}")
-        lines.append(f"{'':<29}source: {r['source']}")
+        lines.append(f"{r['name']:<{nw}}{r['detected']:>4}/{r['runs']:<4}{med:>9}{p90:>9}  {inv}")
+        lines.append(f"{'':<{nw}}source: {r['source']}")
     if any("without_perturbation" in r for r in res["variants"]):
         lines.append("")
-        lines.append(f"{'perturbation':<29}{'with':>14}{'without':>14}{'speed-up':>10}")
+        lines.append(f"{'perturbation':<{nw}}{'with':>14}{'without':>14}{'speed-up':>10}")
         for r in res["variants"]:
             w = r.get("without_perturbation")
             if not w:
@@ -158,10 +180,10 @@ def format_zoo(res: dict[str, Any]) -> str:
                 ratio = f">{res['cap_s'] / a:.0f}x"
             else:
                 ratio = "-"
-            lines.append(f"{r['name']:<29}{left:>14}{right:>14}{ratio:>10}")
+            lines.append(f"{r['name']:<{nw}}{left:>14}{right:>14}{ratio:>10}")
     if any("hunt" in r for r in res["variants"]):
         lines.append("")
-        lines.append(f"{'controlled schedules':<29}{'hunt':>18}{'replay':>12}  schedule")
+        lines.append(f"{'controlled schedules':<{nw}}{'hunt':>18}{'replay':>12}  schedule")
         for r in res["variants"]:
             h = r.get("hunt")
             if not h:
@@ -171,7 +193,7 @@ def format_zoo(res: dict[str, Any]) -> str:
             rep = f"{h['identical']}/{h['replays']}" if h["found"] else "-"
             sc = h.get("schedule") or {}
             how = f"{sc.get('mode')} seed {sc.get('seed')}, {sc.get('steps')} steps" if sc else ""
-            lines.append(f"{r['name']:<29}{found:>18}{rep:>12}  {how}")
+            lines.append(f"{r['name']:<{nw}}{found:>18}{rep:>12}  {how}")
     f = res["fixed"]
     if f["seconds"]:
         lines.append(f"fixed protocol: {f['seconds']:.0f} s, {f['violations']} violations "

@@ -30,7 +30,7 @@ def test_fixed_protocol_runs_clean_in_parallel(tmp_path: Path) -> None:
     r = run_cli("run", SMOKE, "--vcpus", "2", "--duration", "6s", "--seed", "7",
                 "--check-interval", "2s", "--out", str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["schema"] == "tdp-stress-results" and res["schema_version"] == 1
     assert res["exit_reason"] == "clean" and res["violations"] == []
     assert res["seed"] == 7 and res["variant"] == "fixed"
@@ -109,7 +109,7 @@ def test_bug_variant_is_caught(tmp_path: Path, variant: str, vm_type: str,
     r = run_cli("run", cfg, "--variant", variant, "--vm-type", vm_type, "--expect-violation",
                 "--duration", "120s", "--out", str(tmp_path), "-q", timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr  # --expect-violation: caught = 0
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["exit_reason"] == "violation"
     v = res["violations"][0]
     assert v["invariant"] in invariants and v["variant"] == variant
@@ -138,8 +138,10 @@ def test_expect_violation_on_fixed_protocol_fails(tmp_path: Path) -> None:
     (["/nonexistent/config.toml"], "config.toml"),
     (["--bogus-flag"], "bogus"),
     (["--variant", "mirror-no-freeze", "--vm-type", "default"], "tdx"),
-    (["--vcpus", "0", "--workers", "zapper=0", "--workers", "invalidator=0", "--workers",
-      "notifier=0", "--workers", "converter=0"], "workers"),
+    (["--vcpus", "0"], "vcpus"),
+    (["--duration", "0"], "duration"),
+    (["--workers", "vcpu=0", "--workers", "zapper=0", "--workers", "invalidator=0",
+      "--workers", "notifier=0", "--workers", "converter=0"], "workers"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     r = run_cli("run", *args, "--out", str(tmp_path / "out"))
@@ -147,7 +149,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], needle
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tdp-stress: error:"), r.stderr
     assert needle in lines[0]
-    assert not (tmp_path / "out" / "results.json").exists()
+    assert not (tmp_path / "out").exists()  # nothing left behind
 
 
 def test_bad_config_file_exits_2(tmp_path: Path) -> None:
@@ -188,7 +190,7 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path: Path, sig: int) -> Non
     assert proc.returncode == 130, err
     assert segments_of(proc.pid) == []
     assert not any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids)
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["exit_reason"] == "interrupted"
 
 
@@ -202,7 +204,7 @@ def test_killed_worker_exits_3_and_names_it(tmp_path: Path) -> None:
     assert proc.returncode == 3, out + err
     assert segments_of(proc.pid) == []
     assert not [k for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["exit_reason"] == "crash"
     assert any(f"pid {victim.pid}" in e and "SIGKILL" in e for e in res["errors"]), res["errors"]
 
@@ -296,7 +298,7 @@ def test_user_variant_file(tmp_path: Path) -> None:
                 "--variant", "mirror-link-no-freeze", "--expect-violation", "--duration", "60s",
                 "--out", str(tmp_path), "-q", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["config"]["run"]["variant_file"] == example
     assert res["violations"][0]["variant"] == "mirror-link-no-freeze"
     bad = tmp_path / "bad.py"

@@ -40,7 +40,7 @@ def test_watchdog_ends_a_hung_run_with_exit_4_and_stacks(tmp_path: Path) -> None
     r, wall = _timed("run", cfg, "--out", str(tmp_path), "-q")
     assert r.returncode == 4, r.stdout + r.stderr
     assert wall < 15  # far before the 60 s duration
-    hang = json.loads((tmp_path / "results.json").read_text())["hang"]
+    hang = json.loads((tmp_path / "latest" / "results.json").read_text())["hang"]
     assert hang["what"].startswith("no progress")
     assert hang["mmu_lock_write_owner_worker"] == 2  # the lock holder is named
     assert "in hang" in hang["stacks"]["2"]  # the hung worker's Python stack
@@ -56,7 +56,7 @@ def test_duration_holds_when_a_worker_ignores_stop_and_sigterm(tmp_path: Path) -
     r, wall = _timed("run", cfg, "--out", str(tmp_path), "-q")
     assert r.returncode == 4, r.stdout + r.stderr
     assert wall < 3 + 5 + 2  # duration + 5 s, plus interpreter start-up
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["hang"]["what"].startswith("did not stop when asked")
     assert res["workers"][0]["exitcode"] == -signal.SIGKILL
 
@@ -66,7 +66,7 @@ def test_leak_detector_exits_3(tmp_path: Path) -> None:
                          '[run]\nmax_rss_growth = "32m"\nduration = "60s"\n')
     r, wall = _timed("run", cfg, "--out", str(tmp_path), "-q")
     assert r.returncode == 3, r.stdout + r.stderr
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert res["exit_reason"] == "leak" and "leaks: heap grew" in res["errors"][0]
     assert wall < 30
 
@@ -102,8 +102,8 @@ def test_soak_epochs_checkpoint_and_junit(tmp_path: Path) -> None:
                      "--out", str(out), "--junit", str(tmp_path / "j.xml"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert wall < 7 + 5 + 2
-    res = json.loads((out / "results.json").read_text())
-    ck = json.loads((out / "checkpoint.json").read_text())
+    res = json.loads((out / "latest" / "results.json").read_text())
+    ck = json.loads((out / "latest" / "checkpoint.json").read_text())
     assert res == ck and res["complete"] and res["exit_reason"] == "clean"
     assert res["schema"] == "tdp-stress-soak" and res["master_seed"] == 5
     assert res["epochs_done"] >= 2 and len(set(res["seeds"])) == res["epochs_done"]
@@ -121,7 +121,7 @@ def test_soak_keep_going_collects_distinct_violations(tmp_path: Path) -> None:
                 "--epoch", "1s", "--keep-going", "--out", str(out), "--junit",
                 str(tmp_path / "j.xml"))
     assert r.returncode == 1, r.stdout + r.stderr
-    res = json.loads((out / "results.json").read_text())
+    res = json.loads((out / "latest" / "results.json").read_text())
     assert res["epochs_done"] >= 2  # it went on after the first violation
     bundles = res["distinct_violations"]
     assert bundles and sum(b["hits"] for b in bundles) >= res["epochs_done"]
@@ -141,7 +141,7 @@ def test_soak_interrupted_keeps_its_checkpoint(tmp_path: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            if json.loads((out / "checkpoint.json").read_text())["epochs_done"] >= 2:
+            if json.loads((out / "latest" / "checkpoint.json").read_text())["epochs_done"] >= 2:
                 break
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             pass
@@ -150,7 +150,7 @@ def test_soak_interrupted_keeps_its_checkpoint(tmp_path: Path) -> None:
     proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert segments_of(proc.pid) == []
-    ck = json.loads((out / "checkpoint.json").read_text())
+    ck = json.loads((out / "latest" / "checkpoint.json").read_text())
     assert ck["exit_reason"] == "interrupted" and not ck["complete"]
     assert ck["epochs_done"] >= 2 and len(ck["seeds"]) == ck["epochs_done"]
 
@@ -162,7 +162,7 @@ def test_run_junit_marks_expected_violation_as_pass(tmp_path: Path) -> None:
     assert r.returncode == 0
     suite = ET.parse(j).getroot().find("testsuite")
     assert suite is not None and suite.get("failures") == "0" and suite.get("tests") == "1"
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
     assert Path(res["violations"][0]["bundle"], "repro.sh").exists()
 
 
@@ -170,7 +170,8 @@ def test_repro_reruns_a_bundle_and_measures_reliability(tmp_path: Path) -> None:
     r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
                 str(tmp_path), "-q")
     assert r.returncode == 1
-    bundle = Path(json.loads((tmp_path / "results.json").read_text())["violations"][0]["bundle"])
+    res = json.loads((tmp_path / "latest" / "results.json").read_text())
+    bundle = Path(res["violations"][0]["bundle"])
     r = run_cli("repro", str(bundle), "--runs", "3", "--stop-after", "2", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((bundle / "repro.json").read_text())
@@ -184,7 +185,7 @@ def test_violation_bundle_holds_the_merged_trace(tmp_path: Path) -> None:
     r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
                 str(tmp_path), "-q")
     assert r.returncode == 1
-    v = json.loads((tmp_path / "results.json").read_text())["violations"][0]
+    v = json.loads((tmp_path / "latest" / "results.json").read_text())["violations"][0]
     bundle = Path(v["bundle"])
     events = [json.loads(line) for line in (bundle / "trace.jsonl").read_text().splitlines()]
     assert len(events) > 100

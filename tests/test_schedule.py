@@ -144,7 +144,7 @@ def test_replay_refuses_a_free_run_bundle(tmp_path: Path) -> None:
     r = run_cli("run", "--variant", "zap-without-freeze", "--duration", "20s", "--out",
                 str(tmp_path), "-q", "--expect-violation", timeout=120)
     assert r.returncode == 0, r.stderr
-    bundle = next((tmp_path / "bundles").iterdir())
+    bundle = next((tmp_path / "latest" / "bundles").iterdir())
     for cmd in ("replay", "shrink"):
         bad = run_cli(cmd, str(bundle))
         assert bad.returncode == 2

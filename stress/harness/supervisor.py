@@ -429,6 +429,17 @@ class Supervisor:
             self.violations.append(d)
         return "violation"
 
+    def _first_violation_ns(self) -> int | None:
+        """A free run's trace ends at its first violation (what followed is its
+        consequence); a controlled run's trace ends there by itself."""
+        if self.controlled or not self.violations or self.words is None:
+            return None
+        start = self.words.load(self.layout.ctl(Control.START_NS))
+        t = self.violations[0].get("time_s")
+        if not start or not isinstance(t, int | float):
+            return None
+        return start + int(t * 1e9) + 1000  # time_s is rounded to 1 us
+
     # -- teardown --------------------------------------------------------------
     def _stop_workers(self) -> None:
         w, lay = self.words, self.layout
@@ -629,7 +640,8 @@ class Supervisor:
                                 for i in range(self.n)]}
                 if reason not in ("clean", "interrupted") and self.words is not None:
                     self.trace = read_events(self.words, self.layout,
-                                             self.roles + ["supervisor"], self.cfg.trace.keep)
+                                             self.roles + ["supervisor"], self.cfg.trace.keep,
+                                             self._first_violation_ns())
             except Exception as e:
                 self.errors.append(f"harness error during teardown: {type(e).__name__}: {e}")
                 reason = "error" if reason == "clean" else reason

@@ -9,7 +9,6 @@ dead worker: they are in the arena) and keeps them with the report.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from stress.arena import TRACE_EVENT_WORDS, Layout, Slot
@@ -19,8 +18,11 @@ from stress.model.spte import describe
 from stress.model.tdx import error_name
 
 
-def read_events(w: Words, lay: Layout, roles: list[str], keep: int) -> list[dict[str, Any]]:
-    """The last ``keep`` events of all processes, in global order."""
+def read_events(w: Words, lay: Layout, roles: list[str], keep: int,
+                until_ns: int | None = None) -> list[dict[str, Any]]:
+    """The last ``keep`` events of all processes, in global order (with
+    ``until_ns``, the last ones at or before that time: a run's first violation,
+    so that a worker still spinning after it does not flush the cause out)."""
     if not lay.trace_entries:
         return []
     out: list[tuple[int, int, int, int, int, int]] = []
@@ -32,6 +34,8 @@ def read_events(w: Words, lay: Layout, roles: list[str], keep: int) -> list[dict
             e = base + (h % lay.trace_entries) * TRACE_EVENT_WORDS
             out.append(tuple(w.load(e + k) for k in range(TRACE_EVENT_WORDS)))  # type: ignore[arg-type]
     out.sort()
+    if until_ns is not None:
+        out = [e for e in out if e[1] <= until_ns] or out
     return [decode(e, roles) for e in out[-keep:]]
 
 
@@ -66,6 +70,11 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
         d.update(start=a, end=b, phase="begin" if c == 0 else "end")
     elif kind == ev.UNSYNC:
         d.update(shadow_page=a, phase="marked" if b == 0 else "synced")
+    # the raw values too, for timelines that show them in full (render.py)
+    if kind in (ev.SPTE, ev.SPTE_WRITE):
+        d.update(old_spte=f"{b:#018x}", new_spte=f"{c:#018x}")
+    elif kind == ev.SEAMCALL:
+        d["status_code"] = f"{c:#x}"
     return d
 
 
@@ -138,18 +147,10 @@ def _concerns(e: dict[str, Any], gfn: int) -> bool:
 
 def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 0) -> str:
     """The last events as one column per worker, like seed 000's vCPU0/vCPU1
-    diagram (columns share about 150 characters unless ``width`` is given)."""
-    evs = events[-last:]
-    if not evs:
-        return "(no events)"
-    workers = sorted({e["worker"] for e in evs})
-    width = width or max(44, min(76, 150 // len(workers)))
-    head = "".join(f"{e_role(evs, w):<{width}}" for w in workers)
-    lines = [head.rstrip(), "".join(f"{'=' * (width - 2):<{width}}" for _ in workers).rstrip()]
-    for e in evs:
-        col = workers.index(e["worker"])
-        lines.append((" " * (width * col) + summary(e)[: width - 2]).rstrip())
-    return "\n".join(lines)
+    diagram: full values, wrapped, ``width`` characters in all (see render.py)."""
+    from stress import render
+
+    return render.timeline(events, last, width)
 
 
 def e_role(evs: list[dict[str, Any]], w: int) -> str:
@@ -157,13 +158,10 @@ def e_role(evs: list[dict[str, Any]], w: int) -> str:
     return f"{role}{w}"
 
 
-def chrome_trace(events: list[dict[str, Any]]) -> str:
-    """Chrome trace-event JSON (opens in Perfetto / chrome://tracing)."""
-    t0 = events[0]["t_ns"] if events else 0
-    out = [{"name": summary(e), "cat": e["event"], "ph": "i", "s": "t",
-            "ts": (e["t_ns"] - t0) / 1000.0, "pid": 1, "tid": e["worker"],
-            "args": {k: v for k, v in e.items() if k not in ("t_ns",)}} for e in events]
-    meta = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": w,
-             "args": {"name": f"{r}{w}"}}
-            for w, r in sorted({(e["worker"], e["role"]) for e in events})]
-    return json.dumps({"traceEvents": meta + out, "displayTimeUnit": "ns"})
+def chrome_trace(events: list[dict[str, Any]], title: str = "tdp-stress",
+                 names: list[str] | None = None) -> str:
+    """Chrome trace-event JSON (opens in Perfetto / chrome://tracing): slices for
+    faults, lock holds and zaps per worker, named threads (see render.py)."""
+    from stress import render
+
+    return render.chrome_trace(events, title, names)
