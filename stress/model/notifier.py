@@ -190,11 +190,42 @@ def check_range_current(kvm: Kvm, start: int, end: int) -> None:
 
 def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int) -> int:
     """Zap [start, end) in every root of ``types`` (write lock; the mirror through
-    the S-EPT removal path)."""
+    the S-EPT removal path).  Under the mirror-zap-shared proposal the mirror
+    part is left to :func:`unmap_mirror_shared`, after the write lock."""
+    from stress.model.roots import KVM_MIRROR_ROOTS
     from stress.model.tdp_mmu import kvm_tdp_mmu_zap_leafs_roots
 
     kvm.lockdep_assert_held_write()
+    if kvm.variant.mirror_shared_zaps:
+        types &= ~KVM_MIRROR_ROOTS
     return kvm_tdp_mmu_zap_leafs_roots(kvm, types, start, end)  # flushes before returning
+
+
+def unmap_mirror_shared(kvm: Kvm, start: int, end: int, types: int) -> int:
+    """The mirror-zap-shared proposal: with the invalidation in progress (begun
+    under the write lock), zap the mirror's part of [start, end) with mmu_lock
+    held for read: the 2M tables wholly inside the range with their sub-trees,
+    the other leaves one by one.  Upstream does all of it under the write lock."""
+    from stress.model.roots import KVM_MIRROR_ROOTS, for_each_tdp_mmu_root_yield_safe
+    from stress.model.spte import PG_LEVEL_2M
+    from stress.model.tdp_mmu import tdp_mmu_zap_leafs_atomic, tdp_mmu_zap_range_at_level
+
+    if not kvm.variant.mirror_shared_zaps or not types & KVM_MIRROR_ROOTS:
+        return 0
+    n = 0
+    kvm.read_lock()
+    try:
+        for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_MIRROR_ROOTS):
+            lo, hi = (start + KVM_PAGES_PER_2M - 1) & -KVM_PAGES_PER_2M, end & -KVM_PAGES_PER_2M
+            if lo < hi:
+                n += tdp_mmu_zap_range_at_level(kvm, root, lo, hi, PG_LEVEL_2M, shared=True)
+                n += tdp_mmu_zap_leafs_atomic(kvm, root, start, lo)
+                n += tdp_mmu_zap_leafs_atomic(kvm, root, hi, end)
+            else:
+                n += tdp_mmu_zap_leafs_atomic(kvm, root, start, end)
+    finally:
+        kvm.read_unlock()
+    return n
 
 
 def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
@@ -231,6 +262,7 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
         kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, types)
     finally:
         kvm.write_unlock()
+    kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, types)
     try:
         if attr_filter is None:
             host_pages_replace(kvm, start, end)  # the primary MMU frees the old pages
@@ -262,6 +294,10 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
             kvm, start, end, private)
     finally:
         kvm.write_unlock()
+    if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
+        from stress.model.roots import KVM_MIRROR_ROOTS
+
+        kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, KVM_MIRROR_ROOTS)
     kvm_set_mem_attributes(kvm, start, end, private)
     try:
         for gfn in range(start, end):

@@ -106,14 +106,12 @@ def zap_root_types(kvm: Kvm, shared: bool) -> int:
     kvm_tdp_mmu_zap_sp, NX recovery and dirty logging; on a TD none of them
     reaches private memory (guest_memfd slots have no dirty logging, mirror
     pages are never NX-tracked, kvm_zap_gfn_range's callers do not run for a
-    TD), and upstream never zaps mirror SPTEs with mmu_lock held for read nor
-    mirror tables while the TD runs.  Mirror leaves are zapped by the
-    conversion and guest_memfd paths (notifier.py), with the PRIVATE filter.
-    A variant may let the zapper visit mirror roots (the mirror-zap-shared
-    proposal)."""
+    TD), and a private page KVM removed on its own would kill the TD at the
+    guest's next access.  Mirror leaves are zapped by the conversion and
+    guest_memfd paths (notifier.py), with the PRIVATE filter."""
     from stress.model.roots import KVM_ALL_ROOTS, KVM_MIRROR_ROOTS
 
-    if kvm.geometry.tdx and not kvm.variant.mirror_shared_zaps:
+    if kvm.geometry.tdx:
         return KVM_ALL_ROOTS & ~KVM_MIRROR_ROOTS
     return KVM_ALL_ROOTS
 

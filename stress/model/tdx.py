@@ -437,11 +437,12 @@ class TdxModule:
         """Unlink the empty, blocked and tracked table at (gfn, level) and hand its
         page back to KVM (not used by upstream KVM while the TD runs)."""
         w, lay = self.w, self.lay
+        running = w.load(self._state_i) == TD_STATE_RUNNABLE
 
         def op(e: int) -> tuple[int, int]:
             if sept_state(e) != SEPT_TABLE_BLOCKED:
                 return TDX_EPT_ENTRY_STATE_INCORRECT, e
-            if not self._tracked(e):
+            if running and not self._tracked(e):
                 return TDX_TLB_TRACKING_NOT_DONE, e
             child = sept_pfn(e)
             if w.count_equal(lay.spt(child), WORDS_PER_PAGE,

@@ -97,7 +97,10 @@ def kvm_make_all_cpus_request(kvm: Kvm, req: int) -> None:
         w.fetch_or(lay.tlb_hdr(v, H_REQUESTS), req)
     for v in range(n):
         mode_i = lay.tlb_hdr(v, H_MODE)
-        if w.cmpxchg(mode_i, IN_GUEST_MODE, EXITING_GUEST_MODE) != IN_GUEST_MODE:
+        # kvm_request_needs_ipi: a vCPU not OUTSIDE_GUEST_MODE gets the IPI, and
+        # KVM_REQUEST_WAIT waits for its ack, so one another task kicked already
+        # (EXITING_GUEST_MODE) but still in the guest is waited for too
+        if w.cmpxchg(mode_i, IN_GUEST_MODE, EXITING_GUEST_MODE) == OUTSIDE_GUEST_MODE:
             continue
         spins = 0
         while w.load(mode_i) == EXITING_GUEST_MODE:  # the IPI's round trip
