@@ -51,6 +51,7 @@ REPORT_SCHEMA = "tdp-stress-campaign"
 SCHEMA_VERSION = 1
 
 MATRIX_KEYS = ("name", "configs", "variants", "seeds", "duration")
+VARIANT_CONFIG = "@variant"  # in campaign.configs: each variant's own shipped config
 MAX_SEED = 2**63 - 1  # as run.seed in stress.config
 NOT_RUN = "not-run"   # exit_reason of cells skipped after an interrupted cell
 
@@ -128,10 +129,17 @@ class Matrix:
         p = Path(config).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 
+    def resolve(self, config: str, variant: str) -> str:
+        """A config of the matrix for one variant: ``@variant`` is the variant's own
+        shipped config (the job that stresses its code path, as ``zoo`` uses)."""
+        if config == VARIANT_CONFIG:
+            return str(_config.CONFIG_DIR / VARIANTS[variant].config)
+        return config
+
     def cells(self) -> list[Cell]:
         """Every cell, sorted by (config, variant, seed): the order shards are cut in."""
-        return sorted(Cell(c, v, s) for c in self.configs for v in self.variants
-                      for s in self.seeds)
+        return sorted({Cell(self.resolve(c, v), v, s) for c in self.configs
+                       for v in self.variants for s in self.seeds})
 
     def digest(self) -> str:
         """Identifies the cell list and per-cell duration; equal on every machine."""
@@ -235,6 +243,14 @@ def load_matrix(path: str | Path) -> Matrix:
                     duration=duration)
     ids: dict[str, str] = {}
     for c in configs:
+        if c == VARIANT_CONFIG:
+            for v in variants:
+                try:
+                    cell_config(matrix, Cell(matrix.resolve(c, v), v, seeds[0]), Path("."))
+                except ConfigError as e:
+                    raise CampaignError(f"campaign.configs: {c} with variant {v}: {e}") \
+                        from None
+            continue
         cp = matrix.config_path(c)
         if not cp.is_file():
             raise CampaignError(f"campaign.configs: {c}: no such config file ({cp})")

@@ -137,6 +137,9 @@ class ZapperConfig:
 class NotifierConfig:
     interval: float = 0.002  # mean pause between invalidations
     max_range: int = 16 << 12  # largest invalidated range
+    # on a TD: ranges that start on a private gfn are guest_memfd punch-holes (the
+    # guest agreed); false: only the mmu_notifier of shared memory
+    punch_private: bool = True
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,9 @@ class VmConfig:
 @dataclass(frozen=True)
 class TdxConfig:
     seamcall_latency: float = 20e-6
+    # how long TDH.VP.ENTER holds the TD epoch lock (and, under zero-step
+    # mitigation, the S-EPT tree) before the guest runs
+    vp_enter_latency: float = 5e-6
     busy_policy: str = "unwind"  # unwind | retry | serialize
     busy_retries: int = 16
     private_chunk: int = 32 << 10
@@ -426,6 +432,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "notifier": {
         "interval": _dur("notifier.interval", 0.0, 3600.0),
         "max_range": _size("notifier.max_range", 4096, 1 << 40),
+        "punch_private": _bool("notifier.punch_private"),
     },
     "converter": {
         "interval": _dur("converter.interval", 0.0, 3600.0),
@@ -439,6 +446,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "tdx": {
         "seamcall_latency": _dur("tdx.seamcall_latency", 0.0, 0.1),
+        "vp_enter_latency": _dur("tdx.vp_enter_latency", 0.0, 0.1),
         "busy_policy": _choice("tdx.busy_policy", BUSY_POLICIES),
         "busy_retries": _int("tdx.busy_retries", 1, 10**6),
         "private_chunk": _size("tdx.private_chunk", 4096, 1 << 40),

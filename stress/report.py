@@ -32,6 +32,26 @@ HEADLINE = ("faults", "retries", "zap_retry", "tables_linked", "tables_freed", "
             "seamcall_busy", "mirror_restores", "sept_removes", "sept_tables_removed",
             "roots_created", "roots_freed", "fast_zaps", "yields", "unsync_marked",
             "unsync_lock_contended", "syncs", "emulated_writes")
+# a TD's counters (results.json "tdx"): the module's other callers, removals, the
+# initial image, pre-faults, and where BUSY came from
+TDX_COUNTERS = ("vp_enters", "td_entry_waits", "zero_step_walks", "zero_step_exits",
+                "tdcalls", "accepts", "map_gpa_calls", "local_retries", "local_retry_exits",
+                "page_augs", "sept_adds", "page_adds", "init_mem_pages", "sept_removes",
+                "tdx_tracks", "no_vcpus_retries", "sept_tables_reclaimed", "prefaulted",
+                "vcpu_ioctls", "seamcalls", "seamcall_busy", "mirror_restores")
+
+
+def tdx_summary(totals: Counter[str]) -> dict[str, Any]:
+    """BUSY answers by the pair that collided (``"TDH.MEM.PAGE.AUG<VP.ENTER"``:
+    an AUG refused because a TDH.VP.ENTER held the lock; holders are KVM, VP.ENTER,
+    TDCALL, or ? when the holder let go before it could be read) and the TD's
+    counters."""
+    pairs = {k[len("busy:"):]: v for k, v in sorted(totals.items()) if k.startswith("busy:")}
+    by_holder: Counter[str] = Counter()
+    for k, v in pairs.items():
+        by_holder[k.rsplit("<", 1)[-1]] += v
+    return {"busy_by_pair": pairs, "busy_by_holder": dict(sorted(by_holder.items())),
+            "counters": {k: totals.get(k, 0) for k in TDX_COUNTERS}}
 
 
 def final_exit_code(outcome: RunOutcome, expect_violation: bool) -> int:
@@ -74,6 +94,7 @@ def build_results(cfg: Config, outcome: RunOutcome, started_at: str) -> dict[str
         "pool_pages": outcome.pool_pages,
         "roles": roles,
         "totals": {k: totals.get(k, 0) for k in HEADLINE},
+        "tdx": tdx_summary(totals) if cfg.vm.type == "tdx" else None,
         "rates_per_s": {k: round(totals.get(k, 0) / dur, 1) for k in HEADLINE},
         "workers": [{"index": r.index, "role": r.role, "pid": r.pid, "exitcode": r.exitcode,
                      "max_rss_mb": round(r.max_rss / 2**20, 1),

@@ -28,6 +28,7 @@ from stress.harness.supervisor import RunOutcome
 from tests.conftest import ROOT
 
 SMOKE = (ROOT / "configs" / "smoke.toml").resolve()
+BOOT = (ROOT / "configs" / "tdx-boot.toml").resolve()
 DEFAULT = (ROOT / "configs" / "default.toml").resolve()
 
 
@@ -38,10 +39,11 @@ def write_matrix(tmp_path: Path, body: str, name: str = "matrix.toml") -> Path:
 
 
 def simple_matrix(tmp_path: Path, variants: str = '["fixed", "mirror-no-freeze"]',
-                  seeds: str = "1", duration: str = '"2s"', extra: str = "") -> Path:
+                  seeds: str = "1", duration: str = '"2s"', extra: str = "",
+                  config: Path | None = None) -> Path:
     return write_matrix(tmp_path, f"""
 [campaign]
-configs = ["{SMOKE}"]
+configs = ["{config or SMOKE}"]
 variants = {variants}
 seeds = {seeds}
 duration = {duration}
@@ -215,7 +217,8 @@ def test_more_shards_than_cells(tmp_path: Path, fake: type[FakeSupervisor]) -> N
 # -- end to end (the real engine) -------------------------------------------------------------
 
 def test_two_shard_campaign_end_to_end(tmp_path: Path) -> None:
-    m = load_matrix(simple_matrix(tmp_path))
+    # tdx-boot: a TD's first touches, where mirror-no-freeze shows within a second
+    m = load_matrix(simple_matrix(tmp_path, config=BOOT))
     out = tmp_path / "out"
     lines: list[str] = []
     recs = [run_campaign(m, (i, 2), out, lines.append) for i in (1, 2)]
@@ -229,7 +232,7 @@ def test_two_shard_campaign_end_to_end(tmp_path: Path) -> None:
             assert res["schema"] == "tdp-stress-results"
             assert res["variant"] == c["variant"] and res["seed"] == c["seed"]
             assert res["exit_reason"] == c["exit_reason"]
-    assert any("smoke-mirror-no-freeze-s1" in line for line in lines)
+    assert any("tdx-boot-mirror-no-freeze-s1" in line for line in lines)
 
     rep = merge([out])
     assert rep["schema"] == "tdp-stress-campaign"
@@ -245,8 +248,8 @@ def test_two_shard_campaign_end_to_end(tmp_path: Path) -> None:
     assert (fixed["runs"], fixed["detected"], fixed["expect"]) == (1, 0, "clean")
     assert fixed["median_ttd_s"] is None
     cells = {c["cell_id"]: c for c in rep["cells"]}
-    assert cells["smoke-fixed-s1"]["exit_reason"] == "clean"
-    assert Path(cells["smoke-fixed-s1"]["results"]).is_file()
+    assert cells["tdx-boot-fixed-s1"]["exit_reason"] == "clean"
+    assert Path(cells["tdx-boot-fixed-s1"]["results"]).is_file()
     text = format_merge(rep)
     assert "mirror-no-freeze" in text and "1/1" in text and "verdict: PASS" in text
 
@@ -402,3 +405,12 @@ def test_merge_with_nothing_to_merge(tmp_path: Path) -> None:
         merge([tmp_path])
     with pytest.raises(CampaignError, match="no such shard file"):
         merge([tmp_path / "missing"])
+
+
+def test_variant_config_cells_use_each_variants_own_job(tmp_path: Path) -> None:
+    p = write_matrix(tmp_path, '[campaign]\nconfigs=["@variant", "' + str(SMOKE) + '"]\n'
+                               'variants=["fixed", "mirror-no-freeze"]\nseeds=[1]\n'
+                               'duration="1s"')
+    cells = {(Path(c.config).name, c.variant) for c in load_matrix(p).cells()}
+    assert cells == {("default.toml", "fixed"), ("tdx-boot.toml", "mirror-no-freeze"),
+                     ("smoke.toml", "fixed"), ("smoke.toml", "mirror-no-freeze")}

@@ -69,7 +69,6 @@ ROOT_UAF = {UNDERFLOW, UAF, SEPT_ERR, "SPTE installed in removed table"}
     ("free-without-grace-period", "default", {UAF, STALE_TLB}),
     ("free-without-grace-period", "tdx", {UAF, STALE_TLB}),
     ("mirror-no-freeze", "tdx", {SEPT_ERR, DIVERGE}),
-    ("mirror-zap-no-freeze", "tdx", {SEPT_ERR, DIVERGE}),
     ("sept-spinlock-only", "tdx", {SEPT_ERR, DIVERGE}),
     ("private-selector-by-fault", "tdx", {SEPT_ERR, DIVERGE, "S-EPT table without live mirror "
                                                             "table"}),
@@ -97,9 +96,9 @@ ROOT_UAF = {UNDERFLOW, UAF, SEPT_ERR, "SPTE installed in removed table"}
     ("tlb-flush-after-rcu-unlock", "tdx", {STALE_TLB}),
     ("lost-dirty-bit", "default", {LOST_DIRTY}),
     ("conversion-zaps-direct-only", "tdx", {STALE, WRONG_ROOT, SEPT_ERR, DIVERGE}),
-    ("hugepage-attr-change-exact-range", "tdx", {"huge page during attribute change",
-                                                 "huge page over mixed attributes", STALE,
-                                                 WRONG_ROOT}),
+    # hugepage-attr-change-exact-range is left to the zoo: on a TD its window (a
+    # shared-region fault between a conversion's zap and the THP split) is reached
+    # by some seeds only since vCPUs re-enter the TD between faults (see the note)
     ("child-removal-on-pfn-change", "default", {"leaked page-table page",
                                                 "tdp_mmu_pages accounting"}),
 ])
@@ -113,7 +112,8 @@ def test_bug_variant_is_caught(tmp_path: Path, variant: str, vm_type: str,
     assert res["exit_reason"] == "violation"
     v = res["violations"][0]
     assert v["invariant"] in invariants and v["variant"] == variant
-    assert {"gfn", "table", "root", "shadow_page", "shadow_pages", "stat"} & set(v["details"])
+    assert {"gfn", "table", "root", "shadow_page", "shadow_pages", "stat", "seamcall"} & set(
+        v["details"])
 
 
 def test_caught_variant_without_expect_exits_1(tmp_path: Path) -> None:
@@ -224,8 +224,10 @@ def test_bench_policy_prints_the_three_policies(tmp_path: Path) -> None:
     assert "all runs clean" in r.stdout
     res = json.loads(out.read_text())
     pol = res["policies"]
-    assert pol["serialize"]["BUSY/s"]["median"] == 0  # KVM never contends inside the module
-    assert all(pol[p]["faults/s"]["median"] > 0 for p in pol)
+    # serialising KVM's SEAMCALLs no longer means no BUSY: TDH.VP.ENTER and the guest's
+    # TDCALLs take the module's locks too, and no KVM lock orders them
+    assert all(pol[p]["faults/s"]["median"] > 0 and pol[p]["SEAMCALLs/s"]["median"] > 0
+               for p in pol)
 
 
 def test_bench_unsync_compares_lock_and_write_protect(tmp_path: Path) -> None:
@@ -275,8 +277,9 @@ def test_bench_throughput_reports_floor_and_scaling(tmp_path: Path) -> None:
 
 
 def test_bench_compare_measures_the_no_mirror_example(tmp_path: Path) -> None:
-    """examples/no_mirror.py (seed 000's other idea) runs clean and side by side
-    with the frozen-SPTE protocol; KVM never contends inside the TDX module."""
+    """examples/no_mirror.py (Sean's other idea of Jan 2023) runs clean and side by
+    side with the frozen-SPTE protocol; no KVM task meets another inside the TDX
+    module (BUSY comes only from the vCPUs: TDH.VP.ENTER and TDCALLs)."""
     out = tmp_path / "bench.json"
     example = str(ROOT / "examples" / "no_mirror.py")
     r = run_cli("bench", SMOKE, "--compare", "fixed,sept-vm-lock", "--variant-file", example,
@@ -285,9 +288,16 @@ def test_bench_compare_measures_the_no_mirror_example(tmp_path: Path) -> None:
     assert "all runs clean" in r.stdout
     arms = json.loads(out.read_text())["arms"]
     assert set(arms) == {"fixed", "sept-vm-lock"}
-    assert arms["sept-vm-lock"]["BUSY/s"]["median"] == 0
     assert all(arms[a]["faults/s"]["median"] > 0 and arms[a]["SEAMCALLs/s"]["median"] > 0
                for a in arms)
+    r = run_cli("run", SMOKE, "--variant-file", example, "--variant", "sept-vm-lock",
+                "--duration", "3s", "--out", str(tmp_path / "run"), "-q", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((tmp_path / "run" / "latest" / "results.json").read_text())
+    busy = {k: v for w in res["workers"] for k, v in w["stats"].items()
+            if k.startswith("busy:") and k.endswith("<KVM") and not k.startswith(
+                ("busy:TDH.VP.ENTER", "busy:TDG."))}
+    assert not busy, busy  # KVM's own SEAMCALLs never meet each other
     r = run_cli("bench", "--compare", "fixed,no-such-variant")
     assert r.returncode == 2 and "unknown variant" in r.stderr
 
@@ -305,3 +315,19 @@ def test_user_variant_file(tmp_path: Path) -> None:
     bad.write_text("VARIANTS = 3\n")
     r = run_cli("run", "--variant-file", str(bad), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "defines no VARIANTS list" in r.stderr
+
+
+def test_td_job_counts_busy_by_the_pair_that_collided(tmp_path: Path) -> None:
+    """On a TD the TDX module's callers are KVM tasks, TDH.VP.ENTER and the guest's
+    TDCALLs, all real processes; results.json says who made whom BUSY."""
+    r = run_cli("run", str(ROOT / "configs" / "tdx-busy.toml"), "--duration", "6s",
+                "--out", str(tmp_path), "-q", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tdx = json.loads((tmp_path / "latest" / "results.json").read_text())["tdx"]
+    c = tdx["counters"]
+    for k in ("vp_enters", "tdcalls", "accepts", "zero_step_walks", "map_gpa_calls",
+              "sept_removes", "page_adds", "prefaulted", "vcpu_ioctls"):
+        assert c[k] > 0, k
+    assert tdx["busy_by_holder"].get("VP.ENTER", 0) > 0
+    assert tdx["busy_by_holder"].get("TDCALL", 0) > 0
+    assert any(k.startswith("TDH.MEM.PAGE.AUG<") for k in tdx["busy_by_pair"])

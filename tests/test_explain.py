@@ -46,7 +46,7 @@ def _cli_elsewhere(cwd: Path, *args: str, timeout: float = 120
 @pytest.fixture(scope="module")
 def caught(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("caught")
-    r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--duration", "20s",
+    r = run_cli("run", SMOKE, "--variant", "zap-without-freeze", "--duration", "20s",
                 "--out", str(out), "-q", "--width", "120")
     assert r.returncode == 1, r.stdout + r.stderr
     return out, r
@@ -71,7 +71,7 @@ def test_run_prints_the_bundle_and_the_next_commands(caught) -> None:
 def test_summary_header_and_role_table(caught) -> None:
     _out, r = caught
     head = r.stdout.splitlines()[0]
-    assert "variant mirror-no-freeze" in head and "TD (tdx" in head
+    assert "variant zap-without-freeze" in head and "TD (tdx" in head
     assert "smoke.toml" in head
     table = r.stdout[r.stdout.index("role "):].splitlines()
     rows = [table[0]] + [ln for ln in table[1:4] if ln.split()[0] in ("vcpu", "zapper",
@@ -120,7 +120,7 @@ def test_chrome_trace_has_slices_and_names(caught) -> None:
     trace = json.loads((bundle / "trace.chrome.json").read_text())["traceEvents"]
     meta = [e for e in trace if e["ph"] == "M"]
     procs = [e for e in meta if e["name"] == "process_name"]
-    assert len(procs) == 1 and "mirror-no-freeze" in procs[0]["args"]["name"]
+    assert len(procs) == 1 and "zap-without-freeze" in procs[0]["args"]["name"]
     threads = {e["tid"]: e["args"]["name"] for e in meta if e["name"] == "thread_name"}
     assert {"vcpu0", "vcpu1", "zapper2", "invalidator3"} <= set(threads.values())
     assert {e["pid"] for e in trace} == {procs[0]["pid"]}  # one process: the run

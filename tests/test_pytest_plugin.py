@@ -16,7 +16,7 @@ def test_stress_run_fixture_runs_clean(stress_run) -> None:
 
 @pytest.mark.stress
 def test_stress_run_fixture_reports_a_caught_bug(stress_run) -> None:
-    res = stress_run(ROOT / "configs" / "smoke.toml", duration="20s",
+    res = stress_run(ROOT / "configs" / "tdx-boot.toml", duration="20s",
                      variant="mirror-no-freeze", workers={"vcpu": 2})
     assert res["exit_reason"] == "violation"
     assert (ROOT / res["violations"][0]["bundle"]).joinpath("repro.sh").exists()

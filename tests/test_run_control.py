@@ -20,6 +20,7 @@ import psutil
 from tests.conftest import ROOT, run_cli, segments_of
 
 SMOKE = str(ROOT / "configs" / "smoke.toml")
+BOOT = str(ROOT / "configs" / "tdx-boot.toml")  # first touches: mirror-no-freeze fast
 
 
 def _cfg(tmp_path: Path, text: str) -> str:
@@ -117,7 +118,7 @@ def test_soak_epochs_checkpoint_and_junit(tmp_path: Path) -> None:
 
 def test_soak_keep_going_collects_distinct_violations(tmp_path: Path) -> None:
     out = tmp_path / "soak"
-    r = run_cli("soak", SMOKE, "--variant", "mirror-no-freeze", "--duration", "5s",
+    r = run_cli("soak", BOOT, "--variant", "mirror-no-freeze", "--duration", "5s",
                 "--epoch", "1s", "--keep-going", "--out", str(out), "--junit",
                 str(tmp_path / "j.xml"))
     assert r.returncode == 1, r.stdout + r.stderr
@@ -157,7 +158,7 @@ def test_soak_interrupted_keeps_its_checkpoint(tmp_path: Path) -> None:
 
 def test_run_junit_marks_expected_violation_as_pass(tmp_path: Path) -> None:
     j = tmp_path / "run.xml"
-    r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--expect-violation",
+    r = run_cli("run", BOOT, "--variant", "mirror-no-freeze", "--expect-violation",
                 "--duration", "20s", "--out", str(tmp_path), "--junit", str(j), "-q")
     assert r.returncode == 0
     suite = ET.parse(j).getroot().find("testsuite")
@@ -167,7 +168,7 @@ def test_run_junit_marks_expected_violation_as_pass(tmp_path: Path) -> None:
 
 
 def test_repro_reruns_a_bundle_and_measures_reliability(tmp_path: Path) -> None:
-    r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
+    r = run_cli("run", BOOT, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
                 str(tmp_path), "-q")
     assert r.returncode == 1
     res = json.loads((tmp_path / "latest" / "results.json").read_text())
@@ -182,7 +183,7 @@ def test_repro_reruns_a_bundle_and_measures_reliability(tmp_path: Path) -> None:
 
 
 def test_violation_bundle_holds_the_merged_trace(tmp_path: Path) -> None:
-    r = run_cli("run", SMOKE, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
+    r = run_cli("run", BOOT, "--variant", "mirror-no-freeze", "--duration", "20s", "--out",
                 str(tmp_path), "-q")
     assert r.returncode == 1
     v = json.loads((tmp_path / "latest" / "results.json").read_text())["violations"][0]

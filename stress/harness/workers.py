@@ -131,7 +131,8 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     kvm.vcpu_slots = tuple(i for i, r in enumerate(roles) if r == "vcpu")
     if tdx:
         kvm.tdx = TdxVm(TdxModule(kvm, int(cfg.tdx.seamcall_latency * 1e9),
-                                  cfg.tdx.zero_step_threshold),
+                                  cfg.tdx.zero_step_threshold,
+                                  int(cfg.tdx.vp_enter_latency * 1e9)),
                         policy=variant.busy_policy or cfg.tdx.busy_policy,
                         busy_retries=cfg.tdx.busy_retries)
         kvm.tdx_pending_event_fraction = cfg.tdx.pending_event_fraction
@@ -348,6 +349,8 @@ class VcpuRole(Role):
         kvm = self.kvm
         gfns = initial_image_gfns(self.cfg, kvm)
         r = tdx_vcpu_init_mem_region(kvm, gfns)
+        if r == -4:  # -EINTR: the run is stopping (a violation elsewhere, or its end)
+            return
         if r:
             kvm.bug("KVM_TDX_INIT_MEM_REGION failed", f"the initial image was refused ({r})")
         r = tdx_td_finalize(kvm)
@@ -399,7 +402,8 @@ class NotifierRole(Role):
             # shared mapping; guest_memfd's lock keeps punch-holes away from the
             # initial image until the TD runs
             attr_filter = "private" if kvm_mem_is_private(kvm, start) else "shared"
-            if attr_filter == "private" and not check_td_runnable(kvm):
+            if attr_filter == "private" and (not check_td_runnable(kvm)
+                                             or not self.cfg.notifier.punch_private):
                 attr_filter = "shared"
         mmu_notifier_invalidate_range(kvm, start, end, attr_filter)
         if self.cfg.notifier.interval:

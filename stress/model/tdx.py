@@ -168,11 +168,14 @@ def _index(gfn: int, level: int) -> int:
 class TdxModule:
     """One process's door into the module: its calls on the shared S-EPT."""
 
-    def __init__(self, kvm: Kvm, latency_ns: int, zero_step_threshold: int = 6) -> None:
+    def __init__(self, kvm: Kvm, latency_ns: int, zero_step_threshold: int = 6,
+                 vp_enter_latency_ns: int | None = None) -> None:
         self.kvm = kvm
         self.w = kvm.w
         self.lay = kvm.layout
         self.latency_ns = latency_ns
+        self.vp_enter_latency_ns = latency_ns if vp_enter_latency_ns is None \
+            else vp_enter_latency_ns
         self.zero_step_threshold = zero_step_threshold
         self.root_level = kvm.geometry.root_level
         lay = self.lay
@@ -497,7 +500,8 @@ class TdxModule:
                 return err
             tdr = taken.pop(0)  # kept until the TD exit
             try:
-                self._work()  # the entry itself, with the epoch (and tree) locks held
+                # the entry itself, with the epoch (and tree) locks held
+                self.w.spin_ns(self.vp_enter_latency_ns)
                 if zero_step:
                     assert fault_gfn is not None
                     e = self.entry(fault_gfn)

@@ -199,29 +199,31 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "zap with yielding, put again (Paolo's version; no gifted reference).  Settled "
               "by the tool: safe here (the 0 -> 1 is counted as a warning, no harm follows: "
               "a get at 0 fails, so nobody else holds the root being resurrected).",
-        source="seed 001 (Paolo Bonzini / Sean Christopherson, Mar 2022, v3 20/28 'Allow "
-               "yielding when zapping GFNs for defunct TDP MMU root')",
+        source="Paolo Bonzini / Sean Christopherson, Mar 2022, '[PATCH v3 20/28] KVM: "
+               "x86/mmu: Allow yielding when zapping GFNs for defunct TDP MMU root'",
         put_root=roots.put_root_resurrect, root_gifted_ref=False,
     ),
     replace(
         FIXED, name="root-put-dec-not-one", config="roots.toml", buggy=True,
         story="Sean's put: refcount_dec_not_one, xchg, zap with yielding, dec_not_one, then "
               "force the count to 0; a reference taken in between is wiped out.",
-        source="seed 001 (Sean's refcount_dec_not_one proposal)",
+        source="Sean Christopherson's refcount_dec_not_one proposal in the same thread (Mar "
+               "2022, '[PATCH v3 20/28] KVM: x86/mmu: Allow yielding when zapping GFNs for "
+               "defunct TDP MMU root')",
         put_root=roots.put_root_dec_not_one, root_gifted_ref=False,
     ),
     replace(
         FIXED, name="root-put-force-zero", config="roots.toml", buggy=True,
         story="The final put with the last reference found by refcount_dec_not_one and the "
               "count then forced to 0: a concurrent get under the read lock is lost.",
-        source="seed 001 (\"KVM should never force a refcount to '0'\")",
+        source="the same Mar 2022 thread: \"KVM should never force a refcount to '0'\"",
         put_root=roots.put_root_force_zero,
     ),
     replace(
         FIXED, name="root-double-put", config="roots.toml", buggy=True,
         story="The invalidated-roots zap puts the TDP MMU's reference of every invalid root "
               "it visits, so a root zapped earlier loses it twice and is freed while in use.",
-        source="reference 9.8: defunct-root refcounting in the 2022 TDP MMU overhaul "
+        source="defunct-root refcounting in the 2022 TDP MMU overhaul "
                "(efd995dae5eb, 22b94c4b63eb, edbdb43fc96b)",
         zap_invalidated_roots=roots.zap_invalidated_roots_double_put,
     ),
@@ -230,7 +232,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         story="TDP MMU faults (mmu_lock held for read) mark shadow pages unsync with no lock: "
               "non-atomic bitmap and unsync_children updates race; the count underflows or "
               "reaches 0 while a child is unsync.",
-        source="seed 004: commit ce25681d59ff (KVM: x86/mmu: Protect marking SPs unsync when "
+        source="commit ce25681d59ff (KVM: x86/mmu: Protect marking SPs unsync when "
                "using TDP MMU with spinlock)",
         try_to_unsync=unsync.unsync_without_lock,
     ),
@@ -238,35 +240,38 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         FIXED, name="unsync-lock-no-recheck", config="unsync.toml", buggy=True,
         story="Takes mmu_unsync_pages_lock but does not test sp->unsync again under it: a page "
               "two faults saw as synced is unsynced twice (kvm->stat.mmu_unsync drifts).",
-        source="seed 004: the double-checked pattern of ce25681d59ff",
+        source="the double-checked pattern of ce25681d59ff (KVM: x86/mmu: Protect marking SPs "
+               "unsync when using TDP MMU with spinlock)",
         try_to_unsync=unsync.unsync_lock_no_recheck,
     ),
     replace(
         FIXED, name="unsync-write-protect", config="unsync.toml",
         story="Alternative #1 of ce25681d59ff: can_unsync = false, never unsync; writes to "
               "shadowed gfns are write-protected and emulated (valid; slower: see bench).",
-        source="seed 004: commit ce25681d59ff, 'Alternative #1'",
+        source="commit ce25681d59ff (KVM: x86/mmu: Protect marking SPs unsync when using TDP "
+               "MMU with spinlock), 'Alternative #1' of its changelog",
         try_to_unsync=unsync.unsync_never,
     ),
     replace(
         FIXED, name="invalidate-end-after-unlock", buggy=True, config="invalidate.toml",
         story="kvm_mmu_invalidate_end runs after mmu_lock is dropped: a fault under the read "
               "lock sees in_progress == 0 with the old seq and maps the page just freed.",
-        source="seed 002 (KVM: gmem: protect kvm_mmu_invalidate_end(), Aug 2023)",
+        source="'KVM: gmem: protect kvm_mmu_invalidate_end()' (LKML, Aug 2023)",
         invalidate_end=notifier.end_after_unlock,
     ),
     replace(
         FIXED, name="fault-skips-retry-check", buggy=True, config="invalidate.toml",
         story="The fault never calls mmu_invalidate_retry_gfn under mmu_lock, so a pfn looked "
               "up before an invalidation is mapped after the invalidation's zap.",
-        source="reference 4.1 / 6: is_page_fault_stale and mmu_invalidate_retry_gfn",
+        source="mmu.c: is_page_fault_stale and mmu_invalidate_retry_gfn (kvm_host.h)",
         fault_retry_check=notifier.no_retry_check,
     ),
     replace(
         FIXED, name="seq-snapshot-after-pfn", buggy=True, config="invalidate.toml",
         story="The fault snapshots mmu_invalidate_seq after looking up the pfn: an "
               "invalidation that completes in between goes unnoticed.",
-        source="reference 4.1: the seq snapshot comes before the pfn and attribute reads",
+        source="mmu.c kvm_mmu_faultin_pfn: the mmu_invalidate_seq snapshot (smp_rmb) before "
+               "the pfn and attribute reads",
         faultin=notifier.faultin_pfn_then_seq,
     ),
     replace(
@@ -274,7 +279,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         requires_tdx=True,
         story="A private -> shared conversion zaps only the direct root: the mirror and the "
               "S-EPT keep mapping a gfn that is now shared.",
-        source="reference 6.4: kvm_arch_pre_set_memory_attributes and the root filter",
+        source="mmu.c kvm_arch_pre_set_memory_attributes and the KVM_FILTER_PRIVATE root filter",
         pre_set_memory_attributes=notifier.pre_set_zap_direct_only,
     ),
     replace(
@@ -284,7 +289,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "gfn of the same 2M region passes mmu_invalidate_retry_gfn, reads lpage_info's "
               "not-yet-updated 'not mixed' and maps the whole region, gfns whose attributes "
               "are changing included, with a 2M leaf in the direct root.",
-        source="reference 9.13: 9129633d568e (KVM: x86/mmu: Prevent installing hugepages when "
+        source="9129633d568e (KVM: x86/mmu: Prevent installing hugepages when "
                "mem attributes are changing, 2025)",
         pre_set_range_add=notifier.range_add_exact,
     ),
@@ -293,7 +298,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         story="handle_changed_spte tears a table down only if the PFN changed: a 2M leaf "
               "that replaces a table at the table's own frame (guest memory over top of the "
               "SP, made possible by pool.alias_tables) leaks the table and its leaves.",
-        source="reference 9.7: c8e5a0d0e9bc (KVM: x86/mmu: Check for !leaf=>leaf, not PFN "
+        source="c8e5a0d0e9bc (KVM: x86/mmu: Check for !leaf=>leaf, not PFN "
                "change, in TDP MMU SP removal, 2022)",
         changed_spte_removes_pt=child_pt_removed_if_pfn_changed,
     ),
@@ -303,7 +308,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "yield there drops mmu_lock with the earlier roots' zaps unflushed; an "
               "mmu_notifier finds the gfns non-present, skips the flush and frees the page "
               "a vCPU's TLB still maps.",
-        source="reference 9.3: commit a835429cda91 (KVM: x86/mmu: Ensure TLBs are flushed "
+        source="commit a835429cda91 (KVM: x86/mmu: Ensure TLBs are flushed "
                "when yielding during GFN range zap, 2021)",
         zap_leafs_roots=tdp_mmu.zap_leafs_flush_per_root,
     ),
@@ -312,7 +317,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         story="A zap that removes page tables releases RCU before its TLB flush: the "
               "tables' grace period ends and their RCU callback frees them while a vCPU's "
               "paging-structure cache still points at them.",
-        source="reference 9.18: commit fcb93eb6d09d (kvm: x86/mmu: Flush TLB before "
+        source="commit fcb93eb6d09d (kvm: x86/mmu: Flush TLB before "
                "zap_gfn_range releases RCU, 2022)",
         zap_release_rcu=tdp_mmu.rcu_unlock_then_flush,
     ),
@@ -321,7 +326,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         story="The exclusive (write-lock) overwrite of a present leaf is a plain store "
               "against the iterator's snapshot: a D bit the guest's walker set in between "
               "is overwritten unseen and the page is released without being marked dirty.",
-        source="reference 9.5: commit ba3a6120a4e7 (KVM: x86/mmu: Use atomic XCHG to write "
+        source="commit ba3a6120a4e7 (KVM: x86/mmu: Use atomic XCHG to write "
                "TDP MMU SPTEs with volatile bits, 2022)",
         write_spte=tdp_mmu.kvm_tdp_mmu_write_spte_plain,
     ),
@@ -335,10 +340,12 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
     ),
     replace(
-        FIXED, name="mirror-zap-no-freeze", buggy=True, requires_tdx=True,
+        FIXED, name="mirror-zap-no-freeze", buggy=False, requires_tdx=True,
         story="Only under the mirror-zap-shared proposal: maps freeze, but a read-lock zap "
-              "publishes non-present before its BLOCK/TRACK/REMOVE, so a fault AUGs into an "
-              "entry the S-EPT still maps.",
+              "of the mirror publishes non-present before its BLOCK/TRACK/REMOVE.  Settled by "
+              "the tool: safe there.  Those zaps run inside an invalidation (a conversion or "
+              "a punch-hole), so every fault on the range retries until it ends and none can "
+              "AUG over the entry meanwhile; the freeze is not what protects it.",
         source="the mirror-zap-shared proposal's zap side without the freeze",
         set_mirror_spte_atomic=mirror.set_mirror_spte_map_frozen_zap_published,
         set_external_spte=mirror.proposal_set_external_spte,
