@@ -140,6 +140,26 @@ def test_hunt_replay_shrink_from_the_command_line(tmp_path: Path) -> None:
     assert 1 <= len(header) <= 3  # a two- or three-column timeline
     r = run_cli("replay", str(shrunk), "--runs", "3", timeout=300)
     assert r.returncode == 0 and "3/3 with identical events" in r.stdout
+    assert_the_trace_reads_as_the_race(shrunk)
+
+
+def assert_the_trace_reads_as_the_race(bundle: Path) -> None:
+    """The shrunk reproducer's trace, top to bottom, is the race: a vCPU publishes a
+    mirror table (the store, where it happened), another vCPU's AUG under it fails
+    (the module has no parent yet), and the publisher's TDH.MEM.SEPT.ADD comes only
+    after, if at all."""
+    events = [json.loads(line) for line in (bundle / "trace.jsonl").read_text().splitlines()]
+    fail = next(e for e in events if e["event"] == "seamcall" and e["status"] != "TDX_SUCCESS"
+                and e["status"] != "TDX_OPERAND_BUSY")
+    assert fail["call"] == "TDH.MEM.PAGE.AUG" and fail["status"] == "TDX_EPT_WALK_FAILED"
+    publish = [e for e in events if e["event"] == "spte-write" and e["root"] == "mirror"
+               and e["level"] >= 2 and e["new"].startswith("present")
+               and e["worker"] != fail["worker"] and e["seq"] < fail["seq"]]
+    assert publish, "no mirror table published by another vCPU before the failed AUG"
+    pub = publish[-1]
+    adds = [e for e in events if e["event"] == "seamcall" and e["call"] == "TDH.MEM.SEPT.ADD"
+            and e["worker"] == pub["worker"] and e["seq"] > pub["seq"]]
+    assert not adds or adds[0]["seq"] > fail["seq"]  # the SEPT.ADD came too late
 
 
 def test_replay_refuses_a_free_run_bundle(tmp_path: Path) -> None:
