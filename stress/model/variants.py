@@ -163,11 +163,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     ),
     replace(
         FIXED, name="mirror-zap-shared", requires_tdx=True,
-        story="A design proposal, not upstream: mirror SPTEs are zapped and mirror tables "
-              "torn down with mmu_lock held for read too, the entry frozen until the S-EPT "
-              "has dropped it (BLOCK unwound on BUSY; TRACK, REMOVE and SEPT.REMOVE retried "
-              "until they succeed, vCPUs still running).  Valid in the model; compare it "
-              "with 'bench --compare fixed,mirror-zap-shared'.",
+        story="A design proposal, not upstream: conversions and guest_memfd punch-holes zap "
+              "the mirror, tables included, with mmu_lock held for read (inside their "
+              "invalidation), the entry frozen until the S-EPT has dropped it (BLOCK unwound "
+              "on BUSY; TRACK, REMOVE and SEPT.REMOVE retried until they succeed, vCPUs still "
+              "running).  Valid in the model; compare it with 'bench --compare "
+              "fixed,mirror-zap-shared'.  (KVM zapping private pages on its own, outside such "
+              "flows, kills the TD: the guest finds a page it accepted PENDING.)",
         source="the model's reading of the 2026 rework before the code was read (kept as a "
                "proposal for comparison)",
         set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_zap_shared,
