@@ -146,6 +146,9 @@ class Globals:
     TDR_LOCK_HOLDERS = 43
     NR_PREMAPPED = 44  # kvm_tdx->nr_premapped (v6.16's initial-image protocol)
     SWEEP = 45  # harness: hot-set picks so far, all workers (guest.sweep)
+    MEMSLOT_INVALID_START = 46  # a memslot being moved: [start, end) is KVM_MEMSLOT_INVALID
+    MEMSLOT_INVALID_END = 47  # (end 0: no slot is invalid)
+    SRCU_GP = 48  # kvm->srcu: grace periods started so far
     WORDS = 64
 
 
@@ -171,6 +174,8 @@ class Slot:
     ZERO_STEP_GFN = 11  # 1 + the gfn of that RIP's last EPT violation
     ZERO_STEP_RIP = 12  # 1 + the guest RIP the count is for
     VCPU_MUTEX = 13  # vcpu->mutex (a vCPU ioctl holds it; the TD's state changes take all)
+    SRCU_READER = 14  # 0 outside kvm->srcu's read side, else 1 + the grace period seen
+    SRCU_SITE = 15  # where the reader is: 1 + gfn of the fault it handles (reports)
     STATS = 16  # counters start here
     MAX_STATS = WORKER_SLOT_WORDS - STATS
 

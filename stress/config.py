@@ -120,6 +120,9 @@ class VcpuConfig:
 class InvalidatorConfig:
     interval: float = 0.02  # mean pause between fast zaps
     yield_every: int = 64  # entries a root zap visits between yields of mmu_lock
+    # on a TD: share of ops that move a 2 MiB memslot (KVM_MEMSLOT_INVALID,
+    # synchronize_srcu, kvm_mmu_zap_memslot) instead of a fast zap
+    memslot_move_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -411,6 +414,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "invalidator": {
         "interval": _dur("invalidator.interval", 0.0, 3600.0),
         "yield_every": _int("invalidator.yield_every", 1, 10**9),
+        "memslot_move_fraction": _float("invalidator.memslot_move_fraction", 0.0, 1.0),
     },
     "zapper": {
         "leaf_zap": _int("zapper.leaf_zap", 0, 1000),

@@ -374,3 +374,43 @@ def test_mirror_tables_carry_their_sept_page(td) -> None:
     # ^ an allocated, unused S-EPT page is a leak the checker names
     assert quiescent_check(kvm).violations[0].invariant == "leaked S-EPT page"
     assert SPTE_INDEX(PRIVATE, 1) == PRIVATE & 511
+
+
+def test_memslot_move_waits_for_srcu_readers_and_zaps_the_slot(td) -> None:
+    """A vCPU handling a fault on a slot being moved holds kvm->srcu; the fixed
+    local retry loop lets go when the slot is invalid, so the move completes; the
+    pre-fault of a gfn of the invalid slot says -EAGAIN."""
+    from stress.model.memslot import (
+        kvm_set_memory_region_move,
+        memslot_invalid,
+        srcu_read_lock,
+        srcu_read_unlock,
+    )
+
+    kvm = td.kvm
+    assert kvm_tdp_page_fault(kvm, PRIVATE, write=True) == RET_PF_FIXED
+    lay, w = td.layout, td.words
+    w.store(lay.glob(Globals.MEMSLOT_INVALID_START), PRIVATE)
+    w.store(lay.glob(Globals.MEMSLOT_INVALID_END), PRIVATE + 512)
+    assert memslot_invalid(kvm, PRIVATE + 1)
+    srcu_read_lock(kvm, PRIVATE + 1)
+    assert tdx_handle_ept_violation(kvm, PRIVATE + 1, True, GUEST_EPT_VIOLATION) == RET_PF_RETRY
+    srcu_read_unlock(kvm)  # the loop let go: back to the guest, out of kvm->srcu
+    assert kvm_arch_vcpu_pre_fault_memory(kvm, PRIVATE + 1, PRIVATE + 2) == -11  # -EAGAIN
+    w.store(lay.glob(Globals.MEMSLOT_INVALID_END), 0)
+    mover = td.task(1)
+    assert kvm_set_memory_region_move(mover, PRIVATE & ~511, (PRIVATE & ~511) + 512) == 1
+    assert sept_state(sept_leaf(td, PRIVATE)) == SEPT_FREE
+    assert not quiescent_check(kvm).violations
+
+
+def test_memslot_move_names_the_reader_it_waits_for(td) -> None:
+    from stress.model.memslot import kvm_set_memory_region_move, srcu_read_lock
+
+    reader = td.task(1)
+    srcu_read_lock(reader, PRIVATE)  # never lets go
+    mover = td.task(2)
+    with pytest.raises(InvariantViolation) as e:
+        kvm_set_memory_region_move(mover, PRIVATE & ~511, (PRIVATE & ~511) + 512)
+    assert e.value.invariant == "synchronize_srcu stall"
+    assert e.value.details["holder_worker"] == 1 and e.value.details["gfn"] == PRIVATE

@@ -34,6 +34,7 @@ from stress.model import unsync
 from stress.model.errors import InvariantViolation
 from stress.model.host import init_lpage_info, kvm_mmu_gfn_disallow_lpage
 from stress.model.kvm import Geometry, Kvm, TdxVm, kvm_mem_is_private
+from stress.model.memslot import kvm_set_memory_region_move, srcu_read_lock, srcu_read_unlock
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.notifier import kvm_vm_set_mem_attributes, mmu_notifier_invalidate_range
 from stress.model.roots import (
@@ -317,7 +318,7 @@ class VcpuRole(Role):
             self.handle_td_exit(self.last_fault, write, GUEST_EPT_VIOLATION)
             return
         fault = None
-        for gfn in gfns:
+        for gfn in gfns:  # in the TD: no kvm->srcu held (vcpu_enter_guest drops it)
             if kvm_mem_is_private(kvm, gfn):
                 how = td_guest_access_private(kvm, gfn)
             else:
@@ -334,9 +335,15 @@ class VcpuRole(Role):
         self.handle_td_exit(fault[0], write, fault[1])
 
     def handle_td_exit(self, gfn: int, write: bool, how: int) -> None:
+        """The exit's handling, inside kvm->srcu's read side (vcpu_run holds it
+        outside the guest)."""
         kvm = self.kvm
         private = kvm_mem_is_private(kvm, gfn)
-        r = tdx_handle_ept_violation(kvm, gfn, write, how)
+        srcu_read_lock(kvm, gfn)
+        try:
+            r = tdx_handle_ept_violation(kvm, gfn, write, how)
+        finally:
+            srcu_read_unlock(kvm)
         # an unresolved private fault re-enters at the same RIP: zero-step counts it
         self.last_fault = gfn if private else None
         if r == RET_PF_EMULATE:
@@ -459,7 +466,15 @@ class InvalidatorRole(Role):
     name = "invalidator"
 
     def step(self) -> None:
-        kvm_mmu_zap_all_fast(self.kvm)
+        kvm = self.kvm
+        frac = self.cfg.invalidator.memslot_move_fraction
+        if kvm.geometry.tdx and frac and self.rng.random() < frac:
+            if check_td_runnable(kvm):  # a memslot of the hot set, 2 MiB
+                start = round_gfn_for_level(self.pick_gfn(), PG_LEVEL_2M)
+                kvm.stats["entries_zapped"] += kvm_set_memory_region_move(
+                    kvm, start, min(self.n_gfns, start + 512))
+        else:
+            kvm_mmu_zap_all_fast(kvm)
         if self.cfg.invalidator.interval:
             self.kvm.w.pause(self.cfg.invalidator.interval * (0.5 + self.rng.random()))
 

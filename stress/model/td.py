@@ -236,7 +236,20 @@ def tdx_handle_ept_violation(kvm: Kvm, gfn: int, write: bool, how: int) -> int:
 def local_retry_exits(kvm: Kvm, gfn: int, tries: int) -> bool:
     """tdx_handle_ept_violation's loop condition (fixed): keep retrying unless
     kvm_vcpu_has_events() (an interrupt to inject: a random event here) or a
-    signal is pending.  False: leave the loop and re-enter the guest."""
+    signal is pending, or the gfn's memslot is being moved (2bc2694fe20b "KVM:
+    TDX: Do not retry locally when the retry is caused by invalid memslot": the
+    move waits for this task to leave kvm->srcu).  False: leave the loop."""
+    from stress.model.memslot import memslot_invalid
+
+    if memslot_invalid(kvm, gfn):
+        kvm.stats["local_retry_exits"] += 1
+        return False
+    return local_retry_ignoring_memslots(kvm, gfn, tries)
+
+
+def local_retry_ignoring_memslots(kvm: Kvm, gfn: int, tries: int) -> bool:
+    """Buggy (before 2bc2694fe20b): the loop goes on while the memslot is
+    invalid, holding kvm->srcu, and the memslot move waits for it for ever."""
     if kvm.rng.random() < kvm.tdx_pending_event_fraction or signal_pending(kvm):
         kvm.stats["local_retry_exits"] += 1
         return False
@@ -365,7 +378,10 @@ def kvm_tdp_map_page(kvm: Kvm, gfn: int, addr_direct: bool, private: bool) -> in
             return -EINTR
         if vm_dead(kvm):
             return -EIO
-        r = kvm_tdp_page_fault(kvm, gfn, True, addr_direct=addr_direct, private=private)
+        r = kvm_tdp_page_fault(kvm, gfn, True, addr_direct=addr_direct, private=private,
+                               prefetch=True)
+        if r < 0:
+            return r  # -EAGAIN: the memslot is being moved
         if r != RET_PF_RETRY:
             return 0 if r != RET_PF_EXIT else -14  # -EFAULT: KVM_EXIT_MEMORY_FAULT
         kvm.stats["prefault_retries"] += 1
@@ -375,11 +391,17 @@ def kvm_tdp_map_page(kvm: Kvm, gfn: int, addr_direct: bool, private: bool) -> in
 def kvm_arch_vcpu_pre_fault_memory(kvm: Kvm, start: int, end: int) -> int:
     """KVM_PRE_FAULT_MEMORY on [start, end): refused until the TD is finalized;
     the gpa carries the shared bit for shared gfns (kvm_gfn_direct_bits)."""
+    from stress.model.memslot import srcu_read_lock, srcu_read_unlock
+
     if kvm.geometry.tdx and not kvm.w.load(_g(kvm, Globals.PRE_FAULT_ALLOWED)):
         return -EOPNOTSUPP
     for gfn in range(start, end):
         private = kvm_mem_is_private(kvm, gfn)  # PFERR_PRIVATE_ACCESS, fixed for the loop
-        r = kvm_tdp_map_page(kvm, gfn, kvm.variant.prefault_gpa_direct(kvm, gfn), private)
+        srcu_read_lock(kvm, gfn)  # kvm_vcpu_pre_fault_memory holds kvm->srcu
+        try:
+            r = kvm_tdp_map_page(kvm, gfn, kvm.variant.prefault_gpa_direct(kvm, gfn), private)
+        finally:
+            srcu_read_unlock(kvm)
         if r:
             return r
         kvm.stats["prefaulted"] += 1

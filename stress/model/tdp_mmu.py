@@ -559,7 +559,8 @@ def _check_huge_install(kvm: Kvm, it: TdpIter) -> None:
 
 
 def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
-                       addr_direct: bool | None = None, private: bool | None = None) -> int:
+                       addr_direct: bool | None = None, private: bool | None = None,
+                       prefetch: bool = False) -> int:
     """One guest entry and fault: kvm_mmu_reload, then the fault path from
     kvm_mmu_faultin_pfn to read_unlock.
 
@@ -568,14 +569,19 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
     invalidated meanwhile is stale and retries (the next entry reloads).
     """
     kvm.w.trace(events.FAULT_BEGIN, gfn, int(write))
-    r = _kvm_tdp_page_fault(kvm, gfn, write, exec_, addr_direct, private)
+    r = _kvm_tdp_page_fault(kvm, gfn, write, exec_, addr_direct, private, prefetch)
     kvm.w.trace(events.FAULT_END, gfn, r)
     return r
 
 
 def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
-                        addr_direct: bool | None, private: bool | None) -> int:
+                        addr_direct: bool | None, private: bool | None, prefetch: bool) -> int:
+    from stress.model.memslot import memslot_invalid
+
     kvm_mmu_reload(kvm, kvm.vcpu)
+    if memslot_invalid(kvm, gfn):  # kvm_mmu_faultin_pfn: the slot is being moved
+        kvm.stats["retry_invalid_slot"] += 1
+        return kvm.variant.faultin_invalid_slot(kvm, prefetch)
     # PFERR_PRIVATE_ACCESS: fixed by the access (the exit's gpa, the pre-fault's
     # error code); by default the guest's view now
     is_private = kvm_mem_is_private(kvm, gfn) if private is None else private
@@ -604,6 +610,20 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
         return kvm_tdp_mmu_map(kvm, root, fault)
     finally:
         kvm.read_unlock()
+
+
+def faultin_invalid_slot_eagain(kvm: Kvm, prefetch: bool) -> int:
+    """kvm_mmu_faultin_pfn on a KVM_MEMSLOT_INVALID slot (fixed, 3ccbf6f47098
+    "KVM: x86/mmu: Return -EAGAIN if userspace deletes/moves memslot during
+    prefault"): a fault retries (the vCPU re-enters and drops kvm->srcu), a
+    prefetch (KVM_PRE_FAULT_MEMORY) gives up with -EAGAIN."""
+    return -11 if prefetch else RET_PF_RETRY
+
+
+def faultin_invalid_slot_retry(kvm: Kvm, prefetch: bool) -> int:
+    """Buggy (before 3ccbf6f47098): a prefetch retries too, and
+    kvm_tdp_map_page's loop never lets kvm->srcu go while the move waits for it."""
+    return RET_PF_RETRY
 
 
 def kvm_tdp_mmu_map_private_pfn(kvm: Kvm, gfn: int, pfn: int) -> int:

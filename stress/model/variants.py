@@ -91,6 +91,8 @@ class Variant:
     prefault_gpa_direct: Callable[[Kvm, int], bool] = td.prefault_gpa_with_direct_bits
     map_initial_page: Callable[[Kvm, int, int], int] = tdp_mmu.kvm_tdp_mmu_map_private_pfn
     tdx_vm_state_guard: Callable[[Kvm], list[int]] = td.tdx_vm_state_guard_all
+    # memslots: what a fault on a slot being moved returns (prefetch: -EAGAIN)
+    faultin_invalid_slot: Callable[[Kvm, bool], int] = tdp_mmu.faultin_invalid_slot_eagain
     # mirror (TDX): the zapper's zaps visit mirror roots too (the mirror-zap-shared
     # proposal; upstream zaps mirror leaves only through guest_memfd and
     # conversions, under the write lock); handle_removed_pt has no
@@ -410,6 +412,26 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="aa2024c01a9a \"KVM: x86/mmu: Embed direct bits into gpa for "
                "KVM_PRE_FAULT_MEMORY\" (Paolo Bonzini, Jun 2025, 6.16-rc)",
         prefault_gpa_direct=td.prefault_gpa_without_direct_bits,
+    ),
+    replace(
+        FIXED, name="local-retry-ignores-invalid-memslot", buggy=True, requires_tdx=True,
+        config="tdx-busy.toml",
+        story="tdx_handle_ept_violation keeps retrying a private fault locally while the "
+              "gfn's memslot is being moved: the vCPU never leaves kvm->srcu's read side, and "
+              "the move's synchronize_srcu waits for it for ever.",
+        source="2bc2694fe20b \"KVM: TDX: Do not retry locally when the retry is caused by "
+               "invalid memslot\" (Sean Christopherson / Yan Zhao, 6.18)",
+        ept_violation_local_retry=td.local_retry_ignoring_memslots,
+    ),
+    replace(
+        FIXED, name="prefault-retries-invalid-memslot", buggy=True, requires_tdx=True,
+        config="tdx-busy.toml",
+        story="KVM_PRE_FAULT_MEMORY's fault on a memslot being moved says RET_PF_RETRY, and "
+              "kvm_tdp_map_page retries it holding kvm->srcu: the move's synchronize_srcu "
+              "waits for it for ever.",
+        source="3ccbf6f47098 \"KVM: x86/mmu: Return -EAGAIN if userspace deletes/moves "
+               "memslot during prefault\" (Sean Christopherson, 6.18)",
+        faultin_invalid_slot=tdp_mmu.faultin_invalid_slot_retry,
     ),
     replace(
         FIXED, name="init-mem-region-slots-lock-only", buggy=True, requires_tdx=True,

@@ -1,0 +1,102 @@
+"""Memslots being moved, and kvm->srcu: the wait a memslot update makes.
+
+Design note.  A memslot DELETE or MOVE first installs the slot with
+``KVM_MEMSLOT_INVALID`` and waits for every SRCU reader that could still see
+the old slot (``synchronize_srcu``); only then is the slot's range zapped
+(``kvm_arch_flush_shadow_memslot``; on a TD ``kvm_mmu_zap_memslot``, every root
+with mmu_lock held for write) and the new slot installed.  A vCPU holds
+``kvm->srcu`` while it handles an exit (not while it runs the guest), and an
+ioctl like KVM_PRE_FAULT_MEMORY holds it for its whole range.  A fault on a
+gfn of an invalid slot cannot succeed until the move is done: it must give up
+its SRCU read-side section, or the move never completes (the deadlocks fixed
+by 2bc2694fe20b and 3ccbf6f47098).
+
+The oracle: ``synchronize_srcu`` waits a bounded number of rounds; a reader
+that stays longer is named with where it is (a liveness finding, not a hang).
+"""
+
+from __future__ import annotations
+
+from stress.arena import Globals, Slot
+from stress.model.kvm import Kvm
+
+SRCU_STALL_ROUNDS = 2000  # rounds of synchronize_srcu's wait (a relax and 50 us each)
+
+
+def srcu_read_lock(kvm: Kvm, gfn: int = -1) -> None:
+    """srcu_read_lock(&kvm->srcu); ``gfn``: the fault being handled (reports)."""
+    lay = kvm.layout
+    kvm.w.store(lay.slot(kvm.me, Slot.SRCU_SITE), gfn + 1)
+    kvm.w.store(lay.slot(kvm.me, Slot.SRCU_READER), kvm.w.load(lay.glob(Globals.SRCU_GP)) + 1)
+
+
+def srcu_read_unlock(kvm: Kvm) -> None:
+    kvm.w.store(kvm.layout.slot(kvm.me, Slot.SRCU_READER), 0)
+
+
+def synchronize_srcu(kvm: Kvm) -> None:
+    """Wait until every reader that entered before this call has left."""
+    w, lay = kvm.w, kvm.layout
+    gp = w.fetch_add(lay.glob(Globals.SRCU_GP), 1) + 1
+    for _ in range(SRCU_STALL_ROUNDS):
+        waiting = [v for v in range(lay.n_slots) if v != kvm.me
+                   and 0 < w.load(lay.slot(v, Slot.SRCU_READER)) <= gp]
+        if not waiting:
+            return
+        if w.load(w.abort_i):
+            from stress.atomics import LockAborted
+
+            raise LockAborted("synchronize_srcu")
+        w.relax()
+        w.pause(0.00005)
+    v = waiting[0]
+    site = w.load(lay.slot(v, Slot.SRCU_SITE)) - 1
+    kvm.bug("synchronize_srcu stall",
+            f"a memslot move waits for worker {v}, which stays in kvm->srcu's read side "
+            f"handling a fault on gfn {site:#x} of the invalid slot: its retry loop never "
+            "lets go", holder_worker=v, gfn=site,
+            slot=f"[{w.load(lay.glob(Globals.MEMSLOT_INVALID_START)):#x}, "
+                 f"{w.load(lay.glob(Globals.MEMSLOT_INVALID_END)):#x})")
+
+
+def memslot_invalid(kvm: Kvm, gfn: int) -> bool:
+    """The gfn's memslot has KVM_MEMSLOT_INVALID (being deleted or moved)."""
+    w, lay = kvm.w, kvm.layout
+    end = w.load(lay.glob(Globals.MEMSLOT_INVALID_END))
+    return bool(end) and w.load(lay.glob(Globals.MEMSLOT_INVALID_START)) <= gfn < end
+
+
+def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
+    """KVM_SET_USER_MEMORY_REGION2 moving the slot of [start, end) (its memory
+    replaced, with the guest's consent for the private part): install it
+    invalid, synchronize_srcu, zap it in every root (write lock), replace the
+    pages, install the new slot.  Returns the entries zapped."""
+    from stress.model.host import host_page_migrate
+    from stress.model.notifier import kvm_unmap_gfn_range
+    from stress.model.roots import KVM_ALL_ROOTS
+    from stress.model.td import guest_release_private
+
+    w, lay = kvm.w, kvm.layout
+    slots_i = lay.glob(Globals.SLOTS_LOCK)
+    w.spin_lock(slots_i, kvm.pid)
+    try:
+        if kvm.geometry.tdx:
+            guest_release_private(kvm, start, end)
+        w.store(lay.glob(Globals.MEMSLOT_INVALID_START), start)
+        w.store(lay.glob(Globals.MEMSLOT_INVALID_END), end)
+        try:
+            synchronize_srcu(kvm)  # kvm_swap_active_memslots
+            kvm.write_lock()  # kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot
+            try:
+                n = kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
+            finally:
+                kvm.write_unlock()
+            for gfn in range(start, end):  # the slot's new memory
+                host_page_migrate(kvm, gfn)
+        finally:
+            w.store(lay.glob(Globals.MEMSLOT_INVALID_END), 0)
+        synchronize_srcu(kvm)  # the new slot is installed
+    finally:
+        w.spin_unlock(slots_i)
+    kvm.stats["memslot_moves"] += 1
+    return n
