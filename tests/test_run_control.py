@@ -189,7 +189,7 @@ def test_violation_bundle_holds_the_merged_trace(tmp_path: Path) -> None:
     v = json.loads((tmp_path / "latest" / "results.json").read_text())["violations"][0]
     bundle = Path(v["bundle"])
     events = [json.loads(line) for line in (bundle / "trace.jsonl").read_text().splitlines()]
-    assert len(events) > 100
+    assert len(events) > 20  # caught within milliseconds: a short, merged trace
     seqs = [e["seq"] for e in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # one global order
     assert len({e["worker"] for e in events}) >= 2  # every worker's ring is merged
