@@ -1,24 +1,55 @@
 """Protocol variants: the fixed protocol and the historical bugs, by name.
 
 A variant is a small frozen object holding the pieces of the protocol it
-swaps (functions with the kernel's signature), its story and where it comes
-from.  The model calls ``kvm.variant.<piece>(...)`` at the one place each piece
-is used; nothing else in the model knows which variant runs.
+swaps (functions with the kernel's signature: each field's type, in pieces.py,
+is a Protocol naming the arguments and stating the contract), its story and
+where it comes from.  The model calls ``kvm.variant.<piece>(...)`` at the one
+place each piece is used; nothing else in the model knows which variant runs.
 
 To add a variant: write the replacement piece next to the fixed one (same
 signature, a docstring saying what it gets wrong), then register a
-``dataclasses.replace(FIXED, name=..., story=..., source=..., piece=...)`` below.
+``dataclasses.replace(FIXED, name=..., story=..., source=..., piece=...)``
+below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from stress.model import mirror, notifier, roots, td, tdp_mmu, unsync
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+from stress.model.pieces import (
+    ChangedSpteRemovesPt,
+    EptViolationLocalRetry,
+    Faultin,
+    FaultRetryCheck,
+    FreeExternalSpt,
+    FreeRemovedSp,
+    FreezeChildren,
+    InstallLeaf,
+    InvalidateEnd,
+    IsMirrorSp,
+    IsMirrorSptep,
+    IterCondResched,
+    MapInitialPage,
+    PrefaultGpaDirect,
+    PreSetMemoryAttributes,
+    PreSetRangeAdd,
+    PutRoot,
+    RootFilter,
+    SetExternalSpte,
+    SetMirrorSpteAtomic,
+    TdhDoNoVcpus,
+    TdxTrack,
+    TdxVmStateGuard,
+    TryToUnsync,
+    WriteSpte,
+    ZapInvalidatedRoots,
+    ZapLeafsRoots,
+    ZapReleaseRcu,
+    ZapSpteAtomic,
+)
 from stress.model.spte import (
     FROZEN_SPTE,
     SPTE_MMU_PRESENT_MASK,
@@ -61,36 +92,45 @@ def child_pt_removed_if_pfn_changed(kvm: Kvm, old_spte: int, new_spte: int,
 
 @dataclass(frozen=True)
 class Variant:
+    """One protocol: the pieces it runs (each typed by its signature and
+    contract in pieces.py), its story and where it comes from."""
+
     name: str
     story: str
     source: str
     buggy: bool
     # handle_removed_pt: how the children of a removed table are frozen
-    freeze_children: Callable[[Kvm, int, bool], list[tuple[int, int]]]
+    freeze_children: FreezeChildren
     # handle_removed_pt: how the removed table's page is released
-    free_removed_sp: Callable[[Kvm, int], None]
+    free_removed_sp: FreeRemovedSp
+    # the main write sites: the fault's leaf install (tdp_mmu_map_handle_target_level),
+    # the read-lock single-leaf zap and its flush (tdp_mmu_zap_leafs_atomic), the
+    # yield of every yielding walk, and the root iterator's filter (tdp_mmu_next_root)
+    install_leaf: InstallLeaf = tdp_mmu.tdp_mmu_install_leaf_atomic
+    zap_spte_atomic: ZapSpteAtomic = tdp_mmu.tdp_mmu_zap_spte_atomic
+    iter_cond_resched: IterCondResched = tdp_mmu.tdp_mmu_iter_cond_resched
+    root_filter: RootFilter = roots.tdp_mmu_root_match
     # mirror (TDX): does this entry / table get the external hooks?
-    is_mirror_sptep: Callable[[Any], bool] = mirror.is_mirror_sptep_by_role
-    is_mirror_sp: Callable[[Kvm, int], bool] = mirror.is_mirror_sp_by_role
+    is_mirror_sptep: IsMirrorSptep = mirror.is_mirror_sptep_by_role
+    is_mirror_sp: IsMirrorSp = mirror.is_mirror_sp_by_role
     # mirror (TDX): an update of a mirror SPTE with mmu_lock held for read
-    set_mirror_spte_atomic: Callable[[Kvm, Any, int], int] = mirror.set_mirror_spte_frozen
+    set_mirror_spte_atomic: SetMirrorSpteAtomic = mirror.set_mirror_spte_frozen
     # mirror (TDX): kvm_x86_ops.set_external_spte(kvm, gfn, old, new, level) and
     # .free_external_spt(kvm, sp): TDX's S-EPT hooks
-    set_external_spte: Callable[[Kvm, int, int, int, int], int] = (
-        mirror.tdx_sept_set_private_spte)
-    free_external_spt: Callable[[Kvm, int], None] = mirror.tdx_sept_free_private_spt
+    set_external_spte: SetExternalSpte = mirror.tdx_sept_set_private_spte
+    free_external_spt: FreeExternalSpt = mirror.tdx_sept_free_private_spt
     # TDX removal (write lock): a SEAMCALL's BUSY handling (tdh_do_no_vcpus), TLB
     # tracking (tdx_track), whether tdx_vcpu_run honours wait_for_sept_zap
-    tdh_do_no_vcpus: Callable[..., int] = mirror.tdh_do_no_vcpus
-    tdx_track: Callable[[Kvm], None] = mirror.tdx_track
+    tdh_do_no_vcpus: TdhDoNoVcpus = mirror.tdh_do_no_vcpus
+    tdx_track: TdxTrack = mirror.tdx_track
     td_honours_wait_for_sept_zap: bool = True
     # TDX vCPU and VM ioctls: when tdx_handle_ept_violation's local retry goes on;
     # whether KVM_PRE_FAULT_MEMORY's gpa carries the shared bit; how a page of the
     # initial image is mapped; which locks KVM_TDX_INIT_MEM_REGION holds
-    ept_violation_local_retry: Callable[[Kvm, int, int], bool] = td.local_retry_exits
-    prefault_gpa_direct: Callable[[Kvm, int], bool] = td.prefault_gpa_with_direct_bits
-    map_initial_page: Callable[[Kvm, int, int], int] = tdp_mmu.kvm_tdp_mmu_map_private_pfn
-    tdx_vm_state_guard: Callable[[Kvm], list[int]] = td.tdx_vm_state_guard_all
+    ept_violation_local_retry: EptViolationLocalRetry = td.local_retry_exits
+    prefault_gpa_direct: PrefaultGpaDirect = td.prefault_gpa_with_direct_bits
+    map_initial_page: MapInitialPage = tdp_mmu.kvm_tdp_mmu_map_private_pfn
+    tdx_vm_state_guard: TdxVmStateGuard = td.tdx_vm_state_guard_all
     # mirror (TDX): the zapper's zaps visit mirror roots too (the mirror-zap-shared
     # proposal; upstream zaps mirror leaves only through guest_memfd and
     # conversions, under the write lock); handle_removed_pt has no
@@ -104,31 +144,29 @@ class Variant:
     config: str = "default.toml"
     # roots: how the last reference is put; whether a new root carries the TDP
     # MMU's gifted reference; how invalidated roots are zapped and released
-    put_root: Callable[[Kvm, int], None] = roots.put_root_final
+    put_root: PutRoot = roots.put_root_final
     root_gifted_ref: bool = True
-    zap_invalidated_roots: Callable[[Kvm, bool], None] = roots.zap_invalidated_roots_final
+    zap_invalidated_roots: ZapInvalidatedRoots = roots.zap_invalidated_roots_final
     # nested TDP: marking an indirect shadow page unsync from a TDP MMU fault
-    try_to_unsync: Callable[[Kvm, int], int] = unsync.unsync_double_checked
+    try_to_unsync: TryToUnsync = unsync.unsync_double_checked
     # invalidation: the fault's seq snapshot and pfn lookup, its retry check under
     # mmu_lock, where the invalidation's end runs, what a conversion zaps
-    faultin: Callable[[Kvm, int], tuple[int, int]] = notifier.faultin_seq_then_pfn
-    fault_retry_check: Callable[[Kvm, int, int], bool] = notifier.retry_check
-    invalidate_end: Callable[[Kvm], None] = notifier.end_before_unlock
-    pre_set_memory_attributes: Callable[[Kvm, int, int, bool], int] = (
-        notifier.pre_set_zap_old_owner)
+    faultin: Faultin = notifier.faultin_seq_then_pfn
+    fault_retry_check: FaultRetryCheck = notifier.retry_check
+    invalidate_end: InvalidateEnd = notifier.end_before_unlock
+    pre_set_memory_attributes: PreSetMemoryAttributes = notifier.pre_set_zap_old_owner
     # huge pages: what a conversion adds to the invalidation besides its range;
     # whether a change of a present non-leaf SPTE removed its child table
-    pre_set_range_add: Callable[[Kvm, int, int], None] = notifier.range_add_hugepage_head_tail
-    changed_spte_removes_pt: Callable[[Kvm, int, int, int], bool] = (
-        child_pt_removed_unless_still_table)
+    pre_set_range_add: PreSetRangeAdd = notifier.range_add_hugepage_head_tail
+    changed_spte_removes_pt: ChangedSpteRemovesPt = child_pt_removed_unless_still_table
     # TLBs and A/D bits (tlb.py): how a leaf zap over several roots carries its
     # pending flush into the next root's yields; where a table-freeing zap
     # flushes relative to rcu_read_unlock; how an exclusive write replaces a
     # leaf whose A/D bits the CPU may set concurrently
-    zap_leafs_roots: Callable[[Kvm, Any, int, int], tuple[int, bool]] = (
-        tdp_mmu.zap_leafs_flush_threaded)
-    zap_release_rcu: Callable[[Kvm, bool], bool] = tdp_mmu.flush_then_rcu_unlock
-    write_spte: Callable[[Kvm, int, int, int, int], int] = tdp_mmu.kvm_tdp_mmu_write_spte
+    zap_leafs_roots: ZapLeafsRoots = tdp_mmu.zap_leafs_flush_threaded
+    zap_release_rcu: ZapReleaseRcu = tdp_mmu.flush_then_rcu_unlock
+    write_spte: WriteSpte = tdp_mmu.kvm_tdp_mmu_write_spte
+
 
 
 FIXED = Variant(
