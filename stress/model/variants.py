@@ -2,14 +2,15 @@
 
 A variant is a small frozen object holding the pieces of the protocol it
 swaps (functions with the kernel's signature: each field's type, in pieces.py,
-is a Protocol naming the arguments and stating the contract), its story and
-where it comes from.  The model calls ``kvm.variant.<piece>(...)`` at the one
-place each piece is used; nothing else in the model knows which variant runs.
+is a Protocol naming the arguments and stating the contract), its story, where
+it comes from and, for a bug, the invariants it is expected to trip.  The model
+calls ``kvm.variant.<piece>(...)`` at the one place each piece is used; nothing
+else in the model knows which variant runs.
 
 To add a variant: write the replacement piece next to the fixed one (same
 signature, a docstring saying what it gets wrong), then register a
-``dataclasses.replace(FIXED, name=..., story=..., source=..., piece=...)``
-below.
+``dataclasses.replace(FIXED, name=..., story=..., source=..., piece=...,
+expects=(...))`` below.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def child_pt_removed_if_pfn_changed(kvm: Kvm, old_spte: int, new_spte: int,
 @dataclass(frozen=True)
 class Variant:
     """One protocol: the pieces it runs (each typed by its signature and
-    contract in pieces.py), its story and where it comes from."""
+    contract in pieces.py), its story, where it comes from, and what the tool
+    is expected to find in it."""
 
     name: str
     story: str
@@ -142,6 +144,13 @@ class Variant:
     busy_policy: str | None = None
     # the shipped config that stresses this variant's code path best (zoo, tests)
     config: str = "default.toml"
+    # what a bug variant is expected to trip: invariant names as violations name
+    # them.  ``expects`` holds on the VM type of ``config`` (as zoo and
+    # tests/test_cli.py::test_bug_variant_is_caught run it); ``expects_by_vm``
+    # gives the set per VM type for a variant characterised on more than one
+    # ((vm_type, invariants) pairs; it wins over ``expects`` for the types it names)
+    expects: tuple[str, ...] = ()
+    expects_by_vm: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # roots: how the last reference is put; whether a new root carries the TDP
     # MMU's gifted reference; how invalidated roots are zapped and released
     put_root: PutRoot = roots.put_root_final
@@ -167,6 +176,41 @@ class Variant:
     zap_release_rcu: ZapReleaseRcu = tdp_mmu.flush_then_rcu_unlock
     write_spte: WriteSpte = tdp_mmu.kvm_tdp_mmu_write_spte
 
+    def vm_types(self) -> tuple[str, ...]:
+        """The VM types the variant can run on."""
+        return ("tdx",) if self.requires_tdx else ("default", "tdx")
+
+    def expectations(self, config_vm_type: str) -> dict[str, tuple[str, ...]]:
+        """VM type -> the invariants a run is expected to trip there (any one of
+        them), for every VM type the variant is characterised on.
+        ``config_vm_type``: the ``vm.type`` of the variant's ``config``."""
+        out = dict(self.expects_by_vm)
+        if self.expects and config_vm_type not in out:
+            out[config_vm_type] = self.expects
+        return out
+
+
+# Invariant names as violations give them (the oracles' kvm.bug names), for
+# the variants' expectations below.
+UAF = "use-after-free of page-table page"
+SEPT_ERR = "TDX module error"
+DIVERGE = "mirror/S-EPT divergence"
+UNDERFLOW = "refcount underflow"
+STALE = "stale mapping after invalidate_end"
+PFN_CHANGED = "present leaf PFN changed in place"
+WRONG_ROOT = "gfn mapped in the wrong root"
+REMOVED_TABLE = "SPTE installed in removed table"
+# a page released while a leaf still maps it, or a table freed too early, also
+# leaves a D bit unpropagated or a vCPU's TLB holding it
+LOST_DIRTY = "lost-dirty-bit"
+STALE_TLB = "stale-tlb-entry-after-free"
+GUEST_UAF = "guest access to freed page"
+# a root freed while a task still uses it: usually the refcount or the walker's
+# poison check fires first; now and then the freed page, reused as a table,
+# takes an SPTE or a SEAMCALL first
+ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE)
+# a fault that maps a pfn an invalidation has just taken away
+INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT)
 
 
 FIXED = Variant(
@@ -224,6 +268,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "from the 2021 parallel page fault series ending in a2855afc7ee8 (KVM: x86/mmu: "
                "Allow parallel page faults for the TDP MMU)",
         freeze_children=freeze_present_children_only,
+        expects=(REMOVED_TABLE, SEPT_ERR, LOST_DIRTY, STALE_TLB),
+        expects_by_vm=(("default", (REMOVED_TABLE, LOST_DIRTY, STALE_TLB)),),
     ),
     replace(
         FIXED, name="free-without-grace-period", buggy=True,
@@ -232,6 +278,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="KVM: x86/mmu: Protect TDP MMU page table memory with RCU (Ben Gardon, 2021, "
                "same series)",
         free_removed_sp=free_sp_without_grace_period,
+        expects=(UAF, STALE_TLB), expects_by_vm=(("default", (UAF, STALE_TLB)),),
     ),
     replace(
         FIXED, name="root-put-resurrect", config="roots.toml", buggy=False,
@@ -251,6 +298,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "2022, '[PATCH v3 20/28] KVM: x86/mmu: Allow yielding when zapping GFNs for "
                "defunct TDP MMU root')",
         put_root=roots.put_root_dec_not_one, root_gifted_ref=False,
+        expects=ROOT_UAF,
     ),
     replace(
         FIXED, name="root-put-force-zero", config="roots.toml", buggy=True,
@@ -258,6 +306,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "count then forced to 0: a concurrent get under the read lock is lost.",
         source="the same Mar 2022 thread: \"KVM should never force a refcount to '0'\"",
         put_root=roots.put_root_force_zero,
+        expects=ROOT_UAF,
     ),
     replace(
         FIXED, name="root-double-put", config="roots.toml", buggy=True,
@@ -266,6 +315,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="defunct-root refcounting in the 2022 TDP MMU overhaul "
                "(efd995dae5eb, 22b94c4b63eb, edbdb43fc96b)",
         zap_invalidated_roots=roots.zap_invalidated_roots_double_put,
+        expects=ROOT_UAF,
     ),
     replace(
         FIXED, name="unsync-without-lock", config="unsync.toml", buggy=True,
@@ -275,6 +325,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit ce25681d59ff (KVM: x86/mmu: Protect marking SPs unsync when "
                "using TDP MMU with spinlock)",
         try_to_unsync=unsync.unsync_without_lock,
+        expects=("unsync_children underflow", "missed sync",
+                 "unsync_children != popcount(bitmap)", "unsync page unreachable",
+                 "kvm->stat.mmu_unsync accounting"),
     ),
     replace(
         FIXED, name="unsync-lock-no-recheck", config="unsync.toml", buggy=True,
@@ -283,6 +336,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="the double-checked pattern of ce25681d59ff (KVM: x86/mmu: Protect marking SPs "
                "unsync when using TDP MMU with spinlock)",
         try_to_unsync=unsync.unsync_lock_no_recheck,
+        expects=("kvm->stat.mmu_unsync accounting",),
     ),
     replace(
         FIXED, name="unsync-write-protect", config="unsync.toml",
@@ -298,6 +352,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "lock sees in_progress == 0 with the old seq and maps the page just freed.",
         source="'KVM: gmem: protect kvm_mmu_invalidate_end()' (LKML, Aug 2023)",
         invalidate_end=notifier.end_after_unlock,
+        expects=INVALIDATION_RACE,
     ),
     replace(
         FIXED, name="fault-skips-retry-check", buggy=True, config="invalidate.toml",
@@ -305,6 +360,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "up before an invalidation is mapped after the invalidation's zap.",
         source="mmu.c: is_page_fault_stale and mmu_invalidate_retry_gfn (kvm_host.h)",
         fault_retry_check=notifier.no_retry_check,
+        expects=INVALIDATION_RACE,
     ),
     replace(
         FIXED, name="seq-snapshot-after-pfn", buggy=True, config="invalidate.toml",
@@ -313,6 +369,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="mmu.c kvm_mmu_faultin_pfn: the mmu_invalidate_seq snapshot (smp_rmb) before "
                "the pfn and attribute reads",
         faultin=notifier.faultin_pfn_then_seq,
+        expects=INVALIDATION_RACE,
     ),
     replace(
         FIXED, name="conversion-zaps-direct-only", buggy=True, config="invalidate.toml",
@@ -321,6 +378,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "S-EPT keep mapping a gfn that is now shared.",
         source="mmu.c kvm_arch_pre_set_memory_attributes and the KVM_FILTER_PRIVATE root filter",
         pre_set_memory_attributes=notifier.pre_set_zap_direct_only,
+        expects=(STALE, WRONG_ROOT, SEPT_ERR, DIVERGE),
     ),
     replace(
         FIXED, name="hugepage-attr-change-exact-range", buggy=True, requires_tdx=True,
@@ -332,6 +390,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="9129633d568e (KVM: x86/mmu: Prevent installing hugepages when "
                "mem attributes are changing, 2025)",
         pre_set_range_add=notifier.range_add_exact,
+        expects=("huge page during attribute change",),
     ),
     replace(
         FIXED, name="child-removal-on-pfn-change", buggy=True, config="huge-alias.toml",
@@ -341,6 +400,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="c8e5a0d0e9bc (KVM: x86/mmu: Check for !leaf=>leaf, not PFN "
                "change, in TDP MMU SP removal, 2022)",
         changed_spte_removes_pt=child_pt_removed_if_pfn_changed,
+        expects=("leaked page-table page", "tdp_mmu_pages accounting"),
     ),
     replace(
         FIXED, name="tlb-no-flush-before-yield", buggy=True, config="tlb.toml",
@@ -351,6 +411,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit a835429cda91 (KVM: x86/mmu: Ensure TLBs are flushed "
                "when yielding during GFN range zap, 2021)",
         zap_leafs_roots=tdp_mmu.zap_leafs_flush_per_root,
+        expects=("stale-tlb-entry-after-unlock", STALE_TLB),
     ),
     replace(
         FIXED, name="tlb-flush-after-rcu-unlock", buggy=True, config="tlb.toml",
@@ -360,6 +421,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit fcb93eb6d09d (kvm: x86/mmu: Flush TLB before "
                "zap_gfn_range releases RCU, 2022)",
         zap_release_rcu=tdp_mmu.rcu_unlock_then_flush,
+        expects=(STALE_TLB,),
     ),
     replace(
         FIXED, name="lost-dirty-bit", buggy=True, config="dirty.toml",
@@ -369,6 +431,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit ba3a6120a4e7 (KVM: x86/mmu: Use atomic XCHG to write "
                "TDP MMU SPTEs with volatile bits, 2022)",
         write_spte=tdp_mmu.kvm_tdp_mmu_write_spte_plain,
+        expects=(LOST_DIRTY,),
     ),
     replace(
         FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True, config="tdx-boot.toml",
@@ -378,6 +441,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="Sean Christopherson's review of the TDX MMU patches, Jan 2023 (the "
                "vCPU0/vCPU1 mirror[x]/sept[x] diagram that led to freezing mirror SPTEs)",
         set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
+        expects=(SEPT_ERR, DIVERGE),
     ),
     replace(
         FIXED, name="mirror-zap-no-freeze", buggy=False, requires_tdx=True,
@@ -400,6 +464,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "address the race above either\"",
         set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
         busy_policy="serialize",
+        expects=(SEPT_ERR, DIVERGE),
     ),
     replace(
         FIXED, name="private-selector-by-fault", buggy=True, requires_tdx=True,
@@ -409,6 +474,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "direct bits' and the mirror-root series (is_private vs role.is_mirror)",
         is_mirror_sptep=mirror.is_mirror_sptep_by_fault,
         is_mirror_sp=mirror.is_mirror_sp_by_fault,
+        expects=(SEPT_ERR, DIVERGE, "S-EPT table without live mirror table"),
     ),
     replace(
         FIXED, name="mirror-no-restore", buggy=True, requires_tdx=True, config="tdx-busy.toml",
@@ -416,6 +482,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "instead of restoring the old one: the mirror maps what the S-EPT does not.",
         source="__tdp_mmu_set_spte_atomic / set_external_spte_present: restore on failure",
         set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_no_restore,
+        expects=(SEPT_ERR, DIVERGE, UAF),
     ),
     replace(
         FIXED, name="sept-zap-busy-unhandled", buggy=True, requires_tdx=True,
@@ -427,6 +494,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="4b2abc49712b \"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page "
                "removal\" (Yan Zhao, Jan 2025; merged for v6.16): the code before it",
         tdh_do_no_vcpus=mirror.tdh_spin_without_kick,
+        expects=(SEPT_ERR,),
     ),
     replace(
         FIXED, name="sept-zap-no-wait-for-sept-zap", buggy=True, requires_tdx=True,
@@ -438,6 +506,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="4b2abc49712b \"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page "
                "removal\": its wait_for_sept_zap check in tdx_vcpu_run",
         td_honours_wait_for_sept_zap=False,
+        expects=(SEPT_ERR,),
     ),
     replace(
         FIXED, name="prefault-gpa-without-direct-bits", buggy=True, requires_tdx=True,
@@ -448,6 +517,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="aa2024c01a9a \"KVM: x86/mmu: Embed direct bits into gpa for "
                "KVM_PRE_FAULT_MEMORY\" (Paolo Bonzini, Jun 2025, 6.16-rc)",
         prefault_gpa_direct=td.prefault_gpa_without_direct_bits,
+        expects=(WRONG_ROOT,),
     ),
     replace(
         FIXED, name="init-mem-region-slots-lock-only", buggy=True, requires_tdx=True,
@@ -458,8 +528,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="15945e9ec195 \"KVM: TDX: Guard VM state transitions with \"all\" the locks\" "
                "(Sean Christopherson, Oct 2025, 6.19)",
         tdx_vm_state_guard=td.tdx_vm_state_guard_slots_only,
+        expects=(SEPT_ERR,),
     ),
 ]}
+
+
+def expected_invariants(variant: Variant) -> dict[str, tuple[str, ...]]:
+    """VM type -> the invariants a run of ``variant`` is expected to trip there
+    (``Variant.expectations`` with the ``vm.type`` of its shipped config)."""
+    from stress import config
+
+    vm_type = config.load(config.find_config(variant.config)).vm.type
+    return variant.expectations(vm_type)
 
 
 class UnknownVariant(KeyError):
