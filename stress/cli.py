@@ -805,8 +805,12 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None,
 @cli.command()
 @click.option("--variant-file", type=click.Path(dir_okay=False),
               help="Also list the user variants of this file.")
-def variants(variant_file: str | None) -> int:
-    """List protocol variants with their stories."""
+@click.option("--width", type=click.IntRange(40, 400), default=None,
+              help="Wrap at this many columns (default: the terminal's, 100 if not a "
+                   "terminal).")
+def variants(variant_file: str | None, width: int | None) -> int:
+    """List protocol variants: story, source, config, whether it needs a TD, and
+    the invariants each bug variant is expected to trip on each VM type."""
     from stress.model.variants import VariantLoadError, load_entry_point_variants
     from stress.model.variants import load_variant_file as _load
 
@@ -816,12 +820,45 @@ def variants(variant_file: str | None) -> int:
             _load(variant_file)
     except VariantLoadError as e:
         raise ConfigError(str(e)) from None
-    width = max(len(n) for n in VARIANTS)
-    for v in VARIANTS.values():
-        tag = "bug  " if v.buggy else "ok   "
-        click.echo(f"{v.name:<{width}}  {tag}  {v.story}")
-        click.echo(f"{'':<{width}}         source: {v.source}")
+    width = width or _term_width()
+    click.echo("\n\n".join("\n".join(variant_lines(v, width)) for v in VARIANTS.values()))
     return 0
+
+
+def variant_lines(v: Any, width: int) -> list[str]:
+    """One variant for ``tdp-stress variants``, every line at most ``width``
+    columns: its name and kind, then, indented, the story, the source, the
+    config and TD requirement, and per VM type it can run on what a run is
+    expected to trip (any one of the invariants listed)."""
+    import textwrap
+
+    ind = "    "
+
+    def para(label: str, text: str) -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=ind + label,
+                             subsequent_indent=ind + " " * len(label),
+                             break_on_hyphens=False) or [ind + label.rstrip()]
+
+    kind = "bug" if v.buggy else "valid"
+    out = textwrap.wrap(f"{v.name}  ({kind})", width) or [v.name]
+    out += para("", v.story)
+    out += para("source: ", v.source)
+    try:
+        cfg_vm: str | None = config_mod.load(config_mod.find_config(v.config)).vm.type
+    except (ConfigError, OSError):  # a user variant naming a config that is not shipped
+        cfg_vm = None
+    on = f" (vm.type = {cfg_vm})" if cfg_vm else ""
+    out += para("config: ", f"{v.config}{on}; needs a TD: {'yes' if v.requires_tdx else 'no'}")
+    expected = v.expectations(cfg_vm) if cfg_vm else dict(v.expects_by_vm)
+    for vm_type in v.vm_types():
+        if not v.buggy:
+            what = "no violation"
+        elif vm_type in expected:
+            what = " | ".join(expected[vm_type])
+        else:
+            what = "not characterised"
+        out += para(f"expects on {vm_type}: ", what)
+    return out
 
 
 @cli.command()

@@ -121,6 +121,9 @@ def is_root_invalid(kvm: Kvm, root: int) -> bool:
 
 
 def tdp_mmu_root_match(kvm: Kvm, root: int, types: int) -> bool:
+    """Does ``root`` belong to ``types``?  An invalid root only if
+    KVM_INVALID_ROOTS is asked for; a valid one by its mirror role.  Also the
+    fixed ``root_filter`` piece of tdp_mmu_next_root."""
     role = kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE))
     if role & ROLE_INVALID:
         return bool(types & KVM_INVALID_ROOTS)
@@ -162,7 +165,8 @@ def listed_roots(kvm: Kvm) -> list[int]:
 
 def tdp_mmu_next_root(kvm: Kvm, after: int, types: int) -> tuple[int | None, int]:
     """The next root in list order after the one whose creation number is
-    ``after`` (-1: from the head) that matches ``types`` and whose reference we
+    ``after`` (-1: from the head) that the variant's ``root_filter`` (fixed:
+    tdp_mmu_root_match) lets through for ``types`` and whose reference we
     could take (a root at count 0 is dying: skipped).  list_add_rcu adds a new
     root at the head, so the list is walked newest first: a valid root before
     the invalid ones it replaced.  Returns (root, its creation number) or
@@ -178,7 +182,7 @@ def tdp_mmu_next_root(kvm: Kvm, after: int, types: int) -> tuple[int | None, int
                 if after < 0 or seq < after:
                     found.append((seq, v - 1))
         for seq, root in sorted(found, reverse=True):
-            if tdp_mmu_root_match(kvm, root, types) and kvm_tdp_mmu_get_root(kvm, root):
+            if kvm.variant.root_filter(kvm, root, types) and kvm_tdp_mmu_get_root(kvm, root):
                 return root, seq
         return None, 0
     finally:

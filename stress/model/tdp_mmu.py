@@ -504,7 +504,7 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
         return RET_PF_EMULATE if emulate else RET_PF_SPURIOUS
     if kvm.geometry.tdx:
         _check_root_owns_gfn(kvm, it, fault)
-    if tdp_mmu_set_spte_atomic(kvm, it, new):
+    if kvm.variant.install_leaf(kvm, it, new):
         kvm.stats["retry_cmpxchg"] += 1
         return RET_PF_RETRY
     kvm.stats["leaves_installed"] += 1
@@ -515,6 +515,14 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
             _check_table_removed(kvm, it, old)
             kvm_flush_remote_tlbs_gfn(kvm, it.gfn, it.level)
     return RET_PF_EMULATE if emulate else RET_PF_FIXED
+
+
+def tdp_mmu_install_leaf_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
+    """The fault's leaf install (fixed, the variant's ``install_leaf``): the
+    cmpxchg of tdp_mmu_set_spte_atomic against the snapshot the fault decided
+    on, through the S-EPT for a mirror entry.  0, or -EBUSY with
+    ``it.old_spte`` refreshed (the fault retries)."""
+    return tdp_mmu_set_spte_atomic(kvm, it, new_spte)
 
 
 def _check_root_owns_gfn(kvm: Kvm, it: TdpIter, fault: KvmPageFault) -> None:
@@ -685,7 +693,7 @@ def tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int, can_yield: bool
     ``flush`` comes in pending from the caller's earlier roots and goes out
     pending: only leaves are zapped, no table is freed, so the flush may wait
     until after rcu_read_unlock, but never past a yield of mmu_lock
-    (tdp_mmu_iter_cond_resched services it first).  Returns (leaves zapped,
+    (the variant's ``iter_cond_resched`` services it first).  Returns (leaves zapped,
     flush still pending).
     """
     kvm.lockdep_assert_held_write()
@@ -694,7 +702,7 @@ def tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int, can_yield: bool
     try:
         it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
         while it.in_range(end):
-            if can_yield and tdp_mmu_iter_cond_resched(kvm, it, shared=False, flush=flush):
+            if can_yield and kvm.variant.iter_cond_resched(kvm, it, False, flush):
                 flush = False
                 it.next()
                 continue
@@ -799,6 +807,8 @@ def tdp_mmu_zap_spte_atomic(kvm: Kvm, it: TdpIter) -> int:
     plain store, because everyone else either waits on a frozen value or
     cmpxchgs against a non-frozen snapshot, which fails.
     Returns 0, or -EBUSY (old_spte refreshed) if the freeze lost a race.
+    The fixed ``zap_spte_atomic`` piece (tdp_mmu_zap_leafs_atomic calls it
+    through ``kvm.variant``).
     """
     r = tdp_mmu_set_spte_atomic(kvm, it, FROZEN_SPTE)
     if r:
@@ -830,13 +840,14 @@ def rcu_do_batch(kvm: Kvm) -> None:
 
 def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
     """Zap every present leaf in [start, end) with mmu_lock held for read, each with
-    tdp_mmu_zap_spte_atomic; a lost race retries the same entry."""
+    the variant's ``zap_spte_atomic`` (fixed: tdp_mmu_zap_spte_atomic); a lost
+    race retries the same entry."""
     kvm.lockdep_assert_held_read()
 
     def zap(it: TdpIter) -> int:
         if kvm.variant.is_mirror_sptep(it):  # the mirror freezes by itself
             return tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE)
-        return tdp_mmu_zap_spte_atomic(kvm, it)
+        return kvm.variant.zap_spte_atomic(kvm, it)
 
     return _zap_present_leafs(kvm, root, start, end, zap)
 
@@ -847,7 +858,8 @@ def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool, flush: bool =
     flush is serviced first, before RCU is dropped (zapped tables may be freed
     once we leave the read-side section) and before mmu_lock is (another task
     may free a page this task unmapped).  The caller must then restart its walk
-    from the root (the tree may have changed completely) and clear its flush."""
+    from the root (the tree may have changed completely) and clear its flush.
+    The fixed ``iter_cond_resched`` piece: callers go through ``kvm.variant``."""
     if it.next_last_level_gfn == it.yielded_gfn:
         return False
     kvm.resched_countdown -= 1
@@ -917,7 +929,7 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
     try:
         it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level)
         while it.in_range(end):
-            if may_yield and tdp_mmu_iter_cond_resched(kvm, it, shared, flush):
+            if may_yield and kvm.variant.iter_cond_resched(kvm, it, shared, flush):
                 flush = False
                 it.next()  # restarts from the root at next_last_level_gfn
                 continue

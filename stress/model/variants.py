@@ -1,24 +1,57 @@
 """Protocol variants: the fixed protocol and the historical bugs, by name.
 
 A variant is a small frozen object holding the pieces of the protocol it
-swaps (functions with the kernel's signature), its story and where it comes
-from.  The model calls ``kvm.variant.<piece>(...)`` at the one place each piece
-is used; nothing else in the model knows which variant runs.
+swaps (functions with the kernel's signature: each field's type, in pieces.py,
+is a Protocol naming the arguments and stating the contract), its story, where
+it comes from and, for a bug, the invariants it is expected to trip.  The model
+calls ``kvm.variant.<piece>(...)`` at the one place each piece is used; nothing
+else in the model knows which variant runs.
 
 To add a variant: write the replacement piece next to the fixed one (same
 signature, a docstring saying what it gets wrong), then register a
-``dataclasses.replace(FIXED, name=..., story=..., source=..., piece=...)`` below.
+``dataclasses.replace(FIXED, name=..., story=..., source=..., piece=...,
+expects=(...))`` below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from stress.model import mirror, notifier, roots, td, tdp_mmu, unsync
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+from stress.model.pieces import (
+    ChangedSpteRemovesPt,
+    EptViolationLocalRetry,
+    Faultin,
+    FaultinInvalidSlot,
+    FaultRetryCheck,
+    FreeExternalSpt,
+    FreeRemovedSp,
+    FreezeChildren,
+    InstallLeaf,
+    InvalidateEnd,
+    IsMirrorSp,
+    IsMirrorSptep,
+    IterCondResched,
+    MapInitialPage,
+    PrefaultGpaDirect,
+    PreSetMemoryAttributes,
+    PreSetRangeAdd,
+    PutRoot,
+    RootFilter,
+    SetExternalSpte,
+    SetMirrorSpteAtomic,
+    TdhDoNoVcpus,
+    TdxTrack,
+    TdxVmStateGuard,
+    TryToUnsync,
+    WriteSpte,
+    ZapInvalidatedRoots,
+    ZapLeafsRoots,
+    ZapReleaseRcu,
+    ZapSpteAtomic,
+)
 from stress.model.spte import (
     FROZEN_SPTE,
     SPTE_MMU_PRESENT_MASK,
@@ -61,38 +94,48 @@ def child_pt_removed_if_pfn_changed(kvm: Kvm, old_spte: int, new_spte: int,
 
 @dataclass(frozen=True)
 class Variant:
+    """One protocol: the pieces it runs (each typed by its signature and
+    contract in pieces.py), its story, where it comes from, and what the tool
+    is expected to find in it."""
+
     name: str
     story: str
     source: str
     buggy: bool
     # handle_removed_pt: how the children of a removed table are frozen
-    freeze_children: Callable[[Kvm, int, bool], list[tuple[int, int]]]
+    freeze_children: FreezeChildren
     # handle_removed_pt: how the removed table's page is released
-    free_removed_sp: Callable[[Kvm, int], None]
+    free_removed_sp: FreeRemovedSp
+    # the main write sites: the fault's leaf install (tdp_mmu_map_handle_target_level),
+    # the read-lock single-leaf zap and its flush (tdp_mmu_zap_leafs_atomic), the
+    # yield of every yielding walk, and the root iterator's filter (tdp_mmu_next_root)
+    install_leaf: InstallLeaf = tdp_mmu.tdp_mmu_install_leaf_atomic
+    zap_spte_atomic: ZapSpteAtomic = tdp_mmu.tdp_mmu_zap_spte_atomic
+    iter_cond_resched: IterCondResched = tdp_mmu.tdp_mmu_iter_cond_resched
+    root_filter: RootFilter = roots.tdp_mmu_root_match
     # mirror (TDX): does this entry / table get the external hooks?
-    is_mirror_sptep: Callable[[Any], bool] = mirror.is_mirror_sptep_by_role
-    is_mirror_sp: Callable[[Kvm, int], bool] = mirror.is_mirror_sp_by_role
+    is_mirror_sptep: IsMirrorSptep = mirror.is_mirror_sptep_by_role
+    is_mirror_sp: IsMirrorSp = mirror.is_mirror_sp_by_role
     # mirror (TDX): an update of a mirror SPTE with mmu_lock held for read
-    set_mirror_spte_atomic: Callable[[Kvm, Any, int], int] = mirror.set_mirror_spte_frozen
+    set_mirror_spte_atomic: SetMirrorSpteAtomic = mirror.set_mirror_spte_frozen
     # mirror (TDX): kvm_x86_ops.set_external_spte(kvm, gfn, old, new, level) and
     # .free_external_spt(kvm, sp): TDX's S-EPT hooks
-    set_external_spte: Callable[[Kvm, int, int, int, int], int] = (
-        mirror.tdx_sept_set_private_spte)
-    free_external_spt: Callable[[Kvm, int], None] = mirror.tdx_sept_free_private_spt
+    set_external_spte: SetExternalSpte = mirror.tdx_sept_set_private_spte
+    free_external_spt: FreeExternalSpt = mirror.tdx_sept_free_private_spt
     # TDX removal (write lock): a SEAMCALL's BUSY handling (tdh_do_no_vcpus), TLB
     # tracking (tdx_track), whether tdx_vcpu_run honours wait_for_sept_zap
-    tdh_do_no_vcpus: Callable[..., int] = mirror.tdh_do_no_vcpus
-    tdx_track: Callable[[Kvm], None] = mirror.tdx_track
+    tdh_do_no_vcpus: TdhDoNoVcpus = mirror.tdh_do_no_vcpus
+    tdx_track: TdxTrack = mirror.tdx_track
     td_honours_wait_for_sept_zap: bool = True
     # TDX vCPU and VM ioctls: when tdx_handle_ept_violation's local retry goes on;
     # whether KVM_PRE_FAULT_MEMORY's gpa carries the shared bit; how a page of the
     # initial image is mapped; which locks KVM_TDX_INIT_MEM_REGION holds
-    ept_violation_local_retry: Callable[[Kvm, int, int], bool] = td.local_retry_exits
-    prefault_gpa_direct: Callable[[Kvm, int], bool] = td.prefault_gpa_with_direct_bits
-    map_initial_page: Callable[[Kvm, int, int], int] = tdp_mmu.kvm_tdp_mmu_map_private_pfn
-    tdx_vm_state_guard: Callable[[Kvm], list[int]] = td.tdx_vm_state_guard_all
+    ept_violation_local_retry: EptViolationLocalRetry = td.local_retry_exits
+    prefault_gpa_direct: PrefaultGpaDirect = td.prefault_gpa_with_direct_bits
+    map_initial_page: MapInitialPage = tdp_mmu.kvm_tdp_mmu_map_private_pfn
+    tdx_vm_state_guard: TdxVmStateGuard = td.tdx_vm_state_guard_all
     # memslots: what a fault on a slot being moved returns (prefetch: -EAGAIN)
-    faultin_invalid_slot: Callable[[Kvm, bool], int] = tdp_mmu.faultin_invalid_slot_eagain
+    faultin_invalid_slot: FaultinInvalidSlot = tdp_mmu.faultin_invalid_slot_eagain
     # mirror (TDX): the zapper's zaps visit mirror roots too (the mirror-zap-shared
     # proposal; upstream zaps mirror leaves only through guest_memfd and
     # conversions, under the write lock); handle_removed_pt has no
@@ -104,33 +147,73 @@ class Variant:
     busy_policy: str | None = None
     # the shipped config that stresses this variant's code path best (zoo, tests)
     config: str = "default.toml"
+    # what a bug variant is expected to trip: invariant names as violations name
+    # them.  ``expects`` holds on the VM type of ``config`` (as zoo and
+    # tests/test_cli.py::test_bug_variant_is_caught run it); ``expects_by_vm``
+    # gives the set per VM type for a variant characterised on more than one
+    # ((vm_type, invariants) pairs; it wins over ``expects`` for the types it names)
+    expects: tuple[str, ...] = ()
+    expects_by_vm: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # roots: how the last reference is put; whether a new root carries the TDP
     # MMU's gifted reference; how invalidated roots are zapped and released
-    put_root: Callable[[Kvm, int], None] = roots.put_root_final
+    put_root: PutRoot = roots.put_root_final
     root_gifted_ref: bool = True
-    zap_invalidated_roots: Callable[[Kvm, bool], None] = roots.zap_invalidated_roots_final
+    zap_invalidated_roots: ZapInvalidatedRoots = roots.zap_invalidated_roots_final
     # nested TDP: marking an indirect shadow page unsync from a TDP MMU fault
-    try_to_unsync: Callable[[Kvm, int], int] = unsync.unsync_double_checked
+    try_to_unsync: TryToUnsync = unsync.unsync_double_checked
     # invalidation: the fault's seq snapshot and pfn lookup, its retry check under
     # mmu_lock, where the invalidation's end runs, what a conversion zaps
-    faultin: Callable[[Kvm, int], tuple[int, int]] = notifier.faultin_seq_then_pfn
-    fault_retry_check: Callable[[Kvm, int, int], bool] = notifier.retry_check
-    invalidate_end: Callable[[Kvm], None] = notifier.end_before_unlock
-    pre_set_memory_attributes: Callable[[Kvm, int, int, bool], int] = (
-        notifier.pre_set_zap_old_owner)
+    faultin: Faultin = notifier.faultin_seq_then_pfn
+    fault_retry_check: FaultRetryCheck = notifier.retry_check
+    invalidate_end: InvalidateEnd = notifier.end_before_unlock
+    pre_set_memory_attributes: PreSetMemoryAttributes = notifier.pre_set_zap_old_owner
     # huge pages: what a conversion adds to the invalidation besides its range;
     # whether a change of a present non-leaf SPTE removed its child table
-    pre_set_range_add: Callable[[Kvm, int, int], None] = notifier.range_add_hugepage_head_tail
-    changed_spte_removes_pt: Callable[[Kvm, int, int, int], bool] = (
-        child_pt_removed_unless_still_table)
+    pre_set_range_add: PreSetRangeAdd = notifier.range_add_hugepage_head_tail
+    changed_spte_removes_pt: ChangedSpteRemovesPt = child_pt_removed_unless_still_table
     # TLBs and A/D bits (tlb.py): how a leaf zap over several roots carries its
     # pending flush into the next root's yields; where a table-freeing zap
     # flushes relative to rcu_read_unlock; how an exclusive write replaces a
     # leaf whose A/D bits the CPU may set concurrently
-    zap_leafs_roots: Callable[[Kvm, Any, int, int], tuple[int, bool]] = (
-        tdp_mmu.zap_leafs_flush_threaded)
-    zap_release_rcu: Callable[[Kvm, bool], bool] = tdp_mmu.flush_then_rcu_unlock
-    write_spte: Callable[[Kvm, int, int, int, int], int] = tdp_mmu.kvm_tdp_mmu_write_spte
+    zap_leafs_roots: ZapLeafsRoots = tdp_mmu.zap_leafs_flush_threaded
+    zap_release_rcu: ZapReleaseRcu = tdp_mmu.flush_then_rcu_unlock
+    write_spte: WriteSpte = tdp_mmu.kvm_tdp_mmu_write_spte
+
+    def vm_types(self) -> tuple[str, ...]:
+        """The VM types the variant can run on."""
+        return ("tdx",) if self.requires_tdx else ("default", "tdx")
+
+    def expectations(self, config_vm_type: str) -> dict[str, tuple[str, ...]]:
+        """VM type -> the invariants a run is expected to trip there (any one of
+        them), for every VM type the variant is characterised on.
+        ``config_vm_type``: the ``vm.type`` of the variant's ``config``."""
+        out = dict(self.expects_by_vm)
+        if self.expects and config_vm_type not in out:
+            out[config_vm_type] = self.expects
+        return out
+
+
+# Invariant names as violations give them (the oracles' kvm.bug names), for
+# the variants' expectations below.
+UAF = "use-after-free of page-table page"
+SEPT_ERR = "TDX module error"
+DIVERGE = "mirror/S-EPT divergence"
+UNDERFLOW = "refcount underflow"
+STALE = "stale mapping after invalidate_end"
+PFN_CHANGED = "present leaf PFN changed in place"
+WRONG_ROOT = "gfn mapped in the wrong root"
+REMOVED_TABLE = "SPTE installed in removed table"
+# a page released while a leaf still maps it, or a table freed too early, also
+# leaves a D bit unpropagated or a vCPU's TLB holding it
+LOST_DIRTY = "lost-dirty-bit"
+STALE_TLB = "stale-tlb-entry-after-free"
+GUEST_UAF = "guest access to freed page"
+# a root freed while a task still uses it: usually the refcount or the walker's
+# poison check fires first; now and then the freed page, reused as a table,
+# takes an SPTE or a SEAMCALL first
+ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE)
+# a fault that maps a pfn an invalidation has just taken away
+INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT)
 
 
 FIXED = Variant(
@@ -188,6 +271,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "from the 2021 parallel page fault series ending in a2855afc7ee8 (KVM: x86/mmu: "
                "Allow parallel page faults for the TDP MMU)",
         freeze_children=freeze_present_children_only,
+        expects=(REMOVED_TABLE, SEPT_ERR, LOST_DIRTY, STALE_TLB),
+        expects_by_vm=(("default", (REMOVED_TABLE, LOST_DIRTY, STALE_TLB)),),
     ),
     replace(
         FIXED, name="free-without-grace-period", buggy=True,
@@ -196,6 +281,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="KVM: x86/mmu: Protect TDP MMU page table memory with RCU (Ben Gardon, 2021, "
                "same series)",
         free_removed_sp=free_sp_without_grace_period,
+        expects=(UAF, STALE_TLB), expects_by_vm=(("default", (UAF, STALE_TLB)),),
     ),
     replace(
         FIXED, name="root-put-resurrect", config="roots.toml", buggy=False,
@@ -215,6 +301,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "2022, '[PATCH v3 20/28] KVM: x86/mmu: Allow yielding when zapping GFNs for "
                "defunct TDP MMU root')",
         put_root=roots.put_root_dec_not_one, root_gifted_ref=False,
+        expects=ROOT_UAF,
     ),
     replace(
         FIXED, name="root-put-force-zero", config="roots.toml", buggy=True,
@@ -222,6 +309,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "count then forced to 0: a concurrent get under the read lock is lost.",
         source="the same Mar 2022 thread: \"KVM should never force a refcount to '0'\"",
         put_root=roots.put_root_force_zero,
+        expects=ROOT_UAF,
     ),
     replace(
         FIXED, name="root-double-put", config="roots.toml", buggy=True,
@@ -230,6 +318,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="defunct-root refcounting in the 2022 TDP MMU overhaul "
                "(efd995dae5eb, 22b94c4b63eb, edbdb43fc96b)",
         zap_invalidated_roots=roots.zap_invalidated_roots_double_put,
+        expects=ROOT_UAF,
     ),
     replace(
         FIXED, name="unsync-without-lock", config="unsync.toml", buggy=True,
@@ -239,6 +328,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit ce25681d59ff (KVM: x86/mmu: Protect marking SPs unsync when "
                "using TDP MMU with spinlock)",
         try_to_unsync=unsync.unsync_without_lock,
+        expects=("unsync_children underflow", "missed sync",
+                 "unsync_children != popcount(bitmap)", "unsync page unreachable",
+                 "kvm->stat.mmu_unsync accounting"),
     ),
     replace(
         FIXED, name="unsync-lock-no-recheck", config="unsync.toml", buggy=True,
@@ -247,6 +339,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="the double-checked pattern of ce25681d59ff (KVM: x86/mmu: Protect marking SPs "
                "unsync when using TDP MMU with spinlock)",
         try_to_unsync=unsync.unsync_lock_no_recheck,
+        expects=("kvm->stat.mmu_unsync accounting",),
     ),
     replace(
         FIXED, name="unsync-write-protect", config="unsync.toml",
@@ -262,6 +355,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "lock sees in_progress == 0 with the old seq and maps the page just freed.",
         source="'KVM: gmem: protect kvm_mmu_invalidate_end()' (LKML, Aug 2023)",
         invalidate_end=notifier.end_after_unlock,
+        expects=INVALIDATION_RACE,
     ),
     replace(
         FIXED, name="fault-skips-retry-check", buggy=True, config="invalidate.toml",
@@ -269,6 +363,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "up before an invalidation is mapped after the invalidation's zap.",
         source="mmu.c: is_page_fault_stale and mmu_invalidate_retry_gfn (kvm_host.h)",
         fault_retry_check=notifier.no_retry_check,
+        expects=INVALIDATION_RACE,
     ),
     replace(
         FIXED, name="seq-snapshot-after-pfn", buggy=True, config="invalidate.toml",
@@ -277,6 +372,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="mmu.c kvm_mmu_faultin_pfn: the mmu_invalidate_seq snapshot (smp_rmb) before "
                "the pfn and attribute reads",
         faultin=notifier.faultin_pfn_then_seq,
+        expects=INVALIDATION_RACE,
     ),
     replace(
         FIXED, name="conversion-zaps-direct-only", buggy=True, config="invalidate.toml",
@@ -285,6 +381,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "S-EPT keep mapping a gfn that is now shared.",
         source="mmu.c kvm_arch_pre_set_memory_attributes and the KVM_FILTER_PRIVATE root filter",
         pre_set_memory_attributes=notifier.pre_set_zap_direct_only,
+        expects=(STALE, WRONG_ROOT, SEPT_ERR, DIVERGE),
     ),
     replace(
         FIXED, name="hugepage-attr-change-exact-range", buggy=True, requires_tdx=True,
@@ -296,6 +393,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="9129633d568e (KVM: x86/mmu: Prevent installing hugepages when "
                "mem attributes are changing, 2025)",
         pre_set_range_add=notifier.range_add_exact,
+        expects=("huge page during attribute change",),
     ),
     replace(
         FIXED, name="child-removal-on-pfn-change", buggy=True, config="huge-alias.toml",
@@ -305,6 +403,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="c8e5a0d0e9bc (KVM: x86/mmu: Check for !leaf=>leaf, not PFN "
                "change, in TDP MMU SP removal, 2022)",
         changed_spte_removes_pt=child_pt_removed_if_pfn_changed,
+        expects=("leaked page-table page", "tdp_mmu_pages accounting"),
     ),
     replace(
         FIXED, name="tlb-no-flush-before-yield", buggy=True, config="tlb.toml",
@@ -315,6 +414,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit a835429cda91 (KVM: x86/mmu: Ensure TLBs are flushed "
                "when yielding during GFN range zap, 2021)",
         zap_leafs_roots=tdp_mmu.zap_leafs_flush_per_root,
+        expects=("stale-tlb-entry-after-unlock", STALE_TLB),
     ),
     replace(
         FIXED, name="tlb-flush-after-rcu-unlock", buggy=True, config="tlb.toml",
@@ -324,6 +424,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit fcb93eb6d09d (kvm: x86/mmu: Flush TLB before "
                "zap_gfn_range releases RCU, 2022)",
         zap_release_rcu=tdp_mmu.rcu_unlock_then_flush,
+        expects=(STALE_TLB,),
     ),
     replace(
         FIXED, name="lost-dirty-bit", buggy=True, config="dirty.toml",
@@ -333,6 +434,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="commit ba3a6120a4e7 (KVM: x86/mmu: Use atomic XCHG to write "
                "TDP MMU SPTEs with volatile bits, 2022)",
         write_spte=tdp_mmu.kvm_tdp_mmu_write_spte_plain,
+        expects=(LOST_DIRTY,),
     ),
     replace(
         FIXED, name="mirror-no-freeze", buggy=True, requires_tdx=True, config="tdx-boot.toml",
@@ -342,6 +444,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="Sean Christopherson's review of the TDX MMU patches, Jan 2023 (the "
                "vCPU0/vCPU1 mirror[x]/sept[x] diagram that led to freezing mirror SPTEs)",
         set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
+        expects=(SEPT_ERR, DIVERGE),
     ),
     replace(
         FIXED, name="mirror-zap-no-freeze", buggy=False, requires_tdx=True,
@@ -364,6 +467,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "address the race above either\"",
         set_mirror_spte_atomic=mirror.set_mirror_spte_then_seamcall,
         busy_policy="serialize",
+        expects=(SEPT_ERR, DIVERGE),
     ),
     replace(
         FIXED, name="private-selector-by-fault", buggy=True, requires_tdx=True,
@@ -373,6 +477,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
                "direct bits' and the mirror-root series (is_private vs role.is_mirror)",
         is_mirror_sptep=mirror.is_mirror_sptep_by_fault,
         is_mirror_sp=mirror.is_mirror_sp_by_fault,
+        expects=(SEPT_ERR, DIVERGE, "S-EPT table without live mirror table"),
     ),
     replace(
         FIXED, name="mirror-no-restore", buggy=True, requires_tdx=True, config="tdx-busy.toml",
@@ -380,6 +485,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "instead of restoring the old one: the mirror maps what the S-EPT does not.",
         source="__tdp_mmu_set_spte_atomic / set_external_spte_present: restore on failure",
         set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_no_restore,
+        expects=(SEPT_ERR, DIVERGE, UAF),
     ),
     replace(
         FIXED, name="sept-zap-busy-unhandled", buggy=True, requires_tdx=True,
@@ -391,6 +497,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="4b2abc49712b \"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page "
                "removal\" (Yan Zhao, Jan 2025; merged for v6.16): the code before it",
         tdh_do_no_vcpus=mirror.tdh_spin_without_kick,
+        expects=(SEPT_ERR,),
     ),
     replace(
         FIXED, name="sept-zap-no-wait-for-sept-zap", buggy=True, requires_tdx=True,
@@ -402,6 +509,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="4b2abc49712b \"KVM: TDX: Kick off vCPUs when SEAMCALL is busy during TD page "
                "removal\": its wait_for_sept_zap check in tdx_vcpu_run",
         td_honours_wait_for_sept_zap=False,
+        expects=(SEPT_ERR,),
     ),
     replace(
         FIXED, name="prefault-gpa-without-direct-bits", buggy=True, requires_tdx=True,
@@ -412,6 +520,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="aa2024c01a9a \"KVM: x86/mmu: Embed direct bits into gpa for "
                "KVM_PRE_FAULT_MEMORY\" (Paolo Bonzini, Jun 2025, 6.16-rc)",
         prefault_gpa_direct=td.prefault_gpa_without_direct_bits,
+        expects=(WRONG_ROOT,),
     ),
     replace(
         FIXED, name="local-retry-ignores-invalid-memslot", buggy=True, requires_tdx=True,
@@ -422,6 +531,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="2bc2694fe20b \"KVM: TDX: Do not retry locally when the retry is caused by "
                "invalid memslot\" (Sean Christopherson / Yan Zhao, 6.18)",
         ept_violation_local_retry=td.local_retry_ignoring_memslots,
+        expects=("synchronize_srcu stall",),
     ),
     replace(
         FIXED, name="prefault-retries-invalid-memslot", buggy=True, requires_tdx=True,
@@ -432,6 +542,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="3ccbf6f47098 \"KVM: x86/mmu: Return -EAGAIN if userspace deletes/moves "
                "memslot during prefault\" (Sean Christopherson, 6.18)",
         faultin_invalid_slot=tdp_mmu.faultin_invalid_slot_retry,
+        expects=("synchronize_srcu stall",),
     ),
     replace(
         FIXED, name="init-mem-region-slots-lock-only", buggy=True, requires_tdx=True,
@@ -442,8 +553,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="15945e9ec195 \"KVM: TDX: Guard VM state transitions with \"all\" the locks\" "
                "(Sean Christopherson, Oct 2025, 6.19)",
         tdx_vm_state_guard=td.tdx_vm_state_guard_slots_only,
+        expects=(SEPT_ERR,),
     ),
 ]}
+
+
+def expected_invariants(variant: Variant) -> dict[str, tuple[str, ...]]:
+    """VM type -> the invariants a run of ``variant`` is expected to trip there
+    (``Variant.expectations`` with the ``vm.type`` of its shipped config)."""
+    from stress import config
+
+    vm_type = config.load(config.find_config(variant.config)).vm.type
+    return variant.expectations(vm_type)
 
 
 class UnknownVariant(KeyError):
