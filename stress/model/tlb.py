@@ -53,6 +53,7 @@ from __future__ import annotations
 import os
 
 from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS
+from stress.model import events
 from stress.model.kvm import Kvm
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
@@ -244,7 +245,12 @@ def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool |
         return False
     want = spte | shadow_accessed_mask | (shadow_dirty_mask if write else 0)
     if want != spte:
-        if w.cmpxchg(sptep, spte, want) != spte:
+        found = w.cmpxchg(sptep, spte, want)
+        # the CPU's locked A/D update, traced at the cmpxchg like KVM's stores
+        w.trace(events.spte_kind(level, (sptep - lay.pages) >> 9,
+                                 events.F_FAILED if found != spte else 0),
+                round_gfn_for_level(gfn, level), spte, found if found != spte else want)
+        if found != spte:
             return None  # the entry changed: walk again
         if want & shadow_dirty_mask and not spte & shadow_dirty_mask:
             dirty_set(kvm, round_gfn_for_level(gfn, level))  # counted at the leaf's gfn
