@@ -3,8 +3,8 @@
     tdp-stress run --variant-file examples/no_mirror.py --variant sept-vm-lock --duration 20s
     tdp-stress bench --compare fixed,sept-vm-lock --variant-file examples/no_mirror.py
 
-Seed 000 (Sean, Jan 2023), after proposing to freeze mirror SPTEs while their
-SEAMCALLs run: "The other idea is to scrap the mirror concept entirely, though I
+Sean Christopherson (review of the TDX MMU patches, Jan 2023), after proposing to
+freeze mirror SPTEs while their SEAMCALLs run: "The other idea is to scrap the mirror concept entirely, though I
 gotta imagine that would provide pretty awful performance."  Without a mirror
 that many tasks update with cmpxchg, the S-EPT can only be kept right by doing
 every S-EPT update synchronously under one per-VM lock.  This file builds that
@@ -71,7 +71,10 @@ def set_sept_under_vm_lock(kvm, it, new_spte):  # noqa: ANN001, ANN201
             return r
         kvm.w.store(it.sptep, new_spte)  # KVM's record, after the S-EPT
         it.old_spte = new_spte
-        handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True)
+        # a private-side entry (no CPU walks it, no D bits to track); the S-EPT
+        # was updated above, so no external hook here
+        handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True, mirror=True,
+                            external=False)
         return 0
     finally:
         kvm.w.spin_unlock(lock_i)
@@ -84,7 +87,8 @@ VARIANTS = [
               "(map, link, zap, sub-tree teardown) done synchronously under one per-VM lock, "
               "the S-EPT first, KVM's record after.  Valid; its cost is in "
               "'tdp-stress bench --compare fixed,sept-vm-lock'.",
-        source="examples/no_mirror.py (a user variant; seed 000: \"scrap the mirror concept "
+        source="examples/no_mirror.py (a user variant; Sean Christopherson, Jan 2023: \"scrap "
+               "the mirror concept "
                "entirely, though I gotta imagine that would provide pretty awful performance\")",
         set_mirror_spte_atomic=set_sept_under_vm_lock,
     ),

@@ -339,6 +339,7 @@ class VcpuRole(Role):
         outside the guest)."""
         kvm = self.kvm
         private = kvm_mem_is_private(kvm, gfn)
+        before = kvm.stats["local_retries"]
         srcu_read_lock(kvm, gfn)
         try:
             r = tdx_handle_ept_violation(kvm, gfn, write, how)
@@ -348,7 +349,8 @@ class VcpuRole(Role):
         self.last_fault = gfn if private else None
         if r == RET_PF_EMULATE:
             self.emulate_write(gfn)
-        self.after_fault(0)
+        # retries: the local ones (a private fault), or one re-entry (a shared one)
+        self.after_fault(kvm.stats["local_retries"] - before + (r == RET_PF_RETRY))
 
     def build_initial_image(self) -> None:
         """KVM_TDX_INIT_MEM_REGION over the initial image, then
