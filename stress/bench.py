@@ -5,10 +5,10 @@ floor, native calls per fault, scaling against the machine's own) and then the
 config's own job role by role (``role_throughput``: faults/s, zaps/s, ... and
 SEAMCALLs/s per process).  ``policy_comparison`` runs the fixed protocol on a
 TD once per SEAMCALL BUSY policy (unwind, retry, serialize) and reports, side
-by side, throughput and retry/BUSY rates: the numbers behind seed 000's claim
+by side, throughput and retry/BUSY rates: the numbers behind Sean Christopherson's Jan 2023 claim
 that serialising all S-EPT SEAMCALLs of a VM "is not an option, at least not
 in the long term".  ``variant_comparison`` does the same for protocol
-variants, user variants included (seed 000's "no mirror" idea is
+variants, user variants included (the "no mirror" idea of Jan 2023 is
 examples/no_mirror.py).
 
 Method (pyperf's): one warm-up run per policy that is thrown away, then
@@ -148,7 +148,7 @@ def variant_comparison(base: Config, variants: list[str], duration: float, runs:
                        variant_file: str = "",
                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Protocol variants side by side on one config (user variants from
-    ``variant_file`` too), e.g. the frozen-SPTE protocol against seed 000's other
+    ``variant_file`` too), e.g. the frozen-SPTE protocol against Sean's (Jan 2023) other
     idea, no mirror and every S-EPT update under one VM lock
     (examples/no_mirror.py)."""
     arms = {v: {"run": {"variant": v, "variant_file": variant_file}} for v in variants}

@@ -239,7 +239,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class PoolConfig:
     pages: int = 0  # 0: sized from the guest
-    # model-only memory map (reference 9.7): the page-table page that maps a 2M
+    # model-only memory map (c8e5a0d0e9bc): the page-table page that maps a 2M
     # region at level 1 is placed, when free, at the frame of that region's
     # first huge page, i.e. guest memory "over top of a kernel-allocated SP",
     # so a huge leaf can replace a table with the same PFN

@@ -1,6 +1,6 @@
 """Rendering merged traces for people: the timeline and the Chrome trace.
 
-* :func:`timeline` is seed 000's vCPU0/vCPU1 diagram: one column per worker,
+* :func:`timeline` is Sean Christopherson's vCPU0/vCPU1 diagram (Jan 2023): one column per worker,
   one event per row in global order, a time gutter (microseconds since the
   first event shown).  Nothing is cut: every value is written in full, in hex
   (gfns, pfns, SPTEs with their decoded form and A/D bits, SEAMCALL status

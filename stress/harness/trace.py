@@ -146,7 +146,7 @@ def _concerns(e: dict[str, Any], gfn: int) -> bool:
 
 
 def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 0) -> str:
-    """The last events as one column per worker, like seed 000's vCPU0/vCPU1
+    """The last events as one column per worker, like Sean Christopherson's vCPU0/vCPU1 (Jan 2023)
     diagram: full values, wrapped, ``width`` characters in all (see render.py)."""
     from stress import render
 

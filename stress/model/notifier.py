@@ -1,7 +1,7 @@
 """mmu_notifier invalidation, guest_memfd invalidation and memory conversions.
 
-Design note (seed 002, reference section 6).  When the primary MMU is about to
-change what backs a range (an unmap, a migration, a guest_memfd punch-hole, a
+Design note ("KVM: gmem: protect kvm_mmu_invalidate_end()", Aug 2023).  When the
+primary MMU is about to change what backs a range (an unmap, a migration, a guest_memfd punch-hole, a
 private<->shared conversion), KVM must make sure no SPTE keeps mapping the old
 page.  Two halves make that hold:
 
@@ -15,7 +15,7 @@ page.  Two halves make that hold:
 Because both ``begin``/``end`` and the fault's check run under mmu_lock, a fault
 either installs its SPTE before the invalidation's zap (which removes it) or
 sees the invalidation and retries.  ``end`` outside the lock (the 2023
-guest_memfd patch, seed 002) breaks the first half; the variants below break
+guest_memfd patch) breaks the first half; the variants below break
 each piece.  The on_lock / on_unlock hooks of the seed are named for when
 they run here: ``before_unlock`` (end, fixed) and ``after_unlock`` (the bug).
 """
@@ -96,7 +96,7 @@ def end_before_unlock(kvm: Kvm, post: Callable[[], None] | None = None) -> None:
 
 
 def end_after_unlock(kvm: Kvm, post: Callable[[], None] | None = None) -> None:
-    """Buggy (seed 002, "KVM: gmem: protect kvm_mmu_invalidate_end()"): the end
+    """Buggy (before "KVM: gmem: protect kvm_mmu_invalidate_end()", Aug 2023): the end
     hook runs after mmu_lock is dropped.  Unordered against the fault's check,
     a fault can see in_progress == 0 and the old seq: modelled as the
     decrement landing before the increment, with a window between them."""

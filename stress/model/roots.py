@@ -1,6 +1,6 @@
 """Root lifecycle: refcounts, the roots list, invalidation and yielding root zaps.
 
-Design note (seed 001, reference section 5).  Direct roots come and go:
+Design note (the March 2022 TDP MMU overhaul thread).  Direct roots come and go:
 a vCPU loads a root (reusing a valid one with a matching role, or allocating
 one) and holds a reference on it; a fast zap (``kvm_mmu_zap_all_fast``) marks
 every direct root invalid under the write lock, then zaps the invalidated
@@ -15,7 +15,8 @@ it until the root is invalidated and zapped (the ``scheduled_to_zap`` flag
 makes sure that reference is put exactly once); so a valid root never loses
 its last reference, and the last put of an invalid root unlinks it from the
 list and frees it after an RCU grace period.  The put is the piece the
-variants swap: the March 2022 thread (seed 001) tried several ways to put the
+variants swap: the March 2022 thread ("[PATCH v3 20/28] KVM: x86/mmu: Allow
+yielding when zapping GFNs for defunct TDP MMU root") tried several ways to put the
 last reference of a root that was still valid, before the gifted reference
 existed.
 
@@ -290,7 +291,7 @@ def put_root_dec_not_one(kvm: Kvm, root: int) -> None:
 def put_root_force_zero(kvm: Kvm, root: int) -> None:
     """The final design's put, with the last reference detected by
     refcount_dec_not_one and then forced to 0 ("turning a refcount_dec_not_one
-    into a refcount_dec_and_test", seed 001): safe only if no get can run
+    into a refcount_dec_and_test", March 2022): safe only if no get can run
     concurrently, which stopped being true when gets moved under the read lock."""
     if refcount_dec_not_one(kvm, root):
         return
@@ -303,8 +304,8 @@ def put_root_force_zero(kvm: Kvm, root: int) -> None:
 
 
 def zap_invalidated_roots_double_put(kvm: Kvm, shared: bool) -> None:
-    """Buggy (the 2022 overhaul's iterations, reference 9.8): the zap path gives
-    the TDP MMU's reference back for every invalid root it visits, not only the
+    """Buggy (the 2022 overhaul's iterations: efd995dae5eb, 22b94c4b63eb,
+    edbdb43fc96b): the zap path gives the TDP MMU's reference back for every invalid root it visits, not only the
     ones this invalidation scheduled, so a root zapped by an earlier pass loses a
     reference it no longer had: it is freed while vCPUs still hold it."""
     lay = kvm.layout

@@ -540,7 +540,7 @@ def _check_root_owns_gfn(kvm: Kvm, it: TdpIter, fault: KvmPageFault) -> None:
 
 
 def _check_table_removed(kvm: Kvm, it: TdpIter, old: int) -> None:
-    """Oracle (reference 9.7): the table a 2M leaf just replaced was unlinked by
+    """Oracle (c8e5a0d0e9bc): the table a 2M leaf just replaced was unlinked by
     handle_changed_spte; still LINKED, it is leaked with everything it maps."""
     from stress.model.mmu_page import sp_state
 
@@ -552,7 +552,7 @@ def _check_table_removed(kvm: Kvm, it: TdpIter, old: int) -> None:
 
 
 def _check_huge_install(kvm: Kvm, it: TdpIter) -> None:
-    """Oracle (reference 9.13): no 2M leaf is installed while an attribute
+    """Oracle (9129633d568e): no 2M leaf is installed while an attribute
     change of any of its gfns is in progress (between the conversion's pre and
     post steps, both under the write lock, so stable while we hold it for read)."""
     from stress.model.notifier import attr_change_in_progress

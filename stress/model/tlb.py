@@ -1,6 +1,6 @@
 """Per-vCPU TLBs, the guest "hardware" walker, remote flushes and A/D bits.
 
-Design note (reference 9.3, 9.5, 9.18, 10.2).  The TDP MMU's zaps are only
+Design note (a835429cda91, ba3a6120a4e7, fcb93eb6d09d).  The TDP MMU's zaps are only
 half the story: the CPU caches translations (gfn -> pfn) and the page-table
 pages it walked to find them (paging-structure caches), and keeps using them
 until it is told to flush.  KVM may therefore free a guest page, or a
@@ -36,7 +36,7 @@ page-table page, only after every vCPU's TLB has been flushed of it.
   flush (or obsolete-root) request pending, which it must service before it
   uses its TLB again: ``stale-tlb-entry-after-free``.  When a zap yields
   mmu_lock, no vCPU may still cache a leaf it zapped since its last flush
-  (reference 9.3's invariant): ``stale-tlb-entry-after-unlock``.  A guest access that
+  (a835429cda91's invariant): ``stale-tlb-entry-after-unlock``.  A guest access that
   hits a TLB entry whose host page was released, or walks a freed table, is
   a use-after-free.
 * **Dirty bits (9.5).**  One word per gfn counts D-bit 0 -> 1 transitions

@@ -1,4 +1,4 @@
-"""Nested TDP: indirect shadow pages marked unsync from TDP MMU faults (seed 004).
+"""Nested TDP: indirect shadow pages marked unsync from TDP MMU faults (ce25681d59ff).
 
 Design note.  With nested TDP, KVM shadows L1's EPT with indirect shadow
 pages (the legacy MMU), which coexist with the TDP MMU.  When a TDP MMU fault,
