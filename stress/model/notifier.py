@@ -1,9 +1,9 @@
 """mmu_notifier invalidation, guest_memfd invalidation and memory conversions.
 
-Design note ("KVM: gmem: protect kvm_mmu_invalidate_end()", Aug 2023).  When the
-primary MMU is about to change what backs a range (an unmap, a migration, a
-guest_memfd punch-hole, a private<->shared conversion), KVM must make sure no SPTE keeps mapping the old
-page.  Two halves make that hold:
+Design note ("KVM: gmem: protect kvm_mmu_invalidate_end()", Aug 2023).  When the primary MMU is
+about to change what backs a range (an unmap, a migration, a guest_memfd punch-hole, a
+private<->shared conversion), KVM must make sure no SPTE keeps mapping the old page.  Two halves
+make that hold:
 
 * the invalidation side, with mmu_lock held for write: ``begin`` raises
   ``mmu_invalidate_in_progress`` and records the range, the range is zapped;

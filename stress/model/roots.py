@@ -304,9 +304,9 @@ def put_root_force_zero(kvm: Kvm, root: int) -> None:
 
 
 def zap_invalidated_roots_double_put(kvm: Kvm, shared: bool) -> None:
-    """Buggy (the 2022 overhaul's iterations: efd995dae5eb, 22b94c4b63eb,
-    edbdb43fc96b): the zap path gives the TDP MMU's reference back for every
-    invalid root it visits, not only the ones this invalidation scheduled, so a root zapped by an earlier pass loses a
+    """Buggy (the 2022 overhaul's iterations: efd995dae5eb, 22b94c4b63eb, edbdb43fc96b): the
+    zap path gives the TDP MMU's reference back for every invalid root it visits, not only
+    the ones this invalidation scheduled, so a root zapped by an earlier pass loses a
     reference it no longer had: it is freed while vCPUs still hold it."""
     lay = kvm.layout
     for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
