@@ -81,15 +81,7 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
 def summary(e: dict[str, Any]) -> str:
     """One event as a short line for a timeline column."""
     k = e["event"]
-    if k == "spte-write":
-        where = f"{e['root']} t{e['table']} L{e['level']}[{e['gfn']:#x}]"
-        if e.get("failed"):
-            return f"cmpxchg {where} expected {e['old']}, found {e['new']}: lost"
-        verb = "restore" if e.get("restore") else "store"
-        return f"{verb} {where} {e['old']} -> {e['new']}"
-    if k == "spte":
-        return f"changed L{e['level']}[{e['gfn']:#x}] {e['old']} -> {e['new']}"
-    if k == "removed-pt":
+    if k == "removed-pt":  # (SPTE events: render.event_text)
         return f"handle_removed_pt t{e['table']} L{e['level']} gfn {e['gfn']:#x}"
     if k == "td":
         return f"{e['op']} gfn {e['gfn']:#x} -> {e['status']:#x}"
