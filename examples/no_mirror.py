@@ -1,11 +1,12 @@
-"""A user variant, worked example 2: seed 000's *other* idea, measured.
+"""A user variant, worked example 2: the mirror's alternative, measured.
 
     tdp-stress run --variant-file examples/no_mirror.py --variant sept-vm-lock --duration 20s
     tdp-stress bench --compare fixed,sept-vm-lock --variant-file examples/no_mirror.py
 
 Sean Christopherson (review of the TDX MMU patches, Jan 2023), after proposing to
-freeze mirror SPTEs while their SEAMCALLs run: "The other idea is to scrap the mirror concept entirely, though I
-gotta imagine that would provide pretty awful performance."  Without a mirror
+freeze mirror SPTEs while their SEAMCALLs run: "The other idea is to scrap the
+mirror concept entirely, though I gotta imagine that would provide pretty awful
+performance."  Without a mirror
 that many tasks update with cmpxchg, the S-EPT can only be kept right by doing
 every S-EPT update synchronously under one per-VM lock.  This file builds that
 protocol from the model's pieces and registers it as ``sept-vm-lock``, so the

@@ -78,11 +78,17 @@ def _untrack(shm: shared_memory.SharedMemory) -> None:
 
 
 def _unlink(shm: shared_memory.SharedMemory) -> None:
-    """``shm.unlink()``, without the tracker's unregister when it is dead."""
-    if _tracker_alive():
-        shm.unlink()
-    else:
+    """``shm.unlink()``, without the tracker's unregister when it is dead.
+
+    The unregister happens even when the name is already gone (someone ran
+    ``rm /dev/shm/...``): ``SharedMemory.unlink`` skips it then, and the
+    tracker would warn of a leaked segment at exit and fail to unlink it.
+    """
+    try:
         _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
+    finally:
+        if _tracker_alive():
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
 
 
 class ArenaError(Exception):

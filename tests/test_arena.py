@@ -76,3 +76,24 @@ def test_sweep_removes_only_dead_owners() -> None:
         assert live.name not in removed and live.name in list_segments()
     finally:
         live.close()
+
+
+def test_owner_close_after_external_unlink_leaves_tracker_quiet() -> None:
+    """The owner's segment removed behind its back (``rm /dev/shm/...``):
+    closing still says nothing, raises nothing, and the resource tracker has
+    nothing left to "leak" at exit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from stress.arena import SHM_DIR, Arena, Layout\n"
+        "a = Arena.create(Layout.build(n_slots=1, n_pages=4), config_hash=1)\n"
+        "os.unlink(SHM_DIR / a.name)\n"
+        "a.close()\n"
+        "print(a.name)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "leaked" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (SHM_DIR / p.stdout.strip()).exists()
