@@ -127,9 +127,11 @@ def event_text(e: dict[str, Any]) -> str:
         return f"invalidate [{e['start']:#x}, {e['end']:#x}) {e['phase']}"
     if k == "unsync":
         return f"shadow page {e['shadow_page']:#x} {e['phase']}"
-    from stress.harness.trace import summary
-
-    return summary(e)
+    if k == "removed-pt":
+        return f"handle_removed_pt t{e['table']} L{e['level']} gfn {e['gfn']:#x}"
+    if k == "td":
+        return f"{e['op']} gfn {e['gfn']:#x} -> {e['status']:#x}"
+    return k
 
 
 def _name(e: dict[str, Any]) -> str:

@@ -78,30 +78,6 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
     return d
 
 
-def summary(e: dict[str, Any]) -> str:
-    """One event as a short line for a timeline column."""
-    k = e["event"]
-    if k == "removed-pt":  # (SPTE events: render.event_text)
-        return f"handle_removed_pt t{e['table']} L{e['level']} gfn {e['gfn']:#x}"
-    if k == "td":
-        return f"{e['op']} gfn {e['gfn']:#x} -> {e['status']:#x}"
-    if k == "fault":
-        return f"fault gfn {e['gfn']:#x}{' (write)' if e['write'] else ''}"
-    if k == "fault-end":
-        return f"fault gfn {e['gfn']:#x} -> {e['ret']}"
-    if k == "lock":
-        return f"mmu_lock {e['op']}"
-    if k == "seamcall":
-        return f"{e['call']}({e['gfn']:#x}) = {e['status']}"
-    if k == "root-ref":
-        return f"root {e['root']} count {e['count']} ({'+1' if e['delta'] > 0 else '-1'})"
-    if k == "invalidate":
-        return f"invalidate [{e['start']:#x}, {e['end']:#x}) {e['phase']}"
-    if k == "unsync":
-        return f"shadow page {e['shadow_page']} {e['phase']}"
-    return k
-
-
 PROTOCOL_EVENTS = {"spte", "spte-write", "fault", "fault-end", "seamcall", "invalidate", "unsync"}
 
 
