@@ -873,6 +873,39 @@ def configs() -> int:
     return 0
 
 
+@cli.command("oracles")
+@click.option("--width", type=click.IntRange(60, 1000),
+              help="Wrap at this many columns (default: the terminal's).")
+@json_option("the oracle list")
+def oracles_cmd(width: int | None, json_out: str | None) -> int:
+    """List the tester's oracles: each invariant, the model hook (or walk) where
+    it is checked and when that is, and what a check costs.  The kernel's own
+    assertions (KVM_BUG_ON, WARN_ON_ONCE, lockdep, BUG) are the model's, not
+    listed here."""
+    import textwrap
+
+    from stress import oracles
+
+    rows = [{"name": o.name, "module": o.module, "hook": o.hook, "when": o.when,
+             "invariant": o.invariant, "cost": o.cost} for o in oracles.ORACLES]
+    width = width or _term_width()
+    lines: list[str] = []
+    for r in rows:
+        where = r["hook"] if r["hook"] in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN) \
+            else f"online, hook {r['hook']}"
+        lines += textwrap.wrap(f"{r['name']}  [{r['module']}; {where}]", width)
+        for label in ("invariant", "when", "cost"):
+            lines += textwrap.wrap(r[label], width, initial_indent=f"    {label}: ",
+                                   subsequent_indent=" " * (6 + len(label)))
+    online = sum(1 for r in rows if r["hook"] not in (oracles.HOOK_QUIESCENT,
+                                                      oracles.HOOK_TEARDOWN))
+    lines.append(f"({len(rows)} oracles: {online} online at model hooks, "
+                 f"{len(rows) - online} in the quiescent and teardown walks)")
+    _say("\n".join(lines), json_out)
+    _emit_json(json_out, {"oracles": rows})
+    return 0
+
+
 @cli.command()
 def cleanup() -> int:
     """Remove tdpstress- shared memory segments whose owner process is dead."""

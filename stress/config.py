@@ -17,6 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stress.model.variants import (
+    UnknownVariant,
+    Variant,
+    VariantLoadError,
+    get_variant,
+    load_variant_file,
+)
+
 ROLES = ("vcpu", "zapper", "invalidator", "notifier", "converter")
 BUSY_POLICIES = ("unwind", "retry", "serialize")
 # the shipped configs are package data (stress/configs, a link to the repository's
@@ -504,13 +512,6 @@ def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
 
 def validate(cfg: Config) -> Config:
     """Cross-key checks that no single key can make."""
-    from stress.model.variants import (
-        UnknownVariant,
-        VariantLoadError,
-        get_variant,
-        load_variant_file,
-    )
-
     try:
         if cfg.run.variant_file:
             load_variant_file(cfg.run.variant_file)
@@ -631,3 +632,10 @@ def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = 
     if overrides:
         cfg = _apply(cfg, overrides, "command line")
     return validate(cfg)
+
+
+def expected_invariants(variant: Variant) -> dict[str, tuple[str, ...]]:
+    """VM type -> the invariants a run of ``variant`` is expected to trip there
+    (``Variant.expectations`` with the ``vm.type`` of its shipped config)."""
+    vm_type = load(find_config(variant.config)).vm.type
+    return variant.expectations(vm_type)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from stress import oracles
 from stress.arena import Arena, Control, Globals, Layout, list_segments
 from stress.atomics import Words
 from stress.model.host import init_lpage_info, init_mem_attributes
@@ -73,7 +74,8 @@ class Vm:
 
     def task(self, me: int, words: Words | None = None) -> Kvm:
         """Another task (its own RCU reader slot and lock state) on the same VM."""
-        kvm = Kvm(words or self.words, self.layout, self.geometry, self.variant, me)
+        kvm = oracles.attach(Kvm(words or self.words, self.layout, self.geometry, self.variant,
+                                 me))
         kvm.shadowed = self.shadowed
         kvm.huge_pages = self.huge_pages > 0
         kvm.alias_floor_words = self.alias_floor_words

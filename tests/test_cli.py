@@ -13,7 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stress.model.variants import VARIANTS, expected_invariants
+from stress.config import expected_invariants
+from stress.model.variants import VARIANTS
 from tests.conftest import ROOT, run_cli, segments_of
 
 SMOKE = str(ROOT / "configs" / "smoke.toml")

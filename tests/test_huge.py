@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 
 from stress.arena import Globals, SpMeta
-from stress.checks import quiescent_check, teardown_check
 from stress.model import notifier as n
 from stress.model.errors import InvariantViolation
 from stress.model.host import (
@@ -15,9 +14,9 @@ from stress.model.host import (
     host_folio_intact,
     host_page_migrate,
     host_pfn,
-    kvm_mem_is_private,
     lpage_info_i,
 )
+from stress.model.kvm import kvm_mem_is_private
 from stress.model.mmu_page import SP_LINKED, SP_REMOVED, sp_state
 from stress.model.spte import (
     PG_LEVEL_2M,
@@ -37,6 +36,7 @@ from stress.model.tdp_mmu import (
     kvm_tdp_page_fault,
     tdp_mmu_zap_leafs_atomic,
 )
+from stress.oracles.quiescent import quiescent_check, teardown_check
 
 REGION = 0x2600  # region 19: shared when attributes alternate in 2M chunks (odd region)
 PRIVATE_REGION = 0x2400

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 
 from stress.arena import Globals, SpMeta
-from stress.checks import quiescent_check, teardown_check
 from stress.model.errors import InvariantViolation
 from stress.model.mmu_page import SP_FREE, SP_LINKED, SP_REMOVED, tdp_mmu_free_sp_rcu_callback
 from stress.model.spte import (
@@ -34,6 +33,7 @@ from stress.model.tdp_mmu import (
     tdp_mmu_set_spte_atomic,
     tdp_mmu_zap_range_at_level,
 )
+from stress.oracles.quiescent import quiescent_check, teardown_check
 
 GFN = 0x12345
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from stress.arena import Globals
-from stress.checks import quiescent_check
 from stress.model import notifier as n
 from stress.model.errors import InvariantViolation
-from stress.model.host import host_page_gen, kvm_mem_is_private
+from stress.model.host import host_page_gen
+from stress.model.kvm import kvm_mem_is_private
 from stress.model.tdp_mmu import RET_PF_EXIT, RET_PF_FIXED, RET_PF_RETRY, kvm_tdp_page_fault
 from stress.model.tdx import SEPT_FREE, SEPT_PENDING, sept_state
+from stress.oracles.notifier import range_maps_current_pages
+from stress.oracles.quiescent import quiescent_check
 
 GFN = 0x2468  # shared (chunk 0x2468 >> 3 is odd)
 PRIV = 0x2460  # private
@@ -52,7 +54,7 @@ def test_fault_retries_after_a_racing_invalidation(vm) -> None:
     assert kvm_tdp_page_fault(vm.kvm, GFN, write=True) == RET_PF_FIXED  # the new page
     assert not quiescent_check(vm.kvm).violations
     notifier.write_lock()
-    n.check_range_current(notifier, GFN, GFN + 1)
+    range_maps_current_pages(notifier, GFN, GFN + 1)
     notifier.write_unlock()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stress.model import notifier, pieces, tlb
+from stress.model import notifier, pieces, tlb, x86
 from stress.model.errors import InvariantViolation
 from stress.model.kvm import Kvm
 from stress.model.roots import (
@@ -114,7 +114,7 @@ def _zap_cached_leaf(vm: Vm) -> Kvm:
     for read (tdp_mmu_zap_leafs_atomic, the variant's zap_spte_atomic)."""
     k = vm.kvm
     assert kvm_tdp_page_fault(k, G, write=True) == RET_PF_FIXED
-    assert tlb.guest_access(k, G, write=False)
+    assert x86.guest_access(k, G, write=False)
     zapper = vm.task(1)
     zapper.read_lock()
     try:
@@ -162,7 +162,7 @@ def _eight_cached_leaves(vm: Vm) -> Kvm:
     """vCPU 0 maps and caches G..G+7; returns a zapper that yields every 2nd step."""
     for g in range(G, G + 8):
         assert kvm_tdp_page_fault(vm.kvm, g, write=True) == RET_PF_FIXED
-        assert tlb.guest_access(vm.kvm, g, write=False)
+        assert x86.guest_access(vm.kvm, g, write=False)
     zapper = vm.task(1)
     zapper.resched_every = zapper.resched_countdown = 2
     return zapper

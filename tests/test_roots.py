@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from stress.arena import SpMeta
-from stress.checks import quiescent_check, teardown_check
 from stress.model.errors import InvariantViolation
 from stress.model.mmu_page import SP_FREE, tdp_mmu_free_sp_rcu_callback
 from stress.model.roots import (
@@ -13,13 +12,18 @@ from stress.model.roots import (
     is_root_invalid,
     kvm_mmu_reload,
     kvm_mmu_unload,
-    kvm_mmu_zap_all_fast,
     kvm_tdp_mmu_get_root,
     kvm_tdp_mmu_invalidate_roots,
     kvm_tdp_mmu_put_root,
     listed_roots,
 )
-from stress.model.tdp_mmu import RET_PF_FIXED, kvm_mmu_uninit_tdp_mmu, kvm_tdp_page_fault
+from stress.model.tdp_mmu import (
+    RET_PF_FIXED,
+    kvm_mmu_uninit_tdp_mmu,
+    kvm_mmu_zap_all_fast,
+    kvm_tdp_page_fault,
+)
+from stress.oracles.quiescent import quiescent_check, teardown_check
 
 GFN = 0x4321
 

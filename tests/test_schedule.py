@@ -172,7 +172,7 @@ def test_replay_refuses_a_free_run_bundle(tmp_path: Path) -> None:
         assert bad.returncode == 2
         assert bad.stderr.count("\n") == 1 and "not a controlled-schedule bundle" in bad.stderr
     # ... but hunt takes it, with its config, and makes a deterministic one
-    r = run_cli("hunt", str(bundle), "--tries", "20", "--out", str(tmp_path / "h"),
+    r = run_cli("hunt", str(bundle), "--tries", "80", "--out", str(tmp_path / "h"),
                 timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "replayed identically" in r.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from stress.arena import Globals, Slot
-from stress.checks import quiescent_check, teardown_check
 from stress.model.errors import InvariantViolation
 from stress.model.mmu_page import external_spt, kvm_mmu_alloc_external_spt
 from stress.model.spte import PG_LEVEL_2M, SPTE_INDEX, gfn_to_host_pfn, is_shadow_present_pte
@@ -50,6 +49,7 @@ from stress.model.tdx import (
     tdx_operand_busy,
 )
 from stress.model.tlb import H_MODE, OUTSIDE_GUEST_MODE
+from stress.oracles.quiescent import quiescent_check, teardown_check
 
 PRIVATE = 0x12340  # (gfn >> 3) & 1 == 0: private with the default 32k chunks
 SHARED = PRIVATE + 8
@@ -381,11 +381,11 @@ def test_memslot_move_waits_for_srcu_readers_and_zaps_the_slot(td) -> None:
     local retry loop lets go when the slot is invalid, so the move completes; the
     pre-fault of a gfn of the invalid slot says -EAGAIN."""
     from stress.model.memslot import (
-        kvm_set_memory_region_move,
         memslot_invalid,
         srcu_read_lock,
         srcu_read_unlock,
     )
+    from stress.model.notifier import kvm_set_memory_region_move
 
     kvm = td.kvm
     assert kvm_tdp_page_fault(kvm, PRIVATE, write=True) == RET_PF_FIXED
@@ -405,7 +405,8 @@ def test_memslot_move_waits_for_srcu_readers_and_zaps_the_slot(td) -> None:
 
 
 def test_memslot_move_names_the_reader_it_waits_for(td) -> None:
-    from stress.model.memslot import kvm_set_memory_region_move, srcu_read_lock
+    from stress.model.memslot import srcu_read_lock
+    from stress.model.notifier import kvm_set_memory_region_move
 
     reader = td.task(1)
     srcu_read_lock(reader, PRIVATE)  # never lets go

@@ -9,7 +9,7 @@ import pytest
 from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS, Control
 from stress.atomics import Words
 from stress.model import notifier as n
-from stress.model import tlb
+from stress.model import tlb, x86
 from stress.model.errors import InvariantViolation
 from stress.model.roots import KVM_ALL_ROOTS, KVM_DIRECT_ROOTS, kvm_tdp_mmu_invalidate_roots
 from stress.model.spte import PG_LEVEL_2M, round_gfn_for_level, shadow_dirty_mask
@@ -44,9 +44,9 @@ def _requests(vm, vcpu: int) -> int:  # noqa: ANN001
 
 def test_walker_fills_the_tlb_and_sets_dirty(vm) -> None:
     k = vm.kvm
-    assert not tlb.guest_access(k, G, write=False)  # nothing mapped: EPT violation
+    assert not x86.guest_access(k, G, write=False)  # nothing mapped: EPT violation
     assert kvm_tdp_page_fault(k, G, write=True) == RET_PF_FIXED
-    assert tlb.guest_access(k, G, write=True) and _cached(vm, 0, G)
+    assert x86.guest_access(k, G, write=True) and _cached(vm, 0, G)
     e = G & (TLB_ENTRIES - 1)
     pts = [vm.words.load(vm.layout.tlb_pts + e * TLB_MAX_LEVELS + i) - 1 for i in range(4)]
     assert pts[0] == vm.root and len(set(pts)) == 4  # the root and the 3 tables below
@@ -58,7 +58,7 @@ def test_walker_fills_the_tlb_and_sets_dirty(vm) -> None:
     sptep = _leaf_sptep(k, vm.root, G)
     assert not vm.words.load(sptep) & shadow_dirty_mask
     assert _requests(vm, 0) & tlb.KVM_REQ_TLB_FLUSH
-    assert tlb.guest_access(k, G, write=True)
+    assert x86.guest_access(k, G, write=True)
     assert vm.words.load(sptep) & shadow_dirty_mask and k.stats["dirty_bits_set"] == 1
     assert not _requests(vm, 0)  # serviced on entry
     d = vm.words.load(vm.layout.dirty + G)
@@ -67,14 +67,14 @@ def test_walker_fills_the_tlb_and_sets_dirty(vm) -> None:
 
 def test_flush_waits_for_a_vcpu_in_guest_mode(vm) -> None:
     vcpu = vm.kvm
-    tlb.vcpu_enter_guest(vcpu)  # the vCPU runs the guest
+    x86.vcpu_enter_guest(vcpu)  # the vCPU runs the guest
     mode_i = vm.layout.tlb_hdr(0, tlb.H_MODE)
     seen: list[int] = []
 
     def vcpu_exits() -> None:  # the IPI arrives: the vCPU leaves at an instruction boundary
         seen.append(vm.words.load(mode_i))
         seen.append(_requests(vm, 0))
-        tlb.vcpu_exit_guest(vcpu)
+        x86.vcpu_exit_guest(vcpu)
 
     flusher = vm.task(1, words=vm.trigger_words(mode_i, vcpu_exits, on="load"))
     tlb.kvm_flush_remote_tlbs(flusher)
@@ -95,7 +95,7 @@ def _two_roots(vm) -> tuple[int, int]:  # noqa: ANN001
     k.write_unlock()
     assert kvm_tdp_page_fault(k, G + 1, write=True) == RET_PF_FIXED  # reloads: a new root
     new = k.vcpu.root
-    assert new != old and tlb.guest_access(k, G + 1, write=False) and _cached(vm, 0, G + 1)
+    assert new != old and x86.guest_access(k, G + 1, write=False) and _cached(vm, 0, G + 1)
     return old, new
 
 
@@ -114,7 +114,7 @@ def test_yield_in_a_later_root_with_a_pending_flush(make_vm, variant: str) -> No
         assert zapper.stats["yields"] == 1
         assert _requests(vm, 0) & tlb.KVM_REQ_TLB_FLUSH  # flushed before the yield
         n.mmu_notifier_invalidate_range(vm.task(2), G + 1, G + 2)  # page freed: fine
-        assert not tlb.guest_access(vm.kvm, G + 1, write=False)  # TLB flushed: walks, faults
+        assert not x86.guest_access(vm.kvm, G + 1, write=False)  # TLB flushed: walks, faults
         return
     with pytest.raises(InvariantViolation) as e:
         kvm_tdp_mmu_zap_leafs_roots(zapper, KVM_ALL_ROOTS, G, G + 2)
@@ -183,7 +183,7 @@ def test_table_freed_while_cached(make_vm, variant: str) -> None:
     vm = make_vm(variant=variant)
     k = vm.kvm
     assert kvm_tdp_page_fault(k, G, write=True) == RET_PF_FIXED
-    assert tlb.guest_access(k, G, write=False)
+    assert x86.guest_access(k, G, write=False)
     table = vm.words.load(vm.layout.tlb_pts + (G & (TLB_ENTRIES - 1)) * TLB_MAX_LEVELS + 3) - 1
     zapper = vm.task(1)
     start = round_gfn_for_level(G, PG_LEVEL_2M)
@@ -217,7 +217,7 @@ def test_dirty_bit_set_between_snapshot_and_store(make_vm, variant: str) -> None
     sptep = _leaf_sptep(vcpu, vm.root, G)
     wrote: list[bool] = []
     zapper = vm.task(1, words=vm.trigger_words(
-        sptep, lambda: wrote.append(tlb.guest_access(vcpu, G, write=True)), on="load"))
+        sptep, lambda: wrote.append(x86.guest_access(vcpu, G, write=True)), on="load"))
     zapper.write_lock()
     assert kvm_tdp_mmu_zap_leafs(zapper, vm.root, G, G + 1) == 1
     zapper.write_unlock()

@@ -8,6 +8,7 @@ from stress.arena import Globals
 from stress.model import unsync as u
 from stress.model.errors import InvariantViolation
 from stress.model.tdp_mmu import RET_PF_EMULATE, RET_PF_FIXED, kvm_tdp_page_fault
+from stress.oracles.unsync import check_unsync_state
 
 BASE = 0x8000  # shadowed gfns: BASE + k shadows leaf k; leaves 0 and 1 are siblings
 
@@ -37,9 +38,9 @@ def test_fixed_marks_parents_and_sync_clears_them(vm) -> None:
     assert word(vm, mid, u.UNSYNC_CHILDREN) == 2 and word(vm, mid, u.BITMAP) == 0b11
     assert word(vm, u.ROOT_SP, u.UNSYNC_CHILDREN) == 1
     assert vm.words.load(vm.layout.glob(Globals.STAT_MMU_UNSYNC)) == 2
-    assert a.stats["unsync_lock_taken"] == 1 and not u.check_unsync_state(a)
+    assert a.stats["unsync_lock_taken"] == 1 and not check_unsync_state(a)
     assert sorted(sync(a)) == [u.leaf_sp(0), u.leaf_sp(1)]
-    assert word(vm, u.ROOT_SP, u.UNSYNC_CHILDREN) == 0 and not u.check_unsync_state(a)
+    assert word(vm, u.ROOT_SP, u.UNSYNC_CHILDREN) == 0 and not check_unsync_state(a)
 
 
 def _race(vm, variant_target: int, action) -> None:  # noqa: ANN001
@@ -68,7 +69,7 @@ def test_without_lock_a_lost_bit_hides_an_unsync_page(make_vm) -> None:
     _race(vm, vm.layout.shadow_sp(mid, u.BITMAP), _b_unsyncs(vm, 1))
     # A stored its bit over B's: two unsync children, one bit, count 2
     assert word(vm, mid, u.BITMAP) == 0b01 and word(vm, mid, u.UNSYNC_CHILDREN) == 2
-    bad = [name for name, _m, _d in u.check_unsync_state(vm.kvm)]
+    bad = [name for name, _m, _d in check_unsync_state(vm.kvm)]
     assert "unsync_children != popcount(bitmap)" in bad
     assert "unsync page unreachable" in bad
     with pytest.raises(InvariantViolation) as e:
@@ -92,14 +93,14 @@ def test_lock_without_recheck_unsyncs_twice(make_vm) -> None:
     vm = make_vm(variant="unsync-lock-no-recheck")
     _race(vm, vm.layout.shadow_sp(u.leaf_sp(0), u.UNSYNC), _b_unsyncs(vm, 0))
     assert vm.words.load(vm.layout.glob(Globals.STAT_MMU_UNSYNC)) == 2  # one page
-    bad = u.check_unsync_state(vm.kvm)
+    bad = check_unsync_state(vm.kvm)
     assert [name for name, _m, _d in bad] == ["kvm->stat.mmu_unsync accounting"]
 
 
 def test_the_recheck_under_the_lock_skips_a_page_done_meanwhile(vm) -> None:
     _race(vm, vm.layout.shadow_sp(u.leaf_sp(0), u.UNSYNC), _b_unsyncs(vm, 0))
     assert vm.words.load(vm.layout.glob(Globals.STAT_MMU_UNSYNC)) == 1
-    assert not u.check_unsync_state(vm.kvm)
+    assert not check_unsync_state(vm.kvm)
 
 
 def test_alternative_1_write_protects_and_emulates(make_vm) -> None:
@@ -108,4 +109,4 @@ def test_alternative_1_write_protects_and_emulates(make_vm) -> None:
     assert kvm_tdp_page_fault(vm.kvm, BASE, write=True) == RET_PF_EMULATE
     assert word(vm, u.leaf_sp(0), u.UNSYNC) == 0
     assert kvm_tdp_page_fault(vm.kvm, BASE, write=True) == RET_PF_EMULATE  # every write
-    assert vm.kvm.stats["shadowed_writes"] == 2 and not u.check_unsync_state(vm.kvm)
+    assert vm.kvm.stats["shadowed_writes"] == 2 and not check_unsync_state(vm.kvm)

@@ -38,7 +38,6 @@ import psutil
 
 from stress.arena import Arena, Control, Globals, Layout, Sched, Slot, SpMeta, sweep_stale
 from stress.atomics import Words
-from stress.checks import QuiescentReport, quiescent_check, teardown_check
 from stress.config import Config
 from stress.harness import schedule
 from stress.harness.trace import read_events
@@ -55,6 +54,7 @@ from stress.model.kvm import LOCK_NONE, Kvm
 from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
 from stress.model.td import tdx_td_finalize
 from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_mirror_root
+from stress.oracles.quiescent import QuiescentReport, quiescent_check, teardown_check
 
 EXIT_CLEAN = 0
 EXIT_VIOLATION = 1

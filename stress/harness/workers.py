@@ -26,6 +26,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
+from stress import oracles
 from stress.arena import Arena, Control, Globals, Layout, Slot
 from stress.atomics import DelayInjectingWords, LockAborted, ScheduledWords, Words
 from stress.config import Config
@@ -34,13 +35,16 @@ from stress.model import unsync
 from stress.model.errors import InvariantViolation
 from stress.model.host import init_lpage_info, kvm_mmu_gfn_disallow_lpage
 from stress.model.kvm import Geometry, Kvm, TdxVm, kvm_mem_is_private
-from stress.model.memslot import kvm_set_memory_region_move, srcu_read_lock, srcu_read_unlock
+from stress.model.memslot import srcu_read_lock, srcu_read_unlock
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
-from stress.model.notifier import kvm_vm_set_mem_attributes, mmu_notifier_invalidate_range
+from stress.model.notifier import (
+    kvm_set_memory_region_move,
+    kvm_vm_set_mem_attributes,
+    mmu_notifier_invalidate_range,
+)
 from stress.model.roots import (
     for_each_tdp_mmu_root_yield_safe,
     kvm_mmu_unload,
-    kvm_mmu_zap_all_fast,
 )
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.td import (
@@ -61,6 +65,7 @@ from stress.model.td import (
 from stress.model.tdp_mmu import (
     RET_PF_EMULATE,
     RET_PF_RETRY,
+    kvm_mmu_zap_all_fast,
     kvm_tdp_mmu_clear_dirty_range,
     kvm_tdp_mmu_zap_leafs,
     kvm_tdp_mmu_zap_leafs_roots,
@@ -70,8 +75,9 @@ from stress.model.tdp_mmu import (
     zap_root_types,
 )
 from stress.model.tdx import VP_EPT_VIOLATION, TdxModule
-from stress.model.tlb import guest_access, guest_access_in_mode
+from stress.model.tlb import guest_access_in_mode
 from stress.model.variants import get_variant
+from stress.model.x86 import guest_access
 
 # counters published in the worker's slot (live status, crash forensics)
 STAT_NAMES = (
@@ -120,7 +126,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     geometry = Geometry(root_level=cfg.guest.root_level, n_gfns=cfg.n_gfns, tdx=tdx,
                         private_chunk_shift=(cfg.tdx.private_chunk >> 12).bit_length() - 1)
     variant = get_variant(cfg.run.variant)
-    kvm = Kvm(words, layout, geometry, variant, me, rng)
+    kvm = oracles.attach(Kvm(words, layout, geometry, variant, me, rng))
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
     kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
     kvm.race_window_ns = int(cfg.inject.race_window * 1e9)

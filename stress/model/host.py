@@ -15,6 +15,8 @@ through the mirror root and the S-EPT, shared ones through the direct root.
 
 from __future__ import annotations
 
+import random
+
 from stress.model.kvm import Kvm
 from stress.model.spte import HOST_PFN_BASE
 
@@ -43,13 +45,9 @@ def host_pfn(kvm: Kvm, gfn: int) -> int:
 def host_page_migrate(kvm: Kvm, gfn: int) -> None:
     """The primary MMU replaced the page backing ``gfn``: the old one is freed.
 
-    Oracles first (no leaf maps the page any more: the caller zapped and
-    flushed under mmu_lock): no vCPU's TLB still translates to it, and every D
-    bit set in an SPTE mapping it reached the page (kvm_set_pfn_dirty)."""
-    from stress.model.tlb import check_dirty_propagated, check_no_stale_pfn
-
-    check_no_stale_pfn(kvm, gfn, host_pfn(kvm, gfn))
-    check_dirty_propagated(kvm, gfn)
+    The old page's release is a hook point for the oracles (no leaf maps the
+    page any more: the caller zapped and flushed under mmu_lock)."""
+    kvm.hooks.host_page_release(kvm, gfn, host_pfn(kvm, gfn))
     i = kvm.layout.host_gens + gfn // 8
     shift = 8 * (gfn % 8)
     while True:
@@ -58,12 +56,6 @@ def host_page_migrate(kvm: Kvm, gfn: int) -> None:
         new = (v & ~(0xFF << shift)) | (gen << shift)
         if kvm.w.cmpxchg(i, v, new) == v:
             return
-
-
-def kvm_mem_is_private(kvm: Kvm, gfn: int) -> bool:
-    if not kvm.geometry.tdx:
-        return False
-    return bool(kvm.w.load(kvm.layout.attrs + gfn // 64) >> (gfn % 64) & 1)
 
 
 def kvm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> None:
@@ -141,8 +133,6 @@ def init_lpage_info(kvm: Kvm, huge_fraction: float, seed: int) -> None:
     """At VM creation (no other task yet): which regions the host backs with a
     THP (``huge_fraction`` of them, placed by the seed), which stick out of the
     memslot, which have mixed attributes."""
-    import random
-
     rng = random.Random(f"thp:{seed}")
     n = kvm.geometry.n_gfns
     for r in range((n + KVM_PAGES_PER_2M - 1) // KVM_PAGES_PER_2M):
@@ -205,11 +195,8 @@ def host_invalidation_range(kvm: Kvm, start: int, end: int) -> tuple[int, int]:
 def host_folio_migrate(kvm: Kvm, base: int) -> None:
     """The primary MMU moved the whole THP at ``base`` to a new folio: every gfn
     gets the same, new generation (which also rejoins a split THP)."""
-    from stress.model.tlb import check_dirty_propagated, check_no_stale_pfn
-
-    for gfn in range(base, base + KVM_PAGES_PER_2M):  # the oracles of host_page_migrate
-        check_no_stale_pfn(kvm, gfn, host_pfn(kvm, gfn))
-        check_dirty_propagated(kvm, gfn)
+    for gfn in range(base, base + KVM_PAGES_PER_2M):
+        kvm.hooks.host_page_release(kvm, gfn, host_pfn(kvm, gfn))
     w = kvm.w
     i0 = kvm.layout.host_gens + base // 8
     gen = max(max((w.load(i0 + k) >> (8 * b)) & 0xFF for b in range(8))

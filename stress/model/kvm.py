@@ -15,10 +15,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stress.arena import Globals, Layout, Slot
+from stress.arena import Control, Globals, Layout, Slot
 from stress.atomics import Words
 from stress.model import events
 from stress.model.errors import InvariantViolation
+from stress.model.hooks import NO_HOOKS, Hooks
 from stress.model.rcu import Rcu
 
 if TYPE_CHECKING:
@@ -48,10 +49,19 @@ class TdxVm:
 
 
 def kvm_mem_is_private(kvm: Kvm, gfn: int) -> bool:
-    """KVM_MEMORY_ATTRIBUTE_PRIVATE (see host.py)."""
-    from stress.model.host import kvm_mem_is_private as attr
+    """KVM_MEMORY_ATTRIBUTE_PRIVATE: one bit per gfn in shared memory (the
+    kernel's xarray of memory attributes, see host.py); only a TD has private
+    memory."""
+    if not kvm.geometry.tdx:
+        return False
+    return bool(kvm.w.load(kvm.layout.attrs + gfn // 64) >> (gfn % 64) & 1)
 
-    return attr(kvm, gfn)
+
+class Vcpu:
+    """struct kvm_vcpu, the part the MMU uses: the direct root it holds a reference on."""
+
+    def __init__(self) -> None:
+        self.root: int | None = None
 
 
 class Kvm:
@@ -74,8 +84,8 @@ class Kvm:
         # (root, pfn) of leaves this task zapped since its last remote TLB flush
         self.tlb_unflushed: list[tuple[int, int]] = []
         self.tdx: TdxVm | None = None
-        from stress.model.roots import Vcpu
-
+        # the oracle layer's hook points (stress.oracles attaches; no-ops by default)
+        self.hooks: Hooks = NO_HOOKS
         self.vcpu = Vcpu()  # this task's struct kvm_vcpu (its direct root)
         # nested TDP: gfn -> indirect shadow page that shadows it (unsync.py)
         self.shadowed: dict[int, int] = {}
@@ -98,9 +108,7 @@ class Kvm:
         self.tdx_pending_event_fraction = 0.0
         self.max_fault_retries = 100_000
         self.vcpu_slots: tuple[int, ...] = ()
-        from stress.model.tdp_iter import walk_params
-
-        self.walk_params = walk_params(layout)  # for Words.tdp_walk
+        self.walk_params: Any = None  # for Words.tdp_walk, built by tdp_iter at first use
 
     # -- mmu_lock ----------------------------------------------------------------
     def read_lock(self) -> None:
@@ -149,3 +157,15 @@ class Kvm:
         details.setdefault("worker", self.me)
         details.setdefault("pid", self.pid)
         raise InvariantViolation(invariant, message, **details)
+
+
+def vm_dead(kvm: Kvm) -> bool:
+    """kvm_vm_dead was called (KVM_BUG_ON, or the TD was killed)."""
+    return bool(kvm.w.load(kvm.layout.glob(Globals.VM_DEAD)))
+
+
+def signal_pending(kvm: Kvm) -> bool:
+    """The task was asked to stop (the harness's STOP or ABORT): what a signal
+    is to an ioctl's retry loop."""
+    w = kvm.w
+    return bool(w.load(w.abort_i) or w.load(kvm.layout.ctl(Control.STOP)))

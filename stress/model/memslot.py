@@ -18,6 +18,7 @@ that stays longer is named with where it is (a liveness finding, not a hang).
 from __future__ import annotations
 
 from stress.arena import Globals, Slot
+from stress.atomics import LockAborted
 from stress.model.kvm import Kvm
 
 SRCU_STALL_ROUNDS = 2000  # rounds of synchronize_srcu's wait (a relax and 50 us each)
@@ -44,8 +45,6 @@ def synchronize_srcu(kvm: Kvm) -> None:
         if not waiting:
             return
         if w.load(w.abort_i):
-            from stress.atomics import LockAborted
-
             raise LockAborted("synchronize_srcu")
         w.relax()
         w.pause(0.00005)
@@ -65,38 +64,3 @@ def memslot_invalid(kvm: Kvm, gfn: int) -> bool:
     end = w.load(lay.glob(Globals.MEMSLOT_INVALID_END))
     return bool(end) and w.load(lay.glob(Globals.MEMSLOT_INVALID_START)) <= gfn < end
 
-
-def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
-    """KVM_SET_USER_MEMORY_REGION2 moving the slot of [start, end) (its memory
-    replaced, with the guest's consent for the private part): install it
-    invalid, synchronize_srcu, zap it in every root (write lock), replace the
-    pages, install the new slot.  Returns the entries zapped."""
-    from stress.model.host import host_page_migrate
-    from stress.model.notifier import kvm_unmap_gfn_range
-    from stress.model.roots import KVM_ALL_ROOTS
-    from stress.model.td import guest_release_private
-
-    w, lay = kvm.w, kvm.layout
-    slots_i = lay.glob(Globals.SLOTS_LOCK)
-    w.spin_lock(slots_i, kvm.pid)
-    try:
-        if kvm.geometry.tdx:
-            guest_release_private(kvm, start, end)
-        w.store(lay.glob(Globals.MEMSLOT_INVALID_START), start)
-        w.store(lay.glob(Globals.MEMSLOT_INVALID_END), end)
-        try:
-            synchronize_srcu(kvm)  # kvm_swap_active_memslots
-            kvm.write_lock()  # kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot
-            try:
-                n = kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
-            finally:
-                kvm.write_unlock()
-            for gfn in range(start, end):  # the slot's new memory
-                host_page_migrate(kvm, gfn)
-        finally:
-            w.store(lay.glob(Globals.MEMSLOT_INVALID_END), 0)
-        synchronize_srcu(kvm)  # the new slot is installed
-    finally:
-        w.spin_unlock(slots_i)
-    kvm.stats["memslot_moves"] += 1
-    return n

@@ -56,14 +56,21 @@ from stress.model.spte import (
     spte_to_child_pt,
     spte_to_pfn,
 )
+from stress.model.tdp_mmu import (
+    __handle_changed_spte,
+    handle_changed_spte,
+    kvm_tdp_mmu_map_private_pfn,
+)
 from stress.model.tdx import (
     CALLER_NAMES,
     TD_STATE_RUNNABLE,
+    TDX_EPT_ENTRY_STATE_INCORRECT,
     TDX_SUCCESS,
     describe_sept,
     error_name,
     tdx_operand_busy,
 )
+from stress.model.tlb import kvm_make_all_cpus_request
 
 EBUSY = 16
 EIO = 5
@@ -188,8 +195,6 @@ def tdh_do_no_vcpus(kvm: Kvm, name: str, call: SeamcallFn, *args: int) -> int:
     KVM_REQ_OUTSIDE_GUEST_MODE kicks every vCPU in it out and waits, so the
     retry meets no other caller and cannot be BUSY.
     """
-    from stress.model.tlb import kvm_make_all_cpus_request
-
     kvm.lockdep_assert_held_write()
     err = seamcall(kvm, name, call, *args)
     if tdx_operand_busy(err):
@@ -208,8 +213,6 @@ def tdx_track(kvm: Kvm) -> None:
     """TDH.MEM.TRACK, then force every vCPU out of the TD once, so none runs with
     the old epoch and the next TRACK can succeed.  The pair must be serialised
     (a TRACK fails while the previous epoch is still in use): write lock."""
-    from stress.model.tlb import kvm_make_all_cpus_request
-
     if td_state(kvm) != TD_STATE_RUNNABLE:  # before any vCPU ran
         return
     kvm.lockdep_assert_held_write()
@@ -428,8 +431,6 @@ def _freeze(kvm: Kvm, it) -> bool:  # noqa: ANN001
 
 
 def _publish(kvm: Kvm, it, old: int, new_spte: int) -> None:  # noqa: ANN001
-    from stress.model.tdp_mmu import handle_changed_spte
-
     _write_frozen(kvm, it, new_spte)
     it.old_spte = new_spte
     handle_changed_spte(kvm, it.gfn, old, new_spte, it.level, shared=True, mirror=True,
@@ -448,8 +449,6 @@ def set_mirror_spte_frozen(kvm: Kvm, it, new_spte: int) -> int:  # noqa: ANN001
     check of its own for an atomic zap of a mirror SPTE any more: TDX's hook
     asserts the write lock for removals (tdx_sept_remove_leaf_spte).
     """
-    from stress.model.tdp_mmu import __handle_changed_spte
-
     old = it.old_spte
     if not _freeze(kvm, it):
         return -EBUSY
@@ -504,8 +503,6 @@ def set_mirror_spte_then_seamcall(kvm: Kvm, it, new_spte: int) -> int:  # noqa: 
     cmpxchg, then issue the SEAMCALL.  Between the two, another task acts on a
     mirror value the S-EPT does not have yet (it walks into a table the S-EPT
     lacks and AUGs under a missing parent)."""
-    from stress.model.tdp_mmu import handle_changed_spte
-
     _check_transition(kvm, it, new_spte)
     old = it.old_spte
     found = kvm.w.cmpxchg(it.sptep, old, new_spte)
@@ -571,8 +568,6 @@ def proposal_track(kvm: Kvm) -> None:
     """TRACK (retried while BUSY) and the kick, with mmu_lock held for read:
     two removals may track at once, so a TRACK may find the previous epoch
     still in use and is retried after the other's kick."""
-    from stress.model.tlb import kvm_make_all_cpus_request
-
     assert kvm.tdx is not None
     m = kvm.tdx.module
     for _ in range(MUST_SUCCEED_TRIES):
@@ -644,8 +639,6 @@ def set_mirror_spte_frozen_zap_shared(kvm: Kvm, it, new_spte: int) -> int:  # no
     removes it from the S-EPT (a leaf: BLOCK may be unwound on BUSY; a table:
     its sub-tree through handle_removed_pt in shared mode) and only then
     publishes non-present, so no fault can AUG or SEPT.ADD over the old entry."""
-    from stress.model.tdp_mmu import handle_changed_spte
-
     if is_shadow_present_pte(new_spte):
         return set_mirror_spte_frozen(kvm, it, new_spte)
     old = it.old_spte
@@ -697,8 +690,6 @@ def tdx_sept_remove_private_spte_v616(kvm: Kvm, gfn: int, level: int, old_spte: 
     premap case: a page mapped in the mirror but not yet ADDed is not in the
     S-EPT, BLOCK says ENTRY_STATE_INCORRECT and only nr_premapped drops), then
     tdx_track and tdx_sept_drop_private_spte (PAGE.REMOVE)."""
-    from stress.model.tdx import TDX_EPT_ENTRY_STATE_INCORRECT
-
     kvm.lockdep_assert_held_write()
     assert kvm.tdx is not None
     m = kvm.tdx.module
@@ -745,8 +736,6 @@ def map_initial_page_premap(kvm: Kvm, gfn: int, pfn: int) -> int:
     only counts it), drop mmu_lock, then TDH.MEM.PAGE.ADD; nr_premapped drops
     once the page is in the S-EPT.  A BUSY PAGE.ADD leaves the mirror entry
     premapped and the ioctl fails with -EBUSY."""
-    from stress.model.tdp_mmu import kvm_tdp_mmu_map_private_pfn
-
     assert kvm.tdx is not None
     r = kvm_tdp_mmu_map_private_pfn(kvm, gfn, pfn)
     if r:

@@ -26,7 +26,6 @@ from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
     SHADOW_NONPRESENT_VALUE,
-    SPTE_MMU_PRESENT_MASK,
     describe,
 )
 
@@ -131,27 +130,17 @@ def tdp_mmu_free_sp(kvm: Kvm, page: int) -> None:
 
 
 def tdp_mmu_free_sp_rcu_callback(kvm: Kvm, page: int) -> None:
-    """The RCU callback: the grace period has ended, nobody can reach the page.
-
-    Oracles: no vCPU's paging-structure cache still holds the page (see
-    tlb.py); a removed table's entries were all frozen (shared mode) or left
-    non-present (exclusive mode) by handle_removed_pt, and nothing may write a
-    frozen entry.  A present entry here was installed into the table after it
-    was removed: a mapping (or a whole sub-tree) no zap or invalidation can
-    ever find again.
-    """
-    from stress.model.tlb import check_no_stale_table
-
-    lay = kvm.layout
-    check_no_stale_table(kvm, page)
-    i = kvm.w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
-    if i >= 0:
-        kvm.bug("SPTE installed in removed table",
-                "a present entry was written into a page table after handle_removed_pt "
-                "unlinked it: the mapping is leaked and invisible to zaps",
-                **removed_entry_details(kvm, page, i))
+    """The RCU callback: the grace period has ended, nobody can reach the page
+    (a hook point for the oracles: nothing may still reach or fill it)."""
+    kvm.hooks.sp_free(kvm, page)
     tdp_mmu_free_sp(kvm, page)
     kvm.stats["tables_freed"] += 1
+
+
+def call_rcu_free_sp(kvm: Kvm, pt: int) -> None:
+    """call_rcu(&sp->rcu_head, tdp_mmu_free_sp_rcu_callback)."""
+    e = kvm.rcu.call_rcu(pt)
+    kvm.w.store(kvm.layout.sp(pt, SpMeta.RCU_EPOCH), e)
 
 
 def removed_entry_details(kvm: Kvm, page: int, i: int) -> dict[str, Any]:

@@ -24,26 +24,37 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from stress.arena import Globals, Slot, SpMeta
+from stress.arena import Globals, Slot
 from stress.model import events
+from stress.model.guest import guest_release_private
 from stress.model.host import (
     KVM_LPAGE_MIXED_FLAG,
     KVM_PAGES_PER_2M,
-    host_folio_intact,
     host_invalidation_range,
-    host_page_gen,
     host_page_migrate,
     host_pages_replace,
     host_pfn,
     hugepage_has_uniform_attrs,
-    kvm_mem_is_private,
     kvm_set_mem_attributes,
     lpage_info_i,
-    pfn_gfn_gen,
 )
-from stress.model.kvm import Kvm
-from stress.model.mmu_page import ROLE_MIRROR
-from stress.model.spte import describe, is_last_spte, is_shadow_present_pte, spte_to_pfn
+from stress.model.kvm import Kvm, kvm_mem_is_private
+from stress.model.memslot import synchronize_srcu
+from stress.model.roots import (
+    KVM_ALL_ROOTS,
+    KVM_DIRECT_ROOTS,
+    KVM_INVALID_ROOTS,
+    KVM_MIRROR_ROOTS,
+    for_each_tdp_mmu_root_yield_safe,
+)
+from stress.model.spte import (
+    PG_LEVEL_2M,
+)
+from stress.model.tdp_mmu import (
+    kvm_tdp_mmu_zap_leafs_roots,
+    tdp_mmu_zap_leafs_atomic,
+    tdp_mmu_zap_range_at_level,
+)
 
 INVALID_GFN = (1 << 64) - 1
 
@@ -156,45 +167,10 @@ def faultin_pfn_then_seq(kvm: Kvm, gfn: int) -> tuple[int, int]:
 # the invalidation side
 # ---------------------------------------------------------------------------
 
-def check_range_current(kvm: Kvm, start: int, end: int) -> None:
-    """Oracle, with mmu_lock held for write: every leaf mapping a gfn of the range
-    maps the page that backs it now.  An older generation is a page already
-    freed by a completed invalidation: a stale mapping.  A 2M leaf maps one
-    folio: every gfn of its region must still be backed by it."""
-    from stress.model.roots import KVM_ALL_ROOTS, for_each_tdp_mmu_root_yield_safe
-    from stress.model.tdp_iter import TdpIter
-
-    kvm.lockdep_assert_held_write()
-    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
-        kvm.rcu.rcu_read_lock()
-        try:
-            it = TdpIter(kvm, root, kvm.geometry.root_level, start)
-            while it.in_range(end):
-                v = it.old_spte
-                if is_shadow_present_pte(v) and is_last_spte(v, it.level):
-                    gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
-                    now = host_page_gen(kvm, it.gfn)
-                    if gfn == it.gfn and it.level > 1 and not host_folio_intact(kvm, gfn):
-                        now = -1  # part of the folio was replaced under the 2M leaf
-                    if gfn == it.gfn and gen != now:
-                        mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
-                        kvm.bug("stale mapping after invalidate_end",
-                                "a leaf maps a host page that a completed invalidation "
-                                "freed (it was installed after the zap)",
-                                gfn=it.gfn, entry=describe(v), mapped_gen=gen, current_gen=now,
-                                mirror=mirror)
-                it.next()
-        finally:
-            kvm.rcu.rcu_read_unlock()
-
-
 def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int) -> int:
     """Zap [start, end) in every root of ``types`` (write lock; the mirror through
     the S-EPT removal path).  Under the mirror-zap-shared proposal the mirror
     part is left to :func:`unmap_mirror_shared`, after the write lock."""
-    from stress.model.roots import KVM_MIRROR_ROOTS
-    from stress.model.tdp_mmu import kvm_tdp_mmu_zap_leafs_roots
-
     kvm.lockdep_assert_held_write()
     if kvm.variant.mirror_shared_zaps:
         types &= ~KVM_MIRROR_ROOTS
@@ -206,10 +182,6 @@ def unmap_mirror_shared(kvm: Kvm, start: int, end: int, types: int) -> int:
     under the write lock), zap the mirror's part of [start, end) with mmu_lock
     held for read: the 2M tables wholly inside the range with their sub-trees,
     the other leaves one by one.  Upstream does all of it under the write lock."""
-    from stress.model.roots import KVM_MIRROR_ROOTS, for_each_tdp_mmu_root_yield_safe
-    from stress.model.spte import PG_LEVEL_2M
-    from stress.model.tdp_mmu import tdp_mmu_zap_leafs_atomic, tdp_mmu_zap_range_at_level
-
     if not kvm.variant.mirror_shared_zaps or not types & KVM_MIRROR_ROOTS:
         return 0
     n = 0
@@ -239,23 +211,14 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
     the mirror roots (KVM_FILTER_PRIVATE) through the S-EPT removal path.  Only
     the pages of that kind are replaced.  None (a VM without TDX): every root.
     """
-    from stress.model.roots import (
-        KVM_ALL_ROOTS,
-        KVM_DIRECT_ROOTS,
-        KVM_INVALID_ROOTS,
-        KVM_MIRROR_ROOTS,
-    )
-
     start, end = host_invalidation_range(kvm, start, end)
     types = {None: KVM_ALL_ROOTS, "shared": KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS,
              "private": KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS}[attr_filter]
     if attr_filter == "private":
-        from stress.model.td import guest_release_private
-
         guest_release_private(kvm, start, end)
     kvm.write_lock()
     try:
-        check_range_current(kvm, start, end)
+        kvm.hooks.invalidate_range_start(kvm, start, end)
         kvm_mmu_invalidate_begin(kvm)
         kvm_mmu_invalidate_range_add(kvm, start, end)
         kvm.w.trace(events.INVALIDATE, start, end, 0)
@@ -285,7 +248,7 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
     replacing part of a THP splits it."""
     kvm.write_lock()
     try:
-        check_range_current(kvm, start, end)
+        kvm.hooks.invalidate_range_start(kvm, start, end)
         kvm_mmu_invalidate_begin(kvm)
         kvm_mmu_invalidate_range_add(kvm, start, end)
         kvm.variant.pre_set_range_add(kvm, start, end)  # kvm_arch_pre_set_memory_attributes
@@ -295,8 +258,6 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
     finally:
         kvm.write_unlock()
     if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
-        from stress.model.roots import KVM_MIRROR_ROOTS
-
         kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, KVM_MIRROR_ROOTS)
     kvm_set_mem_attributes(kvm, start, end, private)
     try:
@@ -375,8 +336,6 @@ def range_add_exact(kvm: Kvm, start: int, end: int) -> None:
 def pre_set_zap_old_owner(kvm: Kvm, start: int, end: int, private: bool) -> int:
     """kvm_arch_pre_set_memory_attributes (fixed): to private, zap the direct
     root's (shared) mappings; to shared, the mirror's (private) ones."""
-    from stress.model.roots import KVM_DIRECT_ROOTS, KVM_INVALID_ROOTS, KVM_MIRROR_ROOTS
-
     types = (KVM_DIRECT_ROOTS if private else KVM_MIRROR_ROOTS) | KVM_INVALID_ROOTS
     return kvm_unmap_gfn_range(kvm, start, end, types)
 
@@ -384,10 +343,39 @@ def pre_set_zap_old_owner(kvm: Kvm, start: int, end: int, private: bool) -> int:
 def pre_set_zap_direct_only(kvm: Kvm, start: int, end: int, private: bool) -> int:
     """Buggy: a conversion zaps only the direct root, so a private -> shared flip
     leaves the mirror (and the S-EPT) mapping a gfn that is now shared."""
-    from stress.model.roots import KVM_DIRECT_ROOTS, KVM_INVALID_ROOTS
-
     return kvm_unmap_gfn_range(kvm, start, end, KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS)
 
 
 def is_private_gfn(kvm: Kvm, gfn: int) -> bool:
     return kvm_mem_is_private(kvm, gfn)
+
+
+def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
+    """KVM_SET_USER_MEMORY_REGION2 moving the slot of [start, end) (its memory
+    replaced, with the guest's consent for the private part): install it
+    invalid, synchronize_srcu, zap it in every root (write lock), replace the
+    pages, install the new slot.  Returns the entries zapped."""
+    w, lay = kvm.w, kvm.layout
+    slots_i = lay.glob(Globals.SLOTS_LOCK)
+    w.spin_lock(slots_i, kvm.pid)
+    try:
+        if kvm.geometry.tdx:
+            guest_release_private(kvm, start, end)
+        w.store(lay.glob(Globals.MEMSLOT_INVALID_START), start)
+        w.store(lay.glob(Globals.MEMSLOT_INVALID_END), end)
+        try:
+            synchronize_srcu(kvm)  # kvm_swap_active_memslots
+            kvm.write_lock()  # kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot
+            try:
+                n = kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
+            finally:
+                kvm.write_unlock()
+            for gfn in range(start, end):  # the slot's new memory
+                host_page_migrate(kvm, gfn)
+        finally:
+            w.store(lay.glob(Globals.MEMSLOT_INVALID_END), 0)
+        synchronize_srcu(kvm)  # the new slot is installed
+    finally:
+        w.spin_unlock(slots_i)
+    kvm.stats["memslot_moves"] += 1
+    return n

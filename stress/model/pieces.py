@@ -12,20 +12,19 @@ which function of the model is the upstream piece.
 The parameters are positional-only (``/``): a replacement may name them as it
 likes; the model always passes them by position.
 
-This module imports nothing from the model at run time (only for type
-checking), so any model module may import it without a cycle.
+Only variants.py imports it; it sits above kvm.py and tdp_iter.py, whose
+types it names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from stress.model.kvm import Kvm
-    from stress.model.tdp_iter import TdpIter
+from stress.model.kvm import Kvm
+from stress.model.tdp_iter import TdpIter
 
-    SeamcallFn = Callable[..., int]
+SeamcallFn = Callable[..., int]
 
 
 # ---------------------------------------------------------------------------

@@ -34,28 +34,23 @@ from collections.abc import Iterator
 
 from stress.arena import MAX_ROOTS, Globals, SpMeta
 from stress.model import events
-from stress.model.kvm import LOCK_READ, Kvm
+from stress.model.kvm import Kvm, Vcpu
 from stress.model.mmu_page import (
     ROLE_INVALID,
     ROLE_MIRROR,
     SP_LINKED,
     SP_REMOVED,
+    call_rcu_free_sp,
     tdp_mmu_alloc_sp,
     tdp_mmu_init_sp,
 )
+from stress.model.tlb import kvm_vcpu_flush_tlb_all
 
 KVM_INVALID_ROOTS = 1
 KVM_DIRECT_ROOTS = 2
 KVM_MIRROR_ROOTS = 4
 KVM_VALID_ROOTS = KVM_DIRECT_ROOTS | KVM_MIRROR_ROOTS
 KVM_ALL_ROOTS = KVM_VALID_ROOTS | KVM_INVALID_ROOTS
-
-
-class Vcpu:
-    """struct kvm_vcpu, the part the MMU uses: the direct root it holds a reference on."""
-
-    def __init__(self) -> None:
-        self.root: int | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -231,8 +226,6 @@ def tdp_mmu_free_root(kvm: Kvm, root: int) -> None:
     finally:
         tdp_mmu_pages_unlock(kvm)
     kvm.stats["roots_freed"] += 1
-    from stress.model.tdp_mmu import call_rcu_free_sp
-
     kvm.w.store(kvm.layout.sp(root, SpMeta.STATE), SP_REMOVED)  # awaiting RCU
     call_rcu_free_sp(kvm, root)
 
@@ -248,44 +241,9 @@ def put_root_final(kvm: Kvm, root: int) -> None:
     tdp_mmu_free_root(kvm, root)
 
 
-def _xchg_invalid(kvm: Kvm, root: int) -> bool:
+def root_xchg_invalid(kvm: Kvm, root: int) -> bool:
     """xchg(&root->role.invalid, true): True if it was invalid already."""
     return bool(kvm.w.fetch_or(kvm.layout.sp(root, SpMeta.ROLE), ROLE_INVALID) & ROLE_INVALID)
-
-
-def _zap_defunct(kvm: Kvm, root: int) -> None:
-    tdp_mmu_zap_root(kvm, root, shared=kvm.lock_mode == LOCK_READ)
-
-
-def put_root_resurrect(kvm: Kvm, root: int) -> None:
-    """Seed 001, Paolo's version (v4 of the 2022 overhaul): on the last put of a
-    valid root, mark it invalid with xchg, set the count back to 1, zap it
-    with yielding, then put again.  Other tasks may take references while the
-    zap yields; the count went 0 -> 1 (counted as a warning)."""
-    if not refcount_dec_and_test(kvm, root):
-        return
-    if not _xchg_invalid(kvm, root):
-        refcount_set(kvm, root, 1)
-        _zap_defunct(kvm, root)
-        if not refcount_dec_and_test(kvm, root):
-            return
-    tdp_mmu_free_root(kvm, root)
-
-
-def put_root_dec_not_one(kvm: Kvm, root: int) -> None:
-    """Seed 001, Sean's version: refcount_dec_not_one, xchg, zap with yielding,
-    dec_not_one again, then force the count to 0 and free.  Between the
-    dec_not_one that saw 1 and the forced 0, another task can take a reference
-    (a get runs under the read lock since v6.9): it is wiped out."""
-    if refcount_dec_not_one(kvm, root):
-        return
-    if not _xchg_invalid(kvm, root):
-        _zap_defunct(kvm, root)
-        if refcount_dec_not_one(kvm, root):
-            return
-    kvm.w.spin_ns(kvm.race_window_ns)  # the gap a get can fall into
-    refcount_set(kvm, root, 0)
-    tdp_mmu_free_root(kvm, root)
 
 
 def put_root_force_zero(kvm: Kvm, root: int) -> None:
@@ -303,20 +261,6 @@ def put_root_force_zero(kvm: Kvm, root: int) -> None:
     tdp_mmu_free_root(kvm, root)
 
 
-def zap_invalidated_roots_double_put(kvm: Kvm, shared: bool) -> None:
-    """Buggy (the 2022 overhaul's iterations: efd995dae5eb, 22b94c4b63eb, edbdb43fc96b): the
-    zap path gives the TDP MMU's reference back for every invalid root it visits, not only
-    the ones this invalidation scheduled, so a root zapped by an earlier pass loses a
-    reference it no longer had: it is freed while vCPUs still hold it."""
-    lay = kvm.layout
-    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
-        if not is_root_invalid(kvm, root):
-            continue
-        if kvm.w.xchg(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0):
-            tdp_mmu_zap_root(kvm, root, shared)
-        kvm_tdp_mmu_put_root(kvm, root)
-
-
 def kvm_tdp_mmu_alloc_root(kvm: Kvm, mirror: bool = False) -> int:
     """Find a valid root with the wanted role and take a reference, or allocate one.
 
@@ -332,9 +276,6 @@ def kvm_tdp_mmu_alloc_root(kvm: Kvm, mirror: bool = False) -> int:
         try:
             for root in listed_roots(kvm):
                 if tdp_mmu_root_match(kvm, root, types) and kvm_tdp_mmu_get_root(kvm, root):
-                    if is_root_invalid(kvm, root):
-                        kvm.bug("invalid root handed to a vCPU",
-                                "kvm_tdp_mmu_alloc_root returned an invalid root", root=root)
                     return root
             if attempt:
                 return _new_root(kvm, mirror)
@@ -373,6 +314,7 @@ def kvm_mmu_reload(kvm: Kvm, vcpu: Vcpu) -> None:
         kvm.read_lock()
         try:
             vcpu.root = kvm_tdp_mmu_alloc_root(kvm)
+            kvm.hooks.root_loaded(kvm, vcpu.root)
         finally:
             kvm.read_unlock()
 
@@ -383,8 +325,6 @@ def kvm_mmu_unload(kvm: Kvm, vcpu: Vcpu) -> None:
     The vCPU's TLB entries of the root die with it: KVM flushes the TLB when it
     next loads a root (kvm_mmu_load), and the guest cannot run in between, so
     the model empties the TLB here, where the oracles can see it."""
-    from stress.model.tlb import kvm_vcpu_flush_tlb_all
-
     if vcpu.root is None:
         return
     kvm_vcpu_flush_tlb_all(kvm)
@@ -417,74 +357,6 @@ def kvm_tdp_mmu_invalidate_roots(kvm: Kvm, types: int) -> int:
         kvm.w.fetch_or(lay.sp(root, SpMeta.ROLE), ROLE_INVALID)
         n += 1
     return n
-
-
-def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
-    """Zap a whole (invalid) root, 4K leaves first then the top level, yielding.
-
-    Oracle: an invalid root is zapped once; zapping it again means some path
-    re-zaps invalid roots, which the 2022 thread warns "would put KVM into an
-    infinite loop".
-    """
-    from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_4K
-    from stress.model.tdp_mmu import tdp_mmu_zap_range_at_level
-
-    zaps = kvm.w.fetch_add(kvm.layout.sp(root, SpMeta.ROOT_ZAPS), 1) + 1
-    if zaps > 1:
-        kvm.bug("invalid root re-zapped", f"tdp_mmu_zap_root ran {zaps} times on one root",
-                root=root)
-    top = kvm.geometry.root_level
-    end = KVM_PAGES_PER_HPAGE(top + 1)
-    for level in (PG_LEVEL_4K, top):
-        # no TLB flush: the root is invalid and every vCPU was made to drop it
-        # (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before it runs the guest again
-        tdp_mmu_zap_range_at_level(kvm, root, 0, end, level, shared, may_yield=True,
-                                   flush_tlb=False)
-    kvm.stats["root_zaps"] += 1
-
-
-def zap_invalidated_roots_final(kvm: Kvm, shared: bool) -> None:
-    """kvm_tdp_mmu_zap_invalidated_roots: zap each root scheduled by the
-    invalidation, then put the TDP MMU's reference (gifted at allocation, or
-    taken at invalidation), exactly once."""
-    lay = kvm.layout
-    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
-        if not kvm.w.load(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP)):
-            continue
-        kvm.w.store(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0)
-        if not is_root_invalid(kvm, root):
-            kvm.bug("scheduled root is valid", "KVM_BUG_ON(!root->role.invalid)", root=root)
-        # the reference must be put after zapping: the root has to stay reachable
-        # by mmu_notifier callbacks while it is being zapped
-        tdp_mmu_zap_root(kvm, root, shared)
-        kvm_tdp_mmu_put_root(kvm, root)
-
-
-def kvm_mmu_zap_all_fast(kvm: Kvm) -> None:
-    """Memslot update: invalidate every direct root (write lock), then zap them
-    (read lock, yielding).  kvm->slots_lock serialises callers."""
-    from stress.model.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_make_all_cpus_request
-
-    slots_i = kvm.layout.glob(Globals.SLOTS_LOCK)
-    kvm.w.spin_lock(slots_i, kvm.pid)
-    try:
-        kvm.write_lock()
-        try:
-            kvm.stats["roots_invalidated"] += kvm_tdp_mmu_invalidate_roots(kvm,
-                                                                            KVM_DIRECT_ROOTS)
-            # every vCPU leaves guest mode and drops its obsolete root before it
-            # runs the guest again: the invalid roots are zapped without a flush
-            kvm_make_all_cpus_request(kvm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
-        finally:
-            kvm.write_unlock()
-        kvm.read_lock()
-        try:
-            kvm.variant.zap_invalidated_roots(kvm, True)
-        finally:
-            kvm.read_unlock()
-    finally:
-        kvm.w.spin_unlock(slots_i)
-    kvm.stats["fast_zaps"] += 1
 
 
 def tdp_mmu_yield(kvm: Kvm) -> None:

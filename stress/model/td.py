@@ -23,10 +23,17 @@ that EPT violation as fatal (``kvm_vm_dead``), as upstream does.
 
 from __future__ import annotations
 
-from stress.arena import Control, Globals, Slot
+from stress.arena import Globals, Slot
 from stress.model import events
-from stress.model.host import host_page_gen, host_pfn, kvm_mem_is_private
-from stress.model.kvm import Kvm
+from stress.model.guest import (
+    accepted_index,
+    guest_accepted,
+    guest_mark_accepted,
+    guest_release_private,
+)
+from stress.model.host import host_page_gen, host_pfn
+from stress.model.kvm import Kvm, kvm_mem_is_private, signal_pending, vm_dead
+from stress.model.memslot import memslot_invalid, srcu_read_lock, srcu_read_unlock
 from stress.model.mirror import (
     KVM_BUG_ON,
     TDX_BUG_ON,
@@ -36,6 +43,8 @@ from stress.model.mirror import (
     seamcall,
     td_state,
 )
+from stress.model.notifier import kvm_vm_set_mem_attributes
+from stress.model.tdp_mmu import RET_PF_EXIT, RET_PF_RETRY, kvm_tdp_page_fault
 from stress.model.tdx import (
     CALLER_NAMES,
     SEPT_MAPPED,
@@ -49,6 +58,7 @@ from stress.model.tdx import (
     describe_sept,
     tdx_operand_busy,
 )
+from stress.model.x86 import vcpu_enter_guest, vcpu_exit_guest
 
 EINTR, EIO, EBUSY, EOPNOTSUPP = 4, 5, 16, 95
 # tdx_vcpu_run's outcomes here
@@ -60,17 +70,6 @@ TDX_MAP_GPA_MAX_LEN = 512  # gfns (2 MiB): MapGPA exits to userspace in chunks t
 
 def _g(kvm: Kvm, off: int) -> int:
     return kvm.layout.glob(off)
-
-
-def vm_dead(kvm: Kvm) -> bool:
-    return bool(kvm.w.load(_g(kvm, Globals.VM_DEAD)))
-
-
-def signal_pending(kvm: Kvm) -> bool:
-    """The task was asked to stop (the harness's STOP or ABORT): what a signal
-    is to an ioctl's retry loop."""
-    w = kvm.w
-    return bool(w.load(w.abort_i) or w.load(kvm.layout.ctl(Control.STOP)))
 
 
 # ---------------------------------------------------------------------------
@@ -87,8 +86,6 @@ def tdx_vcpu_run(kvm: Kvm, rip: int | None, fault_gfn: int | None) -> int:
     :func:`td_exit`), VP_EPT_VIOLATION (the module synthesized the EPT
     violation again without entering) or EXIT_FASTPATH_EXIT_HANDLED.
     """
-    from stress.model.tlb import vcpu_enter_guest, vcpu_exit_guest
-
     assert kvm.tdx is not None
     vcpu_enter_guest(kvm)  # IN_GUEST_MODE (smp_store_mb), then the requests
     # wait until a SEPT-zap SEAMCALL's retry completes before entering (the flag
@@ -116,8 +113,6 @@ def tdx_vcpu_run(kvm: Kvm, rip: int | None, fault_gfn: int | None) -> int:
 
 def td_exit(kvm: Kvm) -> None:
     """A TD exit: the module drops the vCPU's hold on the TDR and its epoch."""
-    from stress.model.tlb import vcpu_exit_guest
-
     assert kvm.tdx is not None
     kvm.tdx.module.td_exit(kvm.me)
     vcpu_exit_guest(kvm)
@@ -128,19 +123,6 @@ def td_exit(kvm: Kvm) -> None:
 # ---------------------------------------------------------------------------
 
 GUEST_OK, GUEST_EPT_VIOLATION, GUEST_PENDING_VIOLATION = 0, 1, 2
-
-
-def _accepted_i(kvm: Kvm, gfn: int) -> int:
-    return kvm.layout.accepted + gfn
-
-
-def guest_accepted(kvm: Kvm, gfn: int) -> bool:
-    """The guest accepted the host page that backs ``gfn`` now."""
-    return kvm.w.load(_accepted_i(kvm, gfn)) == host_page_gen(kvm, gfn) + 1
-
-
-def guest_mark_accepted(kvm: Kvm, gfn: int, gen: int) -> None:
-    kvm.w.store(_accepted_i(kvm, gfn), gen + 1)
 
 
 def tdg_mem_page_accept(kvm: Kvm, gfn: int) -> int:
@@ -167,7 +149,7 @@ def td_guest_access_private(kvm: Kvm, gfn: int) -> int:
     assert kvm.tdx is not None
     m = kvm.tdx.module
     gen = host_page_gen(kvm, gfn)
-    if kvm.w.load(_accepted_i(kvm, gfn)) != gen + 1:
+    if kvm.w.load(accepted_index(kvm, gfn)) != gen + 1:
         r = tdg_mem_page_accept(kvm, gfn)
         if r in (TDX_SUCCESS, TDX_PAGE_ALREADY_ACCEPTED):
             guest_mark_accepted(kvm, gfn, gen)
@@ -213,8 +195,6 @@ def tdx_handle_ept_violation(kvm: Kvm, gfn: int, write: bool, how: int) -> int:
     without entering the guest, while it returns RET_PF_RETRY, until success,
     a pending event or signal, KVM_REQ_VM_DEAD (-EIO) or an invalid memslot
     (none is ever deleted here); a shared fault is handled once."""
-    from stress.model.tdp_mmu import RET_PF_RETRY, kvm_tdp_page_fault
-
     tdx_is_sept_violation_unexpected_pending(kvm, gfn, how)
     private = kvm_mem_is_private(kvm, gfn)
     tries = 0
@@ -239,8 +219,6 @@ def local_retry_exits(kvm: Kvm, gfn: int, tries: int) -> bool:
     signal is pending, or the gfn's memslot is being moved (2bc2694fe20b "KVM:
     TDX: Do not retry locally when the retry is caused by invalid memslot": the
     move waits for this task to leave kvm->srcu).  False: leave the loop."""
-    from stress.model.memslot import memslot_invalid
-
     if memslot_invalid(kvm, gfn):
         kvm.stats["local_retry_exits"] += 1
         return False
@@ -371,8 +349,6 @@ def kvm_tdp_map_page(kvm: Kvm, gfn: int, addr_direct: bool, private: bool) -> in
     """kvm_tdp_page_prefault's retry loop (KVM_PRE_FAULT_MEMORY): fault the gfn
     in, never entering the guest, until it is mapped, a signal, or the VM is
     dead."""
-    from stress.model.tdp_mmu import RET_PF_EXIT, RET_PF_RETRY, kvm_tdp_page_fault
-
     while True:
         if signal_pending(kvm):
             return -EINTR
@@ -391,8 +367,6 @@ def kvm_tdp_map_page(kvm: Kvm, gfn: int, addr_direct: bool, private: bool) -> in
 def kvm_arch_vcpu_pre_fault_memory(kvm: Kvm, start: int, end: int) -> int:
     """KVM_PRE_FAULT_MEMORY on [start, end): refused until the TD is finalized;
     the gpa carries the shared bit for shared gfns (kvm_gfn_direct_bits)."""
-    from stress.model.memslot import srcu_read_lock, srcu_read_unlock
-
     if kvm.geometry.tdx and not kvm.w.load(_g(kvm, Globals.PRE_FAULT_ALLOWED)):
         return -EOPNOTSUPP
     for gfn in range(start, end):
@@ -426,21 +400,12 @@ def prefault_gpa_without_direct_bits(kvm: Kvm, gfn: int) -> bool:
 # MapGPA: the guest converts memory (TDVMCALL -> userspace -> attributes)
 # ---------------------------------------------------------------------------
 
-def guest_release_private(kvm: Kvm, start: int, end: int) -> None:
-    """The guest stops using [start, end) as private memory before it asks the
-    host to convert it (or agrees to a punch-hole): forget the acceptances."""
-    for gfn in range(start, end):
-        kvm.w.store(_accepted_i(kvm, gfn), 0)
-
-
 def tdx_map_gpa(kvm: Kvm, start: int, end: int, private: bool) -> int:
     """TDG.VP.VMCALL<MapGPA> from a vCPU in the TD: KVM exits to userspace with
     KVM_HC_MAP_GPA_RANGE in chunks of TDX_MAP_GPA_MAX_LEN, userspace converts
     each chunk (KVM_SET_MEMORY_ATTRIBUTES; guest_memfd punch-hole for
     private -> shared), and between chunks a pending event makes the guest
     retry the rest (TDVMCALL_STATUS_RETRY).  Returns the gfns converted."""
-    from stress.model.notifier import kvm_vm_set_mem_attributes
-
     kvm.w.trace(events.TD, events.TD_MAP_GPA, start, end - start)
     kvm.stats["map_gpa_calls"] += 1
     if not private:

@@ -112,7 +112,10 @@ class TdpIter:
         same violation as read_spte / try_step_down."""
         rl = self.root_level
         start = self.next_last_level_gfn
-        o = self.kvm.w.tdp_walk(self.kvm.walk_params, root, start, rl, stop_level)
+        wp = self.kvm.walk_params
+        if wp is None:
+            wp = self.kvm.walk_params = walk_params(self.kvm.layout)
+        o = self.kvm.w.tdp_walk(wp, root, start, rl, stop_level)
         self.mirror = bool(o[WO_ROOT_ROLE] & ROLE_MIRROR)
         self.pt_path = o[WO_PT:WO_PT + rl + 1]
         self.gens = o[WO_GEN:WO_GEN + rl + 1]
@@ -170,32 +173,23 @@ class TdpIter:
             self._reused(page)
 
     def _poisoned(self, page: int) -> None:
-        self.kvm.bug("use-after-free of page-table page",
-                     "a walker read a page-table page that was already freed (poisoned)",
-                     table=page, level=self.level, gfn=self.gfn,
-                     removed_by_worker=self._remover(page))
+        self.kvm.hooks.kasan_report(self.kvm, "poison", table=page, level=self.level,
+                                    gfn=self.gfn, walker="kvm")
 
     def _outside_pool(self) -> None:
         self.kvm.bug("corrupt non-leaf SPTE", "non-leaf SPTE points outside the page pool",
                      gfn=self.gfn, level=self.level, spte=f"{self.old_spte:#x}")
 
     def _bad_child(self, child: int, state: int, level: int, base: int) -> None:
-        self.kvm.bug("use-after-free of page-table page",
-                     "a live non-leaf SPTE points at a page that is free or is another table",
-                     table=child, state=SP_STATE_NAMES.get(state, state), level=level,
-                     expected_level=self.level - 1, base_gfn=base,
-                     expected_base_gfn=round_gfn_for_level(self.gfn, self.level),
-                     parent_spte=describe(self.old_spte), removed_by_worker=self._remover(child))
+        self.kvm.hooks.kasan_report(
+            self.kvm, "bad-child", table=child, state=SP_STATE_NAMES.get(state, state),
+            level=level, expected_level=self.level - 1, base_gfn=base,
+            expected_base_gfn=round_gfn_for_level(self.gfn, self.level),
+            parent_spte=describe(self.old_spte), walker="kvm")
 
     def _reused(self, page: int) -> None:
-        self.kvm.bug("use-after-free of page-table page",
-                     "the page-table page was freed (and maybe reused) while a walker was "
-                     "inside it under rcu_read_lock()",
-                     table=page, level=self.level, gfn=self.gfn,
-                     removed_by_worker=self._remover(page))
-
-    def _remover(self, page: int) -> int:
-        return self.kvm.w.load(self.kvm.layout.sp(page, SpMeta.REMOVED_BY)) - 1
+        self.kvm.hooks.kasan_report(self.kvm, "reused", table=page, level=self.level,
+                                    gfn=self.gfn, walker="kvm")
 
     def try_step_down(self) -> bool:
         if self.level == self.min_level:

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.model import events, tlb
-from stress.model.host import host_mapping_level, hugepage_disallowed, kvm_mem_is_private
-from stress.model.kvm import Kvm
+from stress.model.host import host_mapping_level, hugepage_disallowed
+from stress.model.kvm import LOCK_READ, Kvm, kvm_mem_is_private, signal_pending, vm_dead
+from stress.model.memslot import memslot_invalid
 from stress.model.mmu_page import (
     ROLE_MIRROR,
     SP_LINKED,
@@ -30,15 +31,37 @@ from stress.model.mmu_page import (
     role_level,
     tdp_mmu_alloc_sp,
     tdp_mmu_free_sp,
+    tdp_mmu_free_sp_rcu_callback,
     tdp_mmu_init_sp,
 )
-from stress.model.roots import is_root_invalid, kvm_mmu_reload
+from stress.model.roots import (
+    KVM_ALL_ROOTS,
+    KVM_DIRECT_ROOTS,
+    KVM_INVALID_ROOTS,
+    KVM_MIRROR_ROOTS,
+    KVM_VALID_ROOTS,
+    _new_root,
+    for_each_tdp_mmu_root_yield_safe,
+    is_root_invalid,
+    kvm_mmu_reload,
+    kvm_mmu_unload,
+    kvm_tdp_mmu_invalidate_roots,
+    kvm_tdp_mmu_put_root,
+    listed_roots,
+    refcount_dec_and_test,
+    refcount_dec_not_one,
+    refcount_set,
+    root_xchg_invalid,
+    tdp_mmu_free_root,
+)
+from stress.model.roots import tdp_mmu_yield as _yield
 from stress.model.spte import (
     FROZEN_SPTE,
     KVM_PAGES_PER_HPAGE,
     PG_LEVEL_2M,
     PG_LEVEL_4K,
     SHADOW_NONPRESENT_VALUE,
+    SPTE_MMU_PRESENT_MASK,
     describe,
     is_access_allowed,
     is_frozen_spte,
@@ -53,12 +76,11 @@ from stress.model.spte import (
     spte_to_pfn,
 )
 from stress.model.tdp_iter import TdpIter
+from stress.model.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_make_all_cpus_request
 from stress.model.unsync import mmu_try_to_unsync_pages
 
 
 def tdp_mmu_yield(kvm: Kvm) -> None:
-    from stress.model.roots import tdp_mmu_yield as _yield
-
     _yield(kvm)
 
 EBUSY = 16
@@ -109,8 +131,6 @@ def zap_root_types(kvm: Kvm, shared: bool) -> int:
     TD), and a private page KVM removed on its own would kill the TD at the
     guest's next access.  Mirror leaves are zapped by the conversion and
     guest_memfd paths (notifier.py), with the PRIVATE filter."""
-    from stress.model.roots import KVM_ALL_ROOTS, KVM_MIRROR_ROOTS
-
     if kvm.geometry.tdx:
         return KVM_ALL_ROOTS & ~KVM_MIRROR_ROOTS
     return KVM_ALL_ROOTS
@@ -330,16 +350,8 @@ def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
 
 def freeze_removed_children(kvm: Kvm, pt: int, shared: bool) -> list[tuple[int, int]]:
     """handle_removed_pt's loop (fixed): freeze everything in shared mode."""
-    from stress.model.spte import SPTE_MMU_PRESENT_MASK
-
     return kvm.w.freeze_children(kvm.layout.spt(pt), WORDS_PER_PAGE, FROZEN_SPTE,
                                  SPTE_MMU_PRESENT_MASK, freeze_nonpresent=shared)
-
-
-def call_rcu_free_sp(kvm: Kvm, pt: int) -> None:
-    """call_rcu(&sp->rcu_head, tdp_mmu_free_sp_rcu_callback)."""
-    e = kvm.rcu.call_rcu(pt)
-    kvm.w.store(kvm.layout.sp(pt, SpMeta.RCU_EPOCH), e)
 
 
 # ---------------------------------------------------------------------------
@@ -502,17 +514,14 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
     if new == old:
         kvm.stats["spurious"] += 1
         return RET_PF_EMULATE if emulate else RET_PF_SPURIOUS
-    if kvm.geometry.tdx:
-        _check_root_owns_gfn(kvm, it, fault)
     if kvm.variant.install_leaf(kvm, it, new):
         kvm.stats["retry_cmpxchg"] += 1
         return RET_PF_RETRY
     kvm.stats["leaves_installed"] += 1
+    kvm.hooks.leaf_installed(kvm, it, fault, old)
     if it.level > PG_LEVEL_4K:
         kvm.stats["huge_leaves_installed"] += 1
-        _check_huge_install(kvm, it)
         if is_shadow_present_pte(old):  # a huge page over a table: its 4K entries go
-            _check_table_removed(kvm, it, old)
             kvm_flush_remote_tlbs_gfn(kvm, it.gfn, it.level)
     return RET_PF_EMULATE if emulate else RET_PF_FIXED
 
@@ -523,47 +532,6 @@ def tdp_mmu_install_leaf_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
     on, through the S-EPT for a mirror entry.  0, or -EBUSY with
     ``it.old_spte`` refreshed (the fault retries)."""
     return tdp_mmu_set_spte_atomic(kvm, it, new_spte)
-
-
-def _check_root_owns_gfn(kvm: Kvm, it: TdpIter, fault: KvmPageFault) -> None:
-    """Oracle: on a TD a leaf goes into the root type that owns the gfn's
-    attribute: private gfns into the mirror root, shared ones into the direct
-    root.  Stable here: attributes change only inside an invalidation, which
-    this fault's retry check (under the read lock it still holds) ruled out."""
-    private = kvm_mem_is_private(kvm, fault.gfn)
-    if private != it.mirror:
-        kvm.bug("gfn mapped in the wrong root",
-                f"a fault installs a leaf for a {'private' if private else 'shared'} gfn in "
-                f"the {'mirror' if it.mirror else 'direct'} root",
-                gfn=fault.gfn, mirror=it.mirror, fault_private=fault.is_private,
-                addr_direct=fault.addr_direct)
-
-
-def _check_table_removed(kvm: Kvm, it: TdpIter, old: int) -> None:
-    """Oracle (c8e5a0d0e9bc): the table a 2M leaf just replaced was unlinked by
-    handle_changed_spte; still LINKED, it is leaked with everything it maps."""
-    from stress.model.mmu_page import sp_state
-
-    child = spte_to_child_pt(old, it.level)
-    if child is not None and sp_state(kvm, child) == SP_LINKED:
-        kvm.bug("leaked page-table page",
-                "a table replaced by a 2M leaf was not torn down (handle_removed_pt skipped)",
-                gfn=it.gfn, level=it.level, table=child, old=describe(old))
-
-
-def _check_huge_install(kvm: Kvm, it: TdpIter) -> None:
-    """Oracle (9129633d568e): no 2M leaf is installed while an attribute
-    change of any of its gfns is in progress (between the conversion's pre and
-    post steps, both under the write lock, so stable while we hold it for read)."""
-    from stress.model.notifier import attr_change_in_progress
-
-    hit = attr_change_in_progress(kvm, it.gfn, it.gfn + KVM_PAGES_PER_HPAGE(it.level))
-    if hit is not None:
-        worker, start, end = hit
-        kvm.bug("huge page during attribute change",
-                "a 2M leaf was installed over gfns whose memory attributes are being changed",
-                gfn=it.gfn, level=it.level, converting_worker=worker,
-                converting=f"[{start:#x}, {end:#x})")
 
 
 def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
@@ -584,8 +552,6 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
 
 def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
                         addr_direct: bool | None, private: bool | None, prefetch: bool) -> int:
-    from stress.model.memslot import memslot_invalid
-
     kvm_mmu_reload(kvm, kvm.vcpu)
     if memslot_invalid(kvm, gfn):  # kvm_mmu_faultin_pfn: the slot is being moved
         kvm.stats["retry_invalid_slot"] += 1
@@ -640,8 +606,6 @@ def kvm_tdp_mmu_map_private_pfn(kvm: Kvm, gfn: int, pfn: int) -> int:
     it says RET_PF_RETRY, until a signal or the VM is dead.  Not a fault: no
     invalidation sequence check (slots_lock and guest_memfd's lock exclude the
     invalidations)."""
-    from stress.model.td import signal_pending, vm_dead
-
     kvm_mmu_reload(kvm, kvm.vcpu)
     fault = KvmPageFault(gfn=gfn, write=True, pfn=pfn, is_private=True, addr_direct=False)
     root = kvm_tdp_mmu_mirror_root(kvm)
@@ -757,8 +721,6 @@ def kvm_tdp_mmu_zap_leafs_roots(kvm: Kvm, types: int, start: int, end: int) -> i
     """kvm_zap_gfn_range's TDP MMU part: zap the leaves of [start, end) in every
     root of ``types``, yielding, then service the pending flush before the
     caller drops mmu_lock (held for write).  Returns the leaves zapped."""
-    from stress.model.roots import for_each_tdp_mmu_root_yield_safe
-
     roots = for_each_tdp_mmu_root_yield_safe(kvm, types)
     try:
         n, flush = kvm.variant.zap_leafs_roots(kvm, roots, start, end)
@@ -775,8 +737,6 @@ def kvm_tdp_mmu_clear_dirty_range(kvm: Kvm, start: int, end: int) -> int:
     cmpxchg (the D bit is harvested, handle_changed_spte marks the page dirty),
     then every TLB is flushed, so the next guest write walks and sets D again.
     Returns the D bits cleared."""
-    from stress.model.roots import KVM_DIRECT_ROOTS, for_each_tdp_mmu_root_yield_safe
-
     kvm.lockdep_assert_held_read()
     n = 0
     for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_DIRECT_ROOTS):
@@ -832,8 +792,6 @@ def kvm_flush_remote_tlbs_range(kvm: Kvm, start: int, end: int) -> None:
 def rcu_do_batch(kvm: Kvm) -> None:
     """Run this task's RCU callbacks whose grace period has ended, as the RCU
     softirq may on this CPU once it has left its read-side section."""
-    from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
-
     if kvm.rcu.pending and not kvm.rcu.nesting:
         kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
 
@@ -868,8 +826,7 @@ def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool, flush: bool =
     kvm.resched_countdown = kvm.resched_every
     if flush:
         tlb.kvm_flush_remote_tlbs(kvm)
-    if kvm.tlb_unflushed:
-        tlb.check_flushed_before_unlock(kvm)
+    kvm.hooks.mmu_lock_yield(kvm)
     kvm.rcu.rcu_read_unlock()
     if shared:
         kvm.read_unlock()
@@ -961,8 +918,6 @@ def kvm_tdp_mmu_alloc_mirror_root(kvm: Kvm) -> int:
     """TDX: the VM's mirror root, whose external page becomes the S-EPT root in the
     module.  Mirror roots cannot be fast-zapped; this one lives as long as the VM
     (on the roots list, held by the TDP MMU's reference)."""
-    from stress.model.roots import _new_root
-
     assert kvm.tdx is not None
     root = _new_root(kvm, mirror=True)
     kvm.w.store(kvm.layout.sp(root, SpMeta.ROOT_COUNT), 1)
@@ -989,18 +944,6 @@ def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
     roots list empty; the checker verifies that (a leak means a reference or a
     table was lost by the protocol).
     """
-    from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
-    from stress.model.roots import (
-        KVM_INVALID_ROOTS,
-        KVM_MIRROR_ROOTS,
-        KVM_VALID_ROOTS,
-        kvm_mmu_unload,
-        kvm_tdp_mmu_invalidate_roots,
-        kvm_tdp_mmu_put_root,
-        listed_roots,
-        tdp_mmu_zap_root,
-    )
-
     kvm_mmu_unload(kvm, kvm.vcpu)
     mirror_root = kvm.w.load(kvm.layout.glob(Globals.MIRROR_ROOT)) if kvm.geometry.tdx else 0
     if kvm.geometry.tdx:
@@ -1011,13 +954,7 @@ def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
                 kvm, KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS, 0, kvm.geometry.n_gfns)
         finally:
             kvm.write_unlock()
-        left = kvm.tdx.module.mapped_leaves(limit=4)
-        if left:
-            gfn, e = left[0]
-            kvm.bug("private page left at HKID release",
-                    "the S-EPT still maps private pages after every guest_memfd was released: "
-                    "tdx_mmu_release_hkid would leave them to the module",
-                    gfn=gfn, sept=e, count_at_least=len(left))
+        kvm.hooks.hkid_release(kvm)
         kvm.tdx.module.release_hkid()  # tdx_mmu_release_hkid (vm_pre_destroy)
     kvm.write_lock()
     try:
@@ -1043,3 +980,108 @@ def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
     finally:
         kvm.read_unlock()
     kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
+
+
+def _zap_defunct(kvm: Kvm, root: int) -> None:
+    tdp_mmu_zap_root(kvm, root, shared=kvm.lock_mode == LOCK_READ)
+
+
+def put_root_resurrect(kvm: Kvm, root: int) -> None:
+    """Seed 001, Paolo's version (v4 of the 2022 overhaul): on the last put of a
+    valid root, mark it invalid with xchg, set the count back to 1, zap it
+    with yielding, then put again.  Other tasks may take references while the
+    zap yields; the count went 0 -> 1 (counted as a warning)."""
+    if not refcount_dec_and_test(kvm, root):
+        return
+    if not root_xchg_invalid(kvm, root):
+        refcount_set(kvm, root, 1)
+        _zap_defunct(kvm, root)
+        if not refcount_dec_and_test(kvm, root):
+            return
+    tdp_mmu_free_root(kvm, root)
+
+
+def put_root_dec_not_one(kvm: Kvm, root: int) -> None:
+    """Seed 001, Sean's version: refcount_dec_not_one, xchg, zap with yielding,
+    dec_not_one again, then force the count to 0 and free.  Between the
+    dec_not_one that saw 1 and the forced 0, another task can take a reference
+    (a get runs under the read lock since v6.9): it is wiped out."""
+    if refcount_dec_not_one(kvm, root):
+        return
+    if not root_xchg_invalid(kvm, root):
+        _zap_defunct(kvm, root)
+        if refcount_dec_not_one(kvm, root):
+            return
+    kvm.w.spin_ns(kvm.race_window_ns)  # the gap a get can fall into
+    refcount_set(kvm, root, 0)
+    tdp_mmu_free_root(kvm, root)
+
+
+def zap_invalidated_roots_double_put(kvm: Kvm, shared: bool) -> None:
+    """Buggy (the 2022 overhaul's iterations: efd995dae5eb, 22b94c4b63eb, edbdb43fc96b): the
+    zap path gives the TDP MMU's reference back for every invalid root it visits, not only
+    the ones this invalidation scheduled, so a root zapped by an earlier pass loses a
+    reference it no longer had: it is freed while vCPUs still hold it."""
+    lay = kvm.layout
+    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
+        if not is_root_invalid(kvm, root):
+            continue
+        if kvm.w.xchg(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0):
+            tdp_mmu_zap_root(kvm, root, shared)
+        kvm_tdp_mmu_put_root(kvm, root)
+
+
+def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
+    """Zap a whole (invalid) root, 4K leaves first then the top level, yielding
+    (a hook point: an invalid root is zapped once)."""
+    kvm.hooks.root_zap(kvm, root)
+    top = kvm.geometry.root_level
+    end = KVM_PAGES_PER_HPAGE(top + 1)
+    for level in (PG_LEVEL_4K, top):
+        # no TLB flush: the root is invalid and every vCPU was made to drop it
+        # (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before it runs the guest again
+        tdp_mmu_zap_range_at_level(kvm, root, 0, end, level, shared, may_yield=True,
+                                   flush_tlb=False)
+    kvm.stats["root_zaps"] += 1
+
+
+def zap_invalidated_roots_final(kvm: Kvm, shared: bool) -> None:
+    """kvm_tdp_mmu_zap_invalidated_roots: zap each root scheduled by the
+    invalidation, then put the TDP MMU's reference (gifted at allocation, or
+    taken at invalidation), exactly once."""
+    lay = kvm.layout
+    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
+        if not kvm.w.load(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP)):
+            continue
+        kvm.w.store(lay.sp(root, SpMeta.SCHEDULED_TO_ZAP), 0)
+        if not is_root_invalid(kvm, root):
+            kvm.bug("scheduled root is valid", "KVM_BUG_ON(!root->role.invalid)", root=root)
+        # the reference must be put after zapping: the root has to stay reachable
+        # by mmu_notifier callbacks while it is being zapped
+        tdp_mmu_zap_root(kvm, root, shared)
+        kvm_tdp_mmu_put_root(kvm, root)
+
+
+def kvm_mmu_zap_all_fast(kvm: Kvm) -> None:
+    """Memslot update: invalidate every direct root (write lock), then zap them
+    (read lock, yielding).  kvm->slots_lock serialises callers."""
+    slots_i = kvm.layout.glob(Globals.SLOTS_LOCK)
+    kvm.w.spin_lock(slots_i, kvm.pid)
+    try:
+        kvm.write_lock()
+        try:
+            kvm.stats["roots_invalidated"] += kvm_tdp_mmu_invalidate_roots(kvm,
+                                                                            KVM_DIRECT_ROOTS)
+            # every vCPU leaves guest mode and drops its obsolete root before it
+            # runs the guest again: the invalid roots are zapped without a flush
+            kvm_make_all_cpus_request(kvm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+        finally:
+            kvm.write_unlock()
+        kvm.read_lock()
+        try:
+            kvm.variant.zap_invalidated_roots(kvm, True)
+        finally:
+            kvm.read_unlock()
+    finally:
+        kvm.w.spin_unlock(slots_i)
+    kvm.stats["fast_zaps"] += 1

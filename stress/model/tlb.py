@@ -53,6 +53,7 @@ from __future__ import annotations
 import os
 
 from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS
+from stress.atomics import LockAborted
 from stress.model import events
 from stress.model.kvm import Kvm
 from stress.model.spte import (
@@ -109,8 +110,6 @@ def kvm_make_all_cpus_request(kvm: Kvm, req: int) -> None:
             spins += 1
             if spins >= 8:  # the vCPU's process may be off-CPU: let it run
                 if w.load(w.abort_i):
-                    from stress.atomics import LockAborted
-
                     raise LockAborted("kick")
                 os.sched_yield()
         kvm.stats["kicks"] += 1
@@ -135,57 +134,9 @@ def kvm_vcpu_flush_tlb_all(kvm: Kvm) -> None:
     w.fill(lay.tlb_pts + v * TLB_ENTRIES * TLB_MAX_LEVELS, TLB_ENTRIES * TLB_MAX_LEVELS, 0)
 
 
-def vcpu_enter_guest(kvm: Kvm) -> None:
-    """Enter guest mode, servicing requests first (vcpu_enter_guest).
-
-    The TLB is emptied *before* the request bit is cleared, so an oracle that
-    reads the bit as clear and then finds an entry is looking at a live one.
-    """
-    from stress.model.roots import is_root_invalid, kvm_mmu_unload
-
-    w, lay = kvm.w, kvm.layout
-    mode_i, req_i = lay.tlb_hdr(kvm.me, H_MODE), lay.tlb_hdr(kvm.me, H_REQUESTS)
-    while True:
-        w.xchg(mode_i, IN_GUEST_MODE)  # smp_store_mb(vcpu->mode, IN_GUEST_MODE)
-        req = w.load(req_i)
-        if not req:
-            return
-        w.store(mode_i, OUTSIDE_GUEST_MODE)
-        if req & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS:
-            root = kvm.vcpu.root
-            if root is not None and is_root_invalid(kvm, root):
-                kvm_mmu_unload(kvm, kvm.vcpu)  # empties the TLB too
-                kvm.stats["obsolete_roots_dropped"] += 1
-            w.fetch_and(req_i, ~KVM_REQ_MMU_FREE_OBSOLETE_ROOTS & ((1 << 64) - 1))
-        if req & KVM_REQ_TLB_FLUSH:
-            kvm_vcpu_flush_tlb_all(kvm)
-            kvm.stats["tlb_flushes_serviced"] += 1
-            w.fetch_and(req_i, ~KVM_REQ_TLB_FLUSH & ((1 << 64) - 1))
-
-
-def vcpu_exit_guest(kvm: Kvm) -> None:
-    kvm.w.store(kvm.layout.tlb_hdr(kvm.me, H_MODE), OUTSIDE_GUEST_MODE)
-
-
 # ---------------------------------------------------------------------------
 # the guest "hardware" walker
 # ---------------------------------------------------------------------------
-
-def guest_access(kvm: Kvm, gfn: int, write: bool) -> bool:
-    """The guest touches ``gfn``: True if the access completed, False on an EPT
-    violation (the vCPU must fault).  Runs in guest mode, lock-free."""
-    from stress.model.host import kvm_mem_is_private
-
-    if kvm.vcpu.root is None:
-        return False  # no root loaded: the entry path loads one (kvm_mmu_reload)
-    if kvm_mem_is_private(kvm, gfn):
-        return True  # the S-EPT translates it (not modelled)
-    vcpu_enter_guest(kvm)
-    try:
-        return _access(kvm, gfn, write)
-    finally:
-        vcpu_exit_guest(kvm)
-
 
 def guest_access_in_mode(kvm: Kvm, gfn: int, write: bool) -> bool:
     """A guest access by a vCPU already in guest mode (a TD's vCPU between
@@ -204,7 +155,7 @@ def _access(kvm: Kvm, gfn: int, write: bool) -> bool:
     if w.load(lay.tlb_tags + e) == gfn + 1:
         flags = w.load(lay.tlb_flags + e)
         if not write or flags & TLB_D:  # a write through a clean entry walks to set D
-            _check_host_page(kvm, gfn, w.load(lay.tlb_pfns + e), "TLB hit")
+            kvm.hooks.guest_translate(kvm, gfn, w.load(lay.tlb_pfns + e), "TLB hit")
             kvm.stats["tlb_hits"] += 1
             return True
     for _ in range(3):
@@ -225,10 +176,8 @@ def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool |
         sptep = lay.spt(pt) + SPTE_INDEX(gfn, level)
         spte = w.load(sptep)
         if spte == POISON_SPTE:
-            kvm.bug("use-after-free of page-table page",
-                    "the guest's hardware walker read a page-table page that was freed "
-                    "while this vCPU could still walk it",
-                    table=pt, level=level, gfn=gfn, walker="guest")
+            kvm.hooks.kasan_report(kvm, "poison", table=pt, level=level, gfn=gfn,
+                                   walker="guest")
         if is_frozen_spte(spte) or not is_shadow_present_pte(spte):
             kvm.stats["ept_violations"] += 1
             return False
@@ -257,7 +206,7 @@ def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool |
             kvm.stats["dirty_bits_set"] += 1
         spte = want
     pfn = spte_to_pfn(spte) + (gfn & (KVM_PAGES_PER_HPAGE(level) - 1))  # 4K piece of a 2M leaf
-    _check_host_page(kvm, gfn, pfn, "walk")
+    kvm.hooks.guest_translate(kvm, gfn, pfn, "walk")
     # fill: invalidate the tag first, so a half-written entry is never a hit
     w.store(lay.tlb_tags + e, 0)
     w.store(lay.tlb_pfns + e, pfn)
@@ -271,84 +220,9 @@ def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool |
     return True
 
 
-def _check_host_page(kvm: Kvm, gfn: int, pfn: int, how: str) -> None:
-    from stress.model.host import host_pfn
-
-    now = host_pfn(kvm, gfn)
-    if pfn != now:
-        kvm.bug("guest access to freed page",
-                f"the guest accessed a host page already released ({how}): its translation "
-                "outlived the page", gfn=gfn, pfn=f"{pfn:#x}", current_pfn=f"{now:#x}",
-                vcpu=kvm.me)
-
-
 # ---------------------------------------------------------------------------
-# oracles
+# dirty-bit accounting (the kernel's kvm_set_pfn_dirty, counted for the oracles)
 # ---------------------------------------------------------------------------
-
-def _flush_pending(kvm: Kvm, v: int) -> bool:
-    req = kvm.w.load(kvm.layout.tlb_hdr(v, H_REQUESTS))
-    return bool(req & (KVM_REQ_TLB_FLUSH | KVM_REQ_MMU_FREE_OBSOLETE_ROOTS))
-
-
-def check_no_stale_table(kvm: Kvm, page: int) -> None:
-    """At a page-table page's RCU callback: no vCPU's paging-structure cache may
-    still hold it (unless that vCPU must flush before it next runs the guest)."""
-    w, lay = kvm.w, kvm.layout
-    per = TLB_ENTRIES * TLB_MAX_LEVELS
-    if not w.count_equal(lay.tlb_pts, lay.n_slots * per, page + 1):
-        return
-    for v in range(lay.n_slots):
-        if _flush_pending(kvm, v):
-            continue
-        for k, val in w.scan_ne(lay.tlb_pts + v * per, per, 0):
-            if val == page + 1:
-                entry = k // TLB_MAX_LEVELS
-                tag = w.load(lay.tlb_tags + v * TLB_ENTRIES + entry)
-                kvm.bug("stale-tlb-entry-after-free",
-                        "a page-table page was freed while a vCPU's paging-structure cache "
-                        "still held it, with no TLB flush pending for that vCPU",
-                        table=page, vcpu=v, gfn=tag - 1 if tag else None,
-                        level_index=k % TLB_MAX_LEVELS)
-
-
-def check_no_stale_pfn(kvm: Kvm, gfn: int, pfn: int) -> None:
-    """When host page ``pfn`` (backing ``gfn``) is released: no vCPU's TLB may
-    still translate to it (unless that vCPU has a flush pending)."""
-    w, lay = kvm.w, kvm.layout
-    if not w.count_equal(lay.tlb_pfns, lay.n_slots * TLB_ENTRIES, pfn):
-        return
-    for v in range(lay.n_slots):
-        if _flush_pending(kvm, v):
-            continue
-        if w.count_equal(lay.tlb_pfns + v * TLB_ENTRIES, TLB_ENTRIES, pfn):
-            kvm.bug("stale-tlb-entry-after-free",
-                    "a host page was released while a vCPU's TLB still translated to it, "
-                    "with no TLB flush pending for that vCPU",
-                    gfn=gfn, pfn=f"{pfn:#x}", vcpu=v)
-
-
-def check_flushed_before_unlock(kvm: Kvm) -> None:
-    """Reference 9.3's invariant, where mmu_lock is about to be dropped in the
-    middle of a zap: no vCPU may still cache (and be free to use) a leaf this
-    task zapped since its last flush, because once the lock is gone another
-    task may find the gfn non-present, skip the flush and free the page."""
-    w, lay = kvm.w, kvm.layout
-    for root, pfn in kvm.tlb_unflushed:
-        if not w.count_equal(lay.tlb_pfns, lay.n_slots * TLB_ENTRIES, pfn):
-            continue
-        for v in range(lay.n_slots):
-            if _flush_pending(kvm, v):
-                continue
-            for e, val in w.scan_ne(lay.tlb_pfns + v * TLB_ENTRIES, TLB_ENTRIES, 0):
-                k = (v * TLB_ENTRIES + e) * TLB_MAX_LEVELS
-                if val == pfn and w.load(lay.tlb_pts + k) == root + 1:
-                    tag = w.load(lay.tlb_tags + v * TLB_ENTRIES + e)
-                    kvm.bug("stale-tlb-entry-after-unlock",
-                            "mmu_lock was dropped (a yield) with a TLB flush pending for a "
-                            "leaf this task zapped, while a vCPU's TLB still maps it",
-                            gfn=tag - 1 if tag else None, pfn=f"{pfn:#x}", root=root, vcpu=v)
-
 
 def dirty_set(kvm: Kvm, gfn: int) -> None:
     """A D bit went 0 -> 1 in a leaf mapping ``gfn`` (KVM or the walker)."""
@@ -358,14 +232,3 @@ def dirty_set(kvm: Kvm, gfn: int) -> None:
 def kvm_set_pfn_dirty(kvm: Kvm, gfn: int) -> None:
     """A D bit left a leaf mapping ``gfn`` and was seen: the page is dirty."""
     kvm.w.fetch_add(kvm.layout.dirty + gfn, DIRTY_SEEN)
-
-
-def check_dirty_propagated(kvm: Kvm, gfn: int) -> None:
-    """At a host page's release (no leaf maps it): every D bit set was seen."""
-    v = kvm.w.load(kvm.layout.dirty + gfn)
-    set_, seen = v & _LOW, (v >> 32) & _LOW
-    if set_ > seen:
-        kvm.bug("lost-dirty-bit",
-                "a host page is released but a D bit set in an SPTE mapping it was never "
-                "propagated (kvm_set_pfn_dirty): the guest's write is lost",
-                gfn=gfn, d_bits_set=set_, d_bits_seen=seen)

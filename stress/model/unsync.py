@@ -75,7 +75,7 @@ def shadowed_gfns(base: int, stride: int) -> list[int]:
     return [base + k * stride for k in range(N_LEAVES)]
 
 
-def _w(kvm: Kvm, sp: int, off: int) -> int:
+def sp_word(kvm: Kvm, sp: int, off: int) -> int:
     return kvm.layout.shadow_sp(sp, off)
 
 
@@ -88,16 +88,16 @@ def mark_unsync(kvm: Kvm, sp: int, index: int, gap_ns: int = 0) -> None:
     purpose, as in the kernel: the caller must serialise.  ``gap_ns`` stalls
     inside each read-modify-write (targeted delay injection for the unlocked
     variant; under the lock it would change nothing but speed)."""
-    word = _w(kvm, sp, BITMAP + index // 64)
+    word = sp_word(kvm, sp, BITMAP + index // 64)
     bit = 1 << (index % 64)
     old = kvm.w.load(word)  # __test_and_set_bit
     if old & bit:
         return
     kvm.w.spin_ns(gap_ns)
     kvm.w.store(word, old | bit)
-    n = kvm.w.load(_w(kvm, sp, UNSYNC_CHILDREN))  # sp->unsync_children++
+    n = kvm.w.load(sp_word(kvm, sp, UNSYNC_CHILDREN))  # sp->unsync_children++
     kvm.w.spin_ns(gap_ns)
-    kvm.w.store(_w(kvm, sp, UNSYNC_CHILDREN), n + 1)
+    kvm.w.store(sp_word(kvm, sp, UNSYNC_CHILDREN), n + 1)
     if n:
         return
     kvm_mmu_mark_parents_unsync(kvm, sp, gap_ns)
@@ -111,7 +111,7 @@ def kvm_mmu_mark_parents_unsync(kvm: Kvm, sp: int, gap_ns: int = 0) -> None:
 
 def kvm_unsync_page(kvm: Kvm, sp: int, gap_ns: int = 0) -> None:
     kvm.w.fetch_add(kvm.layout.glob(Globals.STAT_MMU_UNSYNC), 1)  # ++kvm->stat.mmu_unsync
-    kvm.w.store(_w(kvm, sp, UNSYNC), 1)
+    kvm.w.store(sp_word(kvm, sp, UNSYNC), 1)
     kvm.w.trace(events.UNSYNC, sp, 0)
     kvm_mmu_mark_parents_unsync(kvm, sp, gap_ns)
     kvm.stats["unsync_marked"] += 1
@@ -131,11 +131,11 @@ def _unlock_unsync(kvm: Kvm) -> None:
 
 def unsync_double_checked(kvm: Kvm, sp: int) -> int:
     """Fixed (ce25681d59ff): test without the lock, lock, test again, mark."""
-    if kvm.w.load(_w(kvm, sp, UNSYNC)):
+    if kvm.w.load(sp_word(kvm, sp, UNSYNC)):
         return 0
     _lock_unsync(kvm)
     try:
-        if kvm.w.load(_w(kvm, sp, UNSYNC)):  # another task did it meanwhile
+        if kvm.w.load(sp_word(kvm, sp, UNSYNC)):  # another task did it meanwhile
             return 0
         kvm_unsync_page(kvm, sp)
     finally:
@@ -146,7 +146,7 @@ def unsync_double_checked(kvm: Kvm, sp: int) -> int:
 def unsync_without_lock(kvm: Kvm, sp: int) -> int:
     """Buggy (before ce25681d59ff): two faults mark siblings concurrently and race
     on the parent's bitmap word and unsync_children."""
-    if kvm.w.load(_w(kvm, sp, UNSYNC)):
+    if kvm.w.load(sp_word(kvm, sp, UNSYNC)):
         return 0
     kvm_unsync_page(kvm, sp, kvm.race_window_ns)
     return 0
@@ -155,7 +155,7 @@ def unsync_without_lock(kvm: Kvm, sp: int) -> int:
 def unsync_lock_no_recheck(kvm: Kvm, sp: int) -> int:
     """Buggy: takes the lock but does not test again, so a page two faults saw
     as "not unsync" is unsynced twice (kvm->stat.mmu_unsync counts it twice)."""
-    if kvm.w.load(_w(kvm, sp, UNSYNC)):
+    if kvm.w.load(sp_word(kvm, sp, UNSYNC)):
         return 0
     _lock_unsync(kvm)
     try:
@@ -167,7 +167,7 @@ def unsync_lock_no_recheck(kvm: Kvm, sp: int) -> int:
 
 def unsync_never(kvm: Kvm, sp: int) -> int:
     """Alternative #1 (can_unsync = false): refuse; the write is write-protected."""
-    if kvm.w.load(_w(kvm, sp, UNSYNC)):
+    if kvm.w.load(sp_word(kvm, sp, UNSYNC)):
         return 0
     return -EPERM
 
@@ -184,30 +184,30 @@ def mmu_try_to_unsync_pages(kvm: Kvm, leaf: int) -> int:
 # ---------------------------------------------------------------------------
 
 def clear_unsync_child_bit(kvm: Kvm, sp: int, index: int) -> None:
-    n = kvm.w.load(_w(kvm, sp, UNSYNC_CHILDREN))
+    n = kvm.w.load(sp_word(kvm, sp, UNSYNC_CHILDREN))
     if n == 0 or n >= 1 << 62:
         kvm.bug("unsync_children underflow",
                 "clear_unsync_child_bit: WARN_ON_ONCE((int)sp->unsync_children < 0)",
                 shadow_page=sp, index=index, unsync_children=n)
-    kvm.w.store(_w(kvm, sp, UNSYNC_CHILDREN), n - 1)
-    word = _w(kvm, sp, BITMAP + index // 64)
+    kvm.w.store(sp_word(kvm, sp, UNSYNC_CHILDREN), n - 1)
+    word = sp_word(kvm, sp, BITMAP + index // 64)
     kvm.w.store(word, kvm.w.load(word) & ~(1 << (index % 64)))
 
 
 def _sync_children(kvm: Kvm, sp: int, synced: list[int]) -> None:
     """mmu_sync_children: descend only where the bitmap says, sync, clear bits."""
-    if not kvm.w.load(_w(kvm, sp, UNSYNC_CHILDREN)):
+    if not kvm.w.load(sp_word(kvm, sp, UNSYNC_CHILDREN)):
         return  # mmu_unsync_walk: nothing below (trusting the count)
     for index, child in children_of(sp).items():
-        word = kvm.w.load(_w(kvm, sp, BITMAP + index // 64))
+        word = kvm.w.load(sp_word(kvm, sp, BITMAP + index // 64))
         if not word & (1 << (index % 64)):
             continue
         if children_of(child):
             _sync_children(kvm, child, synced)
-            if kvm.w.load(_w(kvm, child, UNSYNC_CHILDREN)):
+            if kvm.w.load(sp_word(kvm, child, UNSYNC_CHILDREN)):
                 continue
-        elif kvm.w.load(_w(kvm, child, UNSYNC)):
-            kvm.w.store(_w(kvm, child, UNSYNC), 0)  # kvm_sync_page + write-protect
+        elif kvm.w.load(sp_word(kvm, child, UNSYNC)):
+            kvm.w.store(sp_word(kvm, child, UNSYNC), 0)  # kvm_sync_page + write-protect
             kvm.w.fetch_add(kvm.layout.glob(Globals.STAT_MMU_UNSYNC), -1)
             kvm.w.trace(events.UNSYNC, child, 1)
             synced.append(child)
@@ -218,56 +218,13 @@ def kvm_mmu_sync_roots(kvm: Kvm) -> list[int]:
     """Sync every unsync shadow page (mmu_lock held for write).  Returns the
     leaves synced; their gfns must be write-protected again by the caller.
 
-    Oracle: with the write lock held no task marks pages, so after the walk no
-    leaf may still be unsync; one that is was hidden by a lost bit or a count
-    that reached 0 too early: "a missed sync = guest memory corruption".
+    A hook point when the walk is done (mmu_lock still held for write: no task
+    marks pages, so nothing may be left unsync).
     """
     kvm.lockdep_assert_held_write()
     synced: list[int] = []
     _sync_children(kvm, ROOT_SP, synced)
-    left = [leaf_sp(k) for k in range(N_LEAVES)
-            if kvm.w.load(_w(kvm, leaf_sp(k), UNSYNC))]
-    if left:
-        kvm.bug("missed sync", "a sync pass left unsync shadow pages behind: an ancestor's "
-                "unsync_children reached 0 (or lost its bit) while a child was still unsync",
-                shadow_pages=left,
-                chain={str(p): kvm.w.load(_w(kvm, p, UNSYNC_CHILDREN))
-                       for p in (ROOT_SP, *(mid_sp(m) for m in range(N_MID)))})
+    kvm.hooks.unsync_sync_done(kvm)
     kvm.stats["syncs"] += 1
     kvm.stats["pages_synced"] += len(synced)
     return synced
-
-
-def check_unsync_state(kvm: Kvm) -> list[tuple[str, str, dict]]:
-    """Quiescent invariants: count == popcount(bitmap) >= 0 for every page, every
-    unsync leaf is reachable through set bits, kvm->stat.mmu_unsync is right."""
-    out = []
-    for sp in range(1 + N_MID + N_LEAVES):
-        n = kvm.w.load(_w(kvm, sp, UNSYNC_CHILDREN))
-        bits = kvm.w.popcount(_w(kvm, sp, BITMAP), 8)
-        if n != bits:
-            out.append(("unsync_children != popcount(bitmap)",
-                        "a shadow page's unsync_children disagrees with its bitmap",
-                        {"shadow_page": sp, "unsync_children": n, "popcount": bits}))
-    unsync = 0
-    for k in range(N_LEAVES):
-        sp = leaf_sp(k)
-        if not kvm.w.load(_w(kvm, sp, UNSYNC)):
-            continue
-        unsync += 1
-        node = sp
-        while (parent := parent_of(node)) is not None:
-            p, idx = parent
-            if not kvm.w.load(_w(kvm, p, BITMAP + idx // 64)) & (1 << (idx % 64)):
-                out.append(("unsync page unreachable",
-                            "an unsync shadow page has an ancestor whose bit is clear: no "
-                            "sync will find it", {"shadow_page": sp, "ancestor": p,
-                                                   "index": idx}))
-                break
-            node = p
-    stat = kvm.w.load(kvm.layout.glob(Globals.STAT_MMU_UNSYNC))
-    if stat != unsync:
-        out.append(("kvm->stat.mmu_unsync accounting",
-                    "the unsync page counter differs from the pages marked unsync",
-                    {"stat": stat, "unsync_pages": unsync}))
-    return out

@@ -15,11 +15,14 @@ expects=(...))`` below.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, replace
+from importlib.metadata import entry_points
+from pathlib import Path
 
 from stress.model import mirror, notifier, roots, td, tdp_mmu, unsync
 from stress.model.kvm import Kvm
-from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
+from stress.model.mmu_page import call_rcu_free_sp, tdp_mmu_free_sp_rcu_callback
 from stress.model.pieces import (
     ChangedSpteRemovesPt,
     EptViolationLocalRetry,
@@ -59,7 +62,6 @@ from stress.model.spte import (
     spte_to_pfn,
 )
 from stress.model.tdp_mmu import (
-    call_rcu_free_sp,
     child_pt_removed_unless_still_table,
     freeze_removed_children,
 )
@@ -158,7 +160,7 @@ class Variant:
     # MMU's gifted reference; how invalidated roots are zapped and released
     put_root: PutRoot = roots.put_root_final
     root_gifted_ref: bool = True
-    zap_invalidated_roots: ZapInvalidatedRoots = roots.zap_invalidated_roots_final
+    zap_invalidated_roots: ZapInvalidatedRoots = tdp_mmu.zap_invalidated_roots_final
     # nested TDP: marking an indirect shadow page unsync from a TDP MMU fault
     try_to_unsync: TryToUnsync = unsync.unsync_double_checked
     # invalidation: the fault's seq snapshot and pfn lookup, its retry check under
@@ -291,7 +293,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "a get at 0 fails, so nobody else holds the root being resurrected).",
         source="Paolo Bonzini / Sean Christopherson, Mar 2022, '[PATCH v3 20/28] KVM: "
                "x86/mmu: Allow yielding when zapping GFNs for defunct TDP MMU root'",
-        put_root=roots.put_root_resurrect, root_gifted_ref=False,
+        put_root=tdp_mmu.put_root_resurrect, root_gifted_ref=False,
     ),
     replace(
         FIXED, name="root-put-dec-not-one", config="roots.toml", buggy=True,
@@ -300,7 +302,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         source="Sean Christopherson's refcount_dec_not_one proposal in the same thread (Mar "
                "2022, '[PATCH v3 20/28] KVM: x86/mmu: Allow yielding when zapping GFNs for "
                "defunct TDP MMU root')",
-        put_root=roots.put_root_dec_not_one, root_gifted_ref=False,
+        put_root=tdp_mmu.put_root_dec_not_one, root_gifted_ref=False,
         expects=ROOT_UAF,
     ),
     replace(
@@ -317,7 +319,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "it visits, so a root zapped earlier loses it twice and is freed while in use.",
         source="defunct-root refcounting in the 2022 TDP MMU overhaul "
                "(efd995dae5eb, 22b94c4b63eb, edbdb43fc96b)",
-        zap_invalidated_roots=roots.zap_invalidated_roots_double_put,
+        zap_invalidated_roots=tdp_mmu.zap_invalidated_roots_double_put,
         expects=ROOT_UAF,
     ),
     replace(
@@ -558,15 +560,6 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
 ]}
 
 
-def expected_invariants(variant: Variant) -> dict[str, tuple[str, ...]]:
-    """VM type -> the invariants a run of ``variant`` is expected to trip there
-    (``Variant.expectations`` with the ``vm.type`` of its shipped config)."""
-    from stress import config
-
-    vm_type = config.load(config.find_config(variant.config)).vm.type
-    return variant.expectations(vm_type)
-
-
 class UnknownVariant(KeyError):
     pass
 
@@ -594,9 +587,6 @@ def load_variant_file(path: str) -> list[str]:
     """Run a Python file that defines ``VARIANTS = [Variant, ...]`` (usually built
     with ``dataclasses.replace(FIXED, ...)``) and register them.  Returns their
     names.  Workers are forked after this, so they inherit the registry."""
-    import importlib.util
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise VariantLoadError(f"{path}: no such variant file")
@@ -626,8 +616,6 @@ def load_entry_point_variants() -> None:
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             register(*ep.load())

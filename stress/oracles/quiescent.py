@@ -6,9 +6,10 @@ page tables were torn down.  Each broken invariant is returned as an
 :class:`InvariantViolation` named as the kernel would name the problem, with
 the gfn and entries involved; the first one stops the run.
 
-Online checks live in the model itself (poison and generation checks in
-``tdp_iter``, the PFN-change BUG in ``handle_changed_spte``, the
-removed-table check in the RCU callback, FROZEN under the write lock).
+The online oracles attach to the model's hooks (the other modules of this
+package); the kernel's own assertions (the PFN-change BUG in
+``handle_changed_spte``, FROZEN under the write lock, lockdep) stay in the
+model.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ from stress.model.tdx import (
     sept_state,
     sept_value,
 )
-from stress.model.unsync import check_unsync_state
+from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, listed
+from stress.oracles.unsync import check_unsync_state
 
 
 @dataclass
@@ -336,7 +338,7 @@ def _check_accepted(kvm: Kvm, rep: QuiescentReport) -> None:
     """Every private page the guest accepted, and whose host page did not change
     since (no conversion, no punch-hole), is still mapped and accepted in the
     S-EPT: nothing else may take it away from a running TD."""
-    from stress.model.td import guest_accepted
+    from stress.model.guest import guest_accepted
 
     assert kvm.tdx is not None
     w, lay = kvm.w, kvm.layout
@@ -389,3 +391,49 @@ def teardown_check(kvm: Kvm) -> QuiescentReport:
         rep.fail("page pool accounting", "free bitmap is not full after teardown",
                  free_bits=w.popcount(lay.bitmap, lay.bitmap_words), pages=lay.n_pages)
     return rep
+
+
+# the invariants the two walks check, for `tdp-stress oracles`
+_WALK = "one walk of every root, the pool and (on a TD) the S-EPT"
+for _name, _inv in (
+        ("mirror root not listed", "a TD's mirror root stays on the roots list while the VM lives"),
+        ("tdp_mmu_pages accounting",
+         "tdp_mmu_pages counts exactly the page-table pages linked into roots"),
+        ("leaked page-table page",
+         "every live page-table page is reachable from a listed root"),
+        ("S-EPT table without live mirror table",
+         "every S-EPT table belongs to a live mirror table"),
+        ("leaked S-EPT page", "every page KVM holds for the TDX module belongs to a table"),
+        ("page pool accounting", "the free bitmap and the pages' FREE states agree"),
+        ("listed root without references", "a listed valid root has a reference"),
+        ("page-table page linked twice", "a page-table page has one parent entry"),
+        ("reachable table not live", "a table reachable from a root is live, not removed"),
+        ("FROZEN SPTE reachable at quiescence", "no entry stays FROZEN once its owner returned"),
+        ("poison reachable", "a live table holds no poison"),
+        ("corrupt non-present SPTE", "a non-present entry is SHADOW_NONPRESENT_VALUE"),
+        ("leaf maps wrong pfn", "a leaf maps the host page of its own gfn"),
+        ("stale mapping after invalidate_end",
+         "every leaf maps the host page that backs its gfn now"),
+        ("gfn mapped in the wrong root",
+         "private gfns are mapped only in the mirror root, shared ones only in direct roots"),
+        ("corrupt non-leaf SPTE", "a non-leaf entry points into the page-table pool"),
+        ("mirror huge page", "a mirror root holds no huge leaf"),
+        ("huge page over mixed attributes",
+         "no huge leaf covers gfns of mixed memory attributes"),
+        ("lpage_info mixed flag wrong",
+         "lpage_info's KVM_LPAGE_MIXED_FLAG is set exactly where attributes are mixed"),
+        ("mirror/S-EPT divergence",
+         "the mirror root and the S-EPT map the same gfns to the same pages"),
+        ("blocked S-EPT entry at quiescence", "no S-EPT entry stays BLOCKED between operations"),
+        ("accepted private page lost",
+         "a private page the guest accepted is still mapped, or was removed with its consent")):
+    listed(_name, invariant=_inv, hook=HOOK_QUIESCENT, when="every worker parked outside "
+           "mmu_lock and RCU", cost=_WALK, module="quiescent")
+for _name, _inv in (
+        ("SPTE installed in removed table", "no removed table holds a present entry"),
+        ("leaked page-table page", "every page-table page is back in the pool"),
+        ("tdp_mmu_pages accounting", "tdp_mmu_pages is 0"),
+        ("leaked root", "no root is left on the list (every reference was put)"),
+        ("page pool accounting", "the free bitmap is full")):
+    listed(_name, invariant=_inv, hook=HOOK_TEARDOWN, when="after the VM's page tables were "
+           "torn down", cost="one pass over the pool", module="quiescent")

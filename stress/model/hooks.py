@@ -1,0 +1,88 @@
+"""The model's hook points: where the tester's oracles attach.
+
+The model keeps only the kernel's own assertions (``KVM_BUG_ON``,
+``WARN_ON_ONCE``, lockdep, ``BUG``: :meth:`Kvm.bug` and :meth:`Kvm.warn`).
+Everything else the tester checks lives above the model, in
+:mod:`stress.oracles`, and reaches the model's state only through these
+hooks, each called at one point in the protocol where the kernel has a
+tracepoint, a KASAN-style instrumentation point, or a function boundary with a
+documented postcondition.  Each hook names that point; the arguments are what
+an oracle needs to check it without re-deriving the model's locals.
+
+:class:`Hooks` is the no-op default: the model runs without oracles (bench,
+unit tests).  One hook is not a no-op, because the model cannot go on past
+it: :meth:`kasan_report` (the walker would dereference freed memory) raises
+the kernel's BUG.
+
+A hook runs in the caller's locking context (each says what is held); an
+oracle reads shared words through ``kvm.w``, changes no protocol state
+(only its own bookkeeping words) and reports by raising
+:class:`InvariantViolation`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stress.model.errors import InvariantViolation
+
+if TYPE_CHECKING:
+    from stress.model.kvm import Kvm
+
+
+class Hooks:
+    """No-op hook points (see the module docstring); :mod:`stress.oracles`
+    subclasses this."""
+
+    # -- memory: KASAN-like instrumentation of the page-table pool -------------
+    def kasan_report(self, kvm: Kvm, kind: str, **details: Any) -> None:
+        """A walker (KVM's or the guest's) read a page-table page that is free,
+        was freed and reused while it walked it, or is not the table its parent
+        says (``kind``: "poison", "reused", "bad-child").  Without an oracle the
+        model cannot continue past a freed page: BUG."""
+        raise InvariantViolation("use-after-free of page-table page",
+                                 f"BUG: KASAN: use-after-free ({kind})", **details)
+
+    def sp_free(self, kvm: Kvm, page: int) -> None:
+        """tdp_mmu_free_sp_rcu_callback, before the page goes back to the pool:
+        the grace period is over and the page is about to be freed."""
+
+    def host_page_release(self, kvm: Kvm, gfn: int, pfn: int) -> None:
+        """The primary MMU releases the host page ``pfn`` backing ``gfn``
+        (put_page after an invalidation, a migration or a punch-hole)."""
+
+    def guest_translate(self, kvm: Kvm, gfn: int, pfn: int, how: str) -> None:
+        """The guest's access to ``gfn`` completed through ``pfn`` (a TLB hit or
+        a hardware walk)."""
+
+    # -- locking -----------------------------------------------------------------
+    def mmu_lock_yield(self, kvm: Kvm) -> None:
+        """A walk is about to drop mmu_lock to yield (tdp_mmu_iter_cond_resched,
+        after its pending TLB flush)."""
+
+    # -- page faults -------------------------------------------------------------
+    def leaf_installed(self, kvm: Kvm, it: Any, fault: Any, old_spte: int) -> None:
+        """tdp_mmu_map_handle_target_level installed a leaf (the cmpxchg
+        succeeded; mmu_lock still held for read): ``it`` is positioned on it,
+        ``old_spte`` is what it replaced (trace_kvm_mmu_set_spte)."""
+
+    # -- zaps and invalidations --------------------------------------------------
+    def invalidate_range_start(self, kvm: Kvm, start: int, end: int) -> None:
+        """An invalidation of [start, end) (mmu_notifier, attributes, punch-hole)
+        takes mmu_lock for write, before kvm_mmu_invalidate_begin: the range's
+        mappings are what the earlier, completed invalidations left."""
+
+    def root_loaded(self, kvm: Kvm, root: int) -> None:
+        """kvm_mmu_reload handed ``root`` to this vCPU (mmu_lock held for read)."""
+
+    def root_zap(self, kvm: Kvm, root: int) -> None:
+        """tdp_mmu_zap_root starts on ``root``."""
+
+    def hkid_release(self, kvm: Kvm) -> None:
+        """tdx_mmu_release_hkid is about to run: every guest_memfd was released."""
+
+    def unsync_sync_done(self, kvm: Kvm) -> None:
+        """kvm_mmu_sync_roots finished its walk, mmu_lock still held for write."""
+
+
+NO_HOOKS = Hooks()

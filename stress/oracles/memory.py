@@ -1,0 +1,71 @@
+"""Memory safety of the page-table pool, KASAN-like.
+
+Freed page-table pages are poisoned (every entry reads ``POISON_SPTE``, which
+is not present) and their generation moves on, so a walker that reads a freed
+or reused table is caught at the load, as KASAN would catch the kernel's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stress.arena import WORDS_PER_PAGE, SpMeta
+from stress.model.host import host_pfn
+from stress.model.kvm import Kvm
+from stress.model.mmu_page import removed_entry_details
+from stress.model.spte import SPTE_MMU_PRESENT_MASK
+from stress.oracles.base import oracle
+
+_UAF_TEXT = {
+    ("poison", "kvm"): "a walker read a page-table page that was already freed (poisoned)",
+    ("poison", "guest"): "the guest's hardware walker read a page-table page that was freed "
+                         "while this vCPU could still walk it",
+    ("reused", "kvm"): "the page-table page was freed (and maybe reused) while a walker was "
+                       "inside it under rcu_read_lock()",
+    ("bad-child", "kvm"): "a live non-leaf SPTE points at a page that is free or is another "
+                          "table",
+}
+
+
+@oracle("use-after-free of page-table page",
+        invariant="no walker (KVM's under RCU, or the guest's hardware walker) reads a "
+                  "page-table page after it was freed, and no live non-leaf SPTE points at a "
+                  "free page or at a table of another level or range",
+        hook="kasan_report", when="at the load that reads the page (the walker's own checks)",
+        cost="two loads per SPTE read (poison value, page generation)")
+def use_after_free(kvm: Kvm, kind: str, **details: Any) -> None:
+    table = details.get("table")
+    if table is not None and 0 <= table < kvm.layout.n_pages:
+        details.setdefault("removed_by_worker",
+                           kvm.w.load(kvm.layout.sp(table, SpMeta.REMOVED_BY)) - 1)
+    text = _UAF_TEXT.get((kind, details.get("walker", "kvm")), f"use-after-free ({kind})")
+    kvm.bug("use-after-free of page-table page", text, **details)
+
+
+@oracle("SPTE installed in removed table",
+        invariant="once handle_removed_pt has unlinked a table, nothing writes a present entry "
+                  "into it: such a mapping is invisible to every zap",
+        hook="sp_free", when="the table's RCU callback, after the grace period",
+        cost="one native scan of 512 entries per freed table")
+def nothing_installed_in_removed_table(kvm: Kvm, page: int) -> None:
+    lay = kvm.layout
+    i = kvm.w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
+    if i >= 0:
+        kvm.bug("SPTE installed in removed table",
+                "a present entry was written into a page table after handle_removed_pt "
+                "unlinked it: the mapping is leaked and invisible to zaps",
+                **removed_entry_details(kvm, page, i))
+
+
+@oracle("guest access to freed page",
+        invariant="a guest access completes only through the host page that backs the gfn "
+                  "now: a translation never outlives the page it points to",
+        hook="guest_translate", when="each completed guest access (TLB hit or walk)",
+        cost="one load per guest access")
+def guest_translates_to_live_page(kvm: Kvm, gfn: int, pfn: int, how: str) -> None:
+    now = host_pfn(kvm, gfn)
+    if pfn != now:
+        kvm.bug("guest access to freed page",
+                f"the guest accessed a host page already released ({how}): its translation "
+                "outlived the page", gfn=gfn, pfn=f"{pfn:#x}", current_pfn=f"{now:#x}",
+                vcpu=kvm.me)

@@ -1,0 +1,47 @@
+"""Invalidations: what a completed invalidation leaves behind."""
+
+from __future__ import annotations
+
+from stress.arena import SpMeta
+from stress.model.host import host_folio_intact, host_page_gen, pfn_gfn_gen
+from stress.model.kvm import Kvm
+from stress.model.mmu_page import ROLE_MIRROR
+from stress.model.roots import KVM_ALL_ROOTS, for_each_tdp_mmu_root_yield_safe
+from stress.model.spte import describe, is_last_spte, is_shadow_present_pte, spte_to_pfn
+from stress.model.tdp_iter import TdpIter
+from stress.oracles.base import oracle
+
+
+@oracle("stale mapping after invalidate_end",
+        invariant="after an invalidation of a range completed, no leaf in any root maps a host "
+                  "page it released: a fault that raced with it must have retried",
+        hook="invalidate_range_start",
+        when="the next invalidation of the range, with mmu_lock held for write",
+        cost="a walk of the range in every root per invalidation")
+def range_maps_current_pages(kvm: Kvm, start: int, end: int) -> None:
+    """With mmu_lock held for write: every leaf mapping a gfn of the range
+    maps the page that backs it now.  An older generation is a page already
+    freed by a completed invalidation: a stale mapping.  A 2M leaf maps one
+    folio: every gfn of its region must still be backed by it."""
+    kvm.lockdep_assert_held_write()
+    for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
+        kvm.rcu.rcu_read_lock()
+        try:
+            it = TdpIter(kvm, root, kvm.geometry.root_level, start)
+            while it.in_range(end):
+                v = it.old_spte
+                if is_shadow_present_pte(v) and is_last_spte(v, it.level):
+                    gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
+                    now = host_page_gen(kvm, it.gfn)
+                    if gfn == it.gfn and it.level > 1 and not host_folio_intact(kvm, gfn):
+                        now = -1  # part of the folio was replaced under the 2M leaf
+                    if gfn == it.gfn and gen != now:
+                        mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
+                        kvm.bug("stale mapping after invalidate_end",
+                                "a leaf maps a host page that a completed invalidation "
+                                "freed (it was installed after the zap)",
+                                gfn=it.gfn, entry=describe(v), mapped_gen=gen, current_gen=now,
+                                mirror=mirror)
+                it.next()
+        finally:
+            kvm.rcu.rcu_read_unlock()
