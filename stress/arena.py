@@ -182,7 +182,11 @@ class Slot:
     VCPU_MUTEX = 13  # vcpu->mutex (a vCPU ioctl holds it; the TD's state changes take all)
     SRCU_READER = 14  # 0 outside kvm->srcu's read side, else 1 + the grace period seen
     SRCU_SITE = 15  # where the reader is: 1 + gfn of the fault it handles (reports)
-    STATS = 16  # counters start here
+    # oracle (liveness): the retry loop this worker is going round now, so a task
+    # waiting for it can name it: 1 + index in hooks.RETRY_SITES, and 1 + the key
+    RETRY_SITE = 16
+    RETRY_KEY = 17
+    STATS = 18  # counters start here
     MAX_STATS = WORKER_SLOT_WORDS - STATS
 
 

@@ -110,7 +110,6 @@ class GuestConfig:
 @dataclass(frozen=True)
 class VcpuConfig:
     write_fraction: float = 0.5
-    max_retries: int = 100000  # consecutive RET_PF_RETRY before the fault is reported stuck
     root_reset_every: int = 500  # mean faults between MMU context resets (0: never)
     halt_every: int = 300  # mean faults between halts (0: never)
     halt_time: float = 0.03  # mean length of a halt: the vCPU keeps its root meanwhile
@@ -245,6 +244,25 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class LivenessConfig:
+    """The liveness oracle's bounds (stress/oracles/liveness.py): rounds of one
+    retry loop at one entry within one operation, and rounds of a wait for
+    another task, before it is a livelock.  A controlled run caps both so a
+    livelock is found before the schedule's step budget runs out."""
+
+    max_retries: int = 100_000
+    max_wait_rounds: int = 2_000
+
+    def params(self, schedule: ScheduleConfig) -> dict[str, int]:
+        if not schedule.controlled:
+            return {"max_retries": self.max_retries, "max_wait_rounds": self.max_wait_rounds}
+        # a retry round is tens of shared accesses: stay well inside the step cap
+        cap = max(100, schedule.max_steps // 200)
+        return {"max_retries": min(self.max_retries, cap),
+                "max_wait_rounds": min(self.max_wait_rounds, cap)}
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     pages: int = 0  # 0: sized from the guest
     # model-only memory map (c8e5a0d0e9bc): the page-table page that maps a 2M
@@ -272,6 +290,7 @@ class Config:
     tdx: TdxConfig = field(default_factory=TdxConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -410,7 +429,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "workers": {role: _int(f"workers.{role}", 0, 256) for role in ROLES},
     "vcpu": {
         "write_fraction": _float("vcpu.write_fraction", 0.0, 1.0),
-        "max_retries": _int("vcpu.max_retries", 1, 10**9),
         "root_reset_every": _int("vcpu.root_reset_every", 0, 10**9),
         "halt_every": _int("vcpu.halt_every", 0, 10**9),
         "halt_time": _dur("vcpu.halt_time", 0.0, 60.0),
@@ -474,6 +492,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "pool": {"pages": _int("pool.pages", 0, 1 << 24),
              "alias_tables": _bool("pool.alias_tables")},
+    "liveness": {"max_retries": _int("liveness.max_retries", 10, 10**9),
+                 "max_wait_rounds": _int("liveness.max_wait_rounds", 10, 10**9)},
     "schedule": {
         "mode": _choice("schedule.mode", SCHEDULE_MODES),
         "seed": _int("schedule.seed", 0, 2**63 - 1),

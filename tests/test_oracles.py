@@ -76,3 +76,27 @@ def test_cli_lists_the_oracles() -> None:
     text = run_cli("oracles", "--width", "80").stdout
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "online, hook sp_free" in text and "oracles:" in text.splitlines()[-1]
+
+
+def test_liveness_names_the_loop_and_the_entry(vm) -> None:
+    """A retry loop that goes round past the bound at one entry is a livelock,
+    named where it happens; a completed operation resets the count; a task
+    waiting for it names the loop it is in."""
+    kvm = vm.kvm
+    oracles.attach(kvm, params={"max_retries": 50, "max_wait_rounds": 20})
+    for _ in range(50):
+        kvm.hooks.retry(kvm, "kvm_tdp_page_fault", 0x1234)
+    kvm.hooks.op_end(kvm)  # progress: counting starts again
+    for _ in range(50):
+        kvm.hooks.retry(kvm, "kvm_tdp_page_fault", 0x1234)
+        kvm.hooks.retry(kvm, "kvm_tdp_page_fault", 0x99)  # another entry: its own count
+    waiter = oracles.attach(vm.task(1), params={"max_retries": 50, "max_wait_rounds": 20})
+    with pytest.raises(InvariantViolation) as e:
+        for _ in range(21):
+            waiter.hooks.wait(waiter, "synchronize_srcu", 0x1234, kvm.me)
+    assert e.value.details["holder_site"] == "kvm_tdp_page_fault"
+    assert "waiting for worker 0, which keeps retrying kvm_tdp_page_fault" in str(e.value)
+    with pytest.raises(InvariantViolation) as e:
+        kvm.hooks.retry(kvm, "kvm_tdp_page_fault", 0x1234)
+    assert e.value.invariant == "livelock"
+    assert "livelock in kvm_tdp_page_fault at gfn 0x1234: 50 retries" in str(e.value)

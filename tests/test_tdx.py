@@ -413,5 +413,6 @@ def test_memslot_move_names_the_reader_it_waits_for(td) -> None:
     mover = td.task(2)
     with pytest.raises(InvariantViolation) as e:
         kvm_set_memory_region_move(mover, PRIVATE & ~511, (PRIVATE & ~511) + 512)
-    assert e.value.invariant == "synchronize_srcu stall"
-    assert e.value.details["holder_worker"] == 1 and e.value.details["gfn"] == PRIVATE
+    assert e.value.invariant == "livelock" and e.value.details["site"] == "synchronize_srcu"
+    assert e.value.details["held_by_worker"] == 1 and e.value.details["gfn"] == PRIVATE
+    assert "waiting for worker 1" in str(e.value)

@@ -126,14 +126,14 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     geometry = Geometry(root_level=cfg.guest.root_level, n_gfns=cfg.n_gfns, tdx=tdx,
                         private_chunk_shift=(cfg.tdx.private_chunk >> 12).bit_length() - 1)
     variant = get_variant(cfg.run.variant)
-    kvm = oracles.attach(Kvm(words, layout, geometry, variant, me, rng))
+    kvm = oracles.attach(Kvm(words, layout, geometry, variant, me, rng),
+                         params=cfg.liveness.params(cfg.schedule))
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
     kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
     kvm.race_window_ns = int(cfg.inject.race_window * 1e9)
     kvm.huge_pages = cfg.guest.huge_pages > 0
     if cfg.pool.alias_tables:
         kvm.alias_floor_words = min(layout.bitmap_words - 1, (cfg.n_gfns // 512 + 63) // 64)
-    kvm.max_fault_retries = cfg.vcpu.max_retries
     roles = worker_roles(cfg)
     kvm.vcpu_slots = tuple(i for i, r in enumerate(roles) if r == "vcpu")
     if tdx:
@@ -254,10 +254,7 @@ class VcpuRole(Role):
         while (r := kvm_tdp_page_fault(kvm, gfn, write, exec_)) == RET_PF_RETRY:
             kvm.w.relax()  # the guest re-executes the access; others run meanwhile
             retries += 1
-            if retries >= self.cfg.vcpu.max_retries:
-                kvm.bug("fault livelock",
-                        f"a fault returned RET_PF_RETRY {retries} times in a row",
-                        gfn=gfn, write=write)
+            kvm.hooks.retry(kvm, "kvm_tdp_page_fault", gfn)
         if r == RET_PF_EMULATE:
             self.emulate_write(gfn)
         self.after_fault(retries)
@@ -694,6 +691,7 @@ class Worker:
                 continue
             step()
             stats["ops"] += 1
+            self.kvm.hooks.op_end(self.kvm)
             if inj.leak_per_op:
                 leaked.append(bytearray(b"\x01" * inj.leak_per_op))  # injected leak
             if rcu.pending:
@@ -739,6 +737,7 @@ class Worker:
                 rng.seed(self.op_seed(k))
                 step()
                 kvm.stats["ops"] += 1
+                kvm.hooks.op_end(kvm)
                 self.reclaim()
             k += 1
         turns.end_phase()

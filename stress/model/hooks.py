@@ -30,6 +30,20 @@ if TYPE_CHECKING:
     from stress.model.kvm import Kvm
 
 
+# The model's retry loops, by the kernel function that goes round them.  A
+# ``retry`` hook names one of these; liveness oracles count the rounds.
+RETRY_SITES = (
+    "kvm_tdp_page_fault",  # the vCPU re-enters after RET_PF_RETRY
+    "tdx_handle_ept_violation",  # a TD's private fault retried locally
+    "kvm_tdp_map_page",  # KVM_PRE_FAULT_MEMORY's loop
+    "kvm_tdp_mmu_map_private_pfn",  # the initial image's map loop
+    "tdp_mmu_zap_spte_atomic",  # a read-lock zap lost its cmpxchg: goto retry
+    "tdp_mmu_set_spte_atomic",  # another read-lock write (clear D, wrprot) lost its cmpxchg
+    "tdh_mem_busy",  # a removal SEAMCALL retried while TDX_OPERAND_BUSY
+    "synchronize_srcu",  # a memslot update waits for kvm->srcu readers
+)
+
+
 class Hooks:
     """No-op hook points (see the module docstring); :mod:`stress.oracles`
     subclasses this."""
@@ -83,6 +97,19 @@ class Hooks:
 
     def unsync_sync_done(self, kvm: Kvm) -> None:
         """kvm_mmu_sync_roots finished its walk, mmu_lock still held for write."""
+
+
+    # -- liveness ----------------------------------------------------------------
+    def retry(self, kvm: Kvm, site: str, key: int) -> None:
+        """The operation in progress goes round the retry loop ``site`` (one of
+        RETRY_SITES) once more for entry ``key`` (a gfn): no progress yet."""
+
+    def wait(self, kvm: Kvm, site: str, key: int, holder: int) -> None:
+        """The operation in progress waits another round at ``site`` for worker
+        ``holder`` (e.g. synchronize_srcu for a reader still inside)."""
+
+    def op_end(self, kvm: Kvm) -> None:
+        """The harness: the worker's operation completed (progress)."""
 
 
 NO_HOOKS = Hooks()

@@ -103,10 +103,9 @@ class Kvm:
         # huge pages on: faults may map shared gfns with 2M leaves
         self.huge_pages = False
         # TDX: the chance that kvm_vcpu_has_events() ends a local retry loop (and a
-        # MapGPA between chunks); consecutive retries before a fault is stuck; the
-        # worker slots that are vCPUs (whose mutexes the VM-state ioctls take)
+        # MapGPA between chunks); the worker slots that are vCPUs (whose mutexes the
+        # VM-state ioctls take)
         self.tdx_pending_event_fraction = 0.0
-        self.max_fault_retries = 100_000
         self.vcpu_slots: tuple[int, ...] = ()
         self.walk_params: Any = None  # for Words.tdp_walk, built by tdp_iter at first use
 

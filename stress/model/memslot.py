@@ -11,8 +11,9 @@ gfn of an invalid slot cannot succeed until the move is done: it must give up
 its SRCU read-side section, or the move never completes (the deadlocks fixed
 by 2bc2694fe20b and 3ccbf6f47098).
 
-The oracle: ``synchronize_srcu`` waits a bounded number of rounds; a reader
-that stays longer is named with where it is (a liveness finding, not a hang).
+``synchronize_srcu`` waits as long as it takes, each round a ``wait`` hook
+point naming the reader it waits for: the liveness oracle bounds the rounds
+and names the reader, where it is and what it keeps retrying.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from __future__ import annotations
 from stress.arena import Globals, Slot
 from stress.atomics import LockAborted
 from stress.model.kvm import Kvm
-
-SRCU_STALL_ROUNDS = 2000  # rounds of synchronize_srcu's wait (a relax and 50 us each)
 
 
 def srcu_read_lock(kvm: Kvm, gfn: int = -1) -> None:
@@ -39,23 +38,17 @@ def synchronize_srcu(kvm: Kvm) -> None:
     """Wait until every reader that entered before this call has left."""
     w, lay = kvm.w, kvm.layout
     gp = w.fetch_add(lay.glob(Globals.SRCU_GP), 1) + 1
-    for _ in range(SRCU_STALL_ROUNDS):
+    while True:
         waiting = [v for v in range(lay.n_slots) if v != kvm.me
                    and 0 < w.load(lay.slot(v, Slot.SRCU_READER)) <= gp]
         if not waiting:
             return
         if w.load(w.abort_i):
             raise LockAborted("synchronize_srcu")
+        v = waiting[0]
+        kvm.hooks.wait(kvm, "synchronize_srcu", w.load(lay.slot(v, Slot.SRCU_SITE)) - 1, v)
         w.relax()
         w.pause(0.00005)
-    v = waiting[0]
-    site = w.load(lay.slot(v, Slot.SRCU_SITE)) - 1
-    kvm.bug("synchronize_srcu stall",
-            f"a memslot move waits for worker {v}, which stays in kvm->srcu's read side "
-            f"handling a fault on gfn {site:#x} of the invalid slot: its retry loop never "
-            "lets go", holder_worker=v, gfn=site,
-            slot=f"[{w.load(lay.glob(Globals.MEMSLOT_INVALID_START)):#x}, "
-                 f"{w.load(lay.glob(Globals.MEMSLOT_INVALID_END)):#x})")
 
 
 def memslot_invalid(kvm: Kvm, gfn: int) -> bool:

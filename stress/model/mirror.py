@@ -77,9 +77,6 @@ EIO = 5
 # KVM_REQ_OUTSIDE_GUEST_MODE: KVM_REQUEST_NO_ACTION | KVM_REQUEST_WAIT, i.e. no
 # request bit to service, only the kick and the wait for guest mode to end
 KVM_REQ_OUTSIDE_GUEST_MODE = 0
-# the proposal's removal SEAMCALLs cannot be unwound: retried this often on BUSY
-# before we call it a livelock
-MUST_SUCCEED_TRIES = 200_000
 
 SeamcallFn = Callable[..., int]
 
@@ -551,7 +548,7 @@ def _must_succeed(kvm: Kvm, name: str, call: SeamcallFn, gfn: int, level: int,
                   *args: int) -> None:
     """The proposal's removal SEAMCALLs cannot be unwound: retry BUSY until done
     (vCPUs keep running: nothing like tdh_do_no_vcpus stops them)."""
-    for _ in range(MUST_SUCCEED_TRIES):
+    while True:
         err = seamcall(kvm, name, call, *args)
         if err == TDX_SUCCESS:
             return
@@ -559,9 +556,8 @@ def _must_succeed(kvm: Kvm, name: str, call: SeamcallFn, gfn: int, level: int,
             TDX_BUG_ON(kvm, err, name, gfn, level)
         if kvm.w.load(kvm.w.abort_i):
             raise LockAborted(name)
+        kvm.hooks.retry(kvm, "tdh_mem_busy", gfn)
         kvm.w.spin_ns(200)
-    kvm.bug("SEAMCALL livelock", f"{name} answered BUSY {MUST_SUCCEED_TRIES} times",
-            gfn=gfn, level=level)
 
 
 def proposal_track(kvm: Kvm) -> None:
@@ -570,13 +566,14 @@ def proposal_track(kvm: Kvm) -> None:
     still in use and is retried after the other's kick."""
     assert kvm.tdx is not None
     m = kvm.tdx.module
-    for _ in range(MUST_SUCCEED_TRIES):
+    while True:
         err = seamcall(kvm, "TDH.MEM.TRACK", m.tdh_mem_track)
         if err == TDX_SUCCESS:
             break
         kvm_make_all_cpus_request(kvm, KVM_REQ_OUTSIDE_GUEST_MODE)
         if kvm.w.load(kvm.w.abort_i):
             raise LockAborted("TDH.MEM.TRACK")
+        kvm.hooks.retry(kvm, "tdh_mem_busy", -1)
     kvm_make_all_cpus_request(kvm, KVM_REQ_OUTSIDE_GUEST_MODE)
 
 
@@ -766,13 +763,10 @@ def tdh_spin_without_kick(kvm: Kvm, name: str, call: SeamcallFn, *args: int) -> 
     err = seamcall(kvm, name, call, *args)
     if name == "TDH.MEM.RANGE.BLOCK":
         return err
-    for _ in range(MUST_SUCCEED_TRIES):
-        if not tdx_operand_busy(err):
-            return err
+    while tdx_operand_busy(err):
         if kvm.w.load(kvm.w.abort_i):
             raise LockAborted(name)
+        kvm.hooks.retry(kvm, "tdh_mem_busy", args[0] if args else -1)
         kvm.w.relax()
         err = seamcall(kvm, name, call, *args)
-    kvm.bug("SEAMCALL livelock", f"{name} answered BUSY {MUST_SUCCEED_TRIES} times with "
-            "mmu_lock held for write")
     return err

@@ -204,6 +204,7 @@ def tdx_handle_ept_violation(kvm: Kvm, gfn: int, write: bool, how: int) -> int:
             break
         tries += 1
         kvm.stats["local_retries"] += 1
+        kvm.hooks.retry(kvm, "tdx_handle_ept_violation", gfn)
         if not kvm.variant.ept_violation_local_retry(kvm, gfn, tries):
             break
         if vm_dead(kvm):
@@ -231,9 +232,6 @@ def local_retry_ignoring_memslots(kvm: Kvm, gfn: int, tries: int) -> bool:
     if kvm.rng.random() < kvm.tdx_pending_event_fraction or signal_pending(kvm):
         kvm.stats["local_retry_exits"] += 1
         return False
-    if tries >= kvm.max_fault_retries:
-        kvm.bug("fault livelock", f"tdx_handle_ept_violation retried locally {tries} times",
-                gfn=gfn)
     return True
 
 
@@ -361,6 +359,7 @@ def kvm_tdp_map_page(kvm: Kvm, gfn: int, addr_direct: bool, private: bool) -> in
         if r != RET_PF_RETRY:
             return 0 if r != RET_PF_EXIT else -14  # -EFAULT: KVM_EXIT_MEMORY_FAULT
         kvm.stats["prefault_retries"] += 1
+        kvm.hooks.retry(kvm, "kvm_tdp_map_page", gfn)
         kvm.w.relax()  # cond_resched()
 
 

@@ -622,6 +622,7 @@ def kvm_tdp_mmu_map_private_pfn(kvm: Kvm, gfn: int, pfn: int) -> int:
         if r != RET_PF_RETRY:
             return 0 if r == RET_PF_FIXED else -5
         kvm.stats["map_private_retries"] += 1
+        kvm.hooks.retry(kvm, "kvm_tdp_mmu_map_private_pfn", gfn)
         kvm.w.relax()
 
 
@@ -642,6 +643,7 @@ def _zap_present_leafs(kvm: Kvm, root: int, start: int, end: int,
             if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
                 if zap_one(it):
                     kvm.stats["zap_retry"] += 1
+                    kvm.hooks.retry(kvm, "tdp_mmu_zap_spte_atomic", it.gfn)
                     continue
                 n += 1
             it.next()
@@ -748,6 +750,7 @@ def kvm_tdp_mmu_clear_dirty_range(kvm: Kvm, start: int, end: int) -> int:
                 if (is_shadow_present_pte(old) and is_last_spte(old, it.level)
                         and old & shadow_dirty_mask):
                     if tdp_mmu_set_spte_atomic(kvm, it, old & ~shadow_dirty_mask):
+                        kvm.hooks.retry(kvm, "tdp_mmu_set_spte_atomic", it.gfn)
                         continue  # retry with the refreshed snapshot
                     n += 1
                 it.next()
@@ -894,6 +897,7 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
                 if shared:
                     if tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE):
                         kvm.stats["zap_retry"] += 1
+                        kvm.hooks.retry(kvm, "tdp_mmu_zap_spte_atomic", it.gfn)
                         continue  # goto retry with the refreshed old_spte
                 else:
                     tdp_mmu_iter_set_spte(kvm, it, SHADOW_NONPRESENT_VALUE)

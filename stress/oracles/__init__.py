@@ -20,6 +20,7 @@ from stress.model.hooks import Hooks
 from stress.model.kvm import Kvm
 from stress.oracles import (
     faults,
+    liveness,
     memory,
     notifier,
     quiescent,
@@ -31,7 +32,7 @@ from stress.oracles import (
 from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, ORACLES, Oracle
 
 __all__ = ["HOOK_QUIESCENT", "HOOK_TEARDOWN", "ORACLES", "Oracle", "OracleHooks", "attach",
-           "faults", "memory", "notifier", "quiescent", "roots", "tdx", "tlb", "unsync"]
+           "faults", "liveness", "memory", "notifier", "quiescent", "roots", "tdx", "tlb", "unsync"]
 
 HOOK_NAMES = tuple(n for n in vars(Hooks) if not n.startswith("_"))
 # at one hook, the oracles of these modules run first (a table's RCU callback and a
@@ -63,12 +64,14 @@ class OracleHooks(Hooks):
     an instance attribute calling that hook's checks (no dispatch cost for a
     hook without oracles)."""
 
-    def __init__(self, disabled: Iterable[str] = ()) -> None:
+    def __init__(self, disabled: Iterable[str] = (),
+                 params: dict[str, int] | None = None) -> None:
         off = set(disabled)
         unknown = off - {o.name for o in ORACLES}
         if unknown:
             raise ValueError(f"unknown oracle(s): {', '.join(sorted(unknown))}")
         base = Hooks()
+        self.params = dict(params or {})  # bounds the oracles read (see LivenessConfig)
         self.enabled = [o for o in ORACLES if o.name not in off]
         for name in HOOK_NAMES:
             here = sorted((o for o in self.enabled if o.hook == name and o.check),
@@ -77,9 +80,10 @@ class OracleHooks(Hooks):
             setattr(self, name, _dispatch(name, checks, getattr(base, name)))
 
 
-def attach(kvm: Kvm, disabled: Iterable[str] = ()) -> Kvm:
+def attach(kvm: Kvm, disabled: Iterable[str] = (),
+           params: dict[str, int] | None = None) -> Kvm:
     """Attach the oracles to this task's ``struct kvm``."""
-    kvm.hooks = OracleHooks(disabled)
+    kvm.hooks = OracleHooks(disabled, params)
     return kvm
 
 

@@ -1,0 +1,98 @@
+"""Liveness: every operation completes within a bound of rounds at one position.
+
+The model's retry loops are unbounded, as the kernel's are; each round is a
+``retry`` (or, for a wait on another task, ``wait``) hook point naming the
+kernel function that loops and the entry it loops on.  Counted per task and
+per (site, entry) since the task's last completed operation, a count past the
+bound is a livelock, reported where it happens ("livelock in X at gfn G"),
+with the task it waits for when there is one, and what that task is doing.
+Each task publishes the loop it is in (site and entry, in its worker slot),
+so a waiter names the holder's loop rather than only its own symptom.
+"""
+
+from __future__ import annotations
+
+from weakref import WeakKeyDictionary
+
+from stress.arena import Slot
+from stress.model.hooks import RETRY_SITES
+from stress.model.kvm import Kvm
+from stress.oracles.base import oracle
+
+MAX_RETRIES = 100_000  # rounds of a retry loop at one entry within one operation
+MAX_WAIT_ROUNDS = 2_000  # rounds of a wait for another task (each sleeps ~50 us)
+_PUBLISH_EVERY = 256
+
+_SITE_ID = {s: i for i, s in enumerate(RETRY_SITES)}
+_counts: WeakKeyDictionary[Kvm, dict[tuple[str, int], int]] = WeakKeyDictionary()
+
+
+def _bound(kvm: Kvm, key: str, default: int) -> int:
+    return int(getattr(kvm.hooks, "params", {}).get(key, default))
+
+
+def _where(key: int) -> str:
+    return f"gfn {key:#x}" if key >= 0 else "no particular entry"
+
+
+def loop_of(kvm: Kvm, worker: int) -> tuple[str, int] | None:
+    """The retry loop ``worker`` published last (site, entry), if any."""
+    w, lay = kvm.w, kvm.layout
+    site = w.load(lay.slot(worker, Slot.RETRY_SITE))
+    if not site:
+        return None
+    return RETRY_SITES[site - 1], w.load(lay.slot(worker, Slot.RETRY_KEY)) - 1
+
+
+@oracle("livelock",
+        invariant="every operation completes within a bound of retries at one position: a "
+                  "retry loop that goes round for ever on one entry is a livelock (or a "
+                  "deadlock the loop hides)",
+        hook="retry", when="each round of a model retry loop (RETRY_SITES)",
+        cost="a dict update per round; a slot store every 256 rounds")
+def retries_bounded(kvm: Kvm, site: str, key: int) -> None:
+    c = _counts.setdefault(kvm, {})
+    n = c.get((site, key), 0) + 1
+    c[(site, key)] = n
+    if n == 1 or n % _PUBLISH_EVERY == 0:
+        lay = kvm.layout
+        kvm.w.store(lay.slot(kvm.me, Slot.RETRY_SITE), _SITE_ID[site] + 1)
+        kvm.w.store(lay.slot(kvm.me, Slot.RETRY_KEY), key + 1)
+    bound = _bound(kvm, "max_retries", MAX_RETRIES)
+    if n > bound:
+        kvm.bug("livelock", f"livelock in {site} at {_where(key)}: {n - 1} retries without "
+                "the operation completing", site=site, gfn=key, rounds=n - 1)
+
+
+@oracle("livelock",
+        invariant="a task waiting for another (a grace period, a reader, a kick) waits a "
+                  "bounded time: the report names the task waited for and the loop it is in",
+        hook="wait", when="each round of a wait for another task",
+        cost="a dict update per round; two loads when the bound is hit")
+def waits_bounded(kvm: Kvm, site: str, key: int, holder: int) -> None:
+    c = _counts.setdefault(kvm, {})
+    n = c.get((site, -2 - holder), 0) + 1
+    c[(site, -2 - holder)] = n
+    if n > _bound(kvm, "max_wait_rounds", MAX_WAIT_ROUNDS):
+        loop = loop_of(kvm, holder)
+        if loop is None:
+            doing = f", which is not in a retry loop ({_where(key)})"
+        else:
+            doing = f", which keeps retrying {loop[0]} at {_where(loop[1])}"
+        kvm.bug("livelock", f"livelock in {site}: {n - 1} rounds waiting for worker {holder}"
+                f"{doing}", site=site, held_by_worker=holder, gfn=key,
+                holder_site=loop[0] if loop else None,
+                holder_gfn=loop[1] if loop else None, rounds=n - 1)
+
+
+@oracle("livelock",
+        invariant="(progress) a completed operation resets its task's counts",
+        hook="op_end", when="the harness, after each worker operation",
+        cost="a dict clear; two slot stores when a loop was published")
+def progress(kvm: Kvm) -> None:
+    c = _counts.get(kvm)
+    if c:
+        c.clear()
+        lay = kvm.layout
+        kvm.w.store(lay.slot(kvm.me, Slot.RETRY_SITE), 0)
+        kvm.w.store(lay.slot(kvm.me, Slot.RETRY_KEY), 0)
