@@ -1,6 +1,6 @@
 """Hunting schedules for a violation, and replaying the one that was found.
 
-``hunt`` runs the config under controlled schedules (harness/schedule.py),
+``hunt`` runs the config under controlled schedules (harness/sched/),
 each try a fresh schedule seed, alternating the random policy at a few switch
 rates with PCT at a few depths, until one run reports a violation.  The
 schedule that ran is recorded by the workers as switch points, so the run
