@@ -33,9 +33,9 @@ from typing import Any
 import pytest
 
 from stress import config as config_mod
-from stress.explain import annotate, worker_names, write_bundles
 from stress.harness.supervisor import Supervisor
-from stress.report import build_results, now_iso, write_json_atomic
+from stress.report.explain import annotate, worker_names, write_bundles
+from stress.report.report import build_results, now_iso, write_json_atomic
 
 
 def pytest_configure(config: pytest.Config) -> None:

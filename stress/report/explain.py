@@ -75,7 +75,7 @@ def write_bundles(root: Path, cfg: Config, violations: list[dict[str, Any]],
                   ) -> list[tuple[Path, bool]]:
     """Bundle the first cause (and, with ``keep_going``, the consequences too);
     each bundled violation gets its ``bundle`` path.  Returns (path, new)."""
-    from stress.bundle import write_bundle
+    from stress.repro.bundle import write_bundle
 
     out = []
     for v in violations[: None if keep_going else 1]:

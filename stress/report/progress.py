@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from stress.report import ROLE_OP, StatusLine, _si
-from stress.soak import SoakStatus
+from stress.jobs.soak import SoakStatus
+from stress.report.report import ROLE_OP, StatusLine, _si
 
 
 def _hms(s: float) -> str:

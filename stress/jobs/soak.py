@@ -7,7 +7,7 @@ own with ``tdp-stress run --seed``.  After every epoch the checkpoint file is
 rewritten atomically: a soak killed at 3 a.m. still says which epochs and
 seeds it covered and what it found.  Without ``keep_going`` the first
 violation ends the soak; with it, each distinct violation gets a bundle (see
-``bundle.py``) and the soak goes on.  Crashes, hangs, leaks and interrupts
+``repro/bundle.py``) and the soak goes on.  Crashes, hangs, leaks and interrupts
 always end it.
 
 Time: epochs are cut so the last one ends on time, and every run gets the
@@ -29,7 +29,6 @@ from typing import Any
 from stress import __version__
 from stress import config as config_mod
 from stress.config import Config
-from stress.explain import annotate, worker_names, write_bundles
 from stress.harness.supervisor import (
     EXIT_CODES,
     OVERRUN_S,
@@ -37,7 +36,8 @@ from stress.harness.supervisor import (
     StatusSnapshot,
     Supervisor,
 )
-from stress.report import build_results, now_iso, write_json_atomic
+from stress.report.explain import annotate, worker_names, write_bundles
+from stress.report.report import build_results, now_iso, write_json_atomic
 
 SCHEMA = "tdp-stress-soak"
 SCHEMA_VERSION = 1

@@ -76,7 +76,7 @@ def _hunt(name: str, tries: int, replays: int, max_steps: int,
           progress: Callable[[str], None] | None, variant_file: str = "") -> dict[str, Any]:
     """Controlled scheduling (harness/sched/): schedules tried until one
     fails, then that schedule replayed ``replays`` times."""
-    from stress.hunt import events_key, hunt
+    from stress.repro.hunt import events_key, hunt
 
     v = VARIANTS[name]
     cfg = config_mod.load(_config_path(v), {"run": {

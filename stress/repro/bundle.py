@@ -117,9 +117,9 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
         if schedule is not None:
             (tmp / "schedule.json").write_text(json.dumps(schedule, indent=2) + "\n")
         if trace:
-            from stress.explain import worker_names
-            from stress.harness.trace import chrome_trace, focus
-            from stress.render import details_text, hexify, timeline
+            from stress.harness.trace import focus
+            from stress.report.explain import worker_names
+            from stress.report.render import chrome_trace, details_text, hexify, timeline
 
             (tmp / "trace.jsonl").write_text("".join(json.dumps(e) + "\n" for e in trace))
             (tmp / "trace.chrome.json").write_text(chrome_trace(
