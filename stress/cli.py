@@ -19,15 +19,13 @@ import click
 from stress import config as config_mod
 from stress.arena import list_segments, sweep_stale
 from stress.config import ROLES, ConfigError, parse_duration, parse_size
-from stress.harness.supervisor import EXIT_USAGE, Supervisor
+from stress.harness.supervisor import EXIT_USAGE
 from stress.model.variants import VARIANTS
 from stress.report.report import (
     StatusLine,
-    build_results,
     format_soak_summary,
     format_summary,
     junit_case,
-    now_iso,
     write_json_atomic,
     write_junit,
 )
@@ -219,7 +217,7 @@ def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[s
         quiet: bool, plain: bool) -> int:
     """Run the stress job of CONFIG_FILE: a file, or a shipped config's name
     (`tdp-stress configs`; default: default)."""
-    from stress.report.explain import annotate, worker_names, write_bundles
+    from stress.jobs.run import run_job
 
     cfg = _load_run_config(config_file, vcpus, worker_counts, duration, seed, variant,
                            guest_size, vm_type, out_dir, check_interval,
@@ -227,15 +225,11 @@ def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[s
     out = _new_run_dir(cfg)
     results_path = out / "results.json"
 
-    started = now_iso()
     with RunStatus(quiet, plain) as status:
-        outcome = Supervisor(cfg, on_status=status.update if status.enabled else None).run()
-    res = build_results(cfg, outcome, started)
+        outcome, res = run_job(cfg, out, status.update if status.enabled else None,
+                               keep_going=keep_going, width=width or 0)
     res["config_file"] = _config_label(config_file)
     res["run_dir"] = str(out)
-    annotate(res["violations"], worker_names(cfg))
-    write_bundles(out / "bundles", cfg, res["violations"], outcome.trace, keep_going,
-                  width or 0)
     write_json_atomic(results_path, res)
     if junit_path:
         write_junit(Path(junit_path), "tdp-stress", [junit_case(

@@ -142,6 +142,19 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
     return path, True
 
 
+def write_bundles(root: Path, cfg: Config, violations: list[dict[str, Any]],
+                  trace: list[dict[str, Any]], keep_going: bool = False, width: int = 0
+                  ) -> list[tuple[Path, bool]]:
+    """Bundle the first cause (and, with ``keep_going``, the consequences too);
+    each bundled violation gets its ``bundle`` path.  Returns (path, new)."""
+    out = []
+    for v in violations[: None if keep_going else 1]:
+        path, new = write_bundle(root, cfg, v, trace, width=width)
+        v["bundle"] = str(path)
+        out.append((path, new))
+    return out
+
+
 def _atomic_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
