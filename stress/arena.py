@@ -211,7 +211,7 @@ class SpMeta:
 
 class Sched:
     """Controlled-scheduling words (offsets inside the sched region; see
-    harness/schedule.py).  Only the worker holding the turn writes them."""
+    harness/sched/turns.py).  Only the worker holding the turn writes them."""
 
     STEP = 0  # shared accesses (scheduling points) so far, published at each hand-over
     DONE = 1  # bit per worker that has exited

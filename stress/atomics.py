@@ -468,7 +468,7 @@ def _raise_aborted() -> None:
 class ScheduledWords(Words):
     """:class:`Words` whose every access is a scheduling point (controlled runs).
 
-    Before each access the worker asks its scheduler (harness/schedule.py)
+    Before each access the worker asks its scheduler (harness/sched/turns.py)
     whether to keep the turn; only the turn holder runs, so each access, and
     each sequence of native calls without a point between them, is atomic with
     respect to the other workers.  A lock another worker holds can only be

@@ -18,20 +18,18 @@ import click
 
 from stress import config as config_mod
 from stress.arena import list_segments, sweep_stale
-from stress.bundle import write_bundle
 from stress.config import ROLES, ConfigError, parse_duration, parse_size
-from stress.harness.supervisor import EXIT_USAGE, Supervisor
+from stress.harness.supervisor import EXIT_USAGE
 from stress.model.variants import VARIANTS
-from stress.report import (
+from stress.report.report import (
     StatusLine,
-    build_results,
     format_soak_summary,
     format_summary,
     junit_case,
-    now_iso,
     write_json_atomic,
     write_junit,
 )
+from stress.repro.bundle import write_bundle
 
 
 class DurationType(click.ParamType):
@@ -219,7 +217,7 @@ def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[s
         quiet: bool, plain: bool) -> int:
     """Run the stress job of CONFIG_FILE: a file, or a shipped config's name
     (`tdp-stress configs`; default: default)."""
-    from stress.explain import annotate, worker_names, write_bundles
+    from stress.jobs.run import run_job
 
     cfg = _load_run_config(config_file, vcpus, worker_counts, duration, seed, variant,
                            guest_size, vm_type, out_dir, check_interval,
@@ -227,15 +225,11 @@ def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[s
     out = _new_run_dir(cfg)
     results_path = out / "results.json"
 
-    started = now_iso()
     with RunStatus(quiet, plain) as status:
-        outcome = Supervisor(cfg, on_status=status.update if status.enabled else None).run()
-    res = build_results(cfg, outcome, started)
+        outcome, res = run_job(cfg, out, status.update if status.enabled else None,
+                               keep_going=keep_going, width=width or 0)
     res["config_file"] = _config_label(config_file)
     res["run_dir"] = str(out)
-    annotate(res["violations"], worker_names(cfg))
-    write_bundles(out / "bundles", cfg, res["violations"], outcome.trace, keep_going,
-                  width or 0)
     write_json_atomic(results_path, res)
     if junit_path:
         write_junit(Path(junit_path), "tdp-stress", [junit_case(
@@ -334,7 +328,7 @@ def _load_run_config(config_file: str | None, vcpus: int | None,
 
 def _new_run_dir(cfg: Any) -> Path:
     """This run's own directory under run.out (see explain.new_run_dir)."""
-    from stress.explain import new_run_dir
+    from stress.report.explain import new_run_dir
 
     root = Path(cfg.run.out)
     try:
@@ -380,8 +374,8 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
          junit_path: str | None, json_out: str | None, width: int | None, quiet: bool,
          plain: bool) -> int:
     """Soak: epochs of fresh seeds for DURATION, a checkpoint after each epoch."""
-    from stress.progress import SoakProgress
-    from stress.soak import Soak
+    from stress.jobs.soak import Soak
+    from stress.report.progress import SoakProgress
 
     cfg = _load_run_config(config_file, vcpus, worker_counts, None, seed, variant, None,
                            vm_type, out_dir, None, expect_violation, watchdog, variant_file)
@@ -424,7 +418,7 @@ def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
     the machine's own, and per-role throughput of the config's job (default);
     SEAMCALL BUSY policies (--policy); the unsync lock against write-protection
     (--unsync); protocol variants side by side (--compare)."""
-    from stress.bench import (
+    from stress.jobs.bench import (
         format_table,
         policy_comparison,
         unsync_comparison,
@@ -451,7 +445,7 @@ def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
                                  base.run.variant_file, progress)
         text = format_table(res, "Protocol variants side by side")
     elif not policy_mode and not unsync_mode:
-        from stress.bench import format_throughput, throughput
+        from stress.jobs.bench import format_throughput, throughput
 
         res = throughput(config_mod.load(config_file, vf), duration, runs, progress)
         text = format_throughput(res)
@@ -481,7 +475,7 @@ def campaign(matrix_file: str, shard: str, out_dir: str, quiet: bool, plain: boo
     Exit 0 when every cell of the shard met its expectation (bug variants
     caught, fixed protocol clean), 1 otherwise.
     """
-    from stress.campaign import CampaignError, load_matrix, parse_shard, run_campaign
+    from stress.jobs.campaign import CampaignError, load_matrix, parse_shard, run_campaign
 
     try:
         matrix = load_matrix(matrix_file)
@@ -506,8 +500,8 @@ def merge(paths: tuple[str, ...], out_file: str | None) -> int:
 
     Exit 0 when every shard is there and every cell met its expectation.
     """
-    from stress.campaign import CampaignError, format_merge
-    from stress.campaign import merge as merge_shards
+    from stress.jobs.campaign import CampaignError, format_merge
+    from stress.jobs.campaign import merge as merge_shards
 
     try:
         report = merge_shards([Path(p) for p in paths])
@@ -551,14 +545,14 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
     Exit 0 when every variant was detected at least once and the fixed
     protocol ran clean, 1 otherwise.
     """
-    from stress.zoo import format_zoo, not_detected, run_zoo
+    from stress.jobs.zoo import format_zoo, not_detected, run_zoo
 
     _load_variant_file(variant_file)
     chosen = list(names) or [v.name for v in VARIANTS.values() if v.buggy]
     unknown = [n for n in chosen if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variant: unknown variant {unknown[0]!r}")
-    from stress.zoo import ZooInterrupted
+    from stress.jobs.zoo import ZooInterrupted
 
     try:
         res = run_zoo(chosen, seeds, cap, fixed_for, progress=_progress(quiet),
@@ -603,7 +597,7 @@ def repro(bundle: str, runs: int, stop_after: int, variant_file: str | None,
 
     Exit 0 when the violation came back at least once, 1 when it did not.
     """
-    from stress.repro import BundleError, reproduce
+    from stress.repro.repro import BundleError, reproduce
 
     try:
         res = reproduce(Path(bundle), runs, stop_after, progress=_progress(quiet),
@@ -624,7 +618,7 @@ def _hunt_config(target: str | None, variant: str | None, vcpus: int | None,
                  worker_counts: tuple[tuple[str, int], ...], guest_size: int | None,
                  variant_file: str | None = None) -> Any:
     """The config to hunt with: a bundle's, a config file's, or the variant's own."""
-    from stress.repro import BundleError, load_bundle
+    from stress.repro.repro import BundleError, load_bundle
 
     overrides: dict[str, dict[str, Any]] = {"run": {}, "workers": {}, "guest": {}}
     _load_variant_file(variant_file)
@@ -686,9 +680,10 @@ def hunt(target: str | None, variant: str | None, tries: int, mode: str,
     same config is hunted under controlled schedules); default: the variant's
     own config.  Exit 0 when a failing schedule was found, 1 when not.
     """
-    from stress.explain import annotate, worker_names
-    from stress.harness.trace import focus, timeline
-    from stress.hunt import hunt as do_hunt
+    from stress.harness.trace import focus
+    from stress.report.explain import annotate, worker_names
+    from stress.report.render import timeline
+    from stress.repro.hunt import hunt as do_hunt
 
     cfg = _hunt_config(target, variant, vcpus, worker_counts, guest_size, variant_file)
     modes = ("random", "pct") if mode == "mixed" else (mode,)
@@ -729,8 +724,8 @@ def replay(bundle: str, runs: int, json_out: str | None, quiet: bool, plain: boo
     Exit 0 when every run reports the bundle's invariant with the same trace
     events, 1 otherwise.
     """
-    from stress.hunt import replay as do_replay
-    from stress.repro import BundleError
+    from stress.repro.hunt import replay as do_replay
+    from stress.repro.repro import BundleError
 
     try:
         res = do_replay(Path(bundle), runs, progress=_progress(quiet))
@@ -765,10 +760,11 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None,
     smallest failing bundle (BUNDLE-shrunk) and prints its interleaving.  Exit 0
     when a failing bundle was written.
     """
-    from stress.explain import annotate, worker_names
-    from stress.harness.trace import focus, timeline
-    from stress.repro import BundleError, load_bundle
-    from stress.shrink import Shrinker, ShrinkInterrupted
+    from stress.harness.trace import focus
+    from stress.report.explain import annotate, worker_names
+    from stress.report.render import timeline
+    from stress.repro.repro import BundleError, load_bundle
+    from stress.repro.shrink import Shrinker, ShrinkInterrupted
 
     src = Path(bundle)
     try:

@@ -223,7 +223,7 @@ SCHEDULE_MODES = ("free", "random", "pct", "replay")
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Controlled scheduling (see harness/schedule.py): "free" lets the OS
+    """Controlled scheduling (see harness/sched/): "free" lets the OS
     interleave the workers; the other modes make them take turns at the atomics
     chokepoint so that a run is a pure function of (config, seed, schedule)."""
 

@@ -33,9 +33,8 @@ from typing import Any
 import pytest
 
 from stress import config as config_mod
-from stress.explain import annotate, worker_names, write_bundles
-from stress.harness.supervisor import Supervisor
-from stress.report import build_results, now_iso, write_json_atomic
+from stress.jobs.run import run_job
+from stress.report.report import write_json_atomic
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,11 +66,7 @@ def stress_run(tmp_path: Path) -> StressRun:
             else:
                 ov["run"][key] = val
         cfg = config_mod.load(config, ov)
-        started = now_iso()
-        outcome = Supervisor(cfg).run()
-        res = build_results(cfg, outcome, started)
-        annotate(res["violations"], worker_names(cfg))
-        write_bundles(out / "bundles", cfg, res["violations"], outcome.trace)
+        _, res = run_job(cfg, out)
         write_json_atomic(out / "results.json", res)
         return res
 

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-import stress.campaign as campaign
-from stress.campaign import (
+import stress.jobs.campaign as campaign
+from stress.config import Config
+from stress.harness.supervisor import RunOutcome
+from stress.jobs.campaign import (
     CampaignError,
     Cell,
     format_merge,
@@ -23,8 +25,6 @@ from stress.campaign import (
     run_campaign,
     shard_cells,
 )
-from stress.config import Config
-from stress.harness.supervisor import RunOutcome
 from tests.conftest import ROOT
 
 SMOKE = (ROOT / "configs" / "smoke.toml").resolve()

@@ -16,10 +16,10 @@ import psutil
 import pytest
 
 from stress.config import ConfigError, find_config, parse_duration
-from stress.explain import annotate, new_run_dir, who
 from stress.harness.supervisor import StatusSnapshot
-from stress.render import chrome_trace, event_text, spte_text, timeline
-from stress.report import StatusLine
+from stress.report.explain import annotate, new_run_dir, who
+from stress.report.render import chrome_trace, event_text, spte_text, timeline
+from stress.report.report import StatusLine
 from tests.conftest import ROOT, run_cli, segments_of
 
 SMOKE = str(ROOT / "configs" / "smoke.toml")

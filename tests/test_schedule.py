@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from stress import config as config_mod
-from stress.bundle import to_toml
 from stress.config import ConfigError
 from stress.harness.supervisor import Supervisor
-from stress.hunt import events_key, replay_config, with_schedule
-from stress.shrink import Shrinker, size
+from stress.repro.bundle import to_toml
+from stress.repro.hunt import events_key, replay_config, with_schedule
+from stress.repro.shrink import Shrinker, size
 
 from .conftest import run_cli
 
@@ -181,7 +181,7 @@ def test_replay_refuses_a_free_run_bundle(tmp_path: Path) -> None:
 def test_a_new_hunt_replaces_its_bundle(tmp_path: Path) -> None:
     """Free-run bundles of one signature are counted; hunt and shrink bundles are
     replaced by the newer reproducer (atomically, no stale files left)."""
-    from stress.bundle import write_bundle
+    from stress.repro.bundle import write_bundle
 
     cfg = config_mod.load(None)
     v = {"invariant": "x", "variant": "fixed", "message": "m", "details": {}}

@@ -39,7 +39,7 @@ import psutil
 from stress.arena import Arena, Control, Globals, Layout, Sched, Slot, SpMeta, sweep_stale
 from stress.atomics import Words
 from stress.config import Config
-from stress.harness import schedule
+from stress.harness import sched
 from stress.harness.trace import read_events
 from stress.harness.workers import (
     STAT_NAMES,
@@ -123,7 +123,7 @@ class RunOutcome:
     hang: dict[str, Any] | None = None
     # the last protocol events of every worker, merged (violation, crash, hang)
     trace: list[dict[str, Any]] = field(default_factory=list)
-    # controlled runs: the schedule that ran, in replay form (harness/schedule.py)
+    # controlled runs: the schedule that ran, in replay form (harness/sched/)
     schedule: dict[str, Any] | None = None
 
     @property
@@ -202,7 +202,7 @@ class Supervisor:
             if not self.cfg.tdx.init_mem_pages or not self.cfg.workers.get("vcpu"):
                 tdx_td_finalize(self.kvm)  # no initial image to build: runnable at once
         if self.controlled:
-            schedule.init_region(w, lay, self.cfg.schedule, self.n)
+            sched.init_region(w, lay, self.cfg.schedule, self.n)
 
     def _spawn(self) -> None:
         ctx = multiprocessing.get_context("fork")
@@ -628,13 +628,13 @@ class Supervisor:
                         reason = self._final_checks() or "clean"
                 self._collect_stats()
                 if self.controlled and self.words is not None:
-                    switches, kinds, lost = schedule.read_log(self.words, self.layout)
+                    switches, kinds, lost = sched.read_log(self.words, self.layout)
                     self.schedule = {
                         "mode": self.cfg.schedule.mode,
                         "steps": (self.violations[0].get("sched_step") if self.violations
                                   else None) or self.words.load(self.layout.sched + Sched.STEP),
                         "switches": [list(x) for x in switches],
-                        "preemptions": kinds.count(schedule.POINT), "lost": lost,
+                        "preemptions": kinds.count(sched.POINT), "lost": lost,
                         # per worker: ops it had started (its next op index) at the end
                         "ops": [self.words.load(self.layout.slot(i, Slot.HEARTBEAT))
                                 for i in range(self.n)]}

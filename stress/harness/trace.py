@@ -1,10 +1,11 @@
-"""Reading the trace rings: merge, decode, timeline, Chrome trace-event JSON.
+"""Reading the trace rings: merge, decode, and the events that tell a violation's story.
 
 Every process appends events to its own ring in shared memory (one native call
 per event; see ``Words.trace``), numbered from one shared counter, so the rings
 merge into one global order without any locking.  After a violation, crash or
 hang the supervisor reads the last events of every ring (the rings outlive a
-dead worker: they are in the arena) and keeps them with the report.
+dead worker: they are in the arena) and keeps them with the report.  Showing
+them to people (the timeline, Chrome trace-event JSON) is ``report/render.py``'s.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def decode(e: tuple[int, ...], roles: list[str]) -> dict[str, Any]:
         d.update(start=a, end=b, phase="begin" if c == 0 else "end")
     elif kind == ev.UNSYNC:
         d.update(shadow_page=a, phase="marked" if b == 0 else "synced")
-    # the raw values too, for timelines that show them in full (render.py)
+    # the raw values too, for timelines that show them in full (report/render.py)
     if kind in (ev.SPTE, ev.SPTE_WRITE):
         d.update(old_spte=f"{b:#018x}", new_spte=f"{c:#018x}")
     elif kind == ev.SEAMCALL:
@@ -113,23 +114,6 @@ def _concerns(e: dict[str, Any], gfn: int) -> bool:
     return e["gfn"] >> shift == gfn >> shift
 
 
-def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 0) -> str:
-    """The last events as one column per worker, like Sean Christopherson's vCPU0/vCPU1 (Jan 2023)
-    diagram: full values, wrapped, ``width`` characters in all (see render.py)."""
-    from stress import render
-
-    return render.timeline(events, last, width)
-
-
 def e_role(evs: list[dict[str, Any]], w: int) -> str:
     role = next(e["role"] for e in evs if e["worker"] == w)
     return f"{role}{w}"
-
-
-def chrome_trace(events: list[dict[str, Any]], title: str = "tdp-stress",
-                 names: list[str] | None = None) -> str:
-    """Chrome trace-event JSON (opens in Perfetto / chrome://tracing): slices for
-    faults, lock holds and zaps per worker, named threads (see render.py)."""
-    from stress import render
-
-    return render.chrome_trace(events, title, names)

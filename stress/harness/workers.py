@@ -30,7 +30,7 @@ from stress import oracles
 from stress.arena import Arena, Control, Globals, Layout, Slot
 from stress.atomics import DelayInjectingWords, LockAborted, ScheduledWords, Words
 from stress.config import Config
-from stress.harness.schedule import Turns
+from stress.harness.sched import Turns, worker_turns
 from stress.model import unsync
 from stress.model.errors import InvariantViolation
 from stress.model.host import init_lpage_info, kvm_mmu_gfn_disallow_lpage
@@ -610,7 +610,7 @@ class Worker:
         if cfg.schedule.controlled:
             # the harness's words bypass the scheduler; the model's wait for turns
             self.words = Words(arena.shm.buf, abort_i)
-            self.turns = Turns(self.words, lay, index, cfg.n_workers, cfg.schedule)
+            self.turns = worker_turns(self.words, lay, index, cfg.n_workers, cfg.schedule)
             model_words = ScheduledWords(arena.shm.buf, abort_i, self.turns)
         elif cfg.inject.delay_every:
             self.words = model_words = DelayInjectingWords(

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stress.bundle import signature
 from stress.config import Config, ConfigError, load_from
 from stress.harness.supervisor import RunOutcome, Supervisor
-from stress.hunt import replay_config
+from stress.repro.bundle import signature
+from stress.repro.hunt import replay_config
 
 
 class ShrinkInterrupted(Exception):
@@ -161,7 +161,7 @@ class Shrinker:
         """Each worker but the one that reported: first keep the schedule (its
         hand-overs to the worker go to whoever it handed over to), then search
         schedules afresh without it (pct and random, as ``hunt`` does)."""
-        from stress.hunt import STRATEGIES, with_schedule
+        from stress.repro.hunt import STRATEGIES, with_schedule
 
         progress = False
         for w in self._drop_order(violator):

@@ -8,7 +8,8 @@ cause, where its bundle is and what to run next, and where each run's files go.
 * Causes and consequences: the first violation of a run stops it; whatever is
   reported after it (a fault that then livelocks on the broken table, the
   checker's divergence) is marked ``consequence_of`` the first.  A bundle is
-  written for the first cause; consequences get one only with ``keep_going``.
+  written for the first cause; consequences get one only with ``keep_going``
+  (``repro/bundle.py``'s ``write_bundles``).
 * Run directories: every ``run`` and ``soak`` writes into a fresh timestamped
   child of ``--out`` and points ``<out>/latest`` at it, so runs never
   overwrite each other and ``<out>/latest/results.json`` is always the newest.
@@ -68,21 +69,6 @@ def annotate(violations: list[dict[str, Any]], names: list[str]) -> None:
             v["who"] = w
         if i:
             v["consequence_of"] = 0
-
-
-def write_bundles(root: Path, cfg: Config, violations: list[dict[str, Any]],
-                  trace: list[dict[str, Any]], keep_going: bool = False, width: int = 0
-                  ) -> list[tuple[Path, bool]]:
-    """Bundle the first cause (and, with ``keep_going``, the consequences too);
-    each bundled violation gets its ``bundle`` path.  Returns (path, new)."""
-    from stress.bundle import write_bundle
-
-    out = []
-    for v in violations[: None if keep_going else 1]:
-        path, new = write_bundle(root, cfg, v, trace, width=width)
-        v["bundle"] = str(path)
-        out.append((path, new))
-    return out
 
 
 def next_steps(bundle: str | Path) -> str:

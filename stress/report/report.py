@@ -287,7 +287,7 @@ def _wrap(prefix: str, items: list[str], width: int) -> list[str]:
 
 
 def format_summary(res: dict[str, Any], results_path: Path | None, width: int = 100) -> str:
-    from stress.render import details_text, hexify
+    from stress.report.render import details_text, hexify
 
     cfg = res.get("config") or {}
     vm = (cfg.get("vm") or {}).get("type", "?")
@@ -331,7 +331,7 @@ def format_summary(res: dict[str, Any], results_path: Path | None, width: int = 
         lines.append("ERROR: " + e.strip().splitlines()[-1] if "\n" in e.strip() else
                      "ERROR: " + e)
     for w, evs in (res.get("crash_trace") or {}).items():
-        from stress.render import event_text
+        from stress.report.render import event_text
 
         lines.append(f"last events of worker {w}: " + "; ".join(event_text(e)
                                                               for e in evs[-5:]))
@@ -347,7 +347,7 @@ def format_summary(res: dict[str, Any], results_path: Path | None, width: int = 
         lines.append(f"results: {results_path}")
     first = res["violations"][0] if res["violations"] else None
     if first and first.get("bundle"):
-        from stress.explain import next_steps
+        from stress.report.explain import next_steps
 
         lines.append(next_steps(first["bundle"]))
     return "\n".join(lines)

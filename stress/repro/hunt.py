@@ -1,6 +1,6 @@
 """Hunting schedules for a violation, and replaying the one that was found.
 
-``hunt`` runs the config under controlled schedules (harness/schedule.py),
+``hunt`` runs the config under controlled schedules (harness/sched/),
 each try a fresh schedule seed, alternating the random policy at a few switch
 rates with PCT at a few depths, until one run reports a violation.  The
 schedule that ran is recorded by the workers as switch points, so the run
@@ -21,7 +21,7 @@ from typing import Any
 
 from stress.config import Config
 from stress.harness.supervisor import RunOutcome, Supervisor
-from stress.report import now_iso, write_json_atomic
+from stress.report.report import now_iso, write_json_atomic
 
 # (mode, switch_p, depth) tried in turn
 STRATEGIES: tuple[tuple[str, float, int], ...] = (
@@ -131,7 +131,7 @@ def replay(path: Path, runs: int,
            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Re-run a hunted bundle ``runs`` times: every run must fail the same way
     with the same events.  Written to ``<bundle>/replay.json``."""
-    from stress.repro import BundleError, load_bundle
+    from stress.repro.repro import BundleError, load_bundle
 
     cfg, violation = load_bundle(path)
     if cfg.schedule.mode != "replay":

@@ -74,9 +74,9 @@ def _detect(name: str, seeds: int, cap: float, perturb: bool,
 
 def _hunt(name: str, tries: int, replays: int, max_steps: int,
           progress: Callable[[str], None] | None, variant_file: str = "") -> dict[str, Any]:
-    """Controlled scheduling (harness/schedule.py): schedules tried until one
+    """Controlled scheduling (harness/sched/): schedules tried until one
     fails, then that schedule replayed ``replays`` times."""
-    from stress.hunt import events_key, hunt
+    from stress.repro.hunt import events_key, hunt
 
     v = VARIANTS[name]
     cfg = config_mod.load(_config_path(v), {"run": {

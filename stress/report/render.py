@@ -16,7 +16,7 @@
   at its last, and says so.
 
 Events decoded by ``harness/trace.py`` are rendered here; a kind this module
-does not know is shown with ``trace.summary``.
+does not know is shown by its name.
 """
 
 from __future__ import annotations

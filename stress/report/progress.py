@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -16,13 +17,27 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from stress.report import ROLE_OP, StatusLine, _si
-from stress.soak import SoakStatus
+from stress.harness.supervisor import StatusSnapshot
+from stress.report.report import ROLE_OP, StatusLine, _si
 
 
 def _hms(s: float) -> str:
     s = max(0, int(s))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+@dataclass
+class SoakStatus:
+    """What the progress display shows (a soak sends one with each status update)."""
+
+    elapsed_s: float
+    duration_s: float
+    epoch: int
+    epoch_seed: int
+    epochs_done: int
+    run: StatusSnapshot | None
+    distinct_violations: int
+    total_ops: Counter[str] = field(default_factory=Counter)
 
 
 class SoakProgress:

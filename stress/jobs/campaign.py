@@ -44,7 +44,7 @@ from stress import config as _config
 from stress.config import Config, ConfigError, parse_duration
 from stress.harness.supervisor import Supervisor
 from stress.model.variants import VARIANTS
-from stress.report import build_results, now_iso, write_json_atomic
+from stress.report.report import build_results, now_iso, write_json_atomic
 
 SHARD_SCHEMA = "tdp-stress-campaign-shard"
 REPORT_SCHEMA = "tdp-stress-campaign"

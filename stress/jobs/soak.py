@@ -7,7 +7,7 @@ own with ``tdp-stress run --seed``.  After every epoch the checkpoint file is
 rewritten atomically: a soak killed at 3 a.m. still says which epochs and
 seeds it covered and what it found.  Without ``keep_going`` the first
 violation ends the soak; with it, each distinct violation gets a bundle (see
-``bundle.py``) and the soak goes on.  Crashes, hangs, leaks and interrupts
+``repro/bundle.py``) and the soak goes on.  Crashes, hangs, leaks and interrupts
 always end it.
 
 Time: epochs are cut so the last one ends on time, and every run gets the
@@ -22,22 +22,21 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stress import __version__
 from stress import config as config_mod
 from stress.config import Config
-from stress.explain import annotate, worker_names, write_bundles
 from stress.harness.supervisor import (
     EXIT_CODES,
     OVERRUN_S,
     Interrupted,
     StatusSnapshot,
-    Supervisor,
 )
-from stress.report import build_results, now_iso, write_json_atomic
+from stress.jobs.run import run_job
+from stress.report.progress import SoakStatus
+from stress.report.report import now_iso, write_json_atomic
 
 SCHEMA = "tdp-stress-soak"
 SCHEMA_VERSION = 1
@@ -48,20 +47,6 @@ def epoch_seed(master: int, index: int) -> int:
     """The seed of epoch ``index``: a pure function of the master seed."""
     h = hashlib.sha256(f"tdp-stress-soak:{master}:{index}".encode()).digest()
     return int.from_bytes(h[:8], "little") >> 1
-
-
-@dataclass
-class SoakStatus:
-    """What the progress display shows."""
-
-    elapsed_s: float
-    duration_s: float
-    epoch: int
-    epoch_seed: int
-    epochs_done: int
-    run: StatusSnapshot | None
-    distinct_violations: int
-    total_ops: Counter[str] = field(default_factory=Counter)
 
 
 class Soak:
@@ -169,14 +154,11 @@ class Soak:
                                           seed, len(self.epochs), snap, len(self.bundles),
                                           self.totals))
 
-        started = now_iso()
-        outcome = Supervisor(cfg, on_status=status, hard_deadline=hard_deadline).run()
-        res = build_results(cfg, outcome, started)
         # the first violation of an epoch is its cause; the others are marked as
         # its consequences and bundled only with keep_going
-        annotate(res["violations"], worker_names(cfg))
-        write_bundles(self.out / "bundles", cfg, res["violations"], outcome.trace,
-                      self.keep_going, self.width)
+        outcome, res = run_job(cfg, self.out, status, hard_deadline, self.keep_going,
+                               self.width)
+        started = res["started_at"]
         for v in res["violations"]:
             if "bundle" not in v:
                 continue

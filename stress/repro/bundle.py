@@ -117,9 +117,9 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
         if schedule is not None:
             (tmp / "schedule.json").write_text(json.dumps(schedule, indent=2) + "\n")
         if trace:
-            from stress.explain import worker_names
-            from stress.harness.trace import chrome_trace, focus
-            from stress.render import details_text, hexify, timeline
+            from stress.harness.trace import focus
+            from stress.report.explain import worker_names
+            from stress.report.render import chrome_trace, details_text, hexify, timeline
 
             (tmp / "trace.jsonl").write_text("".join(json.dumps(e) + "\n" for e in trace))
             (tmp / "trace.chrome.json").write_text(chrome_trace(
@@ -140,6 +140,19 @@ def write_bundle(root: Path, cfg: Config, violation: dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path, True
+
+
+def write_bundles(root: Path, cfg: Config, violations: list[dict[str, Any]],
+                  trace: list[dict[str, Any]], keep_going: bool = False, width: int = 0
+                  ) -> list[tuple[Path, bool]]:
+    """Bundle the first cause (and, with ``keep_going``, the consequences too);
+    each bundled violation gets its ``bundle`` path.  Returns (path, new)."""
+    out = []
+    for v in violations[: None if keep_going else 1]:
+        path, new = write_bundle(root, cfg, v, trace, width=width)
+        v["bundle"] = str(path)
+        out.append((path, new))
+    return out
 
 
 def _atomic_text(path: Path, text: str) -> None:

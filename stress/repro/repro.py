@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from stress import config as config_mod
-from stress.bundle import signature
 from stress.harness.supervisor import Supervisor
-from stress.report import now_iso, write_json_atomic
+from stress.report.report import now_iso, write_json_atomic
+from stress.repro.bundle import signature
 
 
 class BundleError(ValueError):

@@ -1,4 +1,5 @@
-"""Controlled scheduling: the workers take turns at the atomics chokepoint.
+"""Controlled scheduling, the mechanism: the workers take turns at the atomics
+chokepoint, and every hand-over is logged.
 
 Design note.  In a free run the OS interleaves the workers, so a violation is
 a matter of luck and its interleaving is gone once the run ends.  In a
@@ -8,19 +9,20 @@ access (a *scheduling point*: every method of
 :class:`~stress.atomics.ScheduledWords`) the policy decides whether it keeps
 the turn or hands it to another worker.  Everything a worker does between two
 points (Python code, trace events, process-local state) is therefore
-serialised, and a run is a pure function of (config, seed, schedule):
+serialised, and a run is a pure function of (config, seed, schedule).  The
+decision is the policy's (a :class:`Policy`, one module each):
 
-* ``random``: at each point, with probability ``switch_p``, the turn goes to a
-  worker drawn uniformly (a hash of the schedule seed and the step, so no
-  shared RNG state is needed);
-* ``pct``: probabilistic concurrency testing (Burckhardt et al., ASPLOS 2010):
-  random distinct priorities, the highest-priority worker runs, and at ``d-1``
-  random steps the running worker drops to a low priority;
-* ``replay``: an explicit list of switch points, each keyed by the position of
-  the worker that gives the turn away: (worker, op index, access index within
-  the op) -> worker that gets it.  Positions, not global step numbers, so that
-  deleting one worker's earlier ops (shrinking) leaves the other switch points
-  where they were in the program.
+* ``random`` (``sched/random.py``): at each point, with probability
+  ``switch_p``, the turn goes to a worker drawn uniformly (a hash of the
+  schedule seed and the step, so no shared RNG state is needed);
+* ``pct`` (``sched/pct.py``): probabilistic concurrency testing (Burckhardt et
+  al., ASPLOS 2010): random distinct priorities, the highest-priority worker
+  runs, and at ``d-1`` random steps the running worker drops to a low priority;
+* ``replay`` (``sched/replay.py``): an explicit list of switch points, each
+  keyed by the position of the worker that gives the turn away: (worker, op
+  index, access index within the op) -> worker that gets it.  Positions, not
+  global step numbers, so that deleting one worker's earlier ops (shrinking)
+  leaves the other switch points where they were in the program.
 
 Every hand-over is recorded in a log in the arena, in the replay format, so a
 violation found by ``random`` or ``pct`` replays exactly.
@@ -40,7 +42,8 @@ bypass the scheduler: they use a plain :class:`~stress.atomics.Words`.
 
 from __future__ import annotations
 
-import random
+from collections.abc import Sequence
+from typing import Protocol
 
 from stress.arena import Control, Layout, Sched
 from stress.atomics import LockAborted, Words, lib
@@ -52,7 +55,6 @@ END_OP = 10**9  # ... and after its last (root unload, RCU drain, exit)
 MASK64 = (1 << 64) - 1
 POINT, RELAX, PAUSE, EXIT, WINDOW = range(5)
 WINDOW_P32 = 1 << 30  # a known race window is a preemption with probability 1/4
-PARK_MIN, PARK_SPAN = 50, 4000  # random: steps a worker preempted in a window sits out
 
 
 def mix(seed: int, step: int) -> int:
@@ -63,18 +65,14 @@ def mix(seed: int, step: int) -> int:
     return z ^ (z >> 31)
 
 
-def pct_priorities(sc: ScheduleConfig, n: int) -> list[int]:
-    """Initial pct priorities: a random permutation of d .. d+n-1."""
-    prios = list(range(sc.depth, sc.depth + n))
-    random.Random(f"pct:{sc.seed}").shuffle(prios)
-    return prios
+class Policy(Protocol):
+    """Who runs next: one worker's policy (random, pct, replay), asked at every
+    scheduling point of its :class:`Turns`."""
 
-
-def pct_change_points(sc: ScheduleConfig) -> dict[int, int]:
-    """step -> new priority (d - i) of the i-th of the d-1 change points."""
-    rng = random.Random(f"pct-change:{sc.seed}")
-    steps = sorted(rng.randint(1, sc.max_steps) for _ in range(sc.depth - 1))
-    return {s: sc.depth - i for i, s in enumerate(steps, 1)}
+    def decide(self, t: Turns, kind: int) -> int:
+        """The worker to run next after this ``kind`` of point (POINT, RELAX,
+        PAUSE, EXIT, WINDOW), or -1 to keep the turn."""
+        ...
 
 
 def absent_workers(sc: ScheduleConfig) -> int:
@@ -82,13 +80,13 @@ def absent_workers(sc: ScheduleConfig) -> int:
     return sum(1 << k for k, cap in enumerate(sc.max_ops) if cap == 0)
 
 
-def init_region(w: Words, lay: Layout, sc: ScheduleConfig, n: int) -> None:
-    """Supervisor, before GO: priorities, absent workers, and the first turn to
-    the first present worker."""
+def init_region(w: Words, lay: Layout, sc: ScheduleConfig, n: int,
+                prios: Sequence[int] = ()) -> None:
+    """Supervisor, before GO: the policy's initial priorities, absent workers,
+    and the first turn to the first present worker."""
     base = lay.sched
-    if sc.mode == "pct":
-        for k, p in enumerate(pct_priorities(sc, n)):
-            w.store(base + Sched.PRIO + k, p + BIAS)
+    for k, p in enumerate(prios):
+        w.store(base + Sched.PRIO + k, p + BIAS)
     w.store(base + Sched.LOW, BIAS)
     absent = absent_workers(sc)
     w.store(base + Sched.DONE, absent)
@@ -116,17 +114,16 @@ class Turns:
 
     ``w`` is the worker's plain (unscheduled) view of the arena.  Between
     :meth:`start` and :meth:`exit` this process holds the turn whenever it runs
-    model code.
+    model code.  ``policy`` decides at each point who runs next.
     """
 
-    def __init__(self, w: Words, lay: Layout, me: int, n: int, sc: ScheduleConfig) -> None:
+    def __init__(self, w: Words, lay: Layout, me: int, n: int, sc: ScheduleConfig,
+                 policy: Policy) -> None:
         self.w = w
         self.base = w.base
         self.me = me
         self.n = n
-        self.mode = sc.mode
-        self.seed = sc.seed
-        self.p32 = int(sc.switch_p * (1 << 32))
+        self.decide = policy.decide
         self.max_steps = sc.max_steps
         self.cap = 4 * sc.max_steps + 100_000  # past this the schedule livelocked
         self.region = lay.sched
@@ -140,12 +137,6 @@ class Turns:
         self.holding = False
         self.exited = False
         self.switches = 0
-        self.change = pct_change_points(sc) if sc.mode == "pct" else {}
-        mine: dict[tuple[int, int], int] = {}
-        for worker, op, acc, to in sc.switches:
-            if worker == me:
-                mine[(op, acc)] = to
-        self.explicit = mine
         self.abort_hook: object = None  # set by ScheduledWords: stop tracing on abort
 
     # -- positions -------------------------------------------------------------
@@ -201,7 +192,7 @@ class Turns:
         """A scheduling point (``kind`` POINT: before every shared access); True
         if the turn went to another worker and came back."""
         self._advance()
-        to = self._decide(kind)
+        to = self.decide(self, kind)
         if to >= 0 and to != self.me:
             # a preemption in a window is logged as one: it is the policy's choice
             self._hand_over(to, POINT if kind == WINDOW else kind)
@@ -232,19 +223,26 @@ class Turns:
         self.acc += 1
         self.done |= 1 << self.me
         lib.ts_store(self.base, self.region + Sched.DONE, self.done)
-        to = self._decide(EXIT)
+        to = self.decide(self, EXIT)
         if to >= 0 and to != self.me:
             self._hand_over(to, EXIT)
         else:
             lib.ts_store(self.base, self.region + Sched.STEP, self.step)
             self.holding = False
 
-    # -- policies --------------------------------------------------------------
-    def _others(self) -> list[int]:
+    # -- for the policies ------------------------------------------------------
+    def running(self) -> list[int]:
+        """The workers not done yet, this one included."""
+        done = self.done
+        return [k for k in range(self.n) if not done >> k & 1]
+
+    def others(self) -> list[int]:
+        """The other workers not done yet."""
         done = self.done
         return [k for k in range(self.n) if k != self.me and not done >> k & 1]
 
-    def _next_round_robin(self) -> int:
+    def next_round_robin(self) -> int:
+        """The next worker after this one not done yet, or -1."""
         done = self.done
         for d in range(1, self.n):
             k = (self.me + d) % self.n
@@ -252,53 +250,10 @@ class Turns:
                 return k
         return -1
 
-    def _decide(self, kind: int) -> int:
-        """The worker to run next, or -1 to keep the turn."""
-        mode = self.mode
-        if mode == "replay":
-            to = self.explicit.get((self.op, self.acc), -1)
-            if to >= 0 and not self.done >> to & 1:
-                return to
-            return -1 if kind in (POINT, WINDOW) else self._next_round_robin()
-        if mode == "random":
-            h = mix(self.seed, self.step)
-            if kind == POINT or kind == WINDOW:
-                if (h & 0xFFFFFFFF) >= (self.p32 if kind == POINT else WINDOW_P32):
-                    return -1
-            if kind == WINDOW:
-                # preempted inside a race window: stay off for a while, as a task
-                # stalled there would while the others run on other CPUs
-                self._set_prio(self.me, self.step + PARK_MIN + (h >> 40) % PARK_SPAN)
-                cands = self._others()
-            elif kind == POINT:
-                cands = [k for k in range(self.n) if not self.done >> k & 1]
-            else:
-                cands = self._others()
-            if kind == POINT or kind == WINDOW:  # a spinner may wake a parked holder
-                awake = [k for k in cands if self._prio(k) - BIAS <= self.step]
-                cands = awake or cands
-            return cands[(h >> 32) % len(cands)] if cands else -1
-        # pct
-        if kind == POINT:
-            newp = self.change.get(self.step)
-            if newp is None:
-                return -1
-            self._set_prio(self.me, newp)
-            cands = [k for k in range(self.n) if not self.done >> k & 1]
-        else:
-            if kind == WINDOW and (mix(self.seed, self.step) & 0xFFFFFFFF) >= WINDOW_P32:
-                return -1
-            if kind == RELAX or kind == WINDOW:
-                low = lib.ts_load(self.base, self.region + Sched.LOW) - 1
-                lib.ts_store(self.base, self.region + Sched.LOW, low)
-                self._set_prio(self.me, low - BIAS)
-            cands = self._others()
-        if not cands:
-            return -1
-        return max(cands, key=self._prio)
-
-    def _prio(self, k: int) -> int:
+    def prio(self, k: int) -> int:
+        """Worker ``k``'s priority word, biased (pct: its priority; random: the
+        step it is parked until)."""
         return lib.ts_load(self.base, self.region + Sched.PRIO + k)
 
-    def _set_prio(self, k: int, p: int) -> None:
+    def set_prio(self, k: int, p: int) -> None:
         lib.ts_store(self.base, self.region + Sched.PRIO + k, p + BIAS)
