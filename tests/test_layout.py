@@ -16,7 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STRESS = ROOT / "stress"
 
-ABOVE_MODEL = ("stress.harness", "stress.repro", "stress.jobs", "stress.report", "stress.cli")
+ABOVE_MODEL = ("stress.oracles", "stress.harness", "stress.repro", "stress.jobs",
+               "stress.report", "stress.cli")
+ABOVE_ORACLES = ABOVE_MODEL[1:]
 
 # a package (or a module) -> what it must not import, anywhere in it
 FORBIDDEN: dict[str, tuple[str, ...]] = {
@@ -26,6 +28,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "stress.config": ABOVE_MODEL,
     "stress.files": ABOVE_MODEL,
     "stress.model": ABOVE_MODEL,
+    "stress.oracles": ABOVE_ORACLES,
     "stress.harness": ("stress.repro", "stress.jobs", "stress.report", "stress.cli"),
     "stress.report": ("stress.repro", "stress.jobs", "stress.cli"),
     "stress.repro": ("stress.jobs", "stress.cli"),
