@@ -155,6 +155,7 @@ class Globals:
     MEMSLOT_INVALID_START = 46  # a memslot being moved: [start, end) is KVM_MEMSLOT_INVALID
     MEMSLOT_INVALID_END = 47  # (end 0: no slot is invalid)
     SRCU_GP = 48  # kvm->srcu: grace periods started so far
+    ZAP_CLOCK = 49  # oracle (zaps): one tick per zap started (stress/oracles/zaps.py)
     WORDS = 64
 
 
@@ -250,6 +251,7 @@ class Layout:
     bitmap: int
     bitmap_words: int
     pages: int
+    prov: int  # oracle: one word per SPTE, parallel to pages: who installed it, when
     nwords: int
 
     @classmethod
@@ -273,10 +275,11 @@ class Layout:
         bitmap_words = (n_pages + 63) // 64
         pages = bitmap + bitmap_words
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
-        nwords = pages + n_pages * WORDS_PER_PAGE
+        prov = pages + n_pages * WORDS_PER_PAGE
+        nwords = prov + n_pages * WORDS_PER_PAGE
         return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, lpage_info,
                    dirty, accepted, tlb, traces, trace_entries, slots, sched, sched_log, sp_meta,
-                   bitmap, bitmap_words, pages, nwords)
+                   bitmap, bitmap_words, pages, prov, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off

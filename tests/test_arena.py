@@ -23,7 +23,7 @@ def test_layout_regions_do_not_overlap() -> None:
     lay = Layout.build(n_slots=4, n_pages=100)
     assert lay.control < lay.globals < lay.slots < lay.sp_meta < lay.bitmap < lay.pages
     assert lay.pages % 512 == 0  # page-table pages are 4 KiB aligned
-    assert lay.spt(99) + 512 == lay.nwords
+    assert lay.spt(99) + 512 == lay.prov and lay.prov + 100 * 512 == lay.nwords
 
 
 def test_create_attach_and_unlink() -> None:

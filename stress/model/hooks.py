@@ -80,7 +80,31 @@ class Hooks:
         succeeded; mmu_lock still held for read): ``it`` is positioned on it,
         ``old_spte`` is what it replaced (trace_kvm_mmu_set_spte)."""
 
+    def huge_split(self, kvm: Kvm, it: Any, sp: int) -> None:
+        """tdp_mmu_split_huge_page filled table ``sp`` with the pieces of the
+        huge leaf at ``it`` and is about to link it (the table still private)."""
+
+    def leaf_installing(self, kvm: Kvm, it: Any) -> None:
+        """The fault is about to install a leaf at ``it`` (its cmpxchg follows)."""
+
+    def leaf_install_failed(self, kvm: Kvm, it: Any) -> None:
+        """... and the cmpxchg lost (the fault retries)."""
+
     # -- zaps and invalidations --------------------------------------------------
+    def zap_start(self, kvm: Kvm) -> int:
+        """A zap begins (a leaf zap of a range, or a root zap); returns a token
+        the matching :meth:`zap_done` gets back (0 without oracles)."""
+        return 0
+
+    def zap_done(self, kvm: Kvm, roots: list[int] | None, types: int, start: int, end: int,
+                 token: int) -> None:
+        """A leaf zap of [start, end) returns, mmu_lock still held (read or
+        write) and no TLB flush pending: over ``roots`` (each pinned by the
+        caller), or over every listed root of ``types`` when ``roots`` is None."""
+
+    def root_zapped(self, kvm: Kvm, root: int) -> None:
+        """tdp_mmu_zap_root finished: the invalid root was zapped top to bottom."""
+
     def invalidate_range_start(self, kvm: Kvm, start: int, end: int) -> None:
         """An invalidation of [start, end) (mmu_notifier, attributes, punch-hole)
         takes mmu_lock for write, before kvm_mmu_invalidate_begin: the range's

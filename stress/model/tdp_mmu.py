@@ -415,6 +415,7 @@ def tdp_mmu_split_huge_page(kvm: Kvm, it: TdpIter, sp: int, shared: bool) -> int
     base = kvm.layout.spt(sp)
     for i in range(512):
         kvm.w.store(base + i, make_small_spte(huge, i))
+    kvm.hooks.huge_split(kvm, it, sp)
     dirty = huge & shadow_dirty_mask and not it.mirror
     r = tdp_mmu_link_sp(kvm, it, sp, shared)
     if r == 0:
@@ -514,7 +515,9 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
     if new == old:
         kvm.stats["spurious"] += 1
         return RET_PF_EMULATE if emulate else RET_PF_SPURIOUS
+    kvm.hooks.leaf_installing(kvm, it)
     if kvm.variant.install_leaf(kvm, it, new):
+        kvm.hooks.leaf_install_failed(kvm, it)
         kvm.stats["retry_cmpxchg"] += 1
         return RET_PF_RETRY
     kvm.stats["leaves_installed"] += 1
@@ -686,9 +689,11 @@ def tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int, can_yield: bool
 def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
     """Zap every present leaf of one root in [start, end) with mmu_lock held for
     write, no yielding, and flush before returning (the lock is still held)."""
+    token = kvm.hooks.zap_start(kvm)
     n, flush = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield=False, flush=False)
     if flush:
         kvm_flush_remote_tlbs_range(kvm, start, end)
+    kvm.hooks.zap_done(kvm, [root], 0, start, end, token)
     return n
 
 
@@ -723,6 +728,7 @@ def kvm_tdp_mmu_zap_leafs_roots(kvm: Kvm, types: int, start: int, end: int) -> i
     """kvm_zap_gfn_range's TDP MMU part: zap the leaves of [start, end) in every
     root of ``types``, yielding, then service the pending flush before the
     caller drops mmu_lock (held for write).  Returns the leaves zapped."""
+    token = kvm.hooks.zap_start(kvm)
     roots = for_each_tdp_mmu_root_yield_safe(kvm, types)
     try:
         n, flush = kvm.variant.zap_leafs_roots(kvm, roots, start, end)
@@ -730,6 +736,7 @@ def kvm_tdp_mmu_zap_leafs_roots(kvm: Kvm, types: int, start: int, end: int) -> i
         roots.close()  # puts the root a lost race left pinned, now
     if flush:
         kvm_flush_remote_tlbs_range(kvm, start, end)
+    kvm.hooks.zap_done(kvm, None, types, start, end, token)
     return n
 
 
@@ -810,7 +817,10 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
             return tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE)
         return kvm.variant.zap_spte_atomic(kvm, it)
 
-    return _zap_present_leafs(kvm, root, start, end, zap)
+    token = kvm.hooks.zap_start(kvm)
+    n = _zap_present_leafs(kvm, root, start, end, zap)
+    kvm.hooks.zap_done(kvm, [root], 0, start, end, token)
+    return n
 
 
 def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool, flush: bool = False) -> bool:
@@ -1046,6 +1056,7 @@ def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
         # (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before it runs the guest again
         tdp_mmu_zap_range_at_level(kvm, root, 0, end, level, shared, may_yield=True,
                                    flush_tlb=False)
+    kvm.hooks.root_zapped(kvm, root)
     kvm.stats["root_zaps"] += 1
 
 
