@@ -69,14 +69,23 @@ class Hooks:
         """The guest's access to ``gfn`` completed through ``pfn`` (a TLB hit or
         a hardware walk)."""
 
+    # -- SPTE stores --------------------------------------------------------------
+    def spte_store(self, kvm: Kvm, sptep: int, gfn: int, level: int, old: int,
+                   new: int) -> None:
+        """KVM changed the SPTE at ``sptep`` from ``old`` to ``new``, at the
+        store or cmpxchg that did it (trace_kvm_tdp_mmu_spte_changed; freezes
+        and the owner's publish of a frozen entry included, handle_removed_pt's
+        freeze of a dead table's children excluded: those stay frozen)."""
+
     # -- locking -----------------------------------------------------------------
     def mmu_lock_yield(self, kvm: Kvm) -> None:
         """A walk is about to drop mmu_lock to yield (tdp_mmu_iter_cond_resched,
         after its pending TLB flush)."""
 
     # -- page faults -------------------------------------------------------------
-    def leaf_installed(self, kvm: Kvm, it: Any, fault: Any, old_spte: int) -> None:
-        """tdp_mmu_map_handle_target_level installed a leaf (the cmpxchg
+    def leaf_installed(self, kvm: Kvm, it: Any, fault: Any, old_spte: int,
+                       new_spte: int) -> None:
+        """tdp_mmu_map_handle_target_level installed ``new_spte`` (the cmpxchg
         succeeded; mmu_lock still held for read): ``it`` is positioned on it,
         ``old_spte`` is what it replaced (trace_kvm_mmu_set_spte)."""
 

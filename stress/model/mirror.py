@@ -405,6 +405,8 @@ def _check_transition(kvm: Kvm, it, new_spte: int) -> None:  # noqa: ANN001
 def _trace(kvm: Kvm, it, b: int, c: int, flags: int = 0) -> None:  # noqa: ANN001
     kvm.w.trace(events.spte_kind(it.level, (it.sptep - kvm.layout.pages) >> 9,
                                  flags | events.F_MIRROR), it.gfn, b, c)
+    if not flags & events.F_FAILED:
+        kvm.hooks.spte_store(kvm, it.sptep, it.gfn, it.level, b, c)
 
 
 def _write_frozen(kvm: Kvm, it, value: int, restore: bool = False) -> None:  # noqa: ANN001

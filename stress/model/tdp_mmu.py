@@ -137,10 +137,14 @@ def zap_root_types(kvm: Kvm, shared: bool) -> int:
 
 
 def trace_spte(kvm: Kvm, sptep: int, gfn: int, level: int, b: int, c: int,
-               flags: int = 0) -> None:
+               flags: int = 0, dead_table: bool = False) -> None:
     """One SPTE store event, at the store or cmpxchg that makes it: the entry's
-    table and root type ride in the kind word (see events.spte_kind)."""
+    table and root type ride in the kind word (see events.spte_kind); a store
+    that happened is also the ``spte_store`` hook point, unless it freezes a
+    child of a table handle_removed_pt unlinked (``dead_table``)."""
     kvm.w.trace(events.spte_kind(level, (sptep - kvm.layout.pages) >> 9, flags), gfn, b, c)
+    if not flags & events.F_FAILED and not dead_table:
+        kvm.hooks.spte_store(kvm, sptep, gfn, level, b, c)
 
 
 # ---------------------------------------------------------------------------
@@ -340,7 +344,7 @@ def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
     base_i = lay.spt(pt)
     for i, old in kvm.variant.freeze_children(kvm, pt, shared):
         gfn = base_gfn + i * KVM_PAGES_PER_HPAGE(level)
-        trace_spte(kvm, base_i + i, gfn, level, old, FROZEN_SPTE, flags)
+        trace_spte(kvm, base_i + i, gfn, level, old, FROZEN_SPTE, flags, dead_table=True)
         handle_changed_spte(kvm, gfn, old, FROZEN_SPTE, level, shared, mirror=role_mirror,
                             external=mirror)
     if mirror:
@@ -521,7 +525,7 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
         kvm.stats["retry_cmpxchg"] += 1
         return RET_PF_RETRY
     kvm.stats["leaves_installed"] += 1
-    kvm.hooks.leaf_installed(kvm, it, fault, old)
+    kvm.hooks.leaf_installed(kvm, it, fault, old, new)
     if it.level > PG_LEVEL_4K:
         kvm.stats["huge_leaves_installed"] += 1
         if is_shadow_present_pte(old):  # a huge page over a table: its 4K entries go

@@ -27,6 +27,7 @@ from stress.oracles import (
     roots,
     tdx,
     tlb,
+    transitions,
     unsync,
     zaps,
 )
@@ -34,7 +35,7 @@ from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, ORACLES, Oracle
 
 __all__ = ["HOOK_QUIESCENT", "HOOK_TEARDOWN", "ORACLES", "Oracle", "OracleHooks", "attach",
            "faults", "liveness", "memory", "notifier", "quiescent", "roots", "tdx", "tlb",
-           "unsync", "zaps"]
+           "transitions", "unsync", "zaps"]
 
 HOOK_NAMES = tuple(n for n in vars(Hooks) if not n.startswith("_"))
 # at one hook, the oracles of these modules run first (a table's RCU callback and a

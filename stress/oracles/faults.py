@@ -28,7 +28,8 @@ from stress.oracles.base import oracle
                   "root",
         hook="leaf_installed", when="after the fault's leaf cmpxchg, read lock held",
         cost="one load per installed leaf")
-def leaf_in_owning_root(kvm: Kvm, it: Any, fault: Any, old_spte: int) -> None:
+def leaf_in_owning_root(kvm: Kvm, it: Any, fault: Any, old_spte: int,
+                       new_spte: int) -> None:
     if not kvm.geometry.tdx:
         return
     private = kvm_mem_is_private(kvm, fault.gfn)
@@ -45,7 +46,8 @@ def leaf_in_owning_root(kvm: Kvm, it: Any, fault: Any, old_spte: int) -> None:
                   "(handle_removed_pt): still linked, it is leaked with everything it maps",
         hook="leaf_installed", when="after a huge leaf replaced a present entry",
         cost="one load per huge leaf installed over a table")
-def replaced_table_removed(kvm: Kvm, it: Any, fault: Any, old_spte: int) -> None:
+def replaced_table_removed(kvm: Kvm, it: Any, fault: Any, old_spte: int,
+                       new_spte: int) -> None:
     if it.level == PG_LEVEL_4K or not is_shadow_present_pte(old_spte):
         return
     child = spte_to_child_pt(old_spte, it.level)
@@ -60,7 +62,8 @@ def replaced_table_removed(kvm: Kvm, it: Any, fault: Any, old_spte: int) -> None
                   "covers are being changed (between the conversion's pre and post steps)",
         hook="leaf_installed", when="after a huge leaf's cmpxchg, read lock held",
         cost="one scan of the workers' attribute-change slots per huge leaf")
-def no_huge_leaf_over_changing_attrs(kvm: Kvm, it: Any, fault: Any, old_spte: int) -> None:
+def no_huge_leaf_over_changing_attrs(kvm: Kvm, it: Any, fault: Any, old_spte: int,
+                       new_spte: int) -> None:
     if it.level == PG_LEVEL_4K:
         return
     hit = attr_change_in_progress(kvm, it.gfn, it.gfn + KVM_PAGES_PER_HPAGE(it.level))

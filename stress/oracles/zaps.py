@@ -60,7 +60,7 @@ def install_failed(kvm: Kvm, it: object) -> None:
         invariant="(provenance) an installed leaf records who installed it and when",
         hook="leaf_installed", when="after a fault's leaf cmpxchg succeeded",
         cost="one load and one store per installed leaf")
-def installed(kvm: Kvm, it: object, fault: object, old_spte: int) -> None:
+def installed(kvm: Kvm, it: object, fault: object, old_spte: int, new_spte: int) -> None:
     _saved.pop(kvm, None)
     clock = kvm.w.load(kvm.layout.glob(Globals.ZAP_CLOCK))
     kvm.w.store(_prov_i(kvm, it.sptep), (clock << 8) | (kvm.me + 1))  # type: ignore[attr-defined]
