@@ -22,6 +22,7 @@ from stress.bundle import write_bundle
 from stress.config import ROLES, ConfigError, parse_duration, parse_size
 from stress.harness.supervisor import EXIT_USAGE, Supervisor
 from stress.model.variants import VARIANTS
+from stress.mutate.command import mutate as mutate_command
 from stress.report import (
     StatusLine,
     build_results,
@@ -882,6 +883,9 @@ def cleanup() -> int:
     left = list_segments()
     click.echo(f"{len(removed)} segment(s) removed, {len(left)} in use by live runs")
     return 0
+
+
+cli.add_command(mutate_command)  # stress/mutate/: the tester's self-test
 
 
 def main(argv: list[str] | None = None) -> None:

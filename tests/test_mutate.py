@@ -1,0 +1,142 @@
+"""tdp-stress mutate: operators, ids, equivalents, a real kill, and the runner's cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stress.mutate.operators import MODEL_DIR, OPERATORS, TARGET_FILES, generate
+from stress.mutate.reach import instrument, run_configs
+from stress.mutate.runner import load_equivalents, select, stale_equivalents
+from stress.mutate.sandbox import Sandbox, run_config, segments_of
+
+ROOT = Path(__file__).resolve().parent.parent
+CMPXCHG_GUARD = "tdp_mmu.py:tdp_mmu_set_spte_atomic:drop-guard:2"  # if found != old: ...
+EQUIVALENT = "notifier.py:kvm_mmu_invalidate_begin:swap:0"
+
+
+def mutate_cli(*args: str, timeout: float = 120) -> tuple[int, dict, str]:
+    p = subprocess.run([sys.executable, "-m", "stress.cli", "mutate", *args, "--json", "-",
+                        "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, json.loads(p.stdout) if p.stdout.strip() else {}, p.stderr
+
+
+def test_operators_give_parseable_distinct_mutants_with_stable_ids() -> None:
+    mutants = generate()
+    assert {m.file for m in mutants} == set(TARGET_FILES)
+    assert {m.operator for m in mutants} == set(OPERATORS)
+    ids = [m.id for m in mutants]
+    assert len(set(ids)) == len(ids)
+    assert ids == [m.id for m in generate()]  # deterministic
+    for m in mutants:
+        file, fn, op, k = m.id.split(":")
+        assert (file, fn, op) == (m.file, m.function, m.operator) and k.isdigit()
+        assert m.description.startswith(f"{m.file}:{m.function}: ")
+    sources = {f: (MODEL_DIR / f).read_text() for f in TARGET_FILES}
+    texts = set()
+    for m in mutants:
+        text = m.apply(sources[m.file])
+        assert text != sources[m.file], m.id
+        compile(text, m.file, "exec")  # parseable
+        texts.add(text)
+        assert m.diff(sources[m.file]).startswith("--- a/stress/model/")
+    assert len(texts) == len(mutants)  # distinct
+
+
+def test_ids_survive_an_edit_of_another_function(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(MODEL_DIR, model, ignore=shutil.ignore_patterns("__pycache__"))
+    before = {m.id: m.segment for m in generate(("tdp_mmu.py",), model)}
+    text = (model / "tdp_mmu.py").read_text()
+    head, sep, tail = text.partition("\ndef tdp_mmu_set_spte_atomic(")
+    extra = ("\ndef added_above(kvm: Kvm) -> None:\n    kvm.read_lock()\n"
+             "    if kvm.me:\n        return\n    kvm.read_unlock()\n\n")
+    (model / "tdp_mmu.py").write_text(head + extra + sep + tail)
+    after = {m.id: m.segment for m in generate(("tdp_mmu.py",), model)}
+    assert before.items() <= after.items()  # same ids for the same code, lines moved
+    assert len(after) > len(before)
+
+
+def test_instrumented_copy_keeps_every_site() -> None:
+    mutants = generate(("tdp_iter.py",))
+    sites = {m.site for m in mutants}
+    text = instrument((MODEL_DIR / "tdp_iter.py").read_text(), "tdp_iter.py", sites)
+    compile(text, "tdp_iter.py", "exec")
+    assert {f'_mutate_hit("tdp_iter.py:{s}")' in text or
+            f"_mutate_hit('tdp_iter.py:{s}')" in text for s in sites} == {True}
+
+
+def test_sampling_is_seeded_and_stratified() -> None:
+    mutants = generate()
+    a = select(mutants, max_n=10, sample_seed=3)
+    assert [m.id for m in a] == [m.id for m in select(mutants, max_n=10, sample_seed=3)]
+    assert {m.file for m in a} == set(TARGET_FILES)  # 2 of each
+    assert select(mutants, operators=("drop-rcu",)) == [m for m in mutants
+                                                        if m.operator == "drop-rcu"]
+
+
+def test_equivalent_entries_are_current() -> None:
+    eq = load_equivalents()
+    assert EQUIVALENT in eq and all(v.get("reason") for v in eq.values())
+    assert stale_equivalents(eq, generate()) == []
+
+
+def test_equivalent_mutant_is_classified_without_running(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    rc, res, err = mutate_cli("--id", EQUIVALENT, "--config", "smoke", "--out", str(tmp_path))
+    assert rc == 0, err
+    assert time.monotonic() - t0 < 20  # no stress run
+    [m] = res["mutants"]
+    assert m["outcome"] == "equivalent" and m["exit_code"] is None and "write" in m["detail"]
+    assert res["summary"]["total"]["equivalent"] == 1
+    assert res["summary"]["total"]["score"] is None  # nothing left to score
+
+
+def test_usage_errors(tmp_path: Path) -> None:
+    assert mutate_cli("--id", "tdp_mmu.py:nope:swap:0", "--out", str(tmp_path))[0] == 2
+    assert mutate_cli("--file", "kvm.py", "--out", str(tmp_path))[0] == 2
+    assert mutate_cli("--duration", "31s", "--out", str(tmp_path))[0] == 2
+
+
+@pytest.mark.slow
+def test_dropped_cmpxchg_guard_is_killed_by_a_named_oracle(tmp_path: Path) -> None:
+    rc, res, err = mutate_cli("--id", CMPXCHG_GUARD, "--config", "smoke", "--duration", "10s",
+                              "--out", str(tmp_path))
+    assert rc == 0, err
+    [m] = res["mutants"]
+    assert m["outcome"] == "killed", m
+    assert m["invariant"] and m["time_to_kill_s"] is not None and m["time_to_kill_s"] < 10
+    assert m["config"] == "smoke" and "-    if found != old:" in m["diff"]
+    assert res["summary"]["files"]["tdp_mmu.py"]["score"] == 1.0
+    assert segments_of(m["pid"]) == []
+    assert (tmp_path / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_run_killed_on_timeout_leaves_no_process_or_segment() -> None:
+    sandbox = Sandbox()
+    try:
+        d = sandbox.make({})
+        # grace < 0: our timeout fires 3 s into a 10 s run, mid-run
+        r = run_config(d, run_configs()["smoke"], 10.0, 1, grace=-7.0)
+        assert r.timed_out and r.exit_code is None and 2.5 < r.wall_s < 8
+        assert segments_of(r.pid) == []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the whole session is gone (once reaped)
+            try:
+                os.killpg(r.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"processes of session {r.pid} outlived the kill")
+    finally:
+        sandbox.close()
+    assert not sandbox.root.exists()
