@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 
 from stress.mutate.operators import MODEL_DIR, OPERATORS, TARGET_FILES, generate
-from stress.mutate.reach import instrument, run_configs
+from stress.mutate.reach import choose_config, instrument, run_configs
 from stress.mutate.runner import load_equivalents, select, stale_equivalents
 from stress.mutate.sandbox import Sandbox, run_config, segments_of
 
 ROOT = Path(__file__).resolve().parent.parent
-CMPXCHG_GUARD = "tdp_mmu.py:tdp_mmu_set_spte_atomic:drop-guard:2"  # if found != old: ...
+# the cmpxchg of tdp_mmu_set_spte_atomic always "succeeds": killed in 0.1-4.2 s on smoke
+# in 8 of 8 tries (its sibling drop-guard:2, `if found != old: ... return -EBUSY` dropped,
+# only about half the time within 10 s)
+CMPXCHG_STORE = "tdp_mmu.py:tdp_mmu_set_spte_atomic:cmpxchg-store:0"
 EQUIVALENT = "notifier.py:kvm_mmu_invalidate_begin:swap:0"
 
 
@@ -106,14 +109,15 @@ def test_usage_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_dropped_cmpxchg_guard_is_killed_by_a_named_oracle(tmp_path: Path) -> None:
-    rc, res, err = mutate_cli("--id", CMPXCHG_GUARD, "--config", "smoke", "--duration", "10s",
+def test_cmpxchg_that_always_succeeds_is_killed_by_a_named_oracle(tmp_path: Path) -> None:
+    rc, res, err = mutate_cli("--id", CMPXCHG_STORE, "--config", "smoke", "--duration", "10s",
                               "--out", str(tmp_path))
     assert rc == 0, err
     [m] = res["mutants"]
     assert m["outcome"] == "killed", m
     assert m["invariant"] and m["time_to_kill_s"] is not None and m["time_to_kill_s"] < 10
-    assert m["config"] == "smoke" and "-    if found != old:" in m["diff"]
+    assert m["config"] == "smoke"
+    assert "+    found = _mutant_cmpxchg_store(kvm.w, it.sptep, old, new_spte)" in m["diff"]
     assert res["summary"]["files"]["tdp_mmu.py"]["score"] == 1.0
     assert segments_of(m["pid"]) == []
     assert (tmp_path / "results.json").is_file()
@@ -140,3 +144,30 @@ def test_a_run_killed_on_timeout_leaves_no_process_or_segment() -> None:
     finally:
         sandbox.close()
     assert not sandbox.root.exists()
+
+
+def test_probe_records_each_process_sites(tmp_path: Path) -> None:
+    src = ("import os\n\ndef f(x):\n    if x:\n        return 1\n    y = x + 1\n    return y\n\n"
+           "f(0)\nif os.fork() == 0:\n    f(1)\n    os._exit(0)\nos.wait()\n")
+    text = instrument(src, "demo.py", {4, 6})
+    (tmp_path / "demo.py").write_text(text)
+    hits = tmp_path / "hits"
+    hits.mkdir()
+    env = dict(os.environ, TDP_MUTATE_PROBE_DIR=str(hits), PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(tmp_path / "demo.py")], env=env, check=True,
+                   timeout=30)
+    per_pid = sorted(sorted(f.read_text().split()) for f in hits.iterdir())
+    # the parent ran both sites; the forked child (its own file) only the if
+    assert per_pid == [["demo.py:4"], ["demo.py:4", "demo.py:6"]]
+
+
+def test_config_choice_prefers_the_functions_config_if_it_reached_the_site() -> None:
+    [m] = [m for m in generate(("mirror.py",)) if m.id == "mirror.py:tdx_track:negate-cond:0"]
+    reach = {"configs": {"tdx-busy": {"exit_code": 0, "hits": [m.site_key]},
+                         "default": {"exit_code": 0, "hits": [m.site_key]},
+                         "smoke": {"exit_code": 1, "hits": [m.site_key]}}}
+    assert choose_config(m, reach) == "tdx-busy"
+    reach["configs"]["tdx-busy"]["hits"] = []
+    assert choose_config(m, reach) == "default"  # the first fallback that reached it
+    reach["configs"]["default"]["hits"] = []
+    assert choose_config(m, reach) is None  # smoke is not clean: unreached
