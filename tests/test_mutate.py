@@ -102,10 +102,19 @@ def test_equivalent_mutant_is_classified_without_running(tmp_path: Path) -> None
     assert res["summary"]["total"]["score"] is None  # nothing left to score
 
 
-def test_usage_errors(tmp_path: Path) -> None:
-    assert mutate_cli("--id", "tdp_mmu.py:nope:swap:0", "--out", str(tmp_path))[0] == 2
-    assert mutate_cli("--file", "kvm.py", "--out", str(tmp_path))[0] == 2
-    assert mutate_cli("--duration", "31s", "--out", str(tmp_path))[0] == 2
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--id", "tdp_mmu.py:nope:swap:0"], "no such mutant"),
+    (["--file", "kvm.py"], "kvm.py"),
+    (["--duration", "31s"], "at most 30s"),
+    (["--config", "nope"], "unknown config"),
+])
+def test_usage_errors_exit_2_and_leave_nothing(tmp_path: Path, args: list[str],
+                                                needle: str) -> None:
+    rc, _, err = mutate_cli(*args, "--out", str(tmp_path / "out"))
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tdp-stress: error:") and needle in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,7 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
     sandbox: Sandbox | None = None
     outcomes: list[runner.Outcome] = []
     res: dict[str, Any] = {}
+    writer: list[Callable[[], None]] = []  # writes OUT/results.json, once there is a plan
     try:
         if list_only:
             chosen = runner.select(candidates, max_n=max_n, sample_seed=sample_seed)
@@ -211,6 +213,8 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
                 f"{o.description}")
             write_json_atomic(out / "results.json", build())
 
+        writer.append(lambda: write_json_atomic(out / "results.json", build()))
+        writer[0]()
         runner.run_all(sandbox, plan, duration, seed, jobs, on_result)
         res = build()
         write_json_atomic(out / "results.json", res)
@@ -219,8 +223,9 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
         return EXIT_SANDBOX
     except KeyboardInterrupt:
         kill_active()
-        if outcomes and out.is_dir():
-            click.echo(f"tdp-stress: interrupted: {len(outcomes)} outcomes in "
+        if writer:
+            writer[0]()  # what was measured, with the interrupted runs left out
+            click.echo(f"tdp-stress: interrupted: {len(outcomes)} outcome(s) in "
                        f"{out / 'results.json'}", err=True)
         else:
             click.echo("tdp-stress: interrupted", err=True)
