@@ -21,6 +21,7 @@ from stress.arena import list_segments, sweep_stale
 from stress.config import ROLES, ConfigError, parse_duration, parse_size
 from stress.harness.supervisor import EXIT_USAGE
 from stress.model.variants import VARIANTS
+from stress.mutate.command import mutate as mutate_command
 from stress.report.report import (
     StatusLine,
     format_soak_summary,
@@ -911,6 +912,9 @@ def cleanup() -> int:
     left = list_segments()
     click.echo(f"{len(removed)} segment(s) removed, {len(left)} in use by live runs")
     return 0
+
+
+cli.add_command(mutate_command)  # stress/mutate/: the tester's self-test
 
 
 def main(argv: list[str] | None = None) -> None:

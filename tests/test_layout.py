@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STRESS = ROOT / "stress"
 
 ABOVE_MODEL = ("stress.oracles", "stress.harness", "stress.repro", "stress.jobs",
-               "stress.report", "stress.cli")
+               "stress.report", "stress.mutate", "stress.cli")
 ABOVE_ORACLES = ABOVE_MODEL[1:]
 
 # a package (or a module) -> what it must not import, anywhere in it
@@ -33,6 +33,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "stress.report": ("stress.repro", "stress.jobs", "stress.cli"),
     "stress.repro": ("stress.jobs", "stress.cli"),
     "stress.jobs": ("stress.cli",),
+    "stress.mutate": ("stress.cli",),
 }
 
 

@@ -1,0 +1,188 @@
+"""Which shipped config runs each mutation site: one profiling pass, cached.
+
+The target files are instrumented (``ast``: a :func:`stress.mutate.probe.hit` call before
+every statement that holds a mutation site), and every shipped run config runs the
+unmutated protocol for a short while on that copy; every process records the sites it
+ran.  The pass doubles as a baseline: a config whose instrumented run is not clean is
+not used (a mutant's violation on it would mean nothing).
+
+A mutant runs on the config its function and file suggest (:func:`preferred_config`:
+TDX code: tdx-busy; dirty logging: dirty; huge pages: huge; then mirror.py: tdx-busy,
+notifier.py: invalidate, roots.py: roots; the rest: default) if that config reached its
+site, else on the first config in :data:`FALLBACK` that did; a site no config reached is
+the outcome ``unreached``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from stress.mutate.operators import Mutant
+from stress.mutate.sandbox import PACKAGE_DIR, Sandbox, kill_active, run_config
+
+FALLBACK = ("default", "smoke", "tdx-busy", "roots", "invalidate", "huge", "dirty", "tlb",
+            "unsync", "faultin", "tdx-boot", "huge-alias")
+PROBE_IMPORT = "from stress.mutate.probe import hit as _mutate_hit"
+
+
+def run_configs() -> dict[str, Path]:
+    """The shipped run configs (campaign matrices left out), by name."""
+    return {p.stem: p for p in sorted((PACKAGE_DIR / "configs").glob("*.toml"))
+            if "[campaign]" not in p.read_text()}
+
+
+def preferred_config(m: Mutant) -> str:
+    """The config a mutant's function suggests: what the function is about first (TDX,
+    dirty logging, huge pages), then its file, then the rest of its name."""
+    f, fn = m.file, m.function.lower()
+    if any(w in fn for w in ("mirror", "tdx", "sept", "tdh")):
+        return "tdx-busy"
+    if "dirty" in fn or "wrprot" in fn:
+        return "dirty"
+    if "huge" in fn or "split" in fn:
+        return "huge"
+    by_file = {"mirror.py": "tdx-busy", "notifier.py": "invalidate", "roots.py": "roots"}
+    if f in by_file:
+        return by_file[f]
+    if "invalidat" in fn or "notifier" in fn:
+        return "invalidate"
+    if "root" in fn:
+        return "roots"
+    return "default"
+
+
+def choose_config(m: Mutant, reach: dict[str, Any]) -> str | None:
+    """The config to run ``m`` on, or None: no usable config reached its site."""
+    usable = {name: set(c["hits"]) for name, c in reach["configs"].items()
+              if c["exit_code"] == 0}
+    order = [preferred_config(m), *FALLBACK, *sorted(usable)]
+    for name in order:
+        if m.site_key in usable.get(name, ()):
+            return name
+    return None
+
+
+# ---------------------------------------------------------------------------
+# instrumentation
+# ---------------------------------------------------------------------------
+
+def instrument(text: str, file: str, sites: Iterable[int]) -> str:
+    """``text`` with ``_mutate_hit("file:line")`` before the outermost statement that
+    starts on each line of ``sites``, and the probe's import."""
+    tree = ast.parse(text, file)
+    todo = set(sites)
+
+    def block(stmts: list[ast.stmt]) -> list[ast.stmt]:
+        out: list[ast.stmt] = []
+        for s in stmts:
+            if s.lineno in todo:
+                todo.discard(s.lineno)
+                probe = ast.parse(f"_mutate_hit({f'{file}:{s.lineno}'!r})").body[0]
+                out.append(ast.copy_location(probe, s))
+            for name in ("body", "orelse", "finalbody"):
+                sub = getattr(s, name, None)
+                if isinstance(sub, list) and sub and isinstance(sub[0], ast.stmt):
+                    setattr(s, name, block(sub))
+            for h in getattr(s, "handlers", []):
+                h.body = block(h.body)
+            out.append(s)
+        return out
+
+    tree.body = block(tree.body)
+    i = 0
+    while i < len(tree.body) and (
+            (isinstance(tree.body[i], ast.Expr) and isinstance(tree.body[i].value, ast.Constant))
+            or (isinstance(tree.body[i], ast.ImportFrom)
+                and tree.body[i].module == "__future__")):  # type: ignore[attr-defined]
+        i += 1
+    tree.body.insert(i, ast.parse(PROBE_IMPORT).body[0])
+    return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# the profiling pass
+# ---------------------------------------------------------------------------
+
+def fingerprint(pkg: Path, duration: float, seed: int) -> str:
+    """What the pass depends on: the code of package copy ``pkg`` (of stress/mutate/, the
+    sites and the probes only), its configs, the pass's parameters."""
+    h = hashlib.sha256(f"{duration:g}/{seed}".encode())
+    skip = {"__init__.py", "command.py", "runner.py", "sandbox.py"}
+    files = [p for p in sorted(pkg.rglob("*")) if p.suffix in (".py", ".toml")
+             and "__pycache__" not in p.parts
+             and not (p.parent.name == "mutate" and (p.name in skip or p.suffix == ".toml"))]
+    for p in files:
+        h.update(str(p.relative_to(pkg)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def profile(sandbox: Sandbox, mutants: list[Mutant], duration: float, seed: int,
+            jobs: int, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    configs = run_configs()
+    sites: dict[str, set[int]] = {}
+    for m in mutants:
+        sites.setdefault(m.file, set()).add(m.site)
+    files = {f: instrument(sandbox.original(f), f, s) for f, s in sites.items()}
+
+    def one(name: str) -> tuple[str, dict[str, Any]]:
+        d = sandbox.make(files)
+        hits_dir = d / "hits"
+        hits_dir.mkdir()
+        r = run_config(d, configs[name], duration, seed,
+                       extra_env={"TDP_MUTATE_PROBE_DIR": str(hits_dir)})
+        hits: set[str] = set()
+        for f in hits_dir.iterdir():
+            hits.update(line for line in f.read_text().splitlines() if line)
+        res = r.results or {}
+        out = {"exit_code": r.exit_code, "exit_reason": res.get("exit_reason",
+                                                                "timeout" if r.timed_out
+                                                                else "no results"),
+               "hits": sorted(hits)}
+        if r.exit_code != 0:
+            first = (res.get("violations") or [{}])[0]
+            out["detail"] = first.get("invariant") or r.stderr.strip()[-300:]
+        sandbox.drop(d)
+        if progress:
+            progress(f"reach: {name}: {len(hits)} sites, exit {out['exit_reason']}")
+        return name, out
+
+    ex = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        done = dict(ex.map(one, list(configs)))
+    except BaseException:  # an interrupt: kill the runs under way, let them clean up
+        kill_active()
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    ex.shutdown()
+    return {"fingerprint": fingerprint(sandbox.base / "stress", duration, seed),
+            "duration_s": duration,
+            "seed": seed, "configs": {n: done[n] for n in configs}}
+
+
+def load_or_profile(cache: Path, sandbox: Sandbox, mutants: list[Mutant], duration: float,
+                    seed: int, jobs: int, progress: Callable[[str], None] | None = None,
+                    refresh: bool = False) -> dict[str, Any]:
+    """The cached pass if it is for this code, configs and parameters, else a new one."""
+    fp = fingerprint(sandbox.base / "stress", duration, seed)
+    if not refresh:
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("fingerprint") == fp:
+                if progress:
+                    progress(f"reach: cached ({cache})")
+                return cached
+        except (OSError, ValueError):
+            pass
+    reach = profile(sandbox, mutants, duration, seed, jobs, progress)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(reach, indent=1))
+    tmp.replace(cache)
+    return reach
