@@ -2,8 +2,9 @@
 
 Provenance.  Every leaf a fault installs carries, in a word parallel to its
 SPTE (``Layout.prov``), who installed it and when, on a clock that ticks once
-per zap started: ``INSTALLING`` while the fault's cmpxchg is in flight, then
-``(clock << 8) | (1 + worker)`` read *after* the cmpxchg succeeded.  So a
+per zap started: ``(clock << 8) | (1 + worker)``, the clock read *after* the
+cmpxchg succeeded; while a fault's install is in flight (from before its
+cmpxchg until its provenance is written) its worker slot names the entry.  So a
 leaf whose clock is at most the zap's start tick was installed before the zap
 began, and the zap, which visits every entry of its range after it began, must
 have removed it.  Entries installed later (a fault racing behind the zap after
@@ -17,18 +18,14 @@ present (no entry may become present in an invalid root).
 
 from __future__ import annotations
 
-from weakref import WeakKeyDictionary
+from typing import Any
 
-from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
+from stress.arena import WORDS_PER_PAGE, Globals, Slot, SpMeta
 from stress.model.kvm import Kvm
 from stress.model.roots import KVM_ALL_ROOTS, listed_roots, tdp_mmu_root_match
 from stress.model.spte import SPTE_MMU_PRESENT_MASK, describe, is_last_spte, is_shadow_present_pte
 from stress.model.tdp_iter import TdpIter
 from stress.oracles.base import oracle
-
-INSTALLING = (1 << 63) - 1
-# this task's install in flight: (provenance word, the value it replaced)
-_saved: WeakKeyDictionary[Kvm, tuple[int, int]] = WeakKeyDictionary()
 
 
 def _prov_i(kvm: Kvm, sptep: int) -> int:
@@ -36,42 +33,51 @@ def _prov_i(kvm: Kvm, sptep: int) -> int:
 
 
 @oracle("zap left a present leaf",
-        invariant="when a zap of [start, end) over a set of roots returns, no leaf of the "
-                  "range installed before the zap began is still present in those roots",
-        hook="leaf_installing", when="(provenance) before a fault's leaf cmpxchg",
+        invariant="(provenance) a fault publishes the entry it is installing at",
+        hook="leaf_installing", when="before a fault's leaf cmpxchg",
         cost="one store per install attempt")
-def installing(kvm: Kvm, it: object) -> None:
-    i = _prov_i(kvm, it.sptep)  # type: ignore[attr-defined]
-    _saved[kvm] = (i, kvm.w.xchg(i, INSTALLING))
+def installing(kvm: Kvm, it: Any) -> None:
+    kvm.w.store(kvm.layout.slot(kvm.me, Slot.INSTALL_SPTEP), it.sptep + 1)
 
 
 @oracle("zap left a present leaf",
-        invariant="(provenance) a failed install puts the entry's provenance back",
+        invariant="(provenance) ... and withdraws it when its cmpxchg lost",
         hook="leaf_install_failed", when="a fault's leaf cmpxchg lost",
         cost="one store per lost install")
-def install_failed(kvm: Kvm, it: object) -> None:
-    i, old = _saved.pop(kvm, (_prov_i(kvm, it.sptep), 0))  # type: ignore[attr-defined]
-    # put back what the entry's provenance was, unless another install finished
-    # meanwhile (it wrote its own)
-    kvm.w.cmpxchg(i, INSTALLING, old)
+def install_failed(kvm: Kvm, it: Any) -> None:
+    kvm.w.store(kvm.layout.slot(kvm.me, Slot.INSTALL_SPTEP), 0)
 
 
 @oracle("zap left a present leaf",
-        invariant="(provenance) an installed leaf records who installed it and when",
+        invariant="(provenance) an installed leaf records who installed it and when, then the "
+                  "fault withdraws its in-flight mark",
         hook="leaf_installed", when="after a fault's leaf cmpxchg succeeded",
-        cost="one load and one store per installed leaf")
-def installed(kvm: Kvm, it: object, fault: object, old_spte: int, new_spte: int) -> None:
-    _saved.pop(kvm, None)
-    clock = kvm.w.load(kvm.layout.glob(Globals.ZAP_CLOCK))
-    kvm.w.store(_prov_i(kvm, it.sptep), (clock << 8) | (kvm.me + 1))  # type: ignore[attr-defined]
+        cost="one load and two stores per installed leaf")
+def installed(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int) -> None:
+    lay = kvm.layout
+    clock = kvm.w.load(lay.glob(Globals.ZAP_CLOCK))
+    kvm.w.store(_prov_i(kvm, it.sptep), (clock << 8) | (kvm.me + 1))
+    kvm.w.store(lay.slot(kvm.me, Slot.INSTALL_SPTEP), 0)
+
+
+def _in_flight(kvm: Kvm, sptep: int) -> bool:
+    """Some fault is installing at ``sptep`` right now (its provenance is not
+    written yet).  Read after the entry and before its provenance: a fault that
+    is no longer in flight wrote its provenance first."""
+    lay = kvm.layout
+    return any(kvm.w.load(lay.slot(v, Slot.INSTALL_SPTEP)) == sptep + 1
+               for v in range(lay.n_slots))
 
 
 @oracle("zap left a present leaf",
         invariant="(provenance) the pieces of a split huge leaf were installed when it was",
         hook="huge_split", when="a huge leaf is split, before the table is linked",
         cost="512 stores per split")
-def split_inherits(kvm: Kvm, it: object, sp: int) -> None:
-    prov = kvm.w.load(_prov_i(kvm, it.sptep))  # type: ignore[attr-defined]
+def split_inherits(kvm: Kvm, it: Any, sp: int) -> None:
+    if _in_flight(kvm, it.sptep):  # its installer has not written it yet: it is new
+        prov = (kvm.w.load(kvm.layout.glob(Globals.ZAP_CLOCK)) << 8) | (kvm.me + 1)
+    else:
+        prov = kvm.w.load(_prov_i(kvm, it.sptep))
     kvm.w.fill(kvm.layout.prov + sp * WORDS_PER_PAGE, WORDS_PER_PAGE, prov)
 
 
@@ -99,8 +105,11 @@ def nothing_left_in_range(kvm: Kvm, roots: list[int] | None, types: int, start: 
             while it.in_range(end):
                 v = it.old_spte
                 if is_shadow_present_pte(v) and is_last_spte(v, it.level):
+                    if _in_flight(kvm, it.sptep):
+                        it.next()
+                        continue
                     prov = kvm.w.load(_prov_i(kvm, it.sptep))
-                    if prov != INSTALLING and prov >> 8 <= token:
+                    if prov >> 8 <= token:
                         who = (prov & 0xFF) - 1
                         kvm.bug("zap left a present leaf",
                                 f"a zap of [{start:#x}, {end:#x}) returned with a leaf it "
