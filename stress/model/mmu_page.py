@@ -153,7 +153,7 @@ def removed_entry_details(kvm: Kvm, page: int, i: int) -> dict[str, Any]:
         "gfn": kvm.w.load(lay.sp(page, SpMeta.GFN)) + i * KVM_PAGES_PER_HPAGE(level),
         "spte": f"{spte:#x}", "entry": describe(spte),
         "removed_by_worker": kvm.w.load(lay.sp(page, SpMeta.REMOVED_BY)) - 1,
-        "installed_by_worker": kvm.w.load(lay.sp(page, SpMeta.LAST_WRITER)) - 1,
+        "last_written_by_worker": kvm.w.load(lay.sp(page, SpMeta.LAST_WRITER)) - 1,
     }
 
 

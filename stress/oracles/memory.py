@@ -15,6 +15,7 @@ from stress.model.kvm import Kvm
 from stress.model.mmu_page import removed_entry_details
 from stress.model.spte import SPTE_MMU_PRESENT_MASK
 from stress.oracles.base import oracle
+from stress.oracles.provenance import provenance
 
 _UAF_TEXT = {
     ("poison", "kvm"): "a walker read a page-table page that was already freed (poisoned)",
@@ -52,9 +53,11 @@ def nothing_installed_in_removed_table(kvm: Kvm, page: int) -> None:
     i = kvm.w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
     if i >= 0:
         kvm.bug("SPTE installed in removed table",
-                "a present entry was written into a page table after handle_removed_pt "
-                "unlinked it: the mapping is leaked and invisible to zaps",
-                **removed_entry_details(kvm, page, i))
+                "a removed table still holds a present entry when its RCU callback runs "
+                "(written after handle_removed_pt unlinked the table, or never cleared by "
+                "it): the mapping is leaked and invisible to zaps",
+                **removed_entry_details(kvm, page, i),
+                **provenance(kvm, lay.spt(page) + i, removed_entry_details(kvm, page, i)["level"]))
 
 
 @oracle("guest access to freed page",

@@ -10,6 +10,7 @@ from stress.model.roots import KVM_ALL_ROOTS, for_each_tdp_mmu_root_yield_safe
 from stress.model.spte import describe, is_last_spte, is_shadow_present_pte, spte_to_pfn
 from stress.model.tdp_iter import TdpIter
 from stress.oracles.base import oracle
+from stress.oracles.provenance import provenance
 
 
 @oracle("stale mapping after invalidate_end",
@@ -39,9 +40,9 @@ def range_maps_current_pages(kvm: Kvm, start: int, end: int) -> None:
                         mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
                         kvm.bug("stale mapping after invalidate_end",
                                 "a leaf maps a host page that a completed invalidation "
-                                "freed (it was installed after the zap)",
+                                "released",
                                 gfn=it.gfn, entry=describe(v), mapped_gen=gen, current_gen=now,
-                                mirror=mirror)
+                                mirror=mirror, **provenance(kvm, it.sptep, it.level))
                 it.next()
         finally:
             kvm.rcu.rcu_read_unlock()

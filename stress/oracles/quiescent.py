@@ -72,6 +72,7 @@ from stress.model.tdx import (
     sept_value,
 )
 from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, listed
+from stress.oracles.provenance import provenance
 from stress.oracles.unsync import check_unsync_state
 
 
@@ -361,9 +362,11 @@ def _check_removed(kvm: Kvm, page: int, rep: QuiescentReport) -> None:
     i = w.find_mask(lay.spt(page), WORDS_PER_PAGE, SPTE_MMU_PRESENT_MASK)
     if i >= 0:
         rep.fail("SPTE installed in removed table",
-                 "a present entry was written into a page table after handle_removed_pt "
-                 "unlinked it: the mapping is leaked and invisible to zaps",
-                 **removed_entry_details(kvm, page, i))
+                 "a removed table awaiting RCU holds a present entry (written after "
+                 "handle_removed_pt unlinked the table, or never cleared by it): the mapping "
+                 "is leaked and invisible to zaps",
+                 **removed_entry_details(kvm, page, i),
+                 **provenance(kvm, lay.spt(page) + i, removed_entry_details(kvm, page, i)["level"]))
 
 
 def teardown_check(kvm: Kvm) -> QuiescentReport:

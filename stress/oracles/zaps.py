@@ -26,10 +26,7 @@ from stress.model.roots import KVM_ALL_ROOTS, listed_roots, tdp_mmu_root_match
 from stress.model.spte import SPTE_MMU_PRESENT_MASK, describe, is_last_spte, is_shadow_present_pte
 from stress.model.tdp_iter import TdpIter
 from stress.oracles.base import oracle
-
-
-def _prov_i(kvm: Kvm, sptep: int) -> int:
-    return kvm.layout.prov + (sptep - kvm.layout.pages)
+from stress.oracles.provenance import prov_index
 
 
 @oracle("zap left a present leaf",
@@ -56,7 +53,7 @@ def install_failed(kvm: Kvm, it: Any) -> None:
 def installed(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int) -> None:
     lay = kvm.layout
     clock = kvm.w.load(lay.glob(Globals.ZAP_CLOCK))
-    kvm.w.store(_prov_i(kvm, it.sptep), (clock << 8) | (kvm.me + 1))
+    kvm.w.store(prov_index(kvm, it.sptep), (clock << 8) | (kvm.me + 1))
     kvm.w.store(lay.slot(kvm.me, Slot.INSTALL_SPTEP), 0)
 
 
@@ -77,7 +74,7 @@ def split_inherits(kvm: Kvm, it: Any, sp: int) -> None:
     if _in_flight(kvm, it.sptep):  # its installer has not written it yet: it is new
         prov = (kvm.w.load(kvm.layout.glob(Globals.ZAP_CLOCK)) << 8) | (kvm.me + 1)
     else:
-        prov = kvm.w.load(_prov_i(kvm, it.sptep))
+        prov = kvm.w.load(prov_index(kvm, it.sptep))
     kvm.w.fill(kvm.layout.prov + sp * WORDS_PER_PAGE, WORDS_PER_PAGE, prov)
 
 
@@ -108,7 +105,7 @@ def nothing_left_in_range(kvm: Kvm, roots: list[int] | None, types: int, start: 
                     if _in_flight(kvm, it.sptep):
                         it.next()
                         continue
-                    prov = kvm.w.load(_prov_i(kvm, it.sptep))
+                    prov = kvm.w.load(prov_index(kvm, it.sptep))
                     if prov >> 8 <= token:
                         who = (prov & 0xFF) - 1
                         kvm.bug("zap left a present leaf",
