@@ -112,6 +112,9 @@ class TdpIter:
         same violation as read_spte / try_step_down."""
         rl = self.root_level
         start = self.next_last_level_gfn
+        if not self.kvm.rcu.nesting:  # rcu_dereference of the root's table
+            self.kvm.bug("lockdep", "suspicious RCU usage: a walk outside rcu_read_lock()",
+                         gfn=start)
         wp = self.kvm.walk_params
         if wp is None:
             wp = self.kvm.walk_params = walk_params(self.kvm.layout)
@@ -156,8 +159,13 @@ class TdpIter:
         self.old_spte = self.read_spte()
 
     def read_spte(self) -> int:
-        """kvm_tdp_mmu_read_spte plus the use-after-free oracle."""
+        """kvm_tdp_mmu_read_spte (an rcu_dereference of the table: lockdep's
+        "suspicious RCU usage" outside a read-side section) plus the KASAN
+        report of a freed or reused table."""
         kvm = self.kvm
+        if not kvm.rcu.nesting:
+            kvm.bug("lockdep", "suspicious RCU usage: an SPTE read outside rcu_read_lock()",
+                    gfn=self.gfn, level=self.level)
         v = kvm.w.load(self.sptep)
         page = self.pt_path[self.level]
         if v == POISON_SPTE:
