@@ -30,8 +30,10 @@ if TYPE_CHECKING:
 LOCK_NONE, LOCK_READ, LOCK_WRITE = 0, 1, 2
 
 
-# TDX_SHARED_BIT_PWL_4 / _5 (tdx.c): the GPA bit that makes an address shared,
-# 47 under 4-level EPT, 51 under 5-level (as gfn bits: 35 and 39)
+# TDX_SHARED_BIT_PWL_4 / _5 (tdx.c, read at kvm-x86/linux 09c6f74ecb86, where
+# tdx_td_init sets kvm->arch.gfn_direct_bits to one of them by the TD's GPAW,
+# TDX_CONFIG_FLAGS_MAX_GPAW): the GPA bit that makes an address shared, 47 under
+# 4-level EPT, 51 under 5-level (as gfn bits: 35 and 39)
 TDX_SHARED_BIT_PWL_4 = 1 << (47 - 12)
 TDX_SHARED_BIT_PWL_5 = 1 << (51 - 12)
 KVM_PAGES_PER_2M = 512  # a slot's arrays start on a 2 MiB boundary of the index space

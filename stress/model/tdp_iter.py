@@ -15,14 +15,21 @@ identity (level, gfn); every later read checks the value is not poison and the
 generation has not moved.  Under RCU neither can happen: the page cannot be
 freed, let alone reused, while this walker is inside its read-side section.
 
-GFN bits (kvm_gfn_root_bits, since "KVM: x86/mmu: Support GFN direct bits"):
-a TD's direct root maps shared gfns at gfn | the shared bit, i.e. in its upper
-half.  As upstream's ``tdp_iter_start(..., gfn_bits)``, the iterator's ``gfn``
-stays the gfn memslots know (callers' ranges are [start, end) in those gfns)
-and ``gfn_bits`` is OR-ed in only where a table is indexed
-(``tdp_iter_refresh_sptep``, ``try_step_side``).  The model's ``sp->gfn`` of a
-table holds its base with the bits (the frames its entries translate), which
-is what the walker's identity check compares; handle_removed_pt strips them.
+GFN bits (kvm_gfn_root_bits; "KVM: x86/mmu: Support GFN direct bits", Isaku
+Yamahata and Rick Edgecombe, [PATCH 08/18] of Paolo Bonzini's TDX MMU series of
+2024-12-13, read as posted): a TD's direct root maps shared gfns at gfn | the
+shared bit, i.e. in its upper half.  As upstream's ``tdp_iter_start(...,
+gfn_bits)``, the iterator's ``gfn`` stays the gfn memslots know (callers'
+ranges are [start, end) in those gfns: for_each_tdp_pte_min_level passes
+kvm_gfn_root_bits(kvm, root), so every zap, fault and dirty-log walk of a
+direct root ORs the bits into its range) and ``gfn_bits`` is OR-ed in where a
+table is indexed (``tdp_iter_refresh_sptep``, ``try_step_side``).  A whole-root
+zap walks with bits 0 over the root's whole range
+(for_each_tdp_pte_min_level_all), its gfns then carry the bits.  One
+difference: upstream's ``sp->gfn`` has no bits ("SPs will have the GFN set
+without the shared bit"); the model's holds the table's base with them (the
+frames its entries translate), because the native walk's identity check
+compares it with the walked gfn; handle_removed_pt strips them.
 
 Fast descent: a walk for one gfn (a fault's) may start with ``descend_to``:
 tdp_iter_start and then try_step_down while the entry is a present non-leaf
