@@ -161,7 +161,8 @@ def removed_entry_details(kvm: Kvm, page: int, i: int) -> dict[str, Any]:
     level = role_level(kvm.w.load(lay.sp(page, SpMeta.ROLE)))
     return {
         "table": page, "level": level, "index": i,
-        "gfn": kvm.w.load(lay.sp(page, SpMeta.GFN)) + i * KVM_PAGES_PER_HPAGE(level),
+        "gfn": (kvm.w.load(lay.sp(page, SpMeta.GFN)) & ~kvm_gfn_direct_bits(kvm))
+        + i * KVM_PAGES_PER_HPAGE(level),
         "spte": f"{spte:#x}", "entry": describe(spte),
         "removed_by_worker": kvm.w.load(lay.sp(page, SpMeta.REMOVED_BY)) - 1,
         "installed_by_worker": kvm.w.load(lay.sp(page, SpMeta.LAST_WRITER)) - 1,
