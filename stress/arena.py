@@ -239,6 +239,8 @@ class Layout:
     globals: int
     roots: int
     shadow: int
+    # the memslots' per-gfn arrays, every slot's packed after the previous one's and
+    # indexed by stress.model.kvm.slot_index (n_gfns: their frames, not the guest's width)
     host_gens: int  # one byte per gfn: generation of the host page backing it
     attrs: int  # one bit per gfn: KVM_MEMORY_ATTRIBUTE_PRIVATE
     lpage_info: int  # one word per 2 MiB region: lpage_info[PG_LEVEL_2M] (see host.py)

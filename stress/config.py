@@ -14,6 +14,7 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -90,10 +91,21 @@ class RunConfig:
     max_rss_growth: int = 512 << 20  # a worker's heap growing more than this is a leak
 
 
+GUEST_LAYOUTS = ("flat", "pc")
+
+
 @dataclass(frozen=True)
 class GuestConfig:
-    size: int = 1 << 30
+    size: int = 1 << 30  # guest RAM, laid out by `layout`
     root_level: int = 4
+    # the guest physical layout (memslots): "flat" is one RAM slot [0, size);
+    # "pc" splits size like a PC (half of it, at most 2g, below an MMIO hole that
+    # ends at 4g, the rest from 4g up) and adds a 2m slot at the top of the
+    # guest's physical address space (see guest_memslots)
+    layout: str = "flat"
+    # explicit memslots, replacing the layout: "START-END", "START+SIZE" or
+    # "SIZE@top" (sizes as elsewhere, or 0x... hex), e.g. ["0-2g", "4g-5g", "64t+2m"]
+    slots: tuple[str, ...] = ()
     hot_set: int = 64 << 10
     hot_fraction: float = 0.9
     # a boot-like sweep: every `sweep` hot-set picks (counted by all workers
@@ -300,9 +312,17 @@ class Config:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return int.from_bytes(hashlib.sha256(blob).digest()[:8], "little")
 
+    @cached_property
+    def memslots(self) -> tuple[tuple[int, int], ...]:
+        """The guest's memslots as (base_gfn, npages), sorted (guest_memslots)."""
+        return guest_memslots(self.guest, self.vm.type)
+
     @property
     def n_gfns(self) -> int:
-        return self.guest.size >> 12
+        """Frames the memslots' per-gfn arrays take in the arena (each slot's
+        npages rounded up to 2 MiB): what the guest's memory costs, wherever
+        its slots sit (stress.model.kvm.KvmMemorySlot)."""
+        return sum(-(-n // 512) * 512 for _, n in self.memslots)
 
     @property
     def n_workers(self) -> int:
@@ -405,6 +425,92 @@ def _dur(key: str, lo: float, hi: float):
     return conv
 
 
+_SLOT_ADDR = r"(0x[0-9a-f]+|\d+\s*[kmgt]?)"
+_SLOT_RANGE = re.compile(rf"\s*{_SLOT_ADDR}\s*([-+])\s*{_SLOT_ADDR}\s*")
+_SLOT_TOP = re.compile(rf"\s*{_SLOT_ADDR}\s*@\s*top\s*")
+_2M = 2 << 20
+
+
+def _slot_addr(text: str) -> int:
+    t = text.replace(" ", "")
+    return int(t, 16) if t.startswith("0x") else parse_size(t)
+
+
+def guest_top(vm_type: str, root_level: int) -> int:
+    """The top of the guest physical address space, in bytes: 2**MAXPHYADDR
+    (48 bits with 4-level TDP, 52 with 5-level); on a TD the top GPA bit is the
+    shared bit (TDX_SHARED_BIT_PWL_4/5: 47, 51), so private and shared memory
+    both live below it."""
+    maxphyaddr = 52 if root_level == 5 else 48
+    return 1 << (maxphyaddr - 1 if vm_type == "tdx" else maxphyaddr)
+
+
+def parse_slot(spec: Any, top: int, key: str = "guest.slots") -> tuple[int, int]:
+    """One memslot spec as (base, size) in bytes: "START-END", "START+SIZE", or
+    "SIZE@top" (the last SIZE bytes below ``top``)."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"{key}: expected strings like \"4g-5g\", \"64t+2m\" or "
+                          f"\"2m@top\", got {spec!r}")
+    t = spec.lower()
+    if m := _SLOT_TOP.fullmatch(t):
+        size = _slot_addr(m.group(1))
+        base = top - size
+    elif m := _SLOT_RANGE.fullmatch(t):
+        base, other = _slot_addr(m.group(1)), _slot_addr(m.group(3))
+        size = other - base if m.group(2) == "-" else other
+    else:
+        raise ConfigError(f"{key}: {spec!r} is not \"START-END\", \"START+SIZE\" or "
+                          "\"SIZE@top\" (e.g. \"4g-5g\", \"64t+2m\", \"2m@top\")")
+    if size <= 0 or size % 4096:
+        raise ConfigError(f"{key}: {spec!r}: the size must be a positive multiple of 4k")
+    if base < 0 or base % _2M:
+        raise ConfigError(f"{key}: {spec!r}: a slot must start on a 2m boundary")
+    if base + size > top:
+        raise ConfigError(f"{key}: {spec!r} ends above the top of the guest physical "
+                          f"address space ({top:#x})")
+    return base, size
+
+
+def _pc_layout(size: int, top: int) -> list[tuple[int, int]]:
+    """layout = "pc": low RAM (half of ``size``, at most 2g) below the MMIO hole,
+    which ends at 4g; high RAM (the rest) from 4g; a 2m slot at the top."""
+    low = min(size // 2 // _2M * _2M, 2 << 30)
+    if low == 0 or size - low <= 0:
+        raise ConfigError("guest.layout: \"pc\" needs guest.size of at least 4m")
+    return [(0, low), (4 << 30, size - low), (top - _2M, _2M)]
+
+
+def guest_memslots(g: GuestConfig, vm_type: str) -> tuple[tuple[int, int], ...]:
+    """The memslots of a guest config as (base_gfn, npages), sorted; a bad slot
+    list is a ConfigError naming guest.slots."""
+    top = guest_top(vm_type, g.root_level)
+    if g.slots:
+        ranges = [parse_slot(spec, top) for spec in g.slots]
+    elif g.layout == "pc":
+        ranges = _pc_layout(g.size, top)
+    else:
+        ranges = [(0, g.size)]
+        if g.size > top:
+            raise ConfigError(f"guest.size: too large for a {g.root_level}-level root")
+    ranges.sort()
+    for (b0, s0), (b1, _s1) in zip(ranges, ranges[1:], strict=False):
+        if b1 < b0 + s0:
+            raise ConfigError(f"guest.slots: [{b0:#x}, {b0 + s0:#x}) and the slot at "
+                              f"{b1:#x} overlap")
+    return tuple((b >> 12, n >> 12) for b, n in ranges)
+
+
+def _slot_list(key: str):
+    def conv(v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list | tuple):  # [] (a resolved config's): the layout's
+            raise ConfigError(f"{key}: expected a list of memslots like "
+                              f"[\"0-2g\", \"4g-5g\", \"2m@top\"], got {v!r}")
+        for spec in v:
+            parse_slot(spec, 1 << 62, key)  # the syntax; the top is checked in validate
+        return tuple(v)
+    return conv
+
+
 SCHEMA: dict[str, dict[str, Any]] = {
     "run": {
         "duration": _dur("run.duration", 0.0, 366 * 86400.0),
@@ -421,6 +527,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "guest": {
         "size": _size("guest.size", 4096, 1 << 40),
         "root_level": _int("guest.root_level", 4, 5),
+        "layout": _choice("guest.layout", GUEST_LAYOUTS),
+        "slots": _slot_list("guest.slots"),
         "hot_set": _size("guest.hot_set", 4096, 1 << 40),
         "hot_fraction": _float("guest.hot_fraction", 0.0, 1.0),
         "sweep": _int("guest.sweep", 0, 10**9),
@@ -567,17 +675,23 @@ def validate(cfg: Config) -> Config:
         if max(row[0], row[3]) >= cfg.n_workers:
             raise ConfigError(f"schedule.switches: {list(row)} names a worker beyond the "
                               f"{cfg.n_workers} configured")
-    if cfg.guest.hot_set > cfg.guest.size:
-        raise ConfigError(f"guest.hot_set: {cfg.guest.hot_set} bytes is larger than "
-                          f"guest.size ({cfg.guest.size} bytes)")
+    g = cfg.guest
+    if g.slots and g.size != GuestConfig.size:
+        raise ConfigError("guest.size: not used with guest.slots (the slots are the guest's "
+                          "memory): drop one of them")
+    slots = guest_memslots(g, cfg.vm.type)
+    if sum(n for _, n in slots) > 1 << 28:
+        raise ConfigError("guest.slots: more than 1t of memory in all the slots")
+    if g.hot_set > max(n for _, n in slots) << 12:
+        what = "guest.size" if len(slots) == 1 and not g.slots else "the largest memslot"
+        raise ConfigError(f"guest.hot_set: {g.hot_set} bytes is larger than {what} "
+                          f"({max(n for _, n in slots) << 12} bytes)")
     if cfg.converter.range % 4096:
         raise ConfigError(f"converter.range: must be a multiple of 4k, got {cfg.converter.range}")
     z = cfg.zapper
     if cfg.workers.get("zapper", 0) and not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared
                                              + z.subtree_zap_exclusive + z.clear_dirty):
         raise ConfigError("zapper: all op weights are 0")
-    if cfg.guest.size > 1 << (12 + 9 * cfg.guest.root_level):
-        raise ConfigError(f"guest.size: too large for a {cfg.guest.root_level}-level root")
     return cfg
 
 

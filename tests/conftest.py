@@ -13,7 +13,7 @@ from stress import oracles
 from stress.arena import Arena, Control, Globals, Layout, list_segments
 from stress.atomics import Words
 from stress.model.host import init_lpage_info, init_mem_attributes
-from stress.model.kvm import Geometry, Kvm, TdxVm
+from stress.model.kvm import Geometry, Kvm, TdxVm, build_memslots
 from stress.model.roots import kvm_tdp_mmu_alloc_root
 from stress.model.td import tdx_td_finalize
 from stress.model.tdp_mmu import kvm_tdp_mmu_alloc_mirror_root
@@ -43,18 +43,23 @@ class Vm:
     def __init__(self, variant: str = "fixed", n_pages: int = 256, slots: int = 3,
                  guest_gfns: int = 1 << 18, tdx: bool = False, policy: str = "unwind",
                  latency_ns: int = 0, huge_pages: float = 0.0, chunk_shift: int = 3,
-                 alias_floor_words: int = 0, runnable: bool = True) -> None:
+                 alias_floor_words: int = 0, runnable: bool = True,
+                 memslots: tuple[tuple[int, int], ...] | None = None,
+                 root_level: int = 4) -> None:
+        """``memslots``: (base_gfn, npages) of each slot; default one [0, guest_gfns)."""
         self.extra_words: list[Words] = []
         self.shadowed: dict[int, int] = {}  # nested TDP: gfn -> leaf shadow page
-        self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages, n_gfns=guest_gfns)
+        slots_ = build_memslots(memslots or [(0, guest_gfns)])
+        frames = sum(s.frames for s in slots_)
+        self.layout = lay = Layout.build(n_slots=slots, n_pages=n_pages, n_gfns=frames)
         self.arena = Arena.create(lay, 0)
         self.words = w = Words(self.arena.shm.buf, lay.ctl(Control.ABORT))
         w.fill(lay.bitmap, lay.bitmap_words, (1 << 64) - 1)
         if n_pages % 64:
             w.store(lay.bitmap + lay.bitmap_words - 1, (1 << (n_pages % 64)) - 1)
         w.store(lay.glob(Globals.RCU_GP_CTR), 1)
-        self.geometry = Geometry(root_level=4, n_gfns=guest_gfns, tdx=tdx,
-                                 private_chunk_shift=chunk_shift)
+        self.geometry = Geometry(root_level=root_level, tdx=tdx,
+                                 private_chunk_shift=chunk_shift, memslots=slots_)
         self.huge_pages = huge_pages
         self.alias_floor_words = alias_floor_words
         self.variant = get_variant(variant)

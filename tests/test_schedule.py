@@ -25,7 +25,8 @@ from .conftest import run_cli
 # no initial image: both vCPUs' first touches of the hot set's tables race (the
 # link race mirror-no-freeze needs; a TD's mirror tables are linked only once)
 SMALL = {"workers": {"vcpu": 2, "zapper": 1, "invalidator": 0, "notifier": 0, "converter": 0},
-         "guest": {"size": "16m", "hot_set": "32k"}, "tdx": {"init_mem_pages": 0}}
+         "guest": {"size": "16m", "layout": "flat", "hot_set": "32k"},
+         "tdx": {"init_mem_pages": 0}}
 
 
 def controlled(variant: str, mode: str, seed: int, max_steps: int = 30000):

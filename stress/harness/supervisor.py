@@ -89,10 +89,14 @@ def pool_pages(cfg: Config) -> int:
     room too), capped; a fault that finds the pool empty retries."""
     if cfg.pool.pages:
         return cfg.pool.pages
-    need, n = 1, cfg.n_gfns
-    for _level in range(1, cfg.guest.root_level):
-        n = (n + 511) // 512
-        need += n
+    need = 1
+    for level in range(1, cfg.guest.root_level):  # the tables of each level the slots need
+        shift = 9 * level
+        last = -1
+        for base, npages in cfg.memslots:  # sorted: count each table once
+            first, end = base >> shift, (base + npages - 1) >> shift
+            need += end - max(first, last + 1) + 1 if end > last else 0
+            last = max(last, end)
     return max(64, min(2 * need + 256, POOL_AUTO_MAX))
 
 

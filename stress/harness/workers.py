@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+from bisect import bisect_right
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -34,7 +35,7 @@ from stress.harness.sched import Turns, worker_turns
 from stress.model import unsync
 from stress.model.errors import InvariantViolation
 from stress.model.host import init_lpage_info, kvm_mmu_gfn_disallow_lpage
-from stress.model.kvm import Geometry, Kvm, TdxVm, kvm_mem_is_private
+from stress.model.kvm import Geometry, Kvm, TdxVm, build_memslots, kvm_mem_is_private
 from stress.model.memslot import srcu_read_lock, srcu_read_unlock
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.notifier import (
@@ -102,13 +103,58 @@ EXIT_ORPHANED = 3  # the supervisor died before this worker was set up
 PR_SET_PDEATHSIG = 1
 
 
+class GuestRam:
+    """The guest's memory as the workers see it: the memslots' gfns, and the
+    same gfns numbered 0, 1, ... in slot order (ordinals: the hot set's sweep
+    and the scans from the hot set on move through them, slot after slot)."""
+
+    def __init__(self, memslots: tuple[tuple[int, int], ...]) -> None:
+        self.slots = memslots  # (base_gfn, npages), sorted
+        self.bases = [b for b, _ in memslots]
+        self.ords = []  # the first ordinal of each slot
+        n = 0
+        for _b, npages in memslots:
+            self.ords.append(n)
+            n += npages
+        self.total = n
+
+    def slot_of(self, gfn: int) -> tuple[int, int]:
+        """(base_gfn, end_gfn) of the slot holding ``gfn``."""
+        b, n = self.slots[bisect_right(self.bases, gfn) - 1]
+        return b, b + n
+
+    def end_of(self, gfn: int) -> int:
+        """The end of ``gfn``'s slot: ranges stay inside the slot they start in."""
+        return self.slot_of(gfn)[1]
+
+    def gfn_at(self, ordinal: int) -> int:
+        k = bisect_right(self.ords, ordinal) - 1
+        return self.slots[k][0] + ordinal - self.ords[k]
+
+    def ordinal_of(self, gfn: int) -> int:
+        k = bisect_right(self.bases, gfn) - 1
+        return self.ords[k] + gfn - self.slots[k][0]
+
+    def random_gfn(self, rng: random.Random) -> int:
+        """A gfn anywhere in guest memory: a slot first (uniformly, so a small slot
+        far up the address space is touched as often as RAM is), then a gfn in it."""
+        b, n = self.slots[rng.randrange(len(self.slots))] if len(self.slots) > 1 \
+            else self.slots[0]
+        return b + rng.randrange(n)
+
+
 def hot_region(cfg: Config) -> tuple[int, int]:
-    """(first gfn, gfn count) of the hot set, placed by the run seed, 2M aligned."""
+    """(first gfn, gfn count) of the hot set, placed by the run seed, 2M aligned,
+    inside one memslot (one big enough for it, chosen in proportion to size)."""
     n_hot = max(1, cfg.guest.hot_set >> 12)
-    span = cfg.n_gfns - n_hot
-    base = random.Random(f"hot:{cfg.run.seed}").randrange(0, span + 1) if span > 0 else 0
-    base = min(round_gfn_for_level(base, PG_LEVEL_2M), span)
-    return base, n_hot
+    fits = [(b, n) for b, n in cfg.memslots if n >= n_hot]
+    span = sum(n - n_hot + 1 for _b, n in fits) - 1
+    pos = random.Random(f"hot:{cfg.run.seed}").randrange(0, span + 1) if span > 0 else 0
+    for b, n in fits:
+        if pos <= n - n_hot:
+            return b + min(round_gfn_for_level(pos, PG_LEVEL_2M), n - n_hot), n_hot
+        pos -= n - n_hot + 1
+    raise AssertionError("no memslot holds the hot set (config.validate checks it)")
 
 
 def worker_seed(cfg: Config, index: int) -> str:
@@ -123,8 +169,9 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
         words.enable_trace(layout.trace_ring(me), layout.trace_entries,
                            layout.slot(me, Slot.TRACE_HEAD), layout.glob(Globals.TRACE_SEQ), me)
     tdx = cfg.vm.type == "tdx"
-    geometry = Geometry(root_level=cfg.guest.root_level, n_gfns=cfg.n_gfns, tdx=tdx,
-                        private_chunk_shift=(cfg.tdx.private_chunk >> 12).bit_length() - 1)
+    geometry = Geometry(root_level=cfg.guest.root_level, tdx=tdx,
+                        private_chunk_shift=(cfg.tdx.private_chunk >> 12).bit_length() - 1,
+                        memslots=build_memslots(cfg.memslots))
     variant = get_variant(cfg.run.variant)
     kvm = oracles.attach(Kvm(words, layout, geometry, variant, me, rng),
                          params=cfg.liveness.params(cfg.schedule))
@@ -154,13 +201,14 @@ def worker_roles(cfg: Config) -> list[str]:
 def initial_image_gfns(cfg: Config, kvm: Kvm) -> list[int]:
     """The private gfns of the TD's initial image (KVM_TDX_INIT_MEM_REGION), from
     the start of the hot set on, so the guest uses them at once."""
-    base, _n = hot_region(cfg)
+    ram = GuestRam(cfg.memslots)
     out: list[int] = []
-    g = base
-    while len(out) < cfg.tdx.init_mem_pages and g < cfg.n_gfns:
+    o = ram.ordinal_of(hot_region(cfg)[0])
+    while len(out) < cfg.tdx.init_mem_pages and o < ram.total:
+        g = ram.gfn_at(o)
         if kvm_mem_is_private(kvm, g):
             out.append(g)
-        g += 1
+        o += 1
     return out
 
 
@@ -182,13 +230,14 @@ def init_huge_pages(cfg: Config, kvm: Kvm) -> None:
 def shadowed_gfns(cfg: Config, kvm: Kvm) -> list[int]:
     """The L1 page-table gfns shadowed for nested TDP: the first shared gfns from
     the start of the hot set on (so both vCPUs write them, and often)."""
-    base, _n = hot_region(cfg)
+    ram = GuestRam(cfg.memslots)
     out: list[int] = []
-    g = base
-    while len(out) < unsync.N_LEAVES and g < cfg.n_gfns:
+    o = ram.ordinal_of(hot_region(cfg)[0])
+    while len(out) < unsync.N_LEAVES and o < ram.total:
+        g = ram.gfn_at(o)
         if not kvm_mem_is_private(kvm, g):
             out.append(g)
-        g += 1
+        o += 1
     return out
 
 
@@ -200,18 +249,25 @@ class Role:
         self.cfg = cfg
         self.rng = kvm.rng
         self.hot_base, self.hot_n = hot_region(cfg)
-        self.n_gfns = cfg.n_gfns
+        self.ram = GuestRam(cfg.memslots)
+        self.hot_ord = self.ram.ordinal_of(self.hot_base)
 
     def pick_gfn(self) -> int:
+        """A gfn some memslot holds: the hot set's, or any (GuestRam.random_gfn)."""
         if self.rng.random() < self.cfg.guest.hot_fraction:
             sweep = self.cfg.guest.sweep
             if not sweep:
                 return self.hot_base + self.rng.randrange(self.hot_n)
             # harness bookkeeping (not a guest access): the shared pick counter
             k = self.kvm.w.fetch_add(self.kvm.layout.glob(Globals.SWEEP), 1) // sweep
-            base = (self.hot_base + k * 512) % max(1, self.n_gfns - self.hot_n + 1)
-            return base + self.rng.randrange(self.hot_n)
-        return self.rng.randrange(self.n_gfns)
+            ram = self.ram
+            base = (self.hot_ord + k * 512) % max(1, ram.total - self.hot_n + 1)
+            return ram.gfn_at(base + self.rng.randrange(self.hot_n))
+        return self.ram.random_gfn(self.rng)
+
+    def end_of(self, gfn: int) -> int:
+        """The end of ``gfn``'s memslot (ranges stay inside one slot)."""
+        return self.ram.end_of(gfn)
 
     def step(self) -> None:
         raise NotImplementedError
@@ -299,7 +355,7 @@ class VcpuRole(Role):
         if vc.prefault_fraction and self.rng.random() < vc.prefault_fraction:
             n = max(1, vc.prefault_range >> 12)
             start = self.pick_gfn()
-            kvm_arch_vcpu_pre_fault_memory(kvm, start, min(self.n_gfns, start + n))
+            kvm_arch_vcpu_pre_fault_memory(kvm, start, min(self.end_of(start), start + n))
             kvm.stats["prefaults"] += 1
             return
         if self.insn is None:
@@ -308,7 +364,7 @@ class VcpuRole(Role):
             span = 1
             if kvm_mem_is_private(kvm, gfn) and self.cfg.tdx.instruction_span > 1:
                 span = self.rng.randint(1, self.cfg.tdx.instruction_span)
-            self.insn = (self.rip, list(range(gfn, min(self.n_gfns, gfn + span))),
+            self.insn = (self.rip, list(range(gfn, min(self.end_of(gfn), gfn + span))),
                          self.rng.random() < vc.write_fraction)
             self.last_fault = None
         rip, gfns, write = self.insn
@@ -407,7 +463,7 @@ class NotifierRole(Role):
         kvm = self.kvm
         n = self.rng.randint(1, max(1, self.cfg.notifier.max_range >> 12))
         start = self.pick_gfn()
-        end = min(self.n_gfns, start + n)
+        end = min(self.end_of(start), start + n)
         attr_filter = None
         if kvm.geometry.tdx:
             # a guest_memfd punch-hole of private memory or the mmu_notifier of the
@@ -441,8 +497,10 @@ class ConverterRole(Role):
             self.pending = None
         else:
             chunk = (self.cfg.converter.range >> 12) or 1 << kvm.geometry.private_chunk_shift
-            start = self.pick_gfn() // chunk * chunk
-            end = min(self.n_gfns, start + chunk)
+            gfn = self.pick_gfn()
+            base, slot_end = self.ram.slot_of(gfn)
+            start = max(base, gfn // chunk * chunk)
+            end = min(slot_end, start + chunk)
             if self.cfg.converter.revert:
                 self.pending = (start, end)
         private = not kvm_mem_is_private(kvm, start)
@@ -477,7 +535,7 @@ class InvalidatorRole(Role):
             if check_td_runnable(kvm):  # a memslot of the hot set, 2 MiB
                 start = round_gfn_for_level(self.pick_gfn(), PG_LEVEL_2M)
                 kvm.stats["entries_zapped"] += kvm_set_memory_region_move(
-                    kvm, start, min(self.n_gfns, start + 512))
+                    kvm, start, min(self.end_of(start), start + 512))
         else:
             kvm_mmu_zap_all_fast(kvm)
         if self.cfg.invalidator.interval:
@@ -512,7 +570,7 @@ class ZapperRole(Role):
 
     def _range(self) -> tuple[int, int]:
         start = self.pick_gfn()
-        return start, min(self.n_gfns, start + self.rng.randint(1, self.max_range))
+        return start, min(self.end_of(start), start + self.rng.randint(1, self.max_range))
 
     def leaf_zap(self) -> None:
         kvm = self.kvm

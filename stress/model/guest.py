@@ -12,11 +12,11 @@ range up).
 from __future__ import annotations
 
 from stress.model.host import host_page_gen
-from stress.model.kvm import Kvm
+from stress.model.kvm import Kvm, slot_index
 
 
 def accepted_index(kvm: Kvm, gfn: int) -> int:
-    return kvm.layout.accepted + gfn
+    return kvm.layout.accepted + slot_index(kvm, gfn)
 
 
 def guest_accepted(kvm: Kvm, gfn: int) -> bool:

@@ -100,9 +100,10 @@ class Hooks:
         """... and the cmpxchg lost (the fault retries)."""
 
     # -- zaps and invalidations --------------------------------------------------
-    def zap_start(self, kvm: Kvm) -> int:
-        """A zap begins (a leaf zap of a range, or a root zap); returns a token
-        the matching :meth:`zap_done` gets back (0 without oracles)."""
+    def zap_start(self, kvm: Kvm, types: int) -> int:
+        """A leaf zap begins, over one root the caller holds (``types`` 0) or
+        every root of ``types``; returns a token the matching :meth:`zap_done`
+        gets back (0 without oracles)."""
         return 0
 
     def zap_done(self, kvm: Kvm, roots: list[int] | None, types: int, start: int, end: int,

@@ -4,8 +4,11 @@ Host pages.  A leaf SPTE maps the host page backing its gfn.  Each gfn's
 backing page has a generation (a byte in shared memory): unmapping or
 migrating the page (an mmu_notifier invalidation, a guest_memfd punch-hole, a
 conversion) bumps it, and from then on the old page is *freed*.  The page's
-PFN encodes (generation mod 256, gfn), so a leaf that still maps the old PFN
-is recognisable: a stale mapping, guest memory corruption in real life.
+PFN encodes (generation mod 256, the gfn's index in the memslots' arrays:
+``slot_index``), so a leaf that still maps the old PFN is recognisable: a
+stale mapping, guest memory corruption in real life.  The index, not the gfn,
+is what the PFN holds, so a gfn far up the guest physical address space
+still has a small PFN (``pfn_gfn_gen`` maps it back through the memslots).
 
 Memory attributes.  ``KVM_MEMORY_ATTRIBUTE_PRIVATE`` per gfn, one bit in
 shared memory (the kernel's xarray), initialised in alternating chunks and
@@ -17,29 +20,39 @@ from __future__ import annotations
 
 import random
 
-from stress.model.kvm import Kvm
+from stress.model.kvm import Kvm, gfn_to_memslot, index_to_gfn, slot_index
 from stress.model.spte import HOST_PFN_BASE
 
-GEN_SHIFT = 28  # gfns below 2**28 (a 1 TiB guest); the generation sits above them
+# memslot array indices below 2**28 (1 TiB of guest memory in all the slots
+# together, wherever they sit); the generation sits above them
+GEN_SHIFT = 28
 
 
-def host_pfn_of(gfn: int, gen: int) -> int:
-    return HOST_PFN_BASE + ((gen & 0xFF) << GEN_SHIFT) + gfn
+def host_pfn_of(index: int, gen: int) -> int:
+    """The PFN of generation ``gen`` of the page at memslot array ``index``."""
+    return HOST_PFN_BASE + ((gen & 0xFF) << GEN_SHIFT) + index
 
 
-def pfn_gfn_gen(pfn: int) -> tuple[int, int]:
+def pfn_gfn_gen(kvm: Kvm, pfn: int) -> tuple[int, int]:
+    """(gfn, generation) of the host page ``pfn``; gfn -1 for a frame no memslot
+    page ever had."""
     x = pfn - HOST_PFN_BASE
-    return x & ((1 << GEN_SHIFT) - 1), (x >> GEN_SHIFT) & 0xFF
+    return index_to_gfn(kvm, x & ((1 << GEN_SHIFT) - 1)), (x >> GEN_SHIFT) & 0xFF
+
+
+def _gen_of(kvm: Kvm, i: int) -> int:
+    v = kvm.w.load(kvm.layout.host_gens + i // 8)
+    return (v >> (8 * (i % 8))) & 0xFF
 
 
 def host_page_gen(kvm: Kvm, gfn: int) -> int:
-    v = kvm.w.load(kvm.layout.host_gens + gfn // 8)
-    return (v >> (8 * (gfn % 8))) & 0xFF
+    return _gen_of(kvm, slot_index(kvm, gfn))
 
 
 def host_pfn(kvm: Kvm, gfn: int) -> int:
     """The PFN of the host page backing ``gfn`` now (GUP / kvm_gmem_get_pfn)."""
-    return host_pfn_of(gfn, host_page_gen(kvm, gfn))
+    i = slot_index(kvm, gfn)
+    return host_pfn_of(i, _gen_of(kvm, i))
 
 
 def host_page_migrate(kvm: Kvm, gfn: int) -> None:
@@ -48,8 +61,9 @@ def host_page_migrate(kvm: Kvm, gfn: int) -> None:
     The old page's release is a hook point for the oracles (no leaf maps the
     page any more: the caller zapped and flushed under mmu_lock)."""
     kvm.hooks.host_page_release(kvm, gfn, host_pfn(kvm, gfn))
-    i = kvm.layout.host_gens + gfn // 8
-    shift = 8 * (gfn % 8)
+    x = slot_index(kvm, gfn)
+    i = kvm.layout.host_gens + x // 8
+    shift = 8 * (x % 8)
     while True:
         v = kvm.w.load(i)
         gen = ((v >> shift) + 1) & 0xFF
@@ -59,9 +73,13 @@ def host_page_migrate(kvm: Kvm, gfn: int) -> None:
 
 
 def kvm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> None:
-    """Update the attribute bits of [start, end) (the xarray store)."""
+    """Update the attribute bits of [start, end) (the xarray store; here the
+    slot's bits, so only gfns some memslot holds have attributes)."""
     for gfn in range(start, end):
-        i, bit = kvm.layout.attrs + gfn // 64, 1 << (gfn % 64)
+        if gfn_to_memslot(kvm, gfn) is None:
+            continue
+        x = slot_index(kvm, gfn)
+        i, bit = kvm.layout.attrs + x // 64, 1 << (x % 64)
         if private:
             kvm.w.fetch_or(i, bit)
         else:
@@ -69,23 +87,26 @@ def kvm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> Non
 
 
 def init_mem_attributes(kvm: Kvm) -> None:
-    """Private and shared gfns alternate in chunks of 2**private_chunk_shift."""
+    """Private and shared gfns alternate in chunks of 2**private_chunk_shift,
+    slot by slot (a slot starts on a 2 MiB boundary, in gfns and in its arrays)."""
     g = kvm.geometry
     if not g.tdx:
         return
-    words = (g.n_gfns + 63) // 64
     shift = g.private_chunk_shift
-    if shift < 6:
-        chunk = 1 << shift
-        pattern = 0
-        for bit in range(64):
-            if not (bit // chunk) & 1:
-                pattern |= 1 << bit
-        kvm.w.fill(kvm.layout.attrs, words, pattern)
-        return
-    for w in range(words):
-        private = not ((w * 64) >> shift) & 1
-        kvm.w.store(kvm.layout.attrs + w, (1 << 64) - 1 if private else 0)
+    for slot in g.memslots:
+        words = slot.frames // 64
+        base_i = kvm.layout.attrs + slot.arrays // 64
+        if shift < 6:
+            chunk = 1 << shift
+            pattern = 0
+            for bit in range(64):
+                if not (bit // chunk) & 1:
+                    pattern |= 1 << bit
+            kvm.w.fill(base_i, words, pattern)
+            continue
+        for w in range(words):
+            private = not ((slot.base_gfn + w * 64) >> shift) & 1
+            kvm.w.store(base_i + w, (1 << 64) - 1 if private else 0)
 
 
 # ---------------------------------------------------------------------------
@@ -116,14 +137,21 @@ _ATTR_WORDS_PER_2M = KVM_PAGES_PER_2M // 64
 
 
 def lpage_info_i(kvm: Kvm, gfn: int) -> int:
-    return kvm.layout.lpage_info + gfn // KVM_PAGES_PER_2M
+    """The word of lpage_info_slot(gfn, slot, PG_LEVEL_2M)."""
+    return kvm.layout.lpage_info + slot_index(kvm, gfn) // KVM_PAGES_PER_2M
+
+
+def region_in_memslot(kvm: Kvm, base: int) -> bool:
+    """The 2 MiB region at ``base`` lies wholly inside one memslot."""
+    slot = gfn_to_memslot(kvm, base)
+    return slot is not None and base + KVM_PAGES_PER_2M <= slot.end_gfn
 
 
 def hugepage_has_uniform_attrs(kvm: Kvm, base: int) -> bool:
     """All 512 gfns of the region at ``base`` share one attribute."""
     if not kvm.geometry.tdx:
         return True
-    i = kvm.layout.attrs + base // 64
+    i = kvm.layout.attrs + slot_index(kvm, base) // 64
     first = kvm.w.load(i)
     return first in (0, (1 << 64) - 1) and kvm.w.count_equal(i, _ATTR_WORDS_PER_2M,
                                                               first) == _ATTR_WORDS_PER_2M
@@ -131,20 +159,20 @@ def hugepage_has_uniform_attrs(kvm: Kvm, base: int) -> bool:
 
 def init_lpage_info(kvm: Kvm, huge_fraction: float, seed: int) -> None:
     """At VM creation (no other task yet): which regions the host backs with a
-    THP (``huge_fraction`` of them, placed by the seed), which stick out of the
-    memslot, which have mixed attributes."""
+    THP (``huge_fraction`` of them, placed by the seed), which stick out of
+    their memslot, which have mixed attributes (kvm_mmu_init_memslot_memory_attributes)."""
     rng = random.Random(f"thp:{seed}")
-    n = kvm.geometry.n_gfns
-    for r in range((n + KVM_PAGES_PER_2M - 1) // KVM_PAGES_PER_2M):
-        base = r * KVM_PAGES_PER_2M
-        v = 0
-        if base + KVM_PAGES_PER_2M > n:
-            v = 1  # the memslot ends inside the region
-        elif rng.random() < huge_fraction:
-            v |= LPAGE_HOST_HUGE
-        if v != 1 and not hugepage_has_uniform_attrs(kvm, base):
-            v |= KVM_LPAGE_MIXED_FLAG
-        kvm.w.store(kvm.layout.lpage_info + r, v)
+    for slot in kvm.geometry.memslots:
+        for r in range(slot.frames // KVM_PAGES_PER_2M):
+            base = slot.base_gfn + r * KVM_PAGES_PER_2M
+            v = 0
+            if base + KVM_PAGES_PER_2M > slot.end_gfn:
+                v = 1  # the memslot ends inside the region
+            elif rng.random() < huge_fraction:
+                v |= LPAGE_HOST_HUGE
+            if v != 1 and not hugepage_has_uniform_attrs(kvm, base):
+                v |= KVM_LPAGE_MIXED_FLAG
+            kvm.w.store(kvm.layout.lpage_info + slot.arrays // KVM_PAGES_PER_2M + r, v)
 
 
 def kvm_mmu_gfn_disallow_lpage(kvm: Kvm, gfn: int) -> None:
@@ -162,7 +190,7 @@ def hugepage_disallowed(kvm: Kvm, gfn: int) -> bool:
 def host_folio_intact(kvm: Kvm, base: int) -> bool:
     """Every gfn of the region at ``base`` is backed by the same folio
     generation (one host page table walk in the kernel: a PMD leaf)."""
-    i = kvm.layout.host_gens + base // 8
+    i = kvm.layout.host_gens + slot_index(kvm, base) // 8
     first = kvm.w.load(i)
     if first != (first & 0xFF) * 0x0101010101010101:
         return False
@@ -184,11 +212,14 @@ def _is_host_huge(kvm: Kvm, gfn: int) -> bool:
 
 def host_invalidation_range(kvm: Kvm, start: int, end: int) -> tuple[int, int]:
     """The primary MMU invalidates a THP as a whole: a range that starts or ends
-    inside a THP-backed region grows to the region's bounds."""
+    inside a THP-backed region grows to the region's bounds (within the memslot
+    of [start, end), which a region never leaves: slots start 2 MiB aligned)."""
     if _is_host_huge(kvm, start):
         start &= -KVM_PAGES_PER_2M
     if end & (KVM_PAGES_PER_2M - 1) and _is_host_huge(kvm, end - 1):
-        end = min(kvm.geometry.n_gfns, (end | (KVM_PAGES_PER_2M - 1)) + 1)
+        slot = gfn_to_memslot(kvm, end - 1)
+        assert slot is not None
+        end = min(slot.end_gfn, (end | (KVM_PAGES_PER_2M - 1)) + 1)
     return start, end
 
 
@@ -198,7 +229,7 @@ def host_folio_migrate(kvm: Kvm, base: int) -> None:
     for gfn in range(base, base + KVM_PAGES_PER_2M):
         kvm.hooks.host_page_release(kvm, gfn, host_pfn(kvm, gfn))
     w = kvm.w
-    i0 = kvm.layout.host_gens + base // 8
+    i0 = kvm.layout.host_gens + slot_index(kvm, base) // 8
     gen = max(max((w.load(i0 + k) >> (8 * b)) & 0xFF for b in range(8))
               for k in range(_GEN_WORDS_PER_2M))
     new = ((gen + 1) & 0xFF) * 0x0101010101010101

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import random
+from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stress.arena import Control, Globals, Layout, Slot
@@ -28,14 +30,128 @@ if TYPE_CHECKING:
 LOCK_NONE, LOCK_READ, LOCK_WRITE = 0, 1, 2
 
 
+# TDX_SHARED_BIT_PWL_4 / _5 (tdx.c, read at kvm-x86/linux 09c6f74ecb86, where
+# tdx_td_init sets kvm->arch.gfn_direct_bits to one of them by the TD's GPAW,
+# TDX_CONFIG_FLAGS_MAX_GPAW): the GPA bit that makes an address shared, 47 under
+# 4-level EPT, 51 under 5-level (as gfn bits: 35 and 39)
+TDX_SHARED_BIT_PWL_4 = 1 << (47 - 12)
+TDX_SHARED_BIT_PWL_5 = 1 << (51 - 12)
+KVM_PAGES_PER_2M = 512  # a slot's arrays start on a 2 MiB boundary of the index space
+
+
+@dataclass(frozen=True)
+class KvmMemorySlot:
+    """``struct kvm_memory_slot``: [base_gfn, base_gfn + npages) and its per-gfn
+    arrays (host page generations, attributes, lpage_info, dirty counts, the TD
+    guest's acceptances).  The kernel allocates them per slot; here every slot's
+    arrays are packed one after another in the arena, the slot's own starting at
+    frame ``arrays`` of them (a multiple of 512, so 2 MiB regions stay aligned),
+    and :func:`slot_index` is the one place a gfn becomes an index into them.
+    So a slot far up the guest physical address space costs only its own pages."""
+
+    id: int
+    base_gfn: int
+    npages: int
+    arrays: int
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    @property
+    def frames(self) -> int:
+        """Frames the slot takes in the arrays (npages rounded up to 2 MiB)."""
+        return -(-self.npages // KVM_PAGES_PER_2M) * KVM_PAGES_PER_2M
+
+
+def build_memslots(ranges: Iterable[tuple[int, int]]) -> tuple[KvmMemorySlot, ...]:
+    """The memslots for ``(base_gfn, npages)`` ranges (2 MiB aligned bases, no
+    overlap; the config checks both), sorted by gfn, arrays packed in that order."""
+    out: list[KvmMemorySlot] = []
+    arrays = 0
+    for k, (base, npages) in enumerate(sorted(ranges)):
+        if base % KVM_PAGES_PER_2M or npages <= 0 or (out and base < out[-1].end_gfn):
+            raise ValueError(f"bad memslot [{base:#x}, {base + npages:#x})")
+        out.append(KvmMemorySlot(k, base, npages, arrays))
+        arrays += out[-1].frames
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """Guest and page-table shape, fixed for a run."""
+    """Guest and page-table shape, fixed for a run.
+
+    ``memslots``: the guest physical layout; without them one slot [0, n_gfns).
+    ``n_gfns`` is then the frames the slots' arrays take in the arena (their
+    npages, each rounded up to 2 MiB), not the width of the guest's address
+    space.  On a TD ``gfn_direct_bits`` is the shared bit
+    (``kvm->arch.gfn_direct_bits``, set by tdx_td_init from the GPAW)."""
 
     root_level: int  # 4 or 5
-    n_gfns: int  # guest size in 4 KiB frames
+    n_gfns: int = 0
     tdx: bool = False  # a TD: private gfns map through the mirror root and the S-EPT
     private_chunk_shift: int = 3  # gfns alternate private/shared in 2**shift chunks
+    memslots: tuple[KvmMemorySlot, ...] = ()
+    gfn_direct_bits: int = field(init=False, default=0)
+    slot_bases: tuple[int, ...] = field(init=False, default=(), compare=False, repr=False)
+    slot_arrays: tuple[int, ...] = field(init=False, default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        slots = self.memslots or build_memslots([(0, self.n_gfns)] if self.n_gfns else [])
+        set_ = object.__setattr__
+        set_(self, "memslots", slots)
+        set_(self, "n_gfns", sum(s.frames for s in slots))
+        set_(self, "slot_bases", tuple(s.base_gfn for s in slots))
+        set_(self, "slot_arrays", tuple(s.arrays for s in slots))
+        if self.tdx:
+            set_(self, "gfn_direct_bits", TDX_SHARED_BIT_PWL_5 if self.root_level == 5
+                 else TDX_SHARED_BIT_PWL_4)
+
+
+def kvm_gfn_direct_bits(kvm: Kvm) -> int:
+    """kvm_gfn_direct_bits: the gfn bits a direct root maps at (a TD's shared
+    bit; 0 for a VM without TDX)."""
+    return kvm.geometry.gfn_direct_bits
+
+
+def gfn_to_memslot(kvm: Kvm, gfn: int) -> KvmMemorySlot | None:
+    """The memslot holding ``gfn`` (a gfn as memslots know it: no direct bits),
+    or None (the MMIO hole, or beyond every slot)."""
+    g = kvm.geometry
+    slots = g.memslots
+    if len(slots) == 1:
+        s = slots[0]
+    else:
+        i = bisect_right(g.slot_bases, gfn) - 1
+        if i < 0:
+            return None
+        s = slots[i]
+    return s if s.base_gfn <= gfn < s.base_gfn + s.npages else None
+
+
+def slot_index(kvm: Kvm, gfn: int) -> int:
+    """``gfn``'s index into the per-slot arrays: the slot's offset in the arena's
+    arrays + gfn - base_gfn.  The only place a gfn becomes an array index; a gfn
+    no memslot holds has none (KVM never indexes one: the caller is broken)."""
+    g = kvm.geometry
+    slots = g.memslots
+    s = slots[0] if len(slots) == 1 else slots[max(0, bisect_right(g.slot_bases, gfn) - 1)]
+    if not s.base_gfn <= gfn < s.base_gfn + s.npages:
+        kvm.bug("gfn outside every memslot", "a per-gfn array was indexed with a gfn no "
+                "memslot holds", gfn=f"{gfn:#x}")
+    return s.arrays + gfn - s.base_gfn
+
+
+def index_to_gfn(kvm: Kvm, index: int) -> int:
+    """The gfn whose per-slot arrays sit at ``index`` (slot_index's inverse), or
+    -1 when no slot's frame is there (a slot's padding, or beyond)."""
+    g = kvm.geometry
+    i = bisect_right(g.slot_arrays, index) - 1
+    if i < 0:
+        return -1
+    s = g.memslots[i]
+    off = index - s.arrays
+    return s.base_gfn + off if 0 <= off < s.npages else -1
 
 
 @dataclass
@@ -50,11 +166,12 @@ class TdxVm:
 
 def kvm_mem_is_private(kvm: Kvm, gfn: int) -> bool:
     """KVM_MEMORY_ATTRIBUTE_PRIVATE: one bit per gfn in shared memory (the
-    kernel's xarray of memory attributes, see host.py); only a TD has private
-    memory."""
+    kernel's xarray of memory attributes, see host.py; kept per memslot here);
+    only a TD has private memory."""
     if not kvm.geometry.tdx:
         return False
-    return bool(kvm.w.load(kvm.layout.attrs + gfn // 64) >> (gfn % 64) & 1)
+    i = slot_index(kvm, gfn)
+    return bool(kvm.w.load(kvm.layout.attrs + i // 64) >> (i % 64) & 1)
 
 
 class Vcpu:

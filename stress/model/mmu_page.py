@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from stress.arena import WORDS_PER_PAGE, SpMeta
-from stress.model.kvm import Kvm
+from stress.model.kvm import Kvm, kvm_gfn_direct_bits
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
@@ -42,6 +42,17 @@ ROLE_INVALID = 1 << 5
 
 def role_level(role: int) -> int:
     return role & 0xF
+
+
+def kvm_gfn_root_bits(kvm: Kvm, root: int) -> int:
+    """kvm_gfn_root_bits (mmu_internal.h): the gfn bits a root maps at.  A mirror
+    root maps private memory at its natural gfn (0); a direct root at gfn |
+    kvm_gfn_direct_bits, a TD's shared bit, i.e. in its upper half."""
+    if not kvm.geometry.gfn_direct_bits:
+        return 0
+    if kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR:
+        return 0
+    return kvm_gfn_direct_bits(kvm)
 
 
 def _bitmap_alloc(kvm: Kvm) -> int:
@@ -150,7 +161,8 @@ def removed_entry_details(kvm: Kvm, page: int, i: int) -> dict[str, Any]:
     level = role_level(kvm.w.load(lay.sp(page, SpMeta.ROLE)))
     return {
         "table": page, "level": level, "index": i,
-        "gfn": kvm.w.load(lay.sp(page, SpMeta.GFN)) + i * KVM_PAGES_PER_HPAGE(level),
+        "gfn": (kvm.w.load(lay.sp(page, SpMeta.GFN)) & ~kvm_gfn_direct_bits(kvm))
+        + i * KVM_PAGES_PER_HPAGE(level),
         "spte": f"{spte:#x}", "entry": describe(spte),
         "removed_by_worker": kvm.w.load(lay.sp(page, SpMeta.REMOVED_BY)) - 1,
         "last_written_by_worker": kvm.w.load(lay.sp(page, SpMeta.LAST_WRITER)) - 1,

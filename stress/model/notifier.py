@@ -37,6 +37,7 @@ from stress.model.host import (
     hugepage_has_uniform_attrs,
     kvm_set_mem_attributes,
     lpage_info_i,
+    region_in_memslot,
 )
 from stress.model.kvm import Kvm, kvm_mem_is_private
 from stress.model.memslot import synchronize_srcu
@@ -316,12 +317,12 @@ def range_add_hugepage_head_tail(kvm: Kvm, start: int, end: int) -> None:
     n = KVM_PAGES_PER_2M
     head = start & -n
     tail = (end - 1) & -n
-    if ((head != start or head + n > end) and head + n <= kvm.geometry.n_gfns
+    if ((head != start or head + n > end) and region_in_memslot(kvm, head)
             and not kvm.w.load(lpage_info_i(kvm, head)) & KVM_LPAGE_MIXED_FLAG):
         kvm_mmu_invalidate_range_add(kvm, head, head + n)
     if tail == head:
         return
-    if (tail + n > end and tail + n <= kvm.geometry.n_gfns
+    if (tail + n > end and region_in_memslot(kvm, tail)
             and not kvm.w.load(lpage_info_i(kvm, tail)) & KVM_LPAGE_MIXED_FLAG):
         kvm_mmu_invalidate_range_add(kvm, tail, tail + n)
 

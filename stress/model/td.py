@@ -32,7 +32,7 @@ from stress.model.guest import (
     guest_release_private,
 )
 from stress.model.host import host_page_gen, host_pfn
-from stress.model.kvm import Kvm, kvm_mem_is_private, signal_pending, vm_dead
+from stress.model.kvm import Kvm, kvm_gfn_direct_bits, kvm_mem_is_private, signal_pending, vm_dead
 from stress.model.memslot import memslot_invalid, srcu_read_lock, srcu_read_unlock
 from stress.model.mirror import (
     KVM_BUG_ON,
@@ -194,12 +194,14 @@ def tdx_handle_ept_violation(kvm: Kvm, gfn: int, write: bool, how: int) -> int:
     """The EPT-violation exit of a TD: a private fault is retried locally,
     without entering the guest, while it returns RET_PF_RETRY, until success,
     a pending event or signal, KVM_REQ_VM_DEAD (-EIO) or an invalid memslot
-    (none is ever deleted here); a shared fault is handled once."""
+    (none is ever deleted here); a shared fault is handled once.  The exit
+    reports the gpa the guest used: a shared one carries the shared bit."""
     tdx_is_sept_violation_unexpected_pending(kvm, gfn, how)
     private = kvm_mem_is_private(kvm, gfn)
+    gpa_gfn = gfn if private else gfn | kvm_gfn_direct_bits(kvm)
     tries = 0
     while True:
-        ret = kvm_tdp_page_fault(kvm, gfn, write or private, private=private)
+        ret = kvm_tdp_page_fault(kvm, gpa_gfn, write or private, private=private)
         if ret != RET_PF_RETRY or not private:
             break
         tries += 1
@@ -370,9 +372,11 @@ def kvm_arch_vcpu_pre_fault_memory(kvm: Kvm, start: int, end: int) -> int:
         return -EOPNOTSUPP
     for gfn in range(start, end):
         private = kvm_mem_is_private(kvm, gfn)  # PFERR_PRIVATE_ACCESS, fixed for the loop
+        direct = kvm.variant.prefault_gpa_direct(kvm, gfn)
+        gpa_gfn = gfn | kvm_gfn_direct_bits(kvm) if direct else gfn  # range->gpa | direct_bits
         srcu_read_lock(kvm, gfn)  # kvm_vcpu_pre_fault_memory holds kvm->srcu
         try:
-            r = kvm_tdp_map_page(kvm, gfn, kvm.variant.prefault_gpa_direct(kvm, gfn), private)
+            r = kvm_tdp_map_page(kvm, gpa_gfn, direct, private)
         finally:
             srcu_read_unlock(kvm)
         if r:
@@ -384,14 +388,14 @@ def kvm_arch_vcpu_pre_fault_memory(kvm: Kvm, start: int, end: int) -> int:
 def prefault_gpa_with_direct_bits(kvm: Kvm, gfn: int) -> bool:
     """Fixed (aa2024c01a9a "KVM: x86/mmu: Embed direct bits into gpa for
     KVM_PRE_FAULT_MEMORY"): a shared gfn's gpa gets the direct (shared) bit, so
-    the fault picks the direct root."""
+    the fault picks the direct root and maps the gfn in its upper half."""
     return not kvm_mem_is_private(kvm, gfn)
 
 
 def prefault_gpa_without_direct_bits(kvm: Kvm, gfn: int) -> bool:
     """Buggy (before aa2024c01a9a): the gpa is passed as userspace gave it, with
     no shared bit, so tdp_mmu_get_root_for_fault picks the mirror root for a
-    shared gfn too."""
+    shared gfn too, and maps it there at the plain gfn: the wrong place."""
     return False
 
 

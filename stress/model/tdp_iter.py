@@ -15,6 +15,22 @@ identity (level, gfn); every later read checks the value is not poison and the
 generation has not moved.  Under RCU neither can happen: the page cannot be
 freed, let alone reused, while this walker is inside its read-side section.
 
+GFN bits (kvm_gfn_root_bits; "KVM: x86/mmu: Support GFN direct bits", Isaku
+Yamahata and Rick Edgecombe, [PATCH 08/18] of Paolo Bonzini's TDX MMU series of
+2024-12-13, read as posted): a TD's direct root maps shared gfns at gfn | the
+shared bit, i.e. in its upper half.  As upstream's ``tdp_iter_start(...,
+gfn_bits)``, the iterator's ``gfn`` stays the gfn memslots know (callers'
+ranges are [start, end) in those gfns: for_each_tdp_pte_min_level passes
+kvm_gfn_root_bits(kvm, root), so every zap, fault and dirty-log walk of a
+direct root ORs the bits into its range) and ``gfn_bits`` is OR-ed in where a
+table is indexed (``tdp_iter_refresh_sptep``, ``try_step_side``).  A whole-root
+zap walks with bits 0 over the root's whole range
+(for_each_tdp_pte_min_level_all), its gfns then carry the bits.  One
+difference: upstream's ``sp->gfn`` has no bits ("SPs will have the GFN set
+without the shared bit"); the model's holds the table's base with them (the
+frames its entries translate), because the native walk's identity check
+compares it with the walked gfn; handle_removed_pt strips them.
+
 Fast descent: a walk for one gfn (a fault's) may start with ``descend_to``:
 tdp_iter_start and then try_step_down while the entry is a present non-leaf
 above that level, all in one ``Words.tdp_walk`` call (native, or step by step
@@ -48,11 +64,18 @@ from stress.atomics import (
     WalkParams,
 )
 from stress.model.kvm import Kvm
-from stress.model.mmu_page import ROLE_MIRROR, SP_FREE, SP_STATE_NAMES, role_level
+from stress.model.mmu_page import (
+    ROLE_MIRROR,
+    SP_FREE,
+    SP_STATE_NAMES,
+    kvm_gfn_root_bits,
+    role_level,
+)
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
     PT_PAGE_SIZE_MASK,
+    SHADOW_NONPRESENT_VALUE,
     SPTE_BASE_ADDR_MASK,
     SPTE_INDEX,
     SPTE_LEVEL_BITS,
@@ -78,17 +101,20 @@ def walk_params(layout: Layout) -> WalkParams:
 class TdpIter:
     __slots__ = ("kvm", "root_level", "min_level", "level", "gfn", "next_last_level_gfn",
                  "pt_path", "gens", "sptep", "old_spte", "valid", "yielded", "mirror",
-                 "fault_private", "yielded_gfn")
+                 "fault_private", "yielded_gfn", "gfn_bits")
 
     def __init__(self, kvm: Kvm, root: int, root_level: int, start: int,
                  min_level: int = 1, fault_private: bool | None = None,
-                 descend_to: int = 0) -> None:
+                 descend_to: int = 0, gfn_bits: int | None = None) -> None:
         """tdp_iter_start: position on the root entry covering ``start``.
 
         ``mirror`` is the root's role (every child inherits it); ``fault_private``
         is set only on a fault's walk (fault->is_private).  With ``descend_to``,
         go on down as ``next()`` would while the entry is a present non-leaf
         above that level (see the module's note: one Words.tdp_walk).
+        ``gfn_bits``: default the root's (kvm_gfn_root_bits, as
+        for_each_tdp_pte_min_level passes them); 0 for a walk of the root's whole
+        range as its tables see it (for_each_tdp_pte_min_level_all).
         """
         self.kvm = kvm
         self.fault_private = fault_private
@@ -96,6 +122,14 @@ class TdpIter:
         self.min_level = min_level
         self.next_last_level_gfn = start
         self.valid = True
+        bits = self.gfn_bits = kvm_gfn_root_bits(kvm, root) if gfn_bits is None else gfn_bits
+        if bits and start >= bits:  # tdp_iter_start's WARN_ON_ONCE: an aliased gfn
+            kvm.warn("tdp_iter_start with an aliased gfn")
+            self.valid = False
+            self.level, self.gfn, self.sptep = root_level, start, 0
+            self.old_spte, self.yielded, self.yielded_gfn = SHADOW_NONPRESENT_VALUE, False, start
+            self.mirror = False
+            return
         if descend_to:
             self._walk(root, descend_to if descend_to > min_level else min_level)
             return
@@ -112,13 +146,13 @@ class TdpIter:
         same violation as read_spte / try_step_down."""
         rl = self.root_level
         start = self.next_last_level_gfn
-        if not self.kvm.rcu.nesting:  # rcu_dereference of the root's table
+        if not self.kvm.rcu.nesting and self.kvm.lock_mode:  # rcu_dereference of the root
             self.kvm.bug("lockdep", "suspicious RCU usage: a walk outside rcu_read_lock()",
                          gfn=start)
         wp = self.kvm.walk_params
         if wp is None:
             wp = self.kvm.walk_params = walk_params(self.kvm.layout)
-        o = self.kvm.w.tdp_walk(wp, root, start, rl, stop_level)
+        o = self.kvm.w.tdp_walk(wp, root, start | self.gfn_bits, rl, stop_level)
         self.mirror = bool(o[WO_ROOT_ROLE] & ROLE_MIRROR)
         self.pt_path = o[WO_PT:WO_PT + rl + 1]
         self.gens = o[WO_GEN:WO_GEN + rl + 1]
@@ -155,7 +189,8 @@ class TdpIter:
 
     def _point(self) -> None:
         lay = self.kvm.layout
-        self.sptep = lay.spt(self.pt_path[self.level]) + SPTE_INDEX(self.gfn, self.level)
+        self.sptep = lay.spt(self.pt_path[self.level]) + SPTE_INDEX(self.gfn | self.gfn_bits,
+                                                                     self.level)
         self.old_spte = self.read_spte()
 
     def read_spte(self) -> int:
@@ -163,7 +198,7 @@ class TdpIter:
         "suspicious RCU usage" outside a read-side section) plus the KASAN
         report of a freed or reused table."""
         kvm = self.kvm
-        if not kvm.rcu.nesting:
+        if not kvm.rcu.nesting and kvm.lock_mode:  # (only tests walk without mmu_lock)
             kvm.bug("lockdep", "suspicious RCU usage: an SPTE read outside rcu_read_lock()",
                     gfn=self.gfn, level=self.level)
         v = kvm.w.load(self.sptep)
@@ -192,7 +227,7 @@ class TdpIter:
         self.kvm.hooks.kasan_report(
             self.kvm, "bad-child", table=child, state=SP_STATE_NAMES.get(state, state),
             level=level, expected_level=self.level - 1, base_gfn=base,
-            expected_base_gfn=round_gfn_for_level(self.gfn, self.level),
+            expected_base_gfn=round_gfn_for_level(self.gfn | self.gfn_bits, self.level),
             parent_spte=describe(self.old_spte), walker="kvm")
 
     def _reused(self, page: int) -> None:
@@ -215,7 +250,7 @@ class TdpIter:
         state = kvm.w.load(lay.sp(child, SpMeta.STATE))
         level = role_level(kvm.w.load(lay.sp(child, SpMeta.ROLE)))
         base = kvm.w.load(lay.sp(child, SpMeta.GFN))
-        want_base = round_gfn_for_level(self.gfn, self.level)
+        want_base = round_gfn_for_level(self.gfn | self.gfn_bits, self.level)
         if state == SP_FREE or level != self.level - 1 or base != want_base:
             self._bad_child(child, state, level, base)
         self.level -= 1
@@ -226,7 +261,7 @@ class TdpIter:
         return True
 
     def try_step_side(self) -> bool:
-        if SPTE_INDEX(self.gfn, self.level) == WORDS_PER_PAGE - 1:
+        if SPTE_INDEX(self.gfn | self.gfn_bits, self.level) == WORDS_PER_PAGE - 1:
             return False
         self.gfn += KVM_PAGES_PER_HPAGE(self.level)
         self.next_last_level_gfn = self.gfn
@@ -240,7 +275,7 @@ class TdpIter:
         self.level += 1
         self.gfn = round_gfn_for_level(self.gfn, self.level)
         self.sptep = self.kvm.layout.spt(self.pt_path[self.level]) + SPTE_INDEX(
-            self.gfn, self.level)
+            self.gfn | self.gfn_bits, self.level)
         return True
 
     def next(self) -> None:

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.model import events, tlb
 from stress.model.host import host_mapping_level, hugepage_disallowed
-from stress.model.kvm import LOCK_READ, Kvm, kvm_mem_is_private, signal_pending, vm_dead
+from stress.model.kvm import (
+    LOCK_READ,
+    Kvm,
+    gfn_to_memslot,
+    kvm_gfn_direct_bits,
+    kvm_mem_is_private,
+    signal_pending,
+    slot_index,
+    vm_dead,
+)
 from stress.model.memslot import memslot_invalid
 from stress.model.mmu_page import (
     ROLE_MIRROR,
@@ -271,14 +280,17 @@ def __handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, leve
                 gfn=gfn, level=level, old=describe(old_spte), new=describe(new_spte))
     if old_spte == new_spte:
         return 0
-    # pre-6.13 dirty tracking: a D bit leaving a leaf marks the page dirty
+    # pre-6.13 dirty tracking: a D bit leaving a leaf marks the page dirty (counted
+    # at the gfn as memslots know it: a whole-root zap walks a TD's direct root
+    # with the shared bit in its gfns, as upstream's for_each_tdp_pte_min_level_all)
     old_d = was_leaf and bool(old_spte & shadow_dirty_mask)
     new_d = is_leaf and bool(new_spte & shadow_dirty_mask)
     if not mirror and (old_d != new_d or (old_d and pfn_changed)):
+        slot_gfn = gfn & ~kvm_gfn_direct_bits(kvm)
         if old_d:
-            tlb.kvm_set_pfn_dirty(kvm, gfn)
+            tlb.kvm_set_pfn_dirty(kvm, slot_gfn)
         if new_d:
-            tlb.dirty_set(kvm, gfn)
+            tlb.dirty_set(kvm, slot_gfn)
     if not was_present and not is_present:
         if not is_frozen_spte(new_spte) and not is_frozen_spte(old_spte):
             kvm.warn("non-present to non-present change")
@@ -331,7 +343,8 @@ def handle_removed_pt(kvm: Kvm, pt: int, shared: bool) -> None:
     """
     lay = kvm.layout
     level = role_level(kvm.w.load(lay.sp(pt, SpMeta.ROLE)))
-    base_gfn = kvm.w.load(lay.sp(pt, SpMeta.GFN))
+    # sp->gfn, without the root's bits (the model's sp->gfn has them: tdp_iter.py)
+    base_gfn = kvm.w.load(lay.sp(pt, SpMeta.GFN)) & ~kvm_gfn_direct_bits(kvm)
     mirror = kvm.variant.is_mirror_sp(kvm, pt)
     if mirror and shared and not kvm.variant.mirror_shared_teardown:
         kvm.bug("mirror table removed in shared mode",
@@ -391,11 +404,14 @@ def tdp_mmu_alloc_child_sp(kvm: Kvm, it: TdpIter) -> int | None:
     """
     prefer = None
     if kvm.alias_floor_words and it.level - 1 == PG_LEVEL_4K:
-        prefer = it.gfn // KVM_PAGES_PER_HPAGE(PG_LEVEL_2M)  # pool.alias_tables
+        # pool.alias_tables: the page whose frame is the region's first host page
+        prefer = slot_index(kvm, it.gfn) // KVM_PAGES_PER_HPAGE(PG_LEVEL_2M)
     sp = tdp_mmu_alloc_sp(kvm, prefer)
     if sp is None:
         return None
-    tdp_mmu_init_sp(kvm, sp, it.level - 1, it.gfn, ROLE_MIRROR if it.mirror else 0)
+    # sp->gfn with the root's bits: the frames the table translates (tdp_iter.py)
+    tdp_mmu_init_sp(kvm, sp, it.level - 1, it.gfn | it.gfn_bits,
+                    ROLE_MIRROR if it.mirror else 0)
     if it.mirror:
         ext = kvm_mmu_alloc_external_spt(kvm)
         if ext is None:
@@ -550,7 +566,20 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
     A private gfn (TDX) faults through the mirror root and is always treated
     as a write, as tdx_handle_ept_violation does.  A fault on a root that was
     invalidated meanwhile is stale and retries (the next entry reloads).
+
+    ``gfn`` is the faulting gpa's frame (fault->addr >> PAGE_SHIFT).  On a TD a
+    shared access carries the shared bit there; kvm_mmu_do_page_fault strips
+    it (fault->gfn = gpa_to_gfn(addr) & ~kvm_gfn_direct_bits) so memslots and
+    attributes see the plain gfn, and keeps it in fault->addr, which picks the
+    direct root (kvm_is_addr_direct), whose walk ORs it back in
+    (kvm_gfn_root_bits).  ``addr_direct`` overrides the bit's verdict; a gpa
+    without it and no ``addr_direct`` means the guest's current view of the gfn.
     """
+    bits = kvm_gfn_direct_bits(kvm)
+    if gfn & bits:
+        gfn &= ~bits
+        if addr_direct is None:
+            addr_direct = True
     kvm.w.trace(events.FAULT_BEGIN, gfn, int(write))
     r = _kvm_tdp_page_fault(kvm, gfn, write, exec_, addr_direct, private, prefetch)
     kvm.w.trace(events.FAULT_END, gfn, r)
@@ -560,6 +589,9 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
 def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
                         addr_direct: bool | None, private: bool | None, prefetch: bool) -> int:
     kvm_mmu_reload(kvm, kvm.vcpu)
+    if gfn_to_memslot(kvm, gfn) is None:  # no memslot: MMIO (kvm_handle_noslot_fault)
+        kvm.stats["mmio_exits"] += 1
+        return RET_PF_EMULATE
     if memslot_invalid(kvm, gfn):  # kvm_mmu_faultin_pfn: the slot is being moved
         kvm.stats["retry_invalid_slot"] += 1
         return kvm.variant.faultin_invalid_slot(kvm, prefetch)
@@ -693,7 +725,7 @@ def tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int, can_yield: bool
 def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
     """Zap every present leaf of one root in [start, end) with mmu_lock held for
     write, no yielding, and flush before returning (the lock is still held)."""
-    token = kvm.hooks.zap_start(kvm)
+    token = kvm.hooks.zap_start(kvm, 0)
     n, flush = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield=False, flush=False)
     if flush:
         kvm_flush_remote_tlbs_range(kvm, start, end)
@@ -732,7 +764,7 @@ def kvm_tdp_mmu_zap_leafs_roots(kvm: Kvm, types: int, start: int, end: int) -> i
     """kvm_zap_gfn_range's TDP MMU part: zap the leaves of [start, end) in every
     root of ``types``, yielding, then service the pending flush before the
     caller drops mmu_lock (held for write).  Returns the leaves zapped."""
-    token = kvm.hooks.zap_start(kvm)
+    token = kvm.hooks.zap_start(kvm, types)
     roots = for_each_tdp_mmu_root_yield_safe(kvm, types)
     try:
         n, flush = kvm.variant.zap_leafs_roots(kvm, roots, start, end)
@@ -821,7 +853,7 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
             return tdp_mmu_set_spte_atomic(kvm, it, SHADOW_NONPRESENT_VALUE)
         return kvm.variant.zap_spte_atomic(kvm, it)
 
-    token = kvm.hooks.zap_start(kvm)
+    token = kvm.hooks.zap_start(kvm, 0)
     n = _zap_present_leafs(kvm, root, start, end, zap)
     kvm.hooks.zap_done(kvm, [root], 0, start, end, token)
     return n
@@ -882,7 +914,7 @@ def rcu_unlock_then_flush(kvm: Kvm, flush: bool) -> bool:
 
 def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_level: int,
                                shared: bool, may_yield: bool = False,
-                               flush_tlb: bool = True) -> int:
+                               flush_tlb: bool = True, gfn_bits: int | None = None) -> int:
     """Zap every present entry at ``zap_level`` in [start, end), leaf or not.
 
     The range form of ``__tdp_mmu_zap_root``: a non-leaf zapped here takes its
@@ -891,7 +923,8 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
     entry is not present and is skipped.  Removed tables go to RCU, so the TLB
     flush (unless ``flush_tlb`` is off: invalid roots, which no vCPU runs on
     once KVM_REQ_MMU_FREE_OBSOLETE_ROOTS was made) is due before RCU is
-    released (the variant's ``zap_release_rcu``).
+    released (the variant's ``zap_release_rcu``).  ``gfn_bits``: the walk's
+    (default the root's; 0 for a whole-root zap, see TdpIter).
     """
     if shared:
         kvm.lockdep_assert_held_read()
@@ -901,7 +934,7 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
     flush = False
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level)
+        it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level, gfn_bits=gfn_bits)
         while it.in_range(end):
             if may_yield and kvm.variant.iter_cond_resched(kvm, it, shared, flush):
                 flush = False
@@ -966,10 +999,11 @@ def kvm_mmu_uninit_tdp_mmu(kvm: Kvm) -> None:
     mirror_root = kvm.w.load(kvm.layout.glob(Globals.MIRROR_ROOT)) if kvm.geometry.tdx else 0
     if kvm.geometry.tdx:
         assert kvm.tdx is not None
-        kvm.write_lock()  # kvm_gmem_release: the PRIVATE-filtered unmap of everything
+        kvm.write_lock()  # kvm_gmem_release: the PRIVATE-filtered unmap of every binding
         try:
-            kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs_roots(
-                kvm, KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS, 0, kvm.geometry.n_gfns)
+            for slot in kvm.geometry.memslots:
+                kvm.stats["entries_zapped"] += kvm_tdp_mmu_zap_leafs_roots(
+                    kvm, KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS, slot.base_gfn, slot.end_gfn)
         finally:
             kvm.write_unlock()
         kvm.hooks.hkid_release(kvm)
@@ -1051,7 +1085,9 @@ def zap_invalidated_roots_double_put(kvm: Kvm, shared: bool) -> None:
 
 def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
     """Zap a whole (invalid) root, 4K leaves first then the top level, yielding
-    (a hook point: an invalid root is zapped once)."""
+    (a hook point: an invalid root is zapped once).  The whole root's range,
+    whatever its gfn bits (__tdp_mmu_zap_root's for_each_tdp_pte_min_level_all:
+    gfn_bits 0, [0, tdp_mmu_max_gfn_exclusive()))."""
     kvm.hooks.root_zap(kvm, root)
     top = kvm.geometry.root_level
     end = KVM_PAGES_PER_HPAGE(top + 1)
@@ -1059,7 +1095,7 @@ def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
         # no TLB flush: the root is invalid and every vCPU was made to drop it
         # (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS) before it runs the guest again
         tdp_mmu_zap_range_at_level(kvm, root, 0, end, level, shared, may_yield=True,
-                                   flush_tlb=False)
+                                   flush_tlb=False, gfn_bits=0)
     kvm.hooks.root_zapped(kvm, root)
     kvm.stats["root_zaps"] += 1
 

@@ -55,7 +55,7 @@ import os
 from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS
 from stress.atomics import LockAborted
 from stress.model import events
-from stress.model.kvm import Kvm
+from stress.model.kvm import Kvm, kvm_gfn_direct_bits, slot_index
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
@@ -166,14 +166,17 @@ def _access(kvm: Kvm, gfn: int, write: bool) -> bool:
 
 
 def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool | None:
-    """One hardware walk from the root; None if the A/D update lost a race."""
+    """One hardware walk from the root; None if the A/D update lost a race.  The
+    guest's address is the shared one on a TD (gfn | the shared bit): the CPU
+    walks the shared EPT there, in the direct root's upper half."""
     w, lay = kvm.w, kvm.layout
     level = kvm.geometry.root_level
+    gpa_gfn = gfn | kvm_gfn_direct_bits(kvm)
     pt = root
     path = []
     while True:
         path.append(pt)
-        sptep = lay.spt(pt) + SPTE_INDEX(gfn, level)
+        sptep = lay.spt(pt) + SPTE_INDEX(gpa_gfn, level)
         spte = w.load(sptep)
         if spte == POISON_SPTE:
             kvm.hooks.kasan_report(kvm, "poison", table=pt, level=level, gfn=gfn,
@@ -226,9 +229,14 @@ def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool |
 
 def dirty_set(kvm: Kvm, gfn: int) -> None:
     """A D bit went 0 -> 1 in a leaf mapping ``gfn`` (KVM or the walker)."""
-    kvm.w.fetch_add(kvm.layout.dirty + gfn, DIRTY_SET)
+    kvm.w.fetch_add(dirty_index(kvm, gfn), DIRTY_SET)
 
 
 def kvm_set_pfn_dirty(kvm: Kvm, gfn: int) -> None:
     """A D bit left a leaf mapping ``gfn`` and was seen: the page is dirty."""
-    kvm.w.fetch_add(kvm.layout.dirty + gfn, DIRTY_SEEN)
+    kvm.w.fetch_add(dirty_index(kvm, gfn), DIRTY_SEEN)
+
+
+def dirty_index(kvm: Kvm, gfn: int) -> int:
+    """The word counting ``gfn``'s D bits."""
+    return kvm.layout.dirty + slot_index(kvm, gfn)

@@ -32,7 +32,7 @@ def range_maps_current_pages(kvm: Kvm, start: int, end: int) -> None:
             while it.in_range(end):
                 v = it.old_spte
                 if is_shadow_present_pte(v) and is_last_spte(v, it.level):
-                    gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
+                    gfn, gen = pfn_gfn_gen(kvm, spte_to_pfn(v))
                     now = host_page_gen(kvm, it.gfn)
                     if gfn == it.gfn and it.level > 1 and not host_folio_intact(kvm, gfn):
                         now = -1  # part of the folio was replaced under the 2M leaf

@@ -30,7 +30,13 @@ from stress.model.host import (
     lpage_info_i,
     pfn_gfn_gen,
 )
-from stress.model.kvm import Kvm, kvm_mem_is_private
+from stress.model.kvm import (
+    Kvm,
+    gfn_to_memslot,
+    index_to_gfn,
+    kvm_gfn_direct_bits,
+    kvm_mem_is_private,
+)
 from stress.model.mmu_page import (
     ROLE_MIRROR,
     SP_EXT_HELD,
@@ -41,6 +47,7 @@ from stress.model.mmu_page import (
     SP_SEPT,
     SP_STATE_NAMES,
     external_spt,
+    kvm_gfn_root_bits,
     removed_entry_details,
     role_level,
 )
@@ -180,6 +187,8 @@ def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tupl
                rep: QuiescentReport) -> None:
     w, lay = kvm.w, kvm.layout
     root_role = w.load(lay.sp(root, SpMeta.ROLE))
+    root_bits = kvm_gfn_root_bits(kvm, root)
+    # gfns as the tables see them: a TD's direct root has the shared bit in them
     stack = [(root, kvm.geometry.root_level, 0, None)]
     while stack:
         page, level, base, parent = stack.pop()
@@ -214,27 +223,9 @@ def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tupl
                 rep.fail("corrupt non-present SPTE",
                          "a non-present entry holds neither SHADOW_NONPRESENT_VALUE nor FROZEN",
                          table=page, level=level, index=i, gfn=gfn, spte=f"{v:#x}")
-            elif is_last_spte(v, level) and level > 1:
-                rep.leaves += 1
-                _check_huge_leaf(kvm, rep, page, level, i, gfn, v, bool(root_role & ROLE_MIRROR))
             elif is_last_spte(v, level):
                 rep.leaves += 1
-                mapped_gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
-                if mapped_gfn != gfn:
-                    rep.fail("leaf maps wrong pfn", "a leaf maps another gfn's host page",
-                             table=page, level=level, gfn=gfn, entry=describe(v),
-                             expected_pfn=host_pfn(kvm, gfn))
-                elif gen != host_page_gen(kvm, gfn):
-                    rep.fail("stale mapping after invalidate_end",
-                             "a leaf maps a host page that a completed invalidation freed",
-                             table=page, level=level, gfn=gfn, entry=describe(v),
-                             mapped_gen=gen, current_gen=host_page_gen(kvm, gfn))
-                elif kvm.geometry.tdx and kvm_mem_is_private(kvm, gfn) != bool(
-                        root_role & ROLE_MIRROR):
-                    rep.fail("gfn mapped in the wrong root",
-                             "a private gfn is mapped in the direct root or a shared gfn in "
-                             "the mirror root", gfn=gfn, mirror=bool(root_role & ROLE_MIRROR),
-                             entry=describe(v))
+                _check_leaf(kvm, rep, page, level, i, gfn, v, root_role, root_bits)
             else:
                 child = pfn_to_sp(spte_to_pfn(v))
                 if child >= lay.n_pages:
@@ -246,13 +237,51 @@ def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tupl
             return
 
 
+def _check_leaf(kvm: Kvm, rep: QuiescentReport, page: int, level: int, i: int, walked: int,
+                v: int, root_role: int, root_bits: int) -> None:
+    """A leaf at ``walked`` (the gfn the tables index, the root's bits included)
+    maps the host page of the memslot gfn it stands for."""
+    mirror = bool(root_role & ROLE_MIRROR)
+    direct_bits = kvm_gfn_direct_bits(kvm)
+    gfn = walked & ~direct_bits
+    if walked & direct_bits != root_bits:
+        rep.fail("gfn mapped in the wrong root",
+                 "a leaf sits in the half of its root that the root does not map: a TD's "
+                 "direct root maps shared gfns at gfn | the shared bit, the mirror root "
+                 "private ones at the plain gfn", gfn=gfn, walked_gfn=walked, mirror=mirror,
+                 table=page, level=level, entry=describe(v))
+        return
+    if gfn_to_memslot(kvm, gfn) is None:
+        rep.fail("leaf outside every memslot", "a leaf maps a gfn that no memslot holds "
+                 "(KVM maps only memslot gfns: the hole is MMIO)", gfn=gfn, table=page,
+                 level=level, entry=describe(v))
+        return
+    if level > 1:
+        _check_huge_leaf(kvm, rep, page, level, i, gfn, v, mirror)
+        return
+    mapped_gfn, gen = pfn_gfn_gen(kvm, spte_to_pfn(v))
+    if mapped_gfn != gfn:
+        rep.fail("leaf maps wrong pfn", "a leaf maps another gfn's host page",
+                 table=page, level=level, gfn=gfn, entry=describe(v),
+                 expected_pfn=host_pfn(kvm, gfn))
+    elif gen != host_page_gen(kvm, gfn):
+        rep.fail("stale mapping after invalidate_end",
+                 "a leaf maps a host page that a completed invalidation freed",
+                 table=page, level=level, gfn=gfn, entry=describe(v),
+                 mapped_gen=gen, current_gen=host_page_gen(kvm, gfn))
+    elif kvm.geometry.tdx and kvm_mem_is_private(kvm, gfn) != mirror:
+        rep.fail("gfn mapped in the wrong root",
+                 "a private gfn is mapped in the direct root or a shared gfn in "
+                 "the mirror root", gfn=gfn, mirror=mirror, entry=describe(v))
+
+
 def _check_huge_leaf(kvm: Kvm, rep: QuiescentReport, page: int, level: int, i: int, gfn: int,
                      v: int, mirror: bool) -> None:
     """A 2M leaf maps one intact host folio, current for every gfn it covers,
     over gfns whose attributes are uniform and match the root (direct: all
     shared); mirror (TDX) leaves are 4K only."""
     where = {"table": page, "level": level, "index": i, "gfn": gfn, "entry": describe(v)}
-    mapped_gfn, gen = pfn_gfn_gen(spte_to_pfn(v))
+    mapped_gfn, gen = pfn_gfn_gen(kvm, spte_to_pfn(v))
     if mirror:
         rep.fail("mirror huge page", "a mirror root holds a huge leaf (TDX maps private "
                  "memory with 4K pages only)", **where)
@@ -275,14 +304,14 @@ def _check_huge_leaf(kvm: Kvm, rep: QuiescentReport, page: int, level: int, i: i
 def _check_lpage_info(kvm: Kvm, rep: QuiescentReport) -> None:
     """With no conversion running, every region's mixed flag says whether its
     attributes are mixed (kvm_arch_post_set_memory_attributes kept it)."""
-    n = kvm.geometry.n_gfns
-    for base in range(0, n - n % KVM_PAGES_PER_2M, KVM_PAGES_PER_2M):
-        mixed = bool(kvm.w.load(lpage_info_i(kvm, base)) & KVM_LPAGE_MIXED_FLAG)
-        if mixed == hugepage_has_uniform_attrs(kvm, base):
-            rep.fail("lpage_info mixed flag wrong",
-                     "a 2M region's KVM_LPAGE_MIXED_FLAG disagrees with its attributes",
-                     gfn=base, mixed_flag=mixed)
-            return
+    for slot in kvm.geometry.memslots:
+        for base in range(slot.base_gfn, slot.end_gfn - KVM_PAGES_PER_2M + 1, KVM_PAGES_PER_2M):
+            mixed = bool(kvm.w.load(lpage_info_i(kvm, base)) & KVM_LPAGE_MIXED_FLAG)
+            if mixed == hugepage_has_uniform_attrs(kvm, base):
+                rep.fail("lpage_info mixed flag wrong",
+                         "a 2M region's KVM_LPAGE_MIXED_FLAG disagrees with its attributes",
+                         gfn=base, mixed_flag=mixed)
+                return
 
 
 def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
@@ -343,8 +372,9 @@ def _check_accepted(kvm: Kvm, rep: QuiescentReport) -> None:
 
     assert kvm.tdx is not None
     w, lay = kvm.w, kvm.layout
-    for gfn, _v in w.scan_ne(lay.accepted, kvm.geometry.n_gfns, 0):
-        if not kvm_mem_is_private(kvm, gfn) or not guest_accepted(kvm, gfn):
+    for i, _v in w.scan_ne(lay.accepted, kvm.geometry.n_gfns, 0):
+        gfn = index_to_gfn(kvm, i)
+        if gfn < 0 or not kvm_mem_is_private(kvm, gfn) or not guest_accepted(kvm, gfn):
             continue
         e = kvm.tdx.module.entry(gfn)
         if e is None or sept_state(e) != SEPT_MAPPED:
@@ -415,6 +445,7 @@ for _name, _inv in (
         ("poison reachable", "a live table holds no poison"),
         ("corrupt non-present SPTE", "a non-present entry is SHADOW_NONPRESENT_VALUE"),
         ("leaf maps wrong pfn", "a leaf maps the host page of its own gfn"),
+        ("leaf outside every memslot", "a leaf maps a gfn some memslot holds"),
         ("stale mapping after invalidate_end",
          "every leaf maps the host page that backs its gfn now"),
         ("gfn mapped in the wrong root",

@@ -17,6 +17,7 @@ from stress.model.tlb import (
     H_REQUESTS,
     KVM_REQ_MMU_FREE_OBSOLETE_ROOTS,
     KVM_REQ_TLB_FLUSH,
+    dirty_index,
 )
 from stress.oracles.base import oracle
 
@@ -112,7 +113,7 @@ def check_flushed_before_unlock(kvm: Kvm) -> None:
         cost="one load per released page")
 def check_dirty_propagated(kvm: Kvm, gfn: int, pfn: int) -> None:
     """At a host page's release (no leaf maps it): every D bit set was seen."""
-    v = kvm.w.load(kvm.layout.dirty + gfn)
+    v = kvm.w.load(dirty_index(kvm, gfn))
     set_, seen = v & _LOW, (v >> 32) & _LOW
     if set_ > seen:
         kvm.bug("lost-dirty-bit",

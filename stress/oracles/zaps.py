@@ -19,14 +19,18 @@ present (no entry may become present in an invalid root).
 from __future__ import annotations
 
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from stress.arena import WORDS_PER_PAGE, Globals, Slot, SpMeta
 from stress.model.kvm import Kvm
-from stress.model.roots import KVM_ALL_ROOTS, listed_roots, tdp_mmu_root_match
+from stress.model.roots import listed_roots, tdp_mmu_root_match
 from stress.model.spte import SPTE_MMU_PRESENT_MASK, describe, is_last_spte, is_shadow_present_pte
 from stress.model.tdp_iter import TdpIter
 from stress.oracles.base import oracle
 from stress.oracles.provenance import prov_index
+
+# this task's multi-root zap in progress: (token, the roots of its types when it began)
+_scope: WeakKeyDictionary[Kvm, tuple[int, set[int]]] = WeakKeyDictionary()
 
 
 @oracle("zap left a present leaf",
@@ -81,8 +85,11 @@ def split_inherits(kvm: Kvm, it: Any, sp: int) -> None:
 @oracle("zap left a present leaf",
         invariant="(provenance) each zap takes a tick of the zap clock when it begins",
         hook="zap_start", when="a leaf zap begins", cost="one atomic add per zap")
-def zap_start(kvm: Kvm) -> int:
-    return kvm.w.fetch_add(kvm.layout.glob(Globals.ZAP_CLOCK), 1)
+def zap_start(kvm: Kvm, types: int) -> int:
+    token = kvm.w.fetch_add(kvm.layout.glob(Globals.ZAP_CLOCK), 1)
+    if types:  # the roots the zap is obliged to cover: those of its types now
+        _scope[kvm] = (token, {r for r in listed_roots(kvm) if tdp_mmu_root_match(kvm, r, types)})
+    return token
 
 
 @oracle("zap left a present leaf",
@@ -94,8 +101,13 @@ def nothing_left_in_range(kvm: Kvm, roots: list[int] | None, types: int, start: 
                           end: int, token: int) -> None:
     kvm.rcu.rcu_read_lock()
     try:
-        todo = roots if roots is not None else [
-            r for r in listed_roots(kvm) if tdp_mmu_root_match(kvm, r, types or KVM_ALL_ROOTS)]
+        if roots is not None:
+            todo = roots
+        else:  # of its types both when it began and now (one invalidated meanwhile and
+            # no longer of its types was not the zap's to visit)
+            tok, began = _scope.pop(kvm, (token, set()))
+            todo = [r for r in listed_roots(kvm)
+                    if r in began and tok == token and tdp_mmu_root_match(kvm, r, types)]
         for root in todo:
             level = kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & 0xF
             it = TdpIter(kvm, root, level, start)
