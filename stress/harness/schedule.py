@@ -140,6 +140,7 @@ class Turns:
         self.holding = False
         self.exited = False
         self.switches = 0
+        self.ran = 0  # this worker's own points: its task clock (Words.task_clock_ns)
         self.change = pct_change_points(sc) if sc.mode == "pct" else {}
         mine: dict[tuple[int, int], int] = {}
         for worker, op, acc, to in sc.switches:
@@ -192,6 +193,7 @@ class Turns:
     def _advance(self) -> None:
         self.step += 1
         self.acc += 1
+        self.ran += 1
         if self.step > self.cap:
             lib.ts_store(self.base, self.region + Sched.EXHAUSTED, self.me + 1)
             lib.ts_store(self.base, self.abort_i, 1)
