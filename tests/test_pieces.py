@@ -62,7 +62,7 @@ def variant_of() -> Iterator[VariantOf]:
 
 
 def _leaf(kvm: Kvm, root: int, gfn: int) -> int:
-    it = TdpIter(kvm, root, kvm.geometry.root_level, gfn)
+    it = TdpIter(kvm, root, gfn)
     while it.level > 1 and it.try_step_down():
         pass
     return it.old_spte if it.level == 1 else SHADOW_NONPRESENT_VALUE

@@ -27,7 +27,7 @@ G = 0x2468
 
 
 def _leaf_sptep(kvm, root: int, gfn: int) -> int:  # noqa: ANN001
-    it = TdpIter(kvm, root, kvm.geometry.root_level, gfn)
+    it = TdpIter(kvm, root, gfn)
     while it.level > 1:
         assert it.try_step_down()
     return it.sptep

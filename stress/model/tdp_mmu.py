@@ -458,7 +458,7 @@ def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
     kvm.rcu.rcu_read_lock()
     try:
         # straight down to the first entry the loop below acts on (one tdp_walk)
-        it = TdpIter(kvm, root, kvm.geometry.root_level, fault.gfn,
+        it = TdpIter(kvm, root, fault.gfn,
                      fault_private=fault.is_private, descend_to=fault.goal_level)
         end = fault.gfn + 1
         while it.in_range(end):
@@ -637,7 +637,7 @@ def _zap_present_leafs(kvm: Kvm, root: int, start: int, end: int,
     n = 0
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+        it = TdpIter(kvm, root, start, min_level=PG_LEVEL_4K)
         while it.in_range(end):
             if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
                 if zap_one(it):
@@ -664,7 +664,7 @@ def tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int, can_yield: bool
     n = 0
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+        it = TdpIter(kvm, root, start, min_level=PG_LEVEL_4K)
         while it.in_range(end):
             if can_yield and kvm.variant.iter_cond_resched(kvm, it, False, flush):
                 flush = False
@@ -742,7 +742,7 @@ def kvm_tdp_mmu_clear_dirty_range(kvm: Kvm, start: int, end: int) -> int:
     for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_DIRECT_ROOTS):
         kvm.rcu.rcu_read_lock()
         try:
-            it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+            it = TdpIter(kvm, root, start, min_level=PG_LEVEL_4K)
             while it.in_range(end):
                 old = it.old_spte
                 if (is_shadow_present_pte(old) and is_last_spte(old, it.level)
@@ -884,7 +884,7 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
     flush = False
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level)
+        it = TdpIter(kvm, root, start, min_level=zap_level)
         while it.in_range(end):
             if may_yield and kvm.variant.iter_cond_resched(kvm, it, shared, flush):
                 flush = False
@@ -1035,7 +1035,7 @@ def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
     """Zap a whole (invalid) root, 4K leaves first then the top level, yielding
     (a hook point: an invalid root is zapped once)."""
     kvm.hooks.root_zap(kvm, root)
-    top = kvm.geometry.root_level
+    top = role_level(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)))  # root->role.level
     end = KVM_PAGES_PER_HPAGE(top + 1)
     for level in (PG_LEVEL_4K, top):
         # no TLB flush: the root is invalid and every vCPU was made to drop it

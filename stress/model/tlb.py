@@ -52,10 +52,11 @@ from __future__ import annotations
 
 import os
 
-from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS
+from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS, SpMeta
 from stress.atomics import LockAborted
 from stress.model import events
 from stress.model.kvm import Kvm
+from stress.model.mmu_page import role_level
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
@@ -168,7 +169,8 @@ def _access(kvm: Kvm, gfn: int, write: bool) -> bool:
 def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool | None:
     """One hardware walk from the root; None if the A/D update lost a race."""
     w, lay = kvm.w, kvm.layout
-    level = kvm.geometry.root_level
+    # the EPTP's page-walk length: the level KVM loaded the root with (its role)
+    level = role_level(w.load(lay.sp(root, SpMeta.ROLE)))
     pt = root
     path = []
     while True:
