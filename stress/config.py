@@ -127,7 +127,6 @@ class VcpuConfig:
 @dataclass(frozen=True)
 class InvalidatorConfig:
     interval: float = 0.02  # mean pause between fast zaps
-    yield_every: int = 64  # entries a root zap visits between yields of mmu_lock
     # on a TD: share of ops that move a 2 MiB memslot (KVM_MEMSLOT_INVALID,
     # synchronize_srcu, kvm_mmu_zap_memslot) instead of a fast zap
     memslot_move_fraction: float = 0.0
@@ -182,6 +181,17 @@ class InjectConfig:
     # a bug variant that splits an atomic step in two stalls this long between the
     # halves (targeted delay injection; the fixed protocol has no such gap)
     race_window: float = 20e-6
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    """The modelled kernel scheduler (model/sched.py), not the workers' controlled
+    scheduling ([schedule])."""
+
+    # mean timeslice (exponential): need_resched() comes true once a task has run
+    # this long since it last slept or yielded; 0: never, only mmu_lock contention
+    # makes a walk yield (rwlock_needbreak)
+    timeslice: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -272,6 +282,7 @@ class Config:
     tdx: TdxConfig = field(default_factory=TdxConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -421,7 +432,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "invalidator": {
         "interval": _dur("invalidator.interval", 0.0, 3600.0),
-        "yield_every": _int("invalidator.yield_every", 1, 10**9),
         "memslot_move_fraction": _float("invalidator.memslot_move_fraction", 0.0, 1.0),
     },
     "zapper": {
@@ -474,6 +484,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "pool": {"pages": _int("pool.pages", 0, 1 << 24),
              "alias_tables": _bool("pool.alias_tables")},
+    "sched": {"timeslice": _dur("sched.timeslice", 0.0, 60.0)},
     "schedule": {
         "mode": _choice("schedule.mode", SCHEDULE_MODES),
         "seed": _int("schedule.seed", 0, 2**63 - 1),
@@ -484,6 +495,12 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "skip_ops": _int_rows("schedule.skip_ops", 3),
         "switches": _int_rows("schedule.switches", 4),
     },
+}
+
+
+# keys that existed once: a config naming one gets told what replaced it
+REMOVED_KEYS = {
+    "invalidator.yield_every": "need_resched() is a timeslice now: [sched] timeslice",
 }
 
 
@@ -498,6 +515,9 @@ def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
         parsed = {}
         for key, v in values.items():
             if key not in SCHEMA[section]:
+                if f"{section}.{key}" in REMOVED_KEYS:
+                    raise ConfigError(f"{origin}: {section}.{key} was removed "
+                                      f"({REMOVED_KEYS[section + '.' + key]})")
                 raise ConfigError(f"{origin}: unknown key {section}.{key} "
                                   f"(known: {', '.join(SCHEMA[section])})")
             parsed[key] = SCHEMA[section][key](v)

@@ -46,6 +46,7 @@ from stress.model.roots import (
     for_each_tdp_mmu_root_yield_safe,
     kvm_mmu_unload,
 )
+from stress.model.sched import sched_start_op
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.td import (
     EXIT_FASTPATH_EXIT_HANDLED,
@@ -128,7 +129,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     variant = get_variant(cfg.run.variant)
     kvm = oracles.attach(Kvm(words, layout, geometry, variant, me, rng))
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
-    kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
+    kvm.timeslice_ns = int(cfg.sched.timeslice * 1e9)
     kvm.race_window_ns = int(cfg.inject.race_window * 1e9)
     kvm.huge_pages = cfg.guest.huge_pages > 0
     if cfg.pool.alias_tables:
@@ -737,6 +738,7 @@ class Worker:
             if not any(first <= k <= last for first, last in skip):
                 turns.begin_op(k)
                 rng.seed(self.op_seed(k))
+                sched_start_op(kvm, self.op_seed(k))
                 step()
                 kvm.stats["ops"] += 1
                 self.reclaim()

@@ -54,7 +54,7 @@ from stress.model.roots import (
     root_xchg_invalid,
     tdp_mmu_free_root,
 )
-from stress.model.roots import tdp_mmu_yield as _yield
+from stress.model.sched import cond_resched_rwlock_read, cond_resched_rwlock_write, need_resched
 from stress.model.spte import (
     FROZEN_SPTE,
     KVM_PAGES_PER_HPAGE,
@@ -78,10 +78,6 @@ from stress.model.spte import (
 from stress.model.tdp_iter import TdpIter
 from stress.model.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_make_all_cpus_request
 from stress.model.unsync import mmu_try_to_unsync_pages
-
-
-def tdp_mmu_yield(kvm: Kvm) -> None:
-    _yield(kvm)
 
 EBUSY = 16
 
@@ -810,37 +806,36 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
     return _zap_present_leafs(kvm, root, start, end, zap)
 
 
+def tdp_mmu_iter_need_resched(kvm: Kvm, it: TdpIter) -> bool:
+    """Time to yield: this task should reschedule or another waits for mmu_lock,
+    and the walk made forward progress since its last yield (no livelock)."""
+    if not need_resched(kvm) and not kvm.rwlock_needbreak():
+        return False
+    # Ensure forward progress has been made before yielding.
+    return it.next_last_level_gfn != it.yielded_gfn
+
+
 def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool, flush: bool = False) -> bool:
-    """Yield mmu_lock (and RCU) if someone waits for it or it is time to, but only
-    after forward progress since the last yield (no livelock).  A pending TLB
-    flush is serviced first, before RCU is dropped (zapped tables may be freed
-    once we leave the read-side section) and before mmu_lock is (another task
-    may free a page this task unmapped).  The caller must then restart its walk
-    from the root (the tree may have changed completely) and clear its flush.
+    """Yield mmu_lock (and RCU) if tdp_mmu_iter_need_resched says so.  A pending
+    TLB flush is serviced first, before RCU is dropped (zapped tables may be
+    freed once we leave the read-side section) and before mmu_lock is (another
+    task may free a page this task unmapped).  The caller must then restart its
+    walk from the root (the tree may have changed completely) and clear its
+    flush.  As the kernel's (kvm-x86/linux tdp_mmu.c, with David Matlack's
+    tdp_mmu_iter_need_resched of 2024): cond_resched_rwlock_{read,write} decide
+    again whether to drop the lock, the walk restarts either way.
     The fixed ``iter_cond_resched`` piece: callers go through ``kvm.variant``."""
-    if it.next_last_level_gfn == it.yielded_gfn:
+    if not tdp_mmu_iter_need_resched(kvm, it):
         return False
-    kvm.resched_countdown -= 1
-    if kvm.resched_countdown > 0 and not kvm.rwlock_needbreak():
-        return False
-    kvm.resched_countdown = kvm.resched_every
     if flush:
         tlb.kvm_flush_remote_tlbs(kvm)
     kvm.hooks.mmu_lock_yield(kvm)
     kvm.rcu.rcu_read_unlock()
-    if shared:
-        kvm.read_unlock()
-    else:
-        kvm.write_unlock()
     rcu_do_batch(kvm)
-    tdp_mmu_yield(kvm)
-    if shared:
-        kvm.read_lock()
-    else:
-        kvm.write_lock()
+    if cond_resched_rwlock_read(kvm) if shared else cond_resched_rwlock_write(kvm):
+        kvm.stats["yields"] += 1
     kvm.rcu.rcu_read_lock()
     it.yielded = True
-    kvm.stats["yields"] += 1
     return True
 
 
