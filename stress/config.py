@@ -122,6 +122,9 @@ class VcpuConfig:
     # running the guest (kvm_tdp_map_page's retry loop, which never enters the guest)
     prefault_fraction: float = 0.0
     prefault_range: int = 16 << 12  # bytes pre-faulted by one ioctl
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class InvalidatorConfig:
     # on a TD: share of ops that move a 2 MiB memslot (KVM_MEMSLOT_INVALID,
     # synchronize_srcu, kvm_mmu_zap_memslot) instead of a fast zap
     memslot_move_fraction: float = 0.0
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,10 @@ class ZapperConfig:
     clear_dirty: int = 0  # dirty-log harvest: clear D bits (read lock), flush
     max_range: int = 2 << 20
     tlb_flush_latency: float = 50e-6
+    interval: float = 0.0  # mean pause between ops (0: back to back)
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +160,9 @@ class NotifierConfig:
     # on a TD: ranges that start on a private gfn are guest_memfd punch-holes (the
     # guest agreed); false: only the mmu_notifier of shared memory
     punch_private: bool = True
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +172,9 @@ class ConverterConfig:
     # convert a range, then convert it back on the next step (a guest sharing a
     # buffer for one I/O), so the attributes around it stay as they were
     revert: bool = False
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -299,6 +315,27 @@ class Config:
     @property
     def n_workers(self) -> int:
         return sum(self.workers.values())
+
+    def worker_roles(self) -> list[str]:
+        """The role of every worker slot, in slot order."""
+        return [role for role, n in self.workers.items() for _ in range(n)]
+
+    def role_section(self, role: str, k: int) -> Any:
+        """The ``role`` section as its ``k``-th worker sees it: the section with
+        the worker's ``[[ROLE.worker]]`` table applied (the k-th table; workers
+        past the tables use the section as it is)."""
+        sec = getattr(self, role)
+        if k < len(sec.worker):
+            return dataclasses.replace(sec, **sec.worker[k], worker=())
+        return sec
+
+    def worker_config(self, index: int) -> Config:
+        """The config as worker ``index`` sees it: its role's section replaced by
+        its own (role_section)."""
+        roles = self.worker_roles()
+        role = roles[index]
+        sec = self.role_section(role, roles[:index].count(role))
+        return dataclasses.replace(self, **{role: sec})
 
 
 # key -> (parser, check) per section; parser converts TOML values
@@ -442,6 +479,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "clear_dirty": _int("zapper.clear_dirty", 0, 1000),
         "max_range": _size("zapper.max_range", 4096, 1 << 40),
         "tlb_flush_latency": _dur("zapper.tlb_flush_latency", 0.0, 0.1),
+        "interval": _dur("zapper.interval", 0.0, 3600.0),
     },
     "inject": {
         "delay_every": _int("inject.delay_every", 0, 10**9),
@@ -504,6 +542,28 @@ REMOVED_KEYS = {
 }
 
 
+def _worker_tables(section: str, v: Any, origin: str) -> tuple[dict[str, Any], ...]:
+    """``[[ROLE.worker]]``: one table of the section's keys per worker."""
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        got = "a table" if isinstance(v, dict) else repr(v)
+        raise ConfigError(f"{origin}: {section}.worker: expected an array of tables "
+                          f"([[{section}.worker]]), got {got}")
+    out = []
+    for i, table in enumerate(v):
+        parsed = {}
+        for key, x in table.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{origin}: unknown key {section}.worker[{i}].{key} "
+                                  f"(known: {', '.join(SCHEMA[section])})")
+            try:
+                parsed[key] = SCHEMA[section][key](x)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace(f"{section}.{key}",
+                                                 f"{section}.worker[{i}].{key}", 1)) from None
+        out.append(parsed)
+    return tuple(out)
+
+
 def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
     changes: dict[str, Any] = {}
     for section, values in raw.items():
@@ -512,14 +572,18 @@ def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
                               f"(known: {', '.join(SCHEMA)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: {section} must be a table")
-        parsed = {}
+        parsed: dict[str, Any] = {}
         for key, v in values.items():
+            if key == "worker" and section in ROLES:
+                parsed[key] = _worker_tables(section, v, origin)
+                continue
             if key not in SCHEMA[section]:
                 if f"{section}.{key}" in REMOVED_KEYS:
                     raise ConfigError(f"{origin}: {section}.{key} was removed "
                                       f"({REMOVED_KEYS[section + '.' + key]})")
+                known = [*SCHEMA[section], *(["worker"] if section in ROLES else [])]
                 raise ConfigError(f"{origin}: unknown key {section}.{key} "
-                                  f"(known: {', '.join(SCHEMA[section])})")
+                                  f"(known: {', '.join(known)})")
             parsed[key] = SCHEMA[section][key](v)
         if section == "workers":
             merged = dict(cfg.workers)
@@ -570,12 +634,19 @@ def validate(cfg: Config) -> Config:
     if cfg.guest.hot_set > cfg.guest.size:
         raise ConfigError(f"guest.hot_set: {cfg.guest.hot_set} bytes is larger than "
                           f"guest.size ({cfg.guest.size} bytes)")
+    for k in range(cfg.workers.get("converter", 0)):
+        c = cfg.role_section("converter", k)
+        if c.range % 4096:
+            where = f"converter.worker[{k}]" if k < len(cfg.converter.worker) else "converter"
+            raise ConfigError(f"{where}.range: must be a multiple of 4k, got {c.range}")
     if cfg.converter.range % 4096:
         raise ConfigError(f"converter.range: must be a multiple of 4k, got {cfg.converter.range}")
-    z = cfg.zapper
-    if cfg.workers.get("zapper", 0) and not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared
-                                             + z.subtree_zap_exclusive + z.clear_dirty):
-        raise ConfigError("zapper: all op weights are 0")
+    for k in range(cfg.workers.get("zapper", 0)):
+        z = cfg.role_section("zapper", k)
+        if not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared + z.subtree_zap_exclusive
+                + z.clear_dirty):
+            where = f"zapper.worker[{k}]" if k < len(cfg.zapper.worker) else "zapper"
+            raise ConfigError(f"{where}: all op weights are 0 (zapper worker {k})")
     if cfg.guest.size > 1 << (12 + 9 * cfg.guest.root_level):
         raise ConfigError(f"guest.size: too large for a {cfg.guest.root_level}-level root")
     return cfg

@@ -149,7 +149,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
 
 def worker_roles(cfg: Config) -> list[str]:
     """The role of every worker slot, in slot order (the supervisor's order)."""
-    return [role for role, n in cfg.workers.items() for _ in range(n)]
+    return cfg.worker_roles()
 
 
 def initial_image_gfns(cfg: Config, kvm: Kvm) -> list[int]:
@@ -513,6 +513,8 @@ class ZapperRole(Role):
 
     def step(self) -> None:
         self.rng.choices(self.ops, self.weights)[0]()
+        if self.cfg.zapper.interval:
+            self.kvm.w.pause(self.cfg.zapper.interval * (0.5 + self.rng.random()))
 
     def _range(self) -> tuple[int, int]:
         start = self.pick_gfn()
@@ -603,7 +605,7 @@ class Worker:
     def __init__(self, index: int, role: str, cfg: Config, arena: Arena,
                  conn: Connection) -> None:
         self.index = index
-        self.cfg = cfg
+        self.cfg = cfg = cfg.worker_config(index)  # its role's section: its own op mix
         self.layout: Layout = arena.layout
         self.conn = conn
         lay = self.layout
