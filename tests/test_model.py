@@ -244,3 +244,10 @@ def test_a_root_of_no_valid_level_is_not_walked(vm) -> None:
         assert not it.valid and not it.in_range(GFN + 1)
     assert kvm.stats["warn:tdp_iter_start: root level out of range"] == 2
     w.store(lay.sp(vm.root, SpMeta.ROLE), role)
+    # a freed root reads so too (its role was cleared): the read is a use-after-free
+    freed = tdp_mmu_alloc_sp(kvm)
+    tdp_mmu_free_sp(kvm, freed)
+    for descend in (0, 1):
+        with pytest.raises(InvariantViolation) as e:
+            TdpIter(kvm, freed, GFN, descend_to=descend)
+        assert e.value.invariant == "use-after-free of page-table page"
