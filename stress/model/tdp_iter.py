@@ -115,8 +115,13 @@ class TdpIter:
         self.restart()
 
     def _bad_root(self, root: int, level: int) -> None:
-        """tdp_iter_start's WARN_ON_ONCE(root->role.level out of range): no walk."""
-        self.kvm.warn("tdp_iter_start: root level out of range")
+        """tdp_iter_start's WARN_ON_ONCE(root->role.level out of range): no walk.
+        A freed root reads so (its role was cleared): KASAN's report of the read."""
+        kvm = self.kvm
+        if kvm.w.load(kvm.layout.sp(root, SpMeta.STATE)) == SP_FREE:
+            kvm.hooks.kasan_report(kvm, "poison", table=root, level=level,
+                                   gfn=self.next_last_level_gfn, walker="kvm")
+        kvm.warn("tdp_iter_start: root level out of range")
         self.valid = False
         self.level = self.root_level = level
         self.gfn = self.yielded_gfn = self.next_last_level_gfn

@@ -539,10 +539,15 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
     A private gfn (TDX) faults through the mirror root and is always treated
     as a write, as tdx_handle_ept_violation does.  A fault on a root that was
     invalidated meanwhile is stale and retries (the next entry reloads).
+    A fault to be retried leaves RCU's read side first: the task's callbacks
+    due by then run (softirq), so a vCPU retrying for lack of memory does not
+    sit on the very tables it freed.
     """
     kvm.w.trace(events.FAULT_BEGIN, gfn, int(write))
     r = _kvm_tdp_page_fault(kvm, gfn, write, exec_, addr_direct, private, prefetch)
     kvm.w.trace(events.FAULT_END, gfn, r)
+    if r == RET_PF_RETRY:
+        rcu_do_batch(kvm)
     return r
 
 

@@ -52,11 +52,10 @@ from __future__ import annotations
 
 import os
 
-from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS, SpMeta
+from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS
 from stress.atomics import LockAborted
 from stress.model import events
 from stress.model.kvm import Kvm
-from stress.model.mmu_page import role_level
 from stress.model.spte import (
     KVM_PAGES_PER_HPAGE,
     POISON_SPTE,
@@ -169,8 +168,10 @@ def _access(kvm: Kvm, gfn: int, write: bool) -> bool:
 def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool | None:
     """One hardware walk from the root; None if the A/D update lost a race."""
     w, lay = kvm.w, kvm.layout
-    # the EPTP's page-walk length: the level KVM loaded the root with (its role)
-    level = role_level(w.load(lay.sp(root, SpMeta.ROLE)))
+    # the EPTP's page-walk length: the vCPU's mmu->root_role.level, which
+    # kvm_mmu_load gave load_mmu_pgd (the run's geometry), not the root page's
+    # metadata, which the CPU never reads
+    level = kvm.geometry.root_level
     pt = root
     path = []
     while True:
