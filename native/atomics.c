@@ -69,10 +69,12 @@ static inline int backoff(uint64_t *b, size_t abort_i, unsigned *spins)
 }
 
 /*
- * qrwlock's slow paths, as rwlock_needbreak() sees them: a task that cannot
- * take the lock at once queues (queued_{read,write}_lock_slowpath take
- * wait_lock, and queued_rwlock_is_contended() is arch_spin_is_locked(wait_lock)),
- * so every waiter, reader or writer, is counted in RW_QUEUED until it gets the
+ * qrwlock's slow paths (kernel/locking/qrwlock.c at torvalds/linux
+ * 0d3001e2690a, asm-generic/qrwlock.h at 019bc1f65e91), as rwlock_needbreak()
+ * sees them: a task that cannot take the lock at once queues
+ * (queued_{read,write}_lock_slowpath take wait_lock, and
+ * queued_rwlock_is_contended() is arch_spin_is_locked(wait_lock)), so every
+ * waiter, reader or writer, is counted in RW_QUEUED until it gets the
  * lock (the count leaves in the acquiring cmpxchg) or gives up.  A reader waits
  * behind a writer holding the lock or waiting for it (RW_WAITING), as a
  * qrwlock reader queues behind a waiting writer.

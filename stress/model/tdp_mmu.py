@@ -826,9 +826,10 @@ def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool, flush: bool =
     freed once we leave the read-side section) and before mmu_lock is (another
     task may free a page this task unmapped).  The caller must then restart its
     walk from the root (the tree may have changed completely) and clear its
-    flush.  As the kernel's (kvm-x86/linux tdp_mmu.c, with David Matlack's
-    tdp_mmu_iter_need_resched of 2024): cond_resched_rwlock_{read,write} decide
-    again whether to drop the lock, the walk restarts either way.
+    flush.  As the kernel's (arch/x86/kvm/mmu/tdp_mmu.c, read at kvm-x86/linux
+    2d181d84af38, with David Matlack's tdp_mmu_iter_need_resched of 2024):
+    cond_resched_rwlock_{read,write} decide again whether to drop the lock, the
+    walk restarts either way.
     The fixed ``iter_cond_resched`` piece: callers go through ``kvm.variant``."""
     if not tdp_mmu_iter_need_resched(kvm, it):
         return False
