@@ -32,7 +32,7 @@ def test_sizes_and_durations() -> None:
 def test_shipped_configs_load() -> None:
     root = Path(__file__).resolve().parent.parent / "configs"
     d = config.load(root / "default.toml")
-    assert d.workers == {"vcpu": 2, "zapper": 1, "invalidator": 1, "notifier": 1,
+    assert d.workers == {"vcpu": 2, "zapper": 2, "invalidator": 1, "notifier": 1,
                          "converter": 1}
     assert d.run.variant == "fixed" and d.vm.type == "tdx"
     s = config.load(root / "smoke.toml")
@@ -117,5 +117,5 @@ def test_workers_run_their_own_mix() -> None:
 
 def test_overrides_apply_after_file() -> None:
     c = config.load(None, {"workers": {"vcpu": 3}, "run": {"seed": 9}})
-    assert c.workers["vcpu"] == 3 and c.workers["zapper"] == 1 and c.run.seed == 9
+    assert c.workers["vcpu"] == 3 and c.workers["zapper"] == 2 and c.run.seed == 9
     assert c.hash64() != config.load(None).hash64()

@@ -10,6 +10,11 @@ import time
 from stress.arena import Control, Globals
 from stress.atomics import Words
 from stress.model import x86
+from stress.model.notifier import (
+    kvm_mmu_invalidate_begin,
+    kvm_mmu_invalidate_end,
+    kvm_mmu_invalidate_range_add,
+)
 from stress.model.roots import KVM_ALL_ROOTS
 from stress.model.sched import (
     cond_resched_rwlock_read,
@@ -20,6 +25,7 @@ from stress.model.sched import (
 from stress.model.spte import PG_LEVEL_4K
 from stress.model.tdp_mmu import (
     RET_PF_FIXED,
+    RET_PF_RETRY,
     kvm_tdp_mmu_zap_leafs_roots,
     kvm_tdp_page_fault,
     tdp_mmu_zap_range_at_level,
@@ -141,3 +147,20 @@ def test_a_waiting_writer_and_the_reader_behind_it_make_a_read_lock_zap_yield(vm
     reader.join(10)
     assert zapper.stats["yields"] >= 1
     assert vm.words.load(vm.layout.glob(Globals.MMU_LOCK)) == 0
+
+
+def test_a_fault_sure_to_retry_does_not_queue_for_mmu_lock(vm) -> None:
+    """kvm_mmu_faultin_pfn's mmu_invalidate_retry_gfn_unsafe: while an invalidation
+    covers the gfn, the fault retries without taking mmu_lock (here held for
+    write by the invalidating task: the fault would otherwise wait for it)."""
+    inv = vm.task(1)
+    inv.write_lock()
+    kvm_mmu_invalidate_begin(inv)
+    kvm_mmu_invalidate_range_add(inv, G, G + 4)
+    try:
+        assert kvm_tdp_page_fault(vm.kvm, G + 1, write=True) == RET_PF_RETRY
+        assert vm.kvm.stats["retry_invalidate_unlocked"] == 1 and _queued(vm) == 0
+    finally:
+        kvm_mmu_invalidate_end(inv)
+        inv.write_unlock()
+    assert kvm_tdp_page_fault(vm.kvm, G + 1, write=True) == RET_PF_FIXED  # a new snapshot

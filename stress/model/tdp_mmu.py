@@ -571,6 +571,10 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
     if is_private != kvm_mem_is_private(kvm, gfn):
         kvm.stats["memory_fault_exits"] += 1
         return RET_PF_EXIT
+    if mmu_invalidate_retry_gfn_unsafe(kvm, mmu_seq, gfn):
+        # an invalidation covers the gfn: retry without contending mmu_lock
+        kvm.stats["retry_invalidate_unlocked"] += 1
+        return RET_PF_RETRY
     fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=pfn, is_private=is_private,
                          max_level=max_level, exec=exec_, addr_direct=addr_direct)
     root = tdp_mmu_get_root_for_fault(kvm, fault)
@@ -585,6 +589,22 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
         return kvm_tdp_mmu_map(kvm, root, fault)
     finally:
         kvm.read_unlock()
+
+
+def mmu_invalidate_retry_gfn_unsafe(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
+    """kvm_host.h's mmu_invalidate_retry_gfn without mmu_lock, as
+    kvm_mmu_faultin_pfn calls it before taking the lock ("KVM: x86/mmu: Retry
+    fault before acquiring mmu_lock if mapping is changing", Sean
+    Christopherson, 2023): a fault that is sure to retry does not queue for
+    mmu_lock, where it would make the invalidation's zap yield to it
+    (rwlock_needbreak) and only delay the invalidation it waits for.  Not the
+    check that gates the install: that one is the locked fault_retry_check."""
+    w, g = kvm.w, kvm.layout.globals
+    if w.load(g + Globals.MMU_INVALIDATE_IN_PROGRESS):
+        if (w.load(g + Globals.MMU_INVALIDATE_RANGE_START) <= gfn
+                < w.load(g + Globals.MMU_INVALIDATE_RANGE_END)):
+            return True
+    return w.load(g + Globals.MMU_INVALIDATE_SEQ) != mmu_seq
 
 
 def faultin_invalid_slot_eagain(kvm: Kvm, prefetch: bool) -> int:
