@@ -46,7 +46,7 @@ from stress.model.roots import (
     for_each_tdp_mmu_root_yield_safe,
     kvm_mmu_unload,
 )
-from stress.model.sched import sched_start_op
+from stress.model.sched import cond_resched, sched_start_op
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.td import (
     EXIT_FASTPATH_EXIT_HANDLED,
@@ -253,7 +253,9 @@ class VcpuRole(Role):
         exec_ = not write and self.rng.random() < vc.exec_fraction
         retries = 0
         while (r := kvm_tdp_page_fault(kvm, gfn, write, exec_)) == RET_PF_RETRY:
-            kvm.w.relax()  # the guest re-executes the access; others run meanwhile
+            # the guest re-executes the access: on the way in, vcpu_enter_guest
+            # schedules if need_resched(); others run meanwhile
+            cond_resched(kvm)
             retries += 1
             if retries >= self.cfg.vcpu.max_retries:
                 kvm.bug("fault livelock",

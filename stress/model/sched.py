@@ -95,6 +95,17 @@ def _cond_resched(kvm: Kvm) -> bool:
     return False
 
 
+def cond_resched(kvm: Kvm) -> bool:
+    """cond_resched() in a retry loop (and the need_resched() check before a
+    guest entry): schedule() if need_resched(); otherwise the model's relax()
+    (nothing in a free run; in a controlled one a spinning retry hands the turn
+    on, or it would keep it until its slice ends).  True if it scheduled."""
+    if _cond_resched(kvm):
+        return True
+    kvm.w.relax()
+    return False
+
+
 def cpu_relax(kvm: Kvm) -> None:
     """cpu_relax() between dropping and retaking a contended lock: nothing in a
     free run (the waiter spins on another CPU), a hand-over in a controlled one."""
