@@ -12,6 +12,8 @@
 #define SEQ __ATOMIC_SEQ_CST
 #define RW_WRITER  (1ULL << 63)
 #define RW_WAITING (1ULL << 62)
+#define RW_QUEUED  (1ULL << 32)			/* one task in the slow path */
+#define RW_QUEUED_MASK (0xffffULL << 32)
 #define RW_READERS 0xffffffffULL
 #define SPINS_BEFORE_YIELD 64
 
@@ -66,18 +68,36 @@ static inline int backoff(uint64_t *b, size_t abort_i, unsigned *spins)
 	return __atomic_load_n(&b[abort_i], __ATOMIC_RELAXED) != 0;
 }
 
+/*
+ * qrwlock's slow paths (kernel/locking/qrwlock.c at torvalds/linux
+ * 0d3001e2690a, asm-generic/qrwlock.h at 019bc1f65e91), as rwlock_needbreak()
+ * sees them: a task that cannot take the lock at once queues
+ * (queued_{read,write}_lock_slowpath take wait_lock, and
+ * queued_rwlock_is_contended() is arch_spin_is_locked(wait_lock)), so every
+ * waiter, reader or writer, is counted in RW_QUEUED until it gets the
+ * lock (the count leaves in the acquiring cmpxchg) or gives up.  A reader waits
+ * behind a writer holding the lock or waiting for it (RW_WAITING), as a
+ * qrwlock reader queues behind a waiting writer.
+ */
 int ts_read_lock(uint64_t *b, size_t lock_i, size_t abort_i)
 {
 	unsigned spins = 0;
+	uint64_t queued = 0;
 	for (;;) {
 		uint64_t v = __atomic_load_n(&b[lock_i], __ATOMIC_RELAXED);
 		if (!(v & (RW_WRITER | RW_WAITING))) {
-			if (__atomic_compare_exchange_n(&b[lock_i], &v, v + 1, 0, SEQ, SEQ))
+			if (__atomic_compare_exchange_n(&b[lock_i], &v, v + 1 - queued, 0, SEQ, SEQ))
 				return 0;
 			continue;
 		}
-		if (backoff(b, abort_i, &spins))
+		if (!queued) {
+			__atomic_fetch_add(&b[lock_i], RW_QUEUED, SEQ);
+			queued = RW_QUEUED;
+		}
+		if (backoff(b, abort_i, &spins)) {
+			__atomic_fetch_sub(&b[lock_i], queued, SEQ);
 			return -1;
+		}
 	}
 }
 
@@ -94,12 +114,14 @@ void ts_read_unlock(uint64_t *b, size_t lock_i) { __atomic_fetch_sub(&b[lock_i],
 int ts_write_lock(uint64_t *b, size_t lock_i, size_t owner_i, uint64_t pid, size_t abort_i)
 {
 	unsigned spins = 0;
+	uint64_t queued = 0;
 	for (;;) {
 		uint64_t v = __atomic_load_n(&b[lock_i], __ATOMIC_RELAXED);
 		if (!(v & RW_WRITER)) {
 			if (!(v & RW_READERS)) {
 				/* clears RW_WAITING: other waiting writers set it again */
-				if (__atomic_compare_exchange_n(&b[lock_i], &v, RW_WRITER, 0, SEQ, SEQ)) {
+				uint64_t nv = RW_WRITER | ((v & RW_QUEUED_MASK) - queued);
+				if (__atomic_compare_exchange_n(&b[lock_i], &v, nv, 0, SEQ, SEQ)) {
 					__atomic_store_n(&b[owner_i], pid, SEQ);
 					return 0;
 				}
@@ -108,8 +130,16 @@ int ts_write_lock(uint64_t *b, size_t lock_i, size_t owner_i, uint64_t pid, size
 			if (!(v & RW_WAITING))
 				__atomic_fetch_or(&b[lock_i], RW_WAITING, SEQ);
 		}
-		if (backoff(b, abort_i, &spins))
+		if (!queued) {
+			__atomic_fetch_add(&b[lock_i], RW_QUEUED, SEQ);
+			queued = RW_QUEUED;
+		}
+		if (backoff(b, abort_i, &spins)) {
+			/* another waiting writer sets RW_WAITING again */
+			__atomic_fetch_and(&b[lock_i], ~RW_WAITING, SEQ);
+			__atomic_fetch_sub(&b[lock_i], queued, SEQ);
 			return -1;
+		}
 	}
 }
 
@@ -130,7 +160,7 @@ void ts_write_unlock(uint64_t *b, size_t lock_i, size_t owner_i)
 
 int ts_rwlock_contended(uint64_t *b, size_t lock_i)
 {
-	return (__atomic_load_n(&b[lock_i], __ATOMIC_RELAXED) & RW_WAITING) != 0;
+	return (__atomic_load_n(&b[lock_i], __ATOMIC_RELAXED) & (RW_WAITING | RW_QUEUED_MASK)) != 0;
 }
 
 int ts_spin_lock(uint64_t *b, size_t i, uint64_t pid, size_t abort_i)
@@ -348,8 +378,9 @@ enum {
 /* ... and its statuses (Words.WALK_*). */
 enum {
 	TS_WALK_DONE, TS_WALK_STEP_DOWN_FAILED, TS_WALK_POISON, TS_WALK_GEN_MOVED,
-	TS_WALK_CHILD_OUTSIDE_POOL, TS_WALK_CHILD_MISMATCH,
+	TS_WALK_CHILD_OUTSIDE_POOL, TS_WALK_CHILD_MISMATCH, TS_WALK_BAD_ROOT,
 };
+#define TS_MAX_ROOT_LEVEL 5	/* PT64_ROOT_MAX_LEVEL */
 
 #define SPTE_INDEX(gfn, level) (((gfn) >> (9 * ((level) - 1))) & 511)
 #define ROUND_GFN(gfn, level) ((gfn) & ~((1ULL << (9 * ((level) - 1))) - 1))
@@ -357,7 +388,8 @@ enum {
 /*
  * Every load below is one the Python iterator makes, in the same order
  * (Words.tdp_walk_stepwise is the reference): tdp_iter_start reads the root's
- * role and generation; _point/read_spte read the entry, test it for poison and
+ * role (level <= 0: the walk starts at the role's level, as the kernel's
+ * root->role.level) and generation; _point/read_spte read the entry, test it for poison and
  * compare the table's generation with the one recorded on entry; try_step_down
  * re-reads the entry and, for a present non-leaf, reads the child's GEN,
  * STATE, ROLE and GFN before stepping into it.
@@ -389,9 +421,17 @@ int64_t ts_tdp_walk(uint64_t *b, const uint64_t *p, uint64_t root, uint64_t gfn,
 
 	for (int64_t k = 0; k < TS_WO_WORDS; k++)
 		out[k] = 0;
-	pt[level] = root;
 	out[TS_WO_ROOT_ROLE] = __atomic_load_n(&b[meta + root * mw + p[TS_WP_OFF_ROLE]],
 					       __ATOMIC_ACQUIRE);
+	if (level <= 0)		/* tdp_iter_start: root->role.level */
+		level = (int64_t)(out[TS_WO_ROOT_ROLE] & p[TS_WP_LEVEL_MASK]);
+	if (level < 1 || level > TS_MAX_ROOT_LEVEL) {
+		out[TS_WO_LEVEL] = (uint64_t)level;
+		out[TS_WO_LOADS] = 1;
+		out[TS_WO_STATUS] = TS_WALK_BAD_ROOT;
+		return TS_WALK_BAD_ROOT;
+	}
+	pt[level] = root;
 	gen[level] = __atomic_load_n(&b[meta + root * mw + p[TS_WP_OFF_GEN]], __ATOMIC_ACQUIRE);
 	for (;;) {
 		/* _point + read_spte */

@@ -23,7 +23,9 @@ void ts_spin_ns(uint64_t ns);
 uint64_t ts_now_ns(void);
 
 /* mmu_lock: reader-writer lock in one word (bit 63 writer, bit 62 writer
- * waiting, low 32 bits reader count); the writer's pid goes to owner_i. */
+ * waiting, bits 32-47 tasks queued for it, readers and writers alike, low 32
+ * bits reader count); the writer's pid goes to owner_i.  contended: a writer
+ * waits or any task is queued (qrwlock's queued_rwlock_is_contended). */
 int ts_read_lock(uint64_t *base, size_t lock_i, size_t abort_i);
 int ts_read_trylock(uint64_t *base, size_t lock_i);
 void ts_read_unlock(uint64_t *base, size_t lock_i);
@@ -72,8 +74,9 @@ void ts_read_unlock_rec(uint64_t *base, size_t lock_i, size_t mode_i, uint64_t m
 /* xchg word dst_i to the value of word src_i (loaded first); returns dst's old value. */
 uint64_t ts_xchg_from(uint64_t *base, size_t dst_i, size_t src_i);
 /*
- * The TDP iterator's walk for one gfn (tdp_iter_start, then try_step_down
- * while the entry is a present non-leaf above stop_level), with the model's
+ * The TDP iterator's walk for one gfn (tdp_iter_start at `level`, 0 for the
+ * root's own role.level, then try_step_down while the entry is a present
+ * non-leaf above stop_level), with the model's
  * use-after-free oracle; see Words.tdp_walk for the contract.  p holds the
  * layout and SPTE encoding (TS_WP_* order, atomics.c); out receives TS_WO_*
  * (atomics.c), the table and generation per level at out[10 + level] and

@@ -26,7 +26,13 @@ __all__ = ["Words", "DelayInjectingWords", "ScheduledWords", "LockAborted", "Wal
 
 RW_WRITER = 1 << 63
 RW_WAITING = 1 << 62
+RW_QUEUED = 1 << 32  # one task waiting for the lock (bits 32-47 count them)
+RW_QUEUED_MASK = 0xFFFF << 32
 RW_READERS = 0xFFFFFFFF
+# a controlled run's task clock: each of a task's own shared accesses is this
+# many ns of its run time (the model's speed: a Python access and the work
+# around it; see Words.task_clock_ns)
+ACCESS_NS = 1000
 
 # Words.tdp_walk: statuses (TS_WALK_*) and the output list's fields (TS_WO_*)
 WALK_DONE = 0  # stopped at stop_level, or at an entry that is not a present non-leaf
@@ -35,6 +41,8 @@ WALK_POISON = 2  # the entry read was POISON: the table was freed
 WALK_GEN_MOVED = 3  # the table's generation moved since the walker entered it
 WALK_CHILD_OUTSIDE_POOL = 4  # a present non-leaf points outside the page pool
 WALK_CHILD_MISMATCH = 5  # ... at a FREE page, or a table of the wrong level or gfn
+WALK_BAD_ROOT = 6  # the root's role.level is not 1..MAX_ROOT_LEVEL: no walk (WO_LEVEL has it)
+MAX_ROOT_LEVEL = 5  # PT64_ROOT_MAX_LEVEL
 (WO_LEVEL, WO_SPTEP, WO_OLD_SPTE, WO_ROOT_ROLE, WO_LOADS, WO_CHILD, WO_CHILD_STATE,
  WO_CHILD_LEVEL, WO_CHILD_BASE, WO_STATUS) = range(10)
 WO_PT, WO_GEN, WO_WORDS = 10, 16, 22  # table / generation of level l at WO_PT + l, WO_GEN + l
@@ -109,6 +117,9 @@ class Words:
         self._trace_args: tuple[int, int, int, int, int] | None = None
         # the same for the native helpers: enabled, ring, mask, head, seq, worker << 16
         self._tc = ffi.new("uint64_t[]", 6)
+        # task_clock_ns() when this task last slept or yielded its CPU (the
+        # scheduler's view of it: model/sched.py)
+        self.scheduled_at = self.task_clock_ns()
 
     # -- tracing -----------------------------------------------------------------
     def enable_trace(self, ring_i: int, entries: int, head_i: int, seq_i: int,
@@ -168,9 +179,21 @@ class Words:
         SEAMCALL): nothing in a free run, a hand-over in a controlled one."""
 
     def pause(self, seconds: float) -> None:
-        """A modelled sleep (a halt, a role's interval)."""
+        """A modelled sleep (a halt, a role's interval): the task is scheduled out."""
         if seconds > 0:
             time.sleep(seconds)
+            self.scheduled_at = self.task_clock_ns()
+
+    def sched_yield(self) -> None:
+        """schedule() from a running task (cond_resched's preempt_schedule_common):
+        the CPU goes to another task, if one is runnable."""
+        os.sched_yield()
+        self.scheduled_at = self.task_clock_ns()
+
+    def task_clock_ns(self) -> int:
+        """This task's clock for the scheduler (its timeslice): CLOCK_MONOTONIC
+        in a free run (process-local: no shared access)."""
+        return lib.ts_now_ns()
 
     # -- locks -----------------------------------------------------------------
     def read_lock(self, lock_i: int) -> None:
@@ -286,9 +309,12 @@ class Words:
                  stop_level: int) -> list[int]:
         """The TDP iterator's walk for one gfn, in one native call (ts_tdp_walk).
 
-        tdp_iter_start on ``root`` at ``level`` (read the root's role and
-        generation, then the entry covering ``gfn``), then try_step_down while
-        the entry is a present non-leaf above ``stop_level``.  Every entry read
+        tdp_iter_start on ``root`` at ``level`` (0: the root's own role.level, as
+        the kernel's; read the root's role and generation, then the entry
+        covering ``gfn``), then try_step_down while
+        the entry is a present non-leaf above ``stop_level``.  A root level
+        outside 1..MAX_ROOT_LEVEL is WALK_BAD_ROOT, with no further load.  Every
+        entry read
         is checked as TdpIter.read_spte does (not POISON, the table's
         generation unchanged since the walk entered it), and every child as
         try_step_down does (inside the pool, not FREE, one level down, the
@@ -310,8 +336,13 @@ class Words:
         out = [0] * WO_WORDS
         load = self.load
         meta, mw = wp.sp_meta, wp.sp_meta_words
+        out[WO_ROOT_ROLE] = role = load(meta + root * mw + wp.off_role)
+        if level <= 0:
+            level = role & wp.level_mask  # tdp_iter_start: root->role.level
+        if not 1 <= level <= MAX_ROOT_LEVEL:
+            out[WO_LEVEL], out[WO_LOADS], out[WO_STATUS] = level, 1, WALK_BAD_ROOT
+            return out
         out[WO_PT + level] = root
-        out[WO_ROOT_ROLE] = load(meta + root * mw + wp.off_role)
         out[WO_GEN + level] = load(meta + root * mw + wp.off_gen)
         loads, status = 2, WALK_DONE
 
@@ -450,6 +481,7 @@ class DelayInjectingWords(Words):
 
 class Scheduler(Protocol):
     abort_hook: object
+    ran: int  # the worker's own scheduling points so far (its task clock)
 
     def point(self) -> None: ...
     def window(self) -> None: ...
@@ -479,8 +511,8 @@ class ScheduledWords(Words):
     """
 
     def __init__(self, buf: memoryview, abort_i: int, sched: Scheduler) -> None:
+        self._sched = sched  # first: the base class reads the task clock
         super().__init__(buf, abort_i)
-        self._sched = sched
         self._point = _no_point  # set up (build_kvm) runs before the turns start
         self._window = _no_point
         sched.abort_hook = self._aborted
@@ -536,30 +568,55 @@ class ScheduledWords(Words):
 
     def pause(self, seconds: float) -> None:
         self._sched.pause()
+        self.scheduled_at = self.task_clock_ns()
+
+    def sched_yield(self) -> None:
+        """schedule(): one forced hand-over of the turn (as a modelled sleep)."""
+        self._sched.pause()
+        self.scheduled_at = self.task_clock_ns()
+
+    def task_clock_ns(self) -> int:
+        """Not wall time: the worker's own shared accesses, ACCESS_NS each, so
+        need_resched() comes at the same accesses in every replay."""
+        return self._sched.ran * ACCESS_NS
 
     # -- locks: try-loops that hand the turn over while the lock is taken ------
     def read_lock(self, lock_i: int) -> None:
+        """ts_read_lock's loop, one attempt per turn: a reader that has to wait
+        is counted in RW_QUEUED, so the holder's rwlock_needbreak sees it."""
+        b, queued = self.base, 0
         while True:
             self._point()
-            if lib.ts_read_trylock(self.base, lock_i) == 0:
-                return
+            v = lib.ts_load(b, lock_i)
+            if not v & (RW_WRITER | RW_WAITING):
+                if lib.ts_cmpxchg(b, lock_i, v, v + 1 - queued) == v:
+                    return
+                continue
+            if not queued:
+                lib.ts_fetch_add(b, lock_i, RW_QUEUED)
+                queued = RW_QUEUED
             self._sched.relax()
 
     def write_lock(self, lock_i: int, owner_i: int, pid: int) -> None:
-        """ts_write_lock's loop, one attempt per turn: a waiting writer still
-        sets RW_WAITING, so readers' spin_needbreak sees it."""
-        b = self.base
+        """ts_write_lock's loop, one attempt per turn: a waiting writer sets
+        RW_WAITING and is counted in RW_QUEUED, so holders' rwlock_needbreak
+        sees it."""
+        b, queued = self.base, 0
         while True:
             self._point()
             v = lib.ts_load(b, lock_i)
             if not v & RW_WRITER:
                 if not v & RW_READERS:
-                    if lib.ts_cmpxchg(b, lock_i, v, RW_WRITER) == v:
+                    nv = RW_WRITER | ((v & RW_QUEUED_MASK) - queued)
+                    if lib.ts_cmpxchg(b, lock_i, v, nv) == v:
                         lib.ts_store(b, owner_i, pid)
                         return
                     continue
                 if not v & RW_WAITING:
                     lib.ts_fetch_or(b, lock_i, RW_WAITING)
+            if not queued:
+                lib.ts_fetch_add(b, lock_i, RW_QUEUED)
+                queued = RW_QUEUED
             self._sched.relax()
 
     def spin_lock(self, i: int, pid: int) -> None:

@@ -133,15 +133,20 @@ class VcpuConfig:
     # running the guest (kvm_tdp_map_page's retry loop, which never enters the guest)
     prefault_fraction: float = 0.0
     prefault_range: int = 16 << 12  # bytes pre-faulted by one ioctl
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
 class InvalidatorConfig:
     interval: float = 0.02  # mean pause between fast zaps
-    yield_every: int = 64  # entries a root zap visits between yields of mmu_lock
     # on a TD: share of ops that move a 2 MiB memslot (KVM_MEMSLOT_INVALID,
     # synchronize_srcu, kvm_mmu_zap_memslot) instead of a fast zap
     memslot_move_fraction: float = 0.0
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,10 @@ class ZapperConfig:
     clear_dirty: int = 0  # dirty-log harvest: clear D bits (read lock), flush
     max_range: int = 2 << 20
     tlb_flush_latency: float = 50e-6
+    interval: float = 0.0  # mean pause between ops (0: back to back)
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,9 @@ class NotifierConfig:
     # on a TD: ranges that start on a private gfn are guest_memfd punch-holes (the
     # guest agreed); false: only the mmu_notifier of shared memory
     punch_private: bool = True
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +183,9 @@ class ConverterConfig:
     # convert a range, then convert it back on the next step (a guest sharing a
     # buffer for one I/O), so the attributes around it stay as they were
     revert: bool = False
+    # per-worker overrides of this section's keys, one table per worker of the
+    # role in slot order ([[ROLE.worker]]; see Config.worker_config)
+    worker: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,6 +208,17 @@ class InjectConfig:
     # a bug variant that splits an atomic step in two stalls this long between the
     # halves (targeted delay injection; the fixed protocol has no such gap)
     race_window: float = 20e-6
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    """The modelled kernel scheduler (model/sched.py), not the workers' controlled
+    scheduling ([schedule])."""
+
+    # mean timeslice (exponential): need_resched() comes true once a task has run
+    # this long since it last slept or yielded; 0: never, only mmu_lock contention
+    # makes a walk yield (rwlock_needbreak)
+    timeslice: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -303,6 +329,7 @@ class Config:
     trace: TraceConfig = field(default_factory=TraceConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -327,6 +354,27 @@ class Config:
     @property
     def n_workers(self) -> int:
         return sum(self.workers.values())
+
+    def worker_roles(self) -> list[str]:
+        """The role of every worker slot, in slot order."""
+        return [role for role, n in self.workers.items() for _ in range(n)]
+
+    def role_section(self, role: str, k: int) -> Any:
+        """The ``role`` section as its ``k``-th worker sees it: the section with
+        the worker's ``[[ROLE.worker]]`` table applied (the k-th table; workers
+        past the tables use the section as it is)."""
+        sec = getattr(self, role)
+        if k < len(sec.worker):
+            return dataclasses.replace(sec, **sec.worker[k], worker=())
+        return sec
+
+    def worker_config(self, index: int) -> Config:
+        """The config as worker ``index`` sees it: its role's section replaced by
+        its own (role_section)."""
+        roles = self.worker_roles()
+        role = roles[index]
+        sec = self.role_section(role, roles[:index].count(role))
+        return dataclasses.replace(self, **{role: sec})
 
 
 # key -> (parser, check) per section; parser converts TOML values
@@ -547,7 +595,6 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "invalidator": {
         "interval": _dur("invalidator.interval", 0.0, 3600.0),
-        "yield_every": _int("invalidator.yield_every", 1, 10**9),
         "memslot_move_fraction": _float("invalidator.memslot_move_fraction", 0.0, 1.0),
     },
     "zapper": {
@@ -558,6 +605,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "clear_dirty": _int("zapper.clear_dirty", 0, 1000),
         "max_range": _size("zapper.max_range", 4096, 1 << 40),
         "tlb_flush_latency": _dur("zapper.tlb_flush_latency", 0.0, 0.1),
+        "interval": _dur("zapper.interval", 0.0, 3600.0),
     },
     "inject": {
         "delay_every": _int("inject.delay_every", 0, 10**9),
@@ -602,6 +650,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
              "alias_tables": _bool("pool.alias_tables")},
     "liveness": {"max_retries": _int("liveness.max_retries", 10, 10**9),
                  "max_wait_rounds": _int("liveness.max_wait_rounds", 10, 10**9)},
+    "sched": {"timeslice": _dur("sched.timeslice", 0.0, 60.0)},
     "schedule": {
         "mode": _choice("schedule.mode", SCHEDULE_MODES),
         "seed": _int("schedule.seed", 0, 2**63 - 1),
@@ -615,6 +664,34 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 
+# keys that existed once: a config naming one gets told what replaced it
+REMOVED_KEYS = {
+    "invalidator.yield_every": "need_resched() is a timeslice now: [sched] timeslice",
+}
+
+
+def _worker_tables(section: str, v: Any, origin: str) -> tuple[dict[str, Any], ...]:
+    """``[[ROLE.worker]]``: one table of the section's keys per worker."""
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        got = "a table" if isinstance(v, dict) else repr(v)
+        raise ConfigError(f"{origin}: {section}.worker: expected an array of tables "
+                          f"([[{section}.worker]]), got {got}")
+    out = []
+    for i, table in enumerate(v):
+        parsed = {}
+        for key, x in table.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(f"{origin}: unknown key {section}.worker[{i}].{key} "
+                                  f"(known: {', '.join(SCHEMA[section])})")
+            try:
+                parsed[key] = SCHEMA[section][key](x)
+            except ConfigError as e:
+                raise ConfigError(str(e).replace(f"{section}.{key}",
+                                                 f"{section}.worker[{i}].{key}", 1)) from None
+        out.append(parsed)
+    return tuple(out)
+
+
 def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
     changes: dict[str, Any] = {}
     for section, values in raw.items():
@@ -623,11 +700,18 @@ def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
                               f"(known: {', '.join(SCHEMA)})")
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: {section} must be a table")
-        parsed = {}
+        parsed: dict[str, Any] = {}
         for key, v in values.items():
+            if key == "worker" and section in ROLES:
+                parsed[key] = _worker_tables(section, v, origin)
+                continue
             if key not in SCHEMA[section]:
+                if f"{section}.{key}" in REMOVED_KEYS:
+                    raise ConfigError(f"{origin}: {section}.{key} was removed "
+                                      f"({REMOVED_KEYS[section + '.' + key]})")
+                known = [*SCHEMA[section], *(["worker"] if section in ROLES else [])]
                 raise ConfigError(f"{origin}: unknown key {section}.{key} "
-                                  f"(known: {', '.join(SCHEMA[section])})")
+                                  f"(known: {', '.join(known)})")
             parsed[key] = SCHEMA[section][key](v)
         if section == "workers":
             merged = dict(cfg.workers)
@@ -686,12 +770,19 @@ def validate(cfg: Config) -> Config:
         what = "guest.size" if len(slots) == 1 and not g.slots else "the largest memslot"
         raise ConfigError(f"guest.hot_set: {g.hot_set} bytes is larger than {what} "
                           f"({max(n for _, n in slots) << 12} bytes)")
+    for k in range(cfg.workers.get("converter", 0)):
+        c = cfg.role_section("converter", k)
+        if c.range % 4096:
+            where = f"converter.worker[{k}]" if k < len(cfg.converter.worker) else "converter"
+            raise ConfigError(f"{where}.range: must be a multiple of 4k, got {c.range}")
     if cfg.converter.range % 4096:
         raise ConfigError(f"converter.range: must be a multiple of 4k, got {cfg.converter.range}")
-    z = cfg.zapper
-    if cfg.workers.get("zapper", 0) and not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared
-                                             + z.subtree_zap_exclusive + z.clear_dirty):
-        raise ConfigError("zapper: all op weights are 0")
+    for k in range(cfg.workers.get("zapper", 0)):
+        z = cfg.role_section("zapper", k)
+        if not (z.leaf_zap + z.leaf_zap_shared + z.subtree_zap_shared + z.subtree_zap_exclusive
+                + z.clear_dirty):
+            where = f"zapper.worker[{k}]" if k < len(cfg.zapper.worker) else "zapper"
+            raise ConfigError(f"{where}: all op weights are 0 (zapper worker {k})")
     return cfg
 
 

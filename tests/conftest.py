@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -98,6 +99,17 @@ class Vm:
         w = TriggerWords(self.arena.shm.buf, self.layout.ctl(Control.ABORT), target, action, on)
         self.extra_words.append(w)
         return w
+
+
+def tick_clock(kvm: Kvm, mean_ticks: float) -> None:
+    """Give ``kvm`` a timeslice of ``mean_ticks`` on a task clock that ticks once
+    per read (need_resched() reads it once per check): a deterministic stand-in
+    for wall time, so need_resched() comes after a seeded, exponential number of
+    iterator steps.  The clock is the words' (shared by the tasks on them)."""
+    ticks = itertools.count(1)
+    kvm.w.task_clock_ns = lambda: next(ticks)  # type: ignore[method-assign]
+    kvm.w.scheduled_at = 0
+    kvm.timeslice_ns = mean_ticks
 
 
 class TriggerWords(Words):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
+import time
 from multiprocessing import shared_memory
 
 import pytest
@@ -154,5 +156,71 @@ def test_lock_records_holder_and_aborts(shm) -> None:
         assert w.spin_trylock(2, 9) and w.load(2) == 9
         assert not w.spin_trylock(2, 10)
         w.spin_unlock(2)
+    finally:
+        w.release()
+
+
+def _queued(w: Words) -> int:
+    return w.load(0) >> 32 & 0xFFFF
+
+
+def _spin_until(cond) -> None:  # noqa: ANN001
+    for _ in range(200_000):
+        if cond():
+            return
+        time.sleep(0.0001)
+    raise AssertionError("timed out")
+
+
+def test_rwlock_contended_counts_waiting_readers_and_writers(shm) -> None:
+    """qrwlock's queued_rwlock_is_contended: any task in a slow path, reader or
+    writer.  A reader waiting for a writer makes the writer's needbreak true; a
+    reader queued behind a waiting writer is counted too; every count leaves
+    when its task gets the lock."""
+    w = Words(shm.buf, abort_i=3)
+    waiter = Words(shm.buf, abort_i=4)
+    writer = Words(shm.buf, abort_i=5)
+    try:
+        w.write_lock(0, 1, 4242)
+        assert not w.rwlock_contended(0)
+        reader = threading.Thread(target=lambda: (waiter.read_lock(0), waiter.read_unlock(0)))
+        reader.start()
+        _spin_until(lambda: _queued(w) == 1)
+        assert w.rwlock_contended(0)  # the write holder's rwlock_needbreak: a reader waits
+        w.write_unlock(0, 1)
+        reader.join(10)
+        assert w.load(0) == 0 and not w.rwlock_contended(0)
+
+        w.read_lock(0)  # a reader holds; a writer waits; a reader queues behind it
+        wt = threading.Thread(target=lambda: (writer.write_lock(0, 1, 7),
+                                              writer.write_unlock(0, 1)))
+        wt.start()
+        _spin_until(lambda: _queued(w) == 1)
+        rt = threading.Thread(target=lambda: (waiter.read_lock(0), waiter.read_unlock(0)))
+        rt.start()
+        _spin_until(lambda: _queued(w) == 2)  # the reader counts as well as the writer
+        assert w.rwlock_contended(0) and w.load(0) & 0xFFFFFFFF == 1
+        w.read_unlock(0)
+        wt.join(10)
+        rt.join(10)
+        assert w.load(0) == 0 and w.load(1) == 0
+    finally:
+        for x in (w, waiter, writer):
+            x.release()
+
+
+def test_an_aborted_waiter_leaves_no_count_behind(shm) -> None:
+    w = Words(shm.buf, abort_i=3)
+    try:
+        w.write_lock(0, 1, 1)
+        w.store(3, 1)
+        with pytest.raises(LockAborted):
+            w.read_lock(0)
+        with pytest.raises(LockAborted):
+            w.write_lock(0, 1, 2)
+        assert _queued(w) == 0 and w.load(0) == 1 << 63
+        w.store(3, 0)
+        w.write_unlock(0, 1)
+        assert w.load(0) == 0
     finally:
         w.release()

@@ -55,7 +55,7 @@ def both(vm, gfn: int, stop: int, root: int | None = None) -> tuple[list[int], l
 
 def stepped_iter(kvm, root: int, gfn: int, stop: int) -> TdpIter:
     """The reference walk: TdpIter and next() while the entry is a present non-leaf."""
-    it = TdpIter(kvm, root, 4, gfn)
+    it = TdpIter(kvm, root, gfn)
     while (it.valid and it.level > stop and it.old_spte & 1 << 11
            and not it.old_spte & PT_PAGE_SIZE_MASK):
         it.next()
@@ -85,7 +85,7 @@ def test_native_walk_matches_stepwise_on_healthy_trees(vm) -> None:
             assert native == step, (hex(g), stop)
             assert native[WO_STATUS] in (WALK_DONE,)
             it = stepped_iter(kvm, vm.root, g, stop)
-            fast = TdpIter(kvm, vm.root, 4, g, descend_to=stop)
+            fast = TdpIter(kvm, vm.root, g, descend_to=stop)
             assert (fast.level, fast.sptep, fast.old_spte, fast.gfn, fast.mirror) == (
                 it.level, it.sptep, it.old_spte, it.gfn, it.mirror)
             assert fast.pt_path[it.level:] == it.pt_path[it.level:]
@@ -127,7 +127,7 @@ def test_native_walk_reports_what_the_stepwise_walk_reports(vm, what: str) -> No
     assert native[WO_STATUS] == status
     errors = []
     for make in (lambda: stepped_iter(kvm, vm.root, GFN, 1),
-                 lambda: TdpIter(kvm, vm.root, 4, GFN, descend_to=1)):
+                 lambda: TdpIter(kvm, vm.root, GFN, descend_to=1)):
         with pytest.raises(InvariantViolation) as e:
             make()
         errors.append(e.value.to_dict())
@@ -149,7 +149,7 @@ def test_a_words_hooking_loads_walks_step_by_step_and_sees_every_load(vm) -> Non
     assert DelayInjectingWords.tdp_walk is not Words.tdp_walk_stepwise  # decides itself
     task = vm.task(1, words=tw)
     with pytest.raises(InvariantViolation) as e:
-        TdpIter(task, vm.root, 4, GFN, descend_to=1)
+        TdpIter(task, vm.root, GFN, descend_to=1)
     assert tw.fired and e.value.invariant == "use-after-free of page-table page"
     assert e.value.details["table"] == table1
     wp = walk_params(vm.layout)
@@ -177,7 +177,7 @@ def test_step_down_failed_goes_on_like_next(vm) -> None:
             assert out[WO_OLD_SPTE] == SHADOW_NONPRESENT_VALUE
             vm.words.store(parent, child)
             tw.fired = False
-            it = TdpIter(vm.task(1, words=tw), vm.root, 4, GFN, descend_to=1)
+            it = TdpIter(vm.task(1, words=tw), vm.root, GFN, descend_to=1)
         else:
             it = stepped_iter(vm.task(1, words=tw), vm.root, GFN, 1)
         assert tw.fired

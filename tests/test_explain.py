@@ -122,7 +122,7 @@ def test_chrome_trace_has_slices_and_names(caught) -> None:
     procs = [e for e in meta if e["name"] == "process_name"]
     assert len(procs) == 1 and "zap-without-freeze" in procs[0]["args"]["name"]
     threads = {e["tid"]: e["args"]["name"] for e in meta if e["name"] == "thread_name"}
-    assert {"vcpu0", "vcpu1", "zapper2", "invalidator3"} <= set(threads.values())
+    assert {"vcpu0", "vcpu1", "zapper2", "zapper3", "invalidator4"} <= set(threads.values())
     assert {e["pid"] for e in trace} == {procs[0]["pid"]}  # one process: the run
     slices = [e for e in trace if e["ph"] in ("X", "B", "E")]
     faults = {threads[e["tid"]] for e in slices if e["cat"] == "fault"}

@@ -43,7 +43,7 @@ PRIVATE_REGION = 0x2400
 
 
 def level2_entry(vm, gfn: int, root: int | None = None) -> int:
-    it = TdpIter(vm.kvm, root or vm.root, 4, gfn)
+    it = TdpIter(vm.kvm, root or vm.root, gfn)
     while it.level > PG_LEVEL_2M:
         assert it.try_step_down()
     return it.old_spte

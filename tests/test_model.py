@@ -11,8 +11,17 @@ from __future__ import annotations
 import pytest
 
 from stress.arena import Globals, SpMeta
+from stress.atomics import Words
 from stress.model.errors import InvariantViolation
-from stress.model.mmu_page import SP_FREE, SP_LINKED, SP_REMOVED, tdp_mmu_free_sp_rcu_callback
+from stress.model.mmu_page import (
+    SP_FREE,
+    SP_LINKED,
+    SP_REMOVED,
+    tdp_mmu_alloc_sp,
+    tdp_mmu_free_sp,
+    tdp_mmu_free_sp_rcu_callback,
+    tdp_mmu_init_sp,
+)
 from stress.model.spte import (
     FROZEN_SPTE,
     PG_LEVEL_2M,
@@ -22,16 +31,19 @@ from stress.model.spte import (
     make_spte,
     spte_to_pfn,
 )
-from stress.model.tdp_iter import TdpIter
+from stress.model.tdp_iter import TdpIter, walk_params
 from stress.model.tdp_mmu import (
     EBUSY,
     RET_PF_FIXED,
     RET_PF_SPURIOUS,
+    KvmPageFault,
     kvm_mmu_uninit_tdp_mmu,
+    kvm_tdp_mmu_map,
     kvm_tdp_mmu_zap_leafs,
     kvm_tdp_page_fault,
     tdp_mmu_set_spte_atomic,
     tdp_mmu_zap_range_at_level,
+    tdp_mmu_zap_root,
 )
 from stress.oracles.quiescent import quiescent_check, teardown_check
 
@@ -39,7 +51,7 @@ GFN = 0x12345
 
 
 def leaf_of(vm, gfn: int) -> int:
-    it = TdpIter(vm.kvm, vm.root, 4, gfn)
+    it = TdpIter(vm.kvm, vm.root, gfn)
     while it.level > 1 and it.try_step_down():
         pass
     return it.old_spte if it.level == 1 else SHADOW_NONPRESENT_VALUE
@@ -77,7 +89,7 @@ def test_leaf_zap_and_teardown_return_every_page(vm) -> None:
 def test_shared_subtree_zap_freezes_children_and_frees_after_grace_period(vm) -> None:
     kvm, other = vm.kvm, vm.task(1)
     assert kvm_tdp_page_fault(kvm, GFN, write=True) == RET_PF_FIXED
-    leaf_table = TdpIter(kvm, vm.root, 4, GFN)
+    leaf_table = TdpIter(kvm, vm.root, GFN)
     while leaf_table.level > 1:
         assert leaf_table.try_step_down()
     table = leaf_table.pt_path[1]
@@ -105,7 +117,7 @@ def _late_fault_race(vm):
     assert kvm_tdp_page_fault(zapper, GFN + 1, write=False) == RET_PF_FIXED  # build the path
     vcpu.read_lock()
     vcpu.rcu.rcu_read_lock()
-    it = TdpIter(vcpu, vm.root, 4, GFN)
+    it = TdpIter(vcpu, vm.root, GFN)
     while it.level > 1:
         assert it.try_step_down()
     assert it.old_spte == SHADOW_NONPRESENT_VALUE  # snapshot: empty
@@ -144,7 +156,7 @@ def test_walker_in_freed_table_is_caught_without_grace_period(make_vm) -> None:
     assert kvm_tdp_page_fault(zapper, GFN, write=False) == RET_PF_FIXED
     vcpu.read_lock()
     vcpu.rcu.rcu_read_lock()
-    it = TdpIter(vcpu, vm.root, 4, GFN)
+    it = TdpIter(vcpu, vm.root, GFN)
     while it.level > 1:
         assert it.try_step_down()
     zapper.read_lock()
@@ -167,7 +179,7 @@ def test_lockdep_assertions(vm) -> None:
 def test_checker_finds_corruption(vm) -> None:
     kvm = vm.kvm
     assert kvm_tdp_page_fault(kvm, GFN, write=False) == RET_PF_FIXED
-    it = TdpIter(kvm, vm.root, 4, GFN)
+    it = TdpIter(kvm, vm.root, GFN)
     while it.level > 1:
         it.try_step_down()
     vm.words.store(it.sptep, FROZEN_SPTE)
@@ -181,3 +193,61 @@ def test_checker_finds_corruption(vm) -> None:
     leaked = 200
     vm.words.store(vm.layout.sp(leaked, SpMeta.STATE), SP_LINKED)
     assert quiescent_check(kvm).violations[0].invariant == "leaked page-table page"
+
+
+def test_walks_take_the_root_level_from_the_root_role(vm) -> None:
+    """tdp_iter_start takes root->role.level: a 5-level root, in a run whose
+    geometry says 4, is faulted into, walked (step by step and natively) and
+    zapped (tdp_mmu_zap_root's last pass at the root's level) from level 5."""
+    kvm, w, lay = vm.kvm, vm.words, vm.layout
+    assert vm.geometry.root_level == 4
+    root5 = tdp_mmu_alloc_sp(kvm)
+    assert root5 is not None
+    tdp_mmu_init_sp(kvm, root5, 5, 0)
+    w.store(lay.sp(root5, SpMeta.STATE), SP_LINKED)
+    pages = w.load(lay.glob(Globals.TDP_MMU_PAGES))
+    fault = KvmPageFault(gfn=GFN, write=True, pfn=gfn_to_host_pfn(GFN))
+    kvm.read_lock()
+    try:
+        assert kvm_tdp_mmu_map(kvm, root5, fault) == RET_PF_FIXED
+    finally:
+        kvm.read_unlock()
+    assert w.load(lay.glob(Globals.TDP_MMU_PAGES)) == pages + 4  # levels 4, 3, 2, 1
+    it = TdpIter(kvm, root5, GFN)
+    assert it.root_level == it.level == 5 and len(it.pt_path) == 6
+    while it.level > 1 and it.try_step_down():
+        pass
+    assert it.level == 1 and spte_to_pfn(it.old_spte) == gfn_to_host_pfn(GFN)
+    fast = TdpIter(kvm, root5, GFN, descend_to=1)
+    assert (fast.root_level, fast.level, fast.sptep, fast.pt_path) == (5, 1, it.sptep,
+                                                                        it.pt_path)
+    wp = walk_params(lay)
+    assert Words.tdp_walk(w, wp, root5, GFN, 0, 1) == w.tdp_walk_stepwise(wp, root5, GFN, 0, 1)
+    kvm.write_lock()
+    try:
+        tdp_mmu_zap_root(kvm, root5, shared=False)
+    finally:
+        kvm.write_unlock()
+    kvm.rcu.reclaim(lambda p: tdp_mmu_free_sp_rcu_callback(kvm, p))
+    assert not kvm.rcu.pending and w.load(lay.glob(Globals.TDP_MMU_PAGES)) == pages
+    assert all(w.load(lay.sp(t, SpMeta.STATE)) == SP_FREE for t in it.pt_path[1:5])
+    tdp_mmu_free_sp(kvm, root5)
+    assert not quiescent_check(kvm).violations
+
+
+def test_a_root_of_no_valid_level_is_not_walked(vm) -> None:
+    """tdp_iter_start's WARN_ON_ONCE: a root level outside 1..5, no walk."""
+    kvm, w, lay = vm.kvm, vm.words, vm.layout
+    role = w.load(lay.sp(vm.root, SpMeta.ROLE))
+    w.store(lay.sp(vm.root, SpMeta.ROLE), role & ~0xF | 7)
+    for it in (TdpIter(kvm, vm.root, GFN), TdpIter(kvm, vm.root, GFN, descend_to=1)):
+        assert not it.valid and not it.in_range(GFN + 1)
+    assert kvm.stats["warn:tdp_iter_start: root level out of range"] == 2
+    w.store(lay.sp(vm.root, SpMeta.ROLE), role)
+    # a freed root reads so too (its role was cleared): the read is a use-after-free
+    freed = tdp_mmu_alloc_sp(kvm)
+    tdp_mmu_free_sp(kvm, freed)
+    for descend in (0, 1):
+        with pytest.raises(InvariantViolation) as e:
+            TdpIter(kvm, freed, GFN, descend_to=descend)
+        assert e.value.invariant == "use-after-free of page-table page"

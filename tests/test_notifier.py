@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stress.arena import Globals
+from stress.arena import Control, Globals
+from stress.atomics import Words
 from stress.model import notifier as n
 from stress.model.errors import InvariantViolation
 from stress.model.host import host_page_gen
@@ -45,8 +46,10 @@ def _invalidate_during_pfn_lookup(vm):
     return vm.task(0, words=vm.trigger_words(gens_word, invalidate, on="load")), notifier
 
 
-def test_fault_retries_after_a_racing_invalidation(vm) -> None:
-    vcpu, notifier = _invalidate_during_pfn_lookup(vm)
+@pytest.mark.parametrize("race", ["during the pfn lookup", "after the unlocked check"])
+def test_fault_retries_after_a_racing_invalidation(vm, race: str) -> None:
+    vcpu, notifier = (_invalidate_during_pfn_lookup if race == "during the pfn lookup"
+                      else _invalidate_after_the_unlocked_check)(vm)
     vcpu.vcpu = vm.kvm.vcpu
     gen = host_page_gen(vm.kvm, GFN)
     assert kvm_tdp_page_fault(vcpu, GFN, write=True) == RET_PF_RETRY  # seq moved on
@@ -58,10 +61,35 @@ def test_fault_retries_after_a_racing_invalidation(vm) -> None:
     notifier.write_unlock()
 
 
+def _invalidate_after_the_unlocked_check(vm):
+    """The vCPU's fault passes mmu_invalidate_retry_gfn_unsafe (its second load of
+    mmu_invalidate_seq, the snapshot being the first); right then, before it
+    takes mmu_lock, the notifier invalidates the page: only the locked check can
+    see it now."""
+    notifier = vm.task(1)
+    seq_i = vm.layout.glob(Globals.MMU_INVALIDATE_SEQ)
+    loads = []
+
+    class SecondSeqLoad(Words):
+        def load(self, i: int) -> int:
+            v = super().load(i)
+            if i == seq_i:
+                loads.append(v)
+                if len(loads) == 2:
+                    n.mmu_notifier_invalidate_range(notifier, GFN, GFN + 1)
+            return v
+
+    w = SecondSeqLoad(vm.arena.shm.buf, vm.layout.ctl(Control.ABORT))
+    vm.extra_words.append(w)
+    return vm.task(0, words=w), notifier
+
+
 @pytest.mark.parametrize("variant", ["seq-snapshot-after-pfn", "fault-skips-retry-check"])
 def test_broken_fault_side_maps_a_freed_page(make_vm, variant: str) -> None:
     vm = make_vm(variant=variant)
-    vcpu, notifier = _invalidate_during_pfn_lookup(vm)
+    race = (_invalidate_during_pfn_lookup if variant == "seq-snapshot-after-pfn"
+            else _invalidate_after_the_unlocked_check)
+    vcpu, notifier = race(vm)
     vcpu.vcpu = vm.kvm.vcpu
     assert kvm_tdp_page_fault(vcpu, GFN, write=True) == RET_PF_FIXED  # no retry: stale
     v = quiescent_check(vm.kvm).violations[0]

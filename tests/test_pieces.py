@@ -22,6 +22,7 @@ from stress.model.roots import (
     kvm_tdp_mmu_invalidate_roots,
     tdp_mmu_root_match,
 )
+from stress.model.sched import set_tsk_need_resched
 from stress.model.spte import SHADOW_NONPRESENT_VALUE, is_shadow_present_pte
 from stress.model.tdp_iter import TdpIter
 from stress.model.tdp_mmu import (
@@ -62,7 +63,7 @@ def variant_of() -> Iterator[VariantOf]:
 
 
 def _leaf(kvm: Kvm, root: int, gfn: int) -> int:
-    it = TdpIter(kvm, root, kvm.geometry.root_level, gfn)
+    it = TdpIter(kvm, root, gfn)
     while it.level > 1 and it.try_step_down():
         pass
     return it.old_spte if it.level == 1 else SHADOW_NONPRESENT_VALUE
@@ -159,12 +160,14 @@ def test_zap_without_flush_is_caught(make_vm: MakeVm, variant_of: VariantOf) -> 
 # -- iter_cond_resched: the yield -----------------------------------------------------
 
 def _eight_cached_leaves(vm: Vm) -> Kvm:
-    """vCPU 0 maps and caches G..G+7; returns a zapper that yields every 2nd step."""
+    """vCPU 0 maps and caches G..G+7; returns a zapper due to reschedule
+    (TIF_NEED_RESCHED set): it yields at its first step past the start, G+1,
+    with G zapped and its flush pending."""
     for g in range(G, G + 8):
         assert kvm_tdp_page_fault(vm.kvm, g, write=True) == RET_PF_FIXED
         assert x86.guest_access(vm.kvm, g, write=False)
     zapper = vm.task(1)
-    zapper.resched_every = zapper.resched_countdown = 2
+    set_tsk_need_resched(zapper)
     return zapper
 
 

@@ -87,9 +87,9 @@ def test_schedule_config_errors_name_the_key() -> None:
         config_mod.load(None, {"schedule": {"switches": [[0, 1, 2]]}})
     with pytest.raises(ConfigError, match="schedule.mode"):
         config_mod.load(None, {"schedule": {"mode": "fair"}})
-    with pytest.raises(ConfigError, match="schedule.max_ops: 2 caps for 6 workers"):
+    with pytest.raises(ConfigError, match="schedule.max_ops: 2 caps for 7 workers"):
         config_mod.load(None, {"schedule": {"max_ops": [1, 2]}})
-    with pytest.raises(ConfigError, match="beyond the 6 configured"):
+    with pytest.raises(ConfigError, match="beyond the 7 configured"):
         config_mod.load(None, {"schedule": {"switches": [[0, 1, 2, 9]]}})
 
 

@@ -61,7 +61,7 @@ def sept_leaf(vm, gfn: int) -> int:
 
 
 def mirror_sptep(vm, gfn: int, level: int = 1) -> int:
-    it = TdpIter(vm.kvm, vm.mirror_root, 4, gfn)
+    it = TdpIter(vm.kvm, vm.mirror_root, gfn)
     while it.level > level:
         assert it.try_step_down()
     return it.sptep

@@ -47,6 +47,7 @@ from stress.model.roots import (
     for_each_tdp_mmu_root_yield_safe,
     kvm_mmu_unload,
 )
+from stress.model.sched import cond_resched, sched_start_op
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.td import (
     EXIT_FASTPATH_EXIT_HANDLED,
@@ -176,7 +177,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
     kvm = oracles.attach(Kvm(words, layout, geometry, variant, me, rng),
                          params=cfg.liveness.params(cfg.schedule))
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
-    kvm.resched_every = kvm.resched_countdown = cfg.invalidator.yield_every
+    kvm.timeslice_ns = int(cfg.sched.timeslice * 1e9)
     kvm.race_window_ns = int(cfg.inject.race_window * 1e9)
     kvm.huge_pages = cfg.guest.huge_pages > 0
     if cfg.pool.alias_tables:
@@ -195,7 +196,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
 
 def worker_roles(cfg: Config) -> list[str]:
     """The role of every worker slot, in slot order (the supervisor's order)."""
-    return [role for role, n in cfg.workers.items() for _ in range(n)]
+    return cfg.worker_roles()
 
 
 def initial_image_gfns(cfg: Config, kvm: Kvm) -> list[int]:
@@ -308,7 +309,9 @@ class VcpuRole(Role):
         exec_ = not write and self.rng.random() < vc.exec_fraction
         retries = 0
         while (r := kvm_tdp_page_fault(kvm, gfn, write, exec_)) == RET_PF_RETRY:
-            kvm.w.relax()  # the guest re-executes the access; others run meanwhile
+            # the guest re-executes the access: on the way in, vcpu_enter_guest
+            # schedules if need_resched(); others run meanwhile
+            cond_resched(kvm)
             retries += 1
             kvm.hooks.retry(kvm, "kvm_tdp_page_fault", gfn)
         if r == RET_PF_EMULATE:
@@ -567,6 +570,8 @@ class ZapperRole(Role):
 
     def step(self) -> None:
         self.rng.choices(self.ops, self.weights)[0]()
+        if self.cfg.zapper.interval:
+            self.kvm.w.pause(self.cfg.zapper.interval * (0.5 + self.rng.random()))
 
     def _range(self) -> tuple[int, int]:
         start = self.pick_gfn()
@@ -657,7 +662,7 @@ class Worker:
     def __init__(self, index: int, role: str, cfg: Config, arena: Arena,
                  conn: Connection) -> None:
         self.index = index
-        self.cfg = cfg
+        self.cfg = cfg = cfg.worker_config(index)  # its role's section: its own op mix
         self.layout: Layout = arena.layout
         self.conn = conn
         lay = self.layout
@@ -793,6 +798,7 @@ class Worker:
             if not any(first <= k <= last for first, last in skip):
                 turns.begin_op(k)
                 rng.seed(self.op_seed(k))
+                sched_start_op(kvm, self.op_seed(k))
                 step()
                 kvm.stats["ops"] += 1
                 kvm.hooks.op_end(kvm)

@@ -208,10 +208,15 @@ class Kvm:
         self.shadowed: dict[int, int] = {}
         # bug variants: targeted delay between the halves of a split atomic step
         self.race_window_ns = 0
-        # tdp_mmu_iter_cond_resched: need_resched() comes true every resched_every
-        # calls (or at once when a writer waits for mmu_lock)
-        self.resched_every = 64
-        self.resched_countdown = 64
+        # need_resched() (sched.py): this task's TIF_NEED_RESCHED, its mean
+        # timeslice ([sched] timeslice; 0: the tick never sets the flag), the
+        # current slice (its start on the task clock, its length) and the RNG
+        # the slices are drawn from
+        self.tif_need_resched = False
+        self.timeslice_ns = 0
+        self.slice_start = -1
+        self.slice_ns = 0.0
+        self.sched_rng = random.Random(f"sched:{me}")
         self.alloc_cursor = (me * 7919) % max(1, layout.bitmap_words)
         # pool.alias_tables: pages [0, 64 * alias_floor_words) are frames over
         # top of guest memory, taken only by the level-1 table of the 2M region
@@ -249,6 +254,9 @@ class Kvm:
         self.w.write_unlock(self._mmu_lock_i, self._mmu_lock_owner_i)
 
     def rwlock_needbreak(self) -> bool:
+        """rwlock_needbreak(&kvm->mmu_lock): another task waits for mmu_lock, in
+        either mode (a waiting writer, or any task queued for it: qrwlock's
+        queued_rwlock_is_contended, see native/atomics.c)."""
         return self.w.rwlock_contended(self._mmu_lock_i)
 
     def lockdep_assert_held_read(self) -> None:

@@ -47,7 +47,7 @@ from stress.arena import Globals, SpMeta
 from stress.atomics import LockAborted
 from stress.model import events
 from stress.model.kvm import Kvm
-from stress.model.mmu_page import ROLE_MIRROR, external_spt
+from stress.model.mmu_page import ROLE_MIRROR, external_spt, role_level
 from stress.model.spte import (
     FROZEN_SPTE,
     describe,
@@ -136,7 +136,7 @@ def mirror_entry_now(kvm: Kvm, gfn: int, level: int) -> str:
     """The mirror SPTE for (gfn, level) as it reads now (for reports only)."""
     w, lay = kvm.w, kvm.layout
     table = w.load(lay.glob(Globals.MIRROR_ROOT))
-    for lvl in range(kvm.geometry.root_level, level - 1, -1):
+    for lvl in range(role_level(w.load(lay.sp(table, SpMeta.ROLE))), level - 1, -1):
         spte = w.load(lay.spt(table) + ((gfn >> (9 * (lvl - 1))) & 511))
         if lvl == level:
             return describe(spte)

@@ -29,7 +29,6 @@ VM's life.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 from stress.arena import MAX_ROOTS, Globals, SpMeta
@@ -357,8 +356,3 @@ def kvm_tdp_mmu_invalidate_roots(kvm: Kvm, types: int) -> int:
         kvm.w.fetch_or(lay.sp(root, SpMeta.ROLE), ROLE_INVALID)
         n += 1
     return n
-
-
-def tdp_mmu_yield(kvm: Kvm) -> None:
-    """cond_resched_rwlock_{read,write}: let other tasks run."""
-    os.sched_yield()

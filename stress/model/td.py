@@ -44,6 +44,7 @@ from stress.model.mirror import (
     td_state,
 )
 from stress.model.notifier import kvm_vm_set_mem_attributes
+from stress.model.sched import cond_resched
 from stress.model.tdp_mmu import RET_PF_EXIT, RET_PF_RETRY, kvm_tdp_page_fault
 from stress.model.tdx import (
     CALLER_NAMES,
@@ -212,7 +213,7 @@ def tdx_handle_ept_violation(kvm: Kvm, gfn: int, write: bool, how: int) -> int:
         if vm_dead(kvm):
             ret = -EIO
             break
-        kvm.w.relax()  # cond_resched()
+        cond_resched(kvm)
     return ret
 
 
@@ -362,7 +363,7 @@ def kvm_tdp_map_page(kvm: Kvm, gfn: int, addr_direct: bool, private: bool) -> in
             return 0 if r != RET_PF_EXIT else -14  # -EFAULT: KVM_EXIT_MEMORY_FAULT
         kvm.stats["prefault_retries"] += 1
         kvm.hooks.retry(kvm, "kvm_tdp_map_page", gfn)
-        kvm.w.relax()  # cond_resched()
+        cond_resched(kvm)
 
 
 def kvm_arch_vcpu_pre_fault_memory(kvm: Kvm, start: int, end: int) -> int:

@@ -44,6 +44,8 @@ from functools import lru_cache
 
 from stress.arena import SP_META_WORDS, WORDS_PER_PAGE, Layout, SpMeta
 from stress.atomics import (
+    MAX_ROOT_LEVEL,
+    WALK_BAD_ROOT,
     WALK_CHILD_MISMATCH,
     WALK_CHILD_OUTSIDE_POOL,
     WALK_DONE,
@@ -103,22 +105,23 @@ class TdpIter:
                  "pt_path", "gens", "sptep", "old_spte", "valid", "yielded", "mirror",
                  "fault_private", "yielded_gfn", "gfn_bits")
 
-    def __init__(self, kvm: Kvm, root: int, root_level: int, start: int,
-                 min_level: int = 1, fault_private: bool | None = None,
-                 descend_to: int = 0, gfn_bits: int | None = None) -> None:
+    def __init__(self, kvm: Kvm, root: int, start: int, *, min_level: int = 1,
+                 fault_private: bool | None = None, descend_to: int = 0,
+                 gfn_bits: int | None = None) -> None:
         """tdp_iter_start: position on the root entry covering ``start``.
 
-        ``mirror`` is the root's role (every child inherits it); ``fault_private``
-        is set only on a fault's walk (fault->is_private).  With ``descend_to``,
-        go on down as ``next()`` would while the entry is a present non-leaf
-        above that level (see the module's note: one Words.tdp_walk).
-        ``gfn_bits``: default the root's (kvm_gfn_root_bits, as
+        The walk's top level is the root's own ``role.level`` (its SpMeta ROLE
+        word), as tdp_iter_start takes ``root->role.level``, not the run's
+        geometry.  ``mirror`` is the root's role (every child inherits it);
+        ``fault_private`` is set only on a fault's walk (fault->is_private).  With
+        ``descend_to``, go on down as ``next()`` would while the entry is a
+        present non-leaf above that level (see the module's note: one
+        Words.tdp_walk).  ``gfn_bits``: default the root's (kvm_gfn_root_bits, as
         for_each_tdp_pte_min_level passes them); 0 for a walk of the root's whole
         range as its tables see it (for_each_tdp_pte_min_level_all).
         """
         self.kvm = kvm
         self.fault_private = fault_private
-        self.root_level = root_level
         self.min_level = min_level
         self.next_last_level_gfn = start
         self.valid = True
@@ -126,25 +129,45 @@ class TdpIter:
         if bits and start >= bits:  # tdp_iter_start's WARN_ON_ONCE: an aliased gfn
             kvm.warn("tdp_iter_start with an aliased gfn")
             self.valid = False
-            self.level, self.gfn, self.sptep = root_level, start, 0
+            self.level = self.root_level = role_level(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)))
+            self.gfn, self.sptep = start, 0
             self.old_spte, self.yielded, self.yielded_gfn = SHADOW_NONPRESENT_VALUE, False, start
             self.mirror = False
             return
         if descend_to:
             self._walk(root, descend_to if descend_to > min_level else min_level)
             return
-        self.mirror = bool(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & ROLE_MIRROR)
-        self.pt_path = [0] * (root_level + 1)
-        self.gens = [0] * (root_level + 1)
-        self.pt_path[root_level] = root
-        self.gens[root_level] = kvm.w.load(kvm.layout.sp(root, SpMeta.GEN))
+        role = kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE))
+        self.mirror = bool(role & ROLE_MIRROR)
+        self.root_level = rl = role_level(role)
+        if not 1 <= rl <= MAX_ROOT_LEVEL:
+            self._bad_root(root, rl)
+            return
+        self.pt_path = [0] * (rl + 1)
+        self.gens = [0] * (rl + 1)
+        self.pt_path[rl] = root
+        self.gens[rl] = kvm.w.load(kvm.layout.sp(root, SpMeta.GEN))
         self.restart()
+
+    def _bad_root(self, root: int, level: int) -> None:
+        """tdp_iter_start's WARN_ON_ONCE(root->role.level out of range): no walk.
+        A freed root reads so (its role was cleared): KASAN's report of the read."""
+        kvm = self.kvm
+        if kvm.w.load(kvm.layout.sp(root, SpMeta.STATE)) == SP_FREE:
+            kvm.hooks.kasan_report(kvm, "poison", table=root, level=level,
+                                   gfn=self.next_last_level_gfn, walker="kvm")
+        kvm.warn("tdp_iter_start: root level out of range")
+        self.valid = False
+        self.level = self.root_level = level
+        self.gfn = self.yielded_gfn = self.next_last_level_gfn
+        self.yielded = False
+        self.sptep = self.old_spte = 0
+        self.pt_path, self.gens = [root], [0]
 
     def _walk(self, root: int, stop_level: int) -> None:
         """tdp_iter_start + try_step_down until ``stop_level`` or an entry that is not
-        a present non-leaf, in one Words.tdp_walk; a failed check raises the
-        same violation as read_spte / try_step_down."""
-        rl = self.root_level
+        a present non-leaf, in one Words.tdp_walk (from the root's role.level); a
+        failed check raises the same violation as read_spte / try_step_down."""
         start = self.next_last_level_gfn
         if not self.kvm.rcu.nesting and self.kvm.lock_mode:  # rcu_dereference of the root
             self.kvm.bug("lockdep", "suspicious RCU usage: a walk outside rcu_read_lock()",
@@ -152,8 +175,12 @@ class TdpIter:
         wp = self.kvm.walk_params
         if wp is None:
             wp = self.kvm.walk_params = walk_params(self.kvm.layout)
-        o = self.kvm.w.tdp_walk(wp, root, start | self.gfn_bits, rl, stop_level)
+        o = self.kvm.w.tdp_walk(wp, root, start | self.gfn_bits, 0, stop_level)
         self.mirror = bool(o[WO_ROOT_ROLE] & ROLE_MIRROR)
+        self.root_level = rl = role_level(o[WO_ROOT_ROLE])
+        if o[WO_STATUS] == WALK_BAD_ROOT:
+            self._bad_root(root, rl)
+            return
         self.pt_path = o[WO_PT:WO_PT + rl + 1]
         self.gens = o[WO_GEN:WO_GEN + rl + 1]
         self.level = level = o[WO_LEVEL]

@@ -63,7 +63,7 @@ from stress.model.roots import (
     root_xchg_invalid,
     tdp_mmu_free_root,
 )
-from stress.model.roots import tdp_mmu_yield as _yield
+from stress.model.sched import cond_resched_rwlock_read, cond_resched_rwlock_write, need_resched
 from stress.model.spte import (
     FROZEN_SPTE,
     KVM_PAGES_PER_HPAGE,
@@ -87,10 +87,6 @@ from stress.model.spte import (
 from stress.model.tdp_iter import TdpIter
 from stress.model.tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_make_all_cpus_request
 from stress.model.unsync import mmu_try_to_unsync_pages
-
-
-def tdp_mmu_yield(kvm: Kvm) -> None:
-    _yield(kvm)
 
 EBUSY = 16
 
@@ -479,7 +475,7 @@ def kvm_tdp_mmu_map(kvm: Kvm, root: int, fault: KvmPageFault) -> int:
     kvm.rcu.rcu_read_lock()
     try:
         # straight down to the first entry the loop below acts on (one tdp_walk)
-        it = TdpIter(kvm, root, kvm.geometry.root_level, fault.gfn,
+        it = TdpIter(kvm, root, fault.gfn,
                      fault_private=fault.is_private, descend_to=fault.goal_level)
         end = fault.gfn + 1
         while it.in_range(end):
@@ -574,6 +570,10 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
     direct root (kvm_is_addr_direct), whose walk ORs it back in
     (kvm_gfn_root_bits).  ``addr_direct`` overrides the bit's verdict; a gpa
     without it and no ``addr_direct`` means the guest's current view of the gfn.
+
+    A fault to be retried leaves RCU's read side first: the task's callbacks
+    due by then run (softirq), so a vCPU retrying for lack of memory does not
+    sit on the very tables it freed.
     """
     bits = kvm_gfn_direct_bits(kvm)
     if gfn & bits:
@@ -583,6 +583,8 @@ def kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool = False,
     kvm.w.trace(events.FAULT_BEGIN, gfn, int(write))
     r = _kvm_tdp_page_fault(kvm, gfn, write, exec_, addr_direct, private, prefetch)
     kvm.w.trace(events.FAULT_END, gfn, r)
+    if r == RET_PF_RETRY:
+        rcu_do_batch(kvm)
     return r
 
 
@@ -609,6 +611,10 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
     if is_private != kvm_mem_is_private(kvm, gfn):
         kvm.stats["memory_fault_exits"] += 1
         return RET_PF_EXIT
+    if mmu_invalidate_retry_gfn_unsafe(kvm, mmu_seq, gfn):
+        # an invalidation covers the gfn: retry without contending mmu_lock
+        kvm.stats["retry_invalidate_unlocked"] += 1
+        return RET_PF_RETRY
     fault = KvmPageFault(gfn=gfn, write=write or is_private, pfn=pfn, is_private=is_private,
                          max_level=max_level, exec=exec_, addr_direct=addr_direct)
     root = tdp_mmu_get_root_for_fault(kvm, fault)
@@ -623,6 +629,22 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
         return kvm_tdp_mmu_map(kvm, root, fault)
     finally:
         kvm.read_unlock()
+
+
+def mmu_invalidate_retry_gfn_unsafe(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
+    """kvm_host.h's mmu_invalidate_retry_gfn without mmu_lock, as
+    kvm_mmu_faultin_pfn calls it before taking the lock ("KVM: x86/mmu: Retry
+    fault before acquiring mmu_lock if mapping is changing", Sean
+    Christopherson, 2023): a fault that is sure to retry does not queue for
+    mmu_lock, where it would make the invalidation's zap yield to it
+    (rwlock_needbreak) and only delay the invalidation it waits for.  Not the
+    check that gates the install: that one is the locked fault_retry_check."""
+    w, g = kvm.w, kvm.layout.globals
+    if w.load(g + Globals.MMU_INVALIDATE_IN_PROGRESS):
+        if (w.load(g + Globals.MMU_INVALIDATE_RANGE_START) <= gfn
+                < w.load(g + Globals.MMU_INVALIDATE_RANGE_END)):
+            return True
+    return w.load(g + Globals.MMU_INVALIDATE_SEQ) != mmu_seq
 
 
 def faultin_invalid_slot_eagain(kvm: Kvm, prefetch: bool) -> int:
@@ -677,7 +699,7 @@ def _zap_present_leafs(kvm: Kvm, root: int, start: int, end: int,
     n = 0
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+        it = TdpIter(kvm, root, start, min_level=PG_LEVEL_4K)
         while it.in_range(end):
             if is_shadow_present_pte(it.old_spte) and is_last_spte(it.old_spte, it.level):
                 if zap_one(it):
@@ -705,7 +727,7 @@ def tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int, can_yield: bool
     n = 0
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+        it = TdpIter(kvm, root, start, min_level=PG_LEVEL_4K)
         while it.in_range(end):
             if can_yield and kvm.variant.iter_cond_resched(kvm, it, False, flush):
                 flush = False
@@ -787,7 +809,7 @@ def kvm_tdp_mmu_clear_dirty_range(kvm: Kvm, start: int, end: int) -> int:
     for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_DIRECT_ROOTS):
         kvm.rcu.rcu_read_lock()
         try:
-            it = TdpIter(kvm, root, kvm.geometry.root_level, start, PG_LEVEL_4K)
+            it = TdpIter(kvm, root, start, min_level=PG_LEVEL_4K)
             while it.in_range(end):
                 old = it.old_spte
                 if (is_shadow_present_pte(old) and is_last_spte(old, it.level)
@@ -859,37 +881,37 @@ def tdp_mmu_zap_leafs_atomic(kvm: Kvm, root: int, start: int, end: int) -> int:
     return n
 
 
+def tdp_mmu_iter_need_resched(kvm: Kvm, it: TdpIter) -> bool:
+    """Time to yield: this task should reschedule or another waits for mmu_lock,
+    and the walk made forward progress since its last yield (no livelock)."""
+    if not need_resched(kvm) and not kvm.rwlock_needbreak():
+        return False
+    # Ensure forward progress has been made before yielding.
+    return it.next_last_level_gfn != it.yielded_gfn
+
+
 def tdp_mmu_iter_cond_resched(kvm: Kvm, it: TdpIter, shared: bool, flush: bool = False) -> bool:
-    """Yield mmu_lock (and RCU) if someone waits for it or it is time to, but only
-    after forward progress since the last yield (no livelock).  A pending TLB
-    flush is serviced first, before RCU is dropped (zapped tables may be freed
-    once we leave the read-side section) and before mmu_lock is (another task
-    may free a page this task unmapped).  The caller must then restart its walk
-    from the root (the tree may have changed completely) and clear its flush.
+    """Yield mmu_lock (and RCU) if tdp_mmu_iter_need_resched says so.  A pending
+    TLB flush is serviced first, before RCU is dropped (zapped tables may be
+    freed once we leave the read-side section) and before mmu_lock is (another
+    task may free a page this task unmapped).  The caller must then restart its
+    walk from the root (the tree may have changed completely) and clear its
+    flush.  As the kernel's (arch/x86/kvm/mmu/tdp_mmu.c, read at kvm-x86/linux
+    2d181d84af38, with David Matlack's tdp_mmu_iter_need_resched of 2024):
+    cond_resched_rwlock_{read,write} decide again whether to drop the lock, the
+    walk restarts either way.
     The fixed ``iter_cond_resched`` piece: callers go through ``kvm.variant``."""
-    if it.next_last_level_gfn == it.yielded_gfn:
+    if not tdp_mmu_iter_need_resched(kvm, it):
         return False
-    kvm.resched_countdown -= 1
-    if kvm.resched_countdown > 0 and not kvm.rwlock_needbreak():
-        return False
-    kvm.resched_countdown = kvm.resched_every
     if flush:
         tlb.kvm_flush_remote_tlbs(kvm)
     kvm.hooks.mmu_lock_yield(kvm)
     kvm.rcu.rcu_read_unlock()
-    if shared:
-        kvm.read_unlock()
-    else:
-        kvm.write_unlock()
     rcu_do_batch(kvm)
-    tdp_mmu_yield(kvm)
-    if shared:
-        kvm.read_lock()
-    else:
-        kvm.write_lock()
+    if cond_resched_rwlock_read(kvm) if shared else cond_resched_rwlock_write(kvm):
+        kvm.stats["yields"] += 1
     kvm.rcu.rcu_read_lock()
     it.yielded = True
-    kvm.stats["yields"] += 1
     return True
 
 
@@ -934,7 +956,7 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
     flush = False
     kvm.rcu.rcu_read_lock()
     try:
-        it = TdpIter(kvm, root, kvm.geometry.root_level, start, zap_level, gfn_bits=gfn_bits)
+        it = TdpIter(kvm, root, start, min_level=zap_level, gfn_bits=gfn_bits)
         while it.in_range(end):
             if may_yield and kvm.variant.iter_cond_resched(kvm, it, shared, flush):
                 flush = False
@@ -1089,7 +1111,7 @@ def tdp_mmu_zap_root(kvm: Kvm, root: int, shared: bool) -> None:
     whatever its gfn bits (__tdp_mmu_zap_root's for_each_tdp_pte_min_level_all:
     gfn_bits 0, [0, tdp_mmu_max_gfn_exclusive()))."""
     kvm.hooks.root_zap(kvm, root)
-    top = kvm.geometry.root_level
+    top = role_level(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)))  # root->role.level
     end = KVM_PAGES_PER_HPAGE(top + 1)
     for level in (PG_LEVEL_4K, top):
         # no TLB flush: the root is invalid and every vCPU was made to drop it

@@ -170,6 +170,9 @@ def _walk_and_fill(kvm: Kvm, root: int, gfn: int, write: bool, e: int) -> bool |
     guest's address is the shared one on a TD (gfn | the shared bit): the CPU
     walks the shared EPT there, in the direct root's upper half."""
     w, lay = kvm.w, kvm.layout
+    # the EPTP's page-walk length: the vCPU's mmu->root_role.level, which
+    # kvm_mmu_load gave load_mmu_pgd (the run's geometry), not the root page's
+    # metadata, which the CPU never reads
     level = kvm.geometry.root_level
     gpa_gfn = gfn | kvm_gfn_direct_bits(kvm)
     pt = root

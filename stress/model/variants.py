@@ -212,8 +212,9 @@ STALE_TLB = "stale-tlb-entry-after-free"
 GUEST_UAF = "guest access to freed page"
 # a root freed while a task still uses it: usually the refcount or the walker's
 # poison check fires first; now and then the freed page, reused as a table,
-# takes an SPTE or a SEAMCALL first
-ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE)
+# takes an SPTE or a SEAMCALL first, or a zap of the reused page misses a leaf
+ZAP_LEFT = "zap left a present leaf"
+ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE, ZAP_LEFT)
 # a fault that maps a pfn an invalidation has just taken away
 INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT)
 

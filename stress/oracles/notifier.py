@@ -28,7 +28,7 @@ def range_maps_current_pages(kvm: Kvm, start: int, end: int) -> None:
     for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_ALL_ROOTS):
         kvm.rcu.rcu_read_lock()
         try:
-            it = TdpIter(kvm, root, kvm.geometry.root_level, start)
+            it = TdpIter(kvm, root, start)
             while it.in_range(end):
                 v = it.old_spte
                 if is_shadow_present_pte(v) and is_last_spte(v, it.level):

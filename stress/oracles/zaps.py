@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from stress.arena import WORDS_PER_PAGE, Globals, Slot, SpMeta
+from stress.arena import WORDS_PER_PAGE, Globals, Slot
 from stress.model.kvm import Kvm
 from stress.model.roots import listed_roots, tdp_mmu_root_match
 from stress.model.spte import SPTE_MMU_PRESENT_MASK, describe, is_last_spte, is_shadow_present_pte
@@ -109,8 +109,7 @@ def nothing_left_in_range(kvm: Kvm, roots: list[int] | None, types: int, start: 
             todo = [r for r in listed_roots(kvm)
                     if r in began and tok == token and tdp_mmu_root_match(kvm, r, types)]
         for root in todo:
-            level = kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)) & 0xF
-            it = TdpIter(kvm, root, level, start)
+            it = TdpIter(kvm, root, start)
             while it.in_range(end):
                 v = it.old_spte
                 if is_shadow_present_pte(v) and is_last_spte(v, it.level):

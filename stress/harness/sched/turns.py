@@ -137,6 +137,7 @@ class Turns:
         self.holding = False
         self.exited = False
         self.switches = 0
+        self.ran = 0  # this worker's own points: its task clock (Words.task_clock_ns)
         self.abort_hook: object = None  # set by ScheduledWords: stop tracing on abort
 
     # -- positions -------------------------------------------------------------
@@ -183,6 +184,7 @@ class Turns:
     def _advance(self) -> None:
         self.step += 1
         self.acc += 1
+        self.ran += 1
         if self.step > self.cap:
             lib.ts_store(self.base, self.region + Sched.EXHAUSTED, self.me + 1)
             lib.ts_store(self.base, self.abort_i, 1)
