@@ -309,7 +309,7 @@ def test_user_variant_file(tmp_path: Path) -> None:
 def test_td_job_counts_busy_by_the_pair_that_collided(tmp_path: Path) -> None:
     """On a TD the TDX module's callers are KVM tasks, TDH.VP.ENTER and the guest's
     TDCALLs, all real processes; results.json says who made whom BUSY."""
-    r = run_cli("run", str(ROOT / "configs" / "tdx-busy.toml"), "--duration", "6s",
+    r = run_cli("run", str(ROOT / "configs" / "tdx-busy.toml"), "--duration", "10s",
                 "--out", str(tmp_path), "-q", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     tdx = json.loads((tmp_path / "latest" / "results.json").read_text())["tdx"]
