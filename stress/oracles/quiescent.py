@@ -189,7 +189,7 @@ def _walk_root(kvm: Kvm, root: int, states: list[int], reachable: dict[int, tupl
     root_role = w.load(lay.sp(root, SpMeta.ROLE))
     root_bits = kvm_gfn_root_bits(kvm, root)
     # gfns as the tables see them: a TD's direct root has the shared bit in them
-    stack = [(root, kvm.geometry.root_level, 0, None)]
+    stack = [(root, role_level(root_role), 0, None)]  # the root's own role.level
     while stack:
         page, level, base, parent = stack.pop()
         if page in reachable:
@@ -324,7 +324,7 @@ def _check_mirror(kvm: Kvm, mirror_root: int, sept_reachable: set[int],
         rep.fail("mirror/S-EPT divergence", "the mirror root's external_spt is not the "
                  "S-EPT root", mirror_root=mirror_root, sept_root=sept_root)
         return
-    stack = [(mirror_root, sept_root, kvm.geometry.root_level, 0)]
+    stack = [(mirror_root, sept_root, role_level(w.load(lay.sp(mirror_root, SpMeta.ROLE))), 0)]
     while stack:
         mpage, spage, level, base = stack.pop()
         sept_reachable.add(spage)
