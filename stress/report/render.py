@@ -37,7 +37,7 @@ from stress.model.spte import (
 
 DEFAULT_WIDTH = 160
 GUTTER = 11  # "+12345.6us "
-MIN_COLUMN = 30
+MIN_COLUMN = 14  # narrower columns than this wrap every word: the line grows past width
 
 # detail keys whose integers are addresses or ids, shown in hex
 _HEX_KEYS = re.compile(r"gfn|pfn|spte|table|root|page|start|end|shadow|sp\b|addr|status")
@@ -140,7 +140,8 @@ def _name(e: dict[str, Any]) -> str:
 
 def timeline(events: list[dict[str, Any]], last: int = 40, width: int = 0) -> str:
     """The last ``last`` events, one column per worker, ``width`` characters
-    wide in all (default 160); long events wrap within their column."""
+    wide in all (default 160; more only when the workers do not fit in
+    MIN_COLUMN each); long events wrap within their column."""
     evs = events[-last:] if last else list(events)
     if not evs:
         return "(no events)"
