@@ -12,10 +12,9 @@ from typing import Any
 from stress.arena import WORDS_PER_PAGE, SpMeta
 from stress.model.host import host_pfn
 from stress.model.kvm import Kvm
-from stress.model.mmu_page import removed_entry_details
 from stress.model.spte import SPTE_MMU_PRESENT_MASK
 from stress.oracles.base import oracle
-from stress.oracles.provenance import provenance
+from stress.oracles.provenance import removed_entry_facts
 
 _UAF_TEXT = {
     ("poison", "kvm"): "a walker read a page-table page that was already freed (poisoned)",
@@ -56,8 +55,7 @@ def nothing_installed_in_removed_table(kvm: Kvm, page: int) -> None:
                 "a removed table still holds a present entry when its RCU callback runs "
                 "(written after handle_removed_pt unlinked the table, or never cleared by "
                 "it): the mapping is leaked and invisible to zaps",
-                **removed_entry_details(kvm, page, i),
-                **provenance(kvm, lay.spt(page) + i, removed_entry_details(kvm, page, i)["level"]))
+                **removed_entry_facts(kvm, page, i))
 
 
 @oracle("guest access to freed page",

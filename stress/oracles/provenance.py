@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from stress.model.kvm import Kvm
+from stress.model.mmu_page import removed_entry_details
 from stress.model.spte import is_last_spte, is_shadow_present_pte
 
 
@@ -30,3 +31,10 @@ def provenance(kvm: Kvm, sptep: int, level: int) -> dict[str, Any]:
     if not prov & 0xFF:
         return {}
     return {"installed_by_worker": (prov & 0xFF) - 1, "installed_at_zap_clock": prov >> 8}
+
+
+def removed_entry_facts(kvm: Kvm, page: int, i: int) -> dict[str, Any]:
+    """What is known of the present entry ``i`` of removed table ``page``: the
+    table, who removed it and last wrote it, and the entry's provenance."""
+    details = removed_entry_details(kvm, page, i)
+    return details | provenance(kvm, kvm.layout.spt(page) + i, details["level"])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.atomics import Words
 from stress.model.errors import InvariantViolation
+from stress.model.guest import guest_accepted
 from stress.model.host import (
     KVM_LPAGE_MIXED_FLAG,
     KVM_PAGES_PER_2M,
@@ -48,7 +49,6 @@ from stress.model.mmu_page import (
     SP_STATE_NAMES,
     external_spt,
     kvm_gfn_root_bits,
-    removed_entry_details,
     role_level,
 )
 from stress.model.roots import listed_roots
@@ -79,7 +79,7 @@ from stress.model.tdx import (
     sept_value,
 )
 from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, listed
-from stress.oracles.provenance import provenance
+from stress.oracles.provenance import removed_entry_facts
 from stress.oracles.unsync import check_unsync_state
 
 
@@ -368,8 +368,6 @@ def _check_accepted(kvm: Kvm, rep: QuiescentReport) -> None:
     """Every private page the guest accepted, and whose host page did not change
     since (no conversion, no punch-hole), is still mapped and accepted in the
     S-EPT: nothing else may take it away from a running TD."""
-    from stress.model.guest import guest_accepted
-
     assert kvm.tdx is not None
     w, lay = kvm.w, kvm.layout
     for i, _v in w.scan_ne(lay.accepted, kvm.geometry.n_gfns, 0):
@@ -395,8 +393,7 @@ def _check_removed(kvm: Kvm, page: int, rep: QuiescentReport) -> None:
                  "a removed table awaiting RCU holds a present entry (written after "
                  "handle_removed_pt unlinked the table, or never cleared by it): the mapping "
                  "is leaked and invisible to zaps",
-                 **removed_entry_details(kvm, page, i),
-                 **provenance(kvm, lay.spt(page) + i, removed_entry_details(kvm, page, i)["level"]))
+                 **removed_entry_facts(kvm, page, i))
 
 
 def teardown_check(kvm: Kvm) -> QuiescentReport:
