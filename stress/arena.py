@@ -187,10 +187,7 @@ class Slot:
     # waiting for it can name it: 1 + index in hooks.RETRY_SITES, and 1 + the key
     RETRY_SITE = 16
     RETRY_KEY = 17
-    # oracle (zaps): 1 + the SPTE word this worker's fault is installing a leaf at
-    # (from before its cmpxchg until its provenance is written), else 0
-    INSTALL_SPTEP = 18
-    STATS = 19  # counters start here
+    STATS = 18  # counters start here
     MAX_STATS = WORKER_SLOT_WORDS - STATS
 
 

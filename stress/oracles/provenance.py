@@ -28,7 +28,7 @@ def provenance(kvm: Kvm, sptep: int, level: int) -> dict[str, Any]:
     if not (is_shadow_present_pte(v) and is_last_spte(v, level)):
         return {}
     prov = kvm.w.load(prov_index(kvm, sptep))
-    if not prov & 0xFF:
+    if not prov & 0xFF or prov >> 63:  # none, or an install still in flight (zaps.TAG)
         return {}
     return {"installed_by_worker": (prov & 0xFF) - 1, "installed_at_zap_clock": prov >> 8}
 

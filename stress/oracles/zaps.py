@@ -3,8 +3,10 @@
 Provenance.  Every leaf a fault installs carries, in a word parallel to its
 SPTE (``Layout.prov``), who installed it and when, on a clock that ticks once
 per zap started: ``(clock << 8) | (1 + worker)``, the clock read *after* the
-cmpxchg succeeded; while a fault's install is in flight (from before its
-cmpxchg until its provenance is written) its worker slot names the entry.  So a
+cmpxchg succeeded.  While a fault's install is in flight (from before its
+cmpxchg until its provenance is written) the word holds the install's own
+TAG, and each install replaces only its own tag: a slow install never writes
+over the provenance of a later one at the same entry.  So a
 leaf whose clock is at most the zap's start tick was installed before the zap
 began, and the zap, which visits every entry of its range after it began, must
 have removed it.  Entries installed later (a fault racing behind the zap after
@@ -21,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from stress.arena import WORDS_PER_PAGE, Globals, Slot
+from stress.arena import WORDS_PER_PAGE, Globals
 from stress.model.kvm import Kvm
 from stress.model.roots import listed_roots, tdp_mmu_root_match
 from stress.model.spte import SPTE_MMU_PRESENT_MASK, describe, is_last_spte, is_shadow_present_pte
@@ -29,45 +31,45 @@ from stress.model.tdp_iter import TdpIter
 from stress.oracles.base import oracle
 from stress.oracles.provenance import prov_index
 
+# a provenance word with TAG set: an install in flight (1 + worker << 40 | attempt)
+TAG = 1 << 63
+_TAG_COUNT = (1 << 40) - 1
+_attempts: WeakKeyDictionary[Kvm, int] = WeakKeyDictionary()
+# this task's install in flight: (its tag, the provenance word's value before it)
+_saved: WeakKeyDictionary[Kvm, tuple[int, int]] = WeakKeyDictionary()
 # this task's multi-root zap in progress: (token, the roots of its types when it began)
 _scope: WeakKeyDictionary[Kvm, tuple[int, set[int]]] = WeakKeyDictionary()
 
 
 @oracle("zap left a present leaf",
-        invariant="(provenance) a fault publishes the entry it is installing at",
+        invariant="(provenance) a fault tags the entry's provenance before its cmpxchg",
         hook="leaf_installing", when="before a fault's leaf cmpxchg",
-        cost="one store per install attempt")
+        cost="one xchg per install attempt")
 def installing(kvm: Kvm, it: Any) -> None:
-    kvm.w.store(kvm.layout.slot(kvm.me, Slot.INSTALL_SPTEP), it.sptep + 1)
+    n = _attempts[kvm] = (_attempts.get(kvm, 0) + 1) & _TAG_COUNT
+    tag = TAG | (kvm.me << 40) | n
+    _saved[kvm] = (tag, kvm.w.xchg(prov_index(kvm, it.sptep), tag))
 
 
 @oracle("zap left a present leaf",
-        invariant="(provenance) ... and withdraws it when its cmpxchg lost",
+        invariant="(provenance) ... puts the old provenance back when its cmpxchg lost",
         hook="leaf_install_failed", when="a fault's leaf cmpxchg lost",
-        cost="one store per lost install")
+        cost="one cmpxchg per lost install")
 def install_failed(kvm: Kvm, it: Any) -> None:
-    kvm.w.store(kvm.layout.slot(kvm.me, Slot.INSTALL_SPTEP), 0)
+    tag, old = _saved.pop(kvm)
+    kvm.w.cmpxchg(prov_index(kvm, it.sptep), tag, old)  # unless a later install tagged it
 
 
 @oracle("zap left a present leaf",
-        invariant="(provenance) an installed leaf records who installed it and when, then the "
-                  "fault withdraws its in-flight mark",
+        invariant="(provenance) an installed leaf records who installed it and when",
         hook="leaf_installed", when="after a fault's leaf cmpxchg succeeded",
-        cost="one load and two stores per installed leaf")
+        cost="one load and one cmpxchg per installed leaf")
 def installed(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int) -> None:
-    lay = kvm.layout
-    clock = kvm.w.load(lay.glob(Globals.ZAP_CLOCK))
-    kvm.w.store(prov_index(kvm, it.sptep), (clock << 8) | (kvm.me + 1))
-    kvm.w.store(lay.slot(kvm.me, Slot.INSTALL_SPTEP), 0)
-
-
-def _in_flight(kvm: Kvm, sptep: int) -> bool:
-    """Some fault is installing at ``sptep`` right now (its provenance is not
-    written yet).  Read after the entry and before its provenance: a fault that
-    is no longer in flight wrote its provenance first."""
-    lay = kvm.layout
-    return any(kvm.w.load(lay.slot(v, Slot.INSTALL_SPTEP)) == sptep + 1
-               for v in range(lay.n_slots))
+    tag, _old = _saved.pop(kvm)
+    clock = kvm.w.load(kvm.layout.glob(Globals.ZAP_CLOCK))
+    # only over its own tag: a later install at the same entry, tagged since,
+    # owns the word (this leaf may already be zapped and replaced)
+    kvm.w.cmpxchg(prov_index(kvm, it.sptep), tag, (clock << 8) | (kvm.me + 1))
 
 
 @oracle("zap left a present leaf",
@@ -75,10 +77,9 @@ def _in_flight(kvm: Kvm, sptep: int) -> bool:
         hook="huge_split", when="a huge leaf is split, before the table is linked",
         cost="512 stores per split")
 def split_inherits(kvm: Kvm, it: Any, sp: int) -> None:
-    if _in_flight(kvm, it.sptep):  # its installer has not written it yet: it is new
+    prov = kvm.w.load(prov_index(kvm, it.sptep))
+    if prov & TAG:  # its installer has not written it yet: it is new
         prov = (kvm.w.load(kvm.layout.glob(Globals.ZAP_CLOCK)) << 8) | (kvm.me + 1)
-    else:
-        prov = kvm.w.load(prov_index(kvm, it.sptep))
     kvm.w.fill(kvm.layout.prov + sp * WORDS_PER_PAGE, WORDS_PER_PAGE, prov)
 
 
@@ -113,11 +114,8 @@ def nothing_left_in_range(kvm: Kvm, roots: list[int] | None, types: int, start: 
             while it.in_range(end):
                 v = it.old_spte
                 if is_shadow_present_pte(v) and is_last_spte(v, it.level):
-                    if _in_flight(kvm, it.sptep):
-                        it.next()
-                        continue
                     prov = kvm.w.load(prov_index(kvm, it.sptep))
-                    if prov >> 8 <= token:
+                    if not prov & TAG and prov >> 8 <= token:  # (a tag: install in flight)
                         who = (prov & 0xFF) - 1
                         kvm.bug("zap left a present leaf",
                                 f"a zap of [{start:#x}, {end:#x}) returned with a leaf it "
