@@ -1,0 +1,748 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ksglue.c: the rest of KVM around the tree's TDP MMU, and the engine's
+ * entry points.  Compiled at the end of the kernel TU (ktu.c), after the
+ * tree's tdp_iter.c, spte.c, tdp_mmu.c and the functions copied out of
+ * mmu.c and kvm_main.c, so it sees their static functions.
+ *
+ * What is here is what the kernel does outside those files and the engine
+ * must still do for the MMU code to run as it does in a VM: module setup
+ * as vmx.c and mmu.c do it, struct kvm and vCPU creation as kvm_main.c and
+ * x86.c do it, memslots with their lpage_info, the pfn a fault resolves to,
+ * the vCPU's entry loop and the "hardware" walk of the EPT that decides
+ * whether an access faults.  Each function names the kernel function it
+ * stands for and says where it differs.  Tree followed: Debian's
+ * linux-source-6.12 (6.12.117); the copied functions come from the tree
+ * being built, so they follow whatever tree --ksrc names.
+ *
+ * Entry points (ke_*) run one operation of a worker with ks_bug_jmp set,
+ * so a BUG() in kernel code ends the operation, not the process, and the
+ * first violation is left in the arena for the harness.
+ */
+#include "ksrt_arena.h"
+
+/* ---- what vmx.c, x86.c and mmu.c set up at module load -------------- */
+struct kvm_x86_ops kvm_x86_ops = { .cpu_dirty_log_size = 0 };
+struct kvm_host_values kvm_host = { .maxphyaddr = 48 };
+struct cpuinfo_x86 boot_cpu_data = { .extended_cpuid_level = 0x80000008, .x86_phys_bits = 48,
+				     .x86_cache_bits = 48 };
+bool tdp_enabled = true;
+bool tdp_mmu_enabled = true;
+int max_huge_page_level = PG_LEVEL_1G;
+int nx_huge_pages = 0;
+uint nx_huge_pages_recovery_ratio = 60;
+/* mmu.c's kmem_cache for struct kvm_mmu_page: the arena's slab (one cache). */
+struct kmem_cache *mmu_page_header_cache = (struct kmem_cache *)1;
+
+/* The pfns a fault resolves to: gfn + KE_PFN_BASE, 1 GiB aligned, so a
+ * gfn and its pfn agree in every huge-page offset (kvm_mmu_hugepage_adjust
+ * asserts it), and outside the arena, so pfn_valid() is false for them. */
+#define KE_PFN_BASE (1ULL << 30)
+
+u8 ks_x86_get_mt_mask(struct kvm_vcpu *vcpu, gfn_t gfn, bool is_mmio)
+{
+	/* vmx_get_mt_mask() for a VM without non-coherent DMA: write-back. */
+	return is_mmio ? 0 : (6 << VMX_EPT_MT_EPTE_SHIFT);
+}
+
+void ks_x86_load_mmu_pgd(struct kvm_vcpu *vcpu, hpa_t root_hpa, int root_level)
+{
+	vcpu->arch.last_vmentry_cr3 = root_hpa;
+}
+
+unsigned long ks_x86_get_rflags(struct kvm_vcpu *vcpu) { return 0; }
+
+static inline void ks_x86_flush_tlb_current(struct kvm_vcpu *vcpu)
+{
+	ks_arena->tasks[ks_self].op_results[7]++;
+}
+
+/* ---- kvm_main.c ----------------------------------------------------- */
+struct kvm_memory_slot *__gfn_to_memslot(struct kvm_memslots *slots, gfn_t gfn)
+{
+	/* search_memslots(): the real one walks an rbtree; the answer is the same. */
+	for (int i = 0; i < slots->nr_slots; i++) {
+		struct kvm_memory_slot *s = READ_ONCE(slots->slots[i]);
+		if (s && gfn >= s->base_gfn && gfn < s->base_gfn + s->npages)
+			return s;
+	}
+	return NULL;
+}
+
+/* struct kvm with its vCPUs (kvm->vcpu_array is an xarray in the kernel). */
+struct ke_vm {
+	struct kvm kvm;
+	struct kvm_vcpu *vcpus[KS_MAX_TASKS];
+};
+
+/* kvm_make_all_cpus_request(): the request to every vCPU.  The kernel kicks
+ * them and waits for an acknowledgment; the engine's vCPUs service requests
+ * at their next entry (ke_vcpu_access), which is when a kick takes effect. */
+bool kvm_make_all_cpus_request(struct kvm *kvm, unsigned int req)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	for (int i = 0; i < kvm->created_vcpus; i++)
+		kvm_make_request(req, vm->vcpus[i]);
+	return true;
+}
+
+void mark_page_dirty_in_slot(struct kvm *kvm, const struct kvm_memory_slot *memslot, gfn_t gfn)
+{
+	if (memslot && kvm_slot_dirty_track_enabled(memslot) && memslot->dirty_bitmap) {
+		unsigned long rel = gfn - memslot->base_gfn;
+		__atomic_fetch_or(&memslot->dirty_bitmap[rel / 64], 1UL << (rel % 64), __ATOMIC_SEQ_CST);
+	}
+}
+
+/*
+ * kvm_flush_remote_tlbs(): every vCPU's TLB is flushed before it returns
+ * (KVM_REQ_TLB_FLUSH with an IPI that waits for the vCPUs to leave guest
+ * mode).  The engine's vCPUs keep no TLB yet, so a flush is counted.
+ */
+void kvm_flush_remote_tlbs(struct kvm *kvm)
+{
+	++kvm->stat.remote_tlb_flush_requests;
+	++kvm->stat.remote_tlb_flush;
+}
+
+void kvm_flush_remote_tlbs_range(struct kvm *kvm, gfn_t gfn, u64 nr_pages)
+{
+	kvm_flush_remote_tlbs(kvm);
+}
+
+void kvm_flush_remote_tlbs_memslot(struct kvm *kvm, const struct kvm_memory_slot *memslot)
+{
+	kvm_flush_remote_tlbs(kvm);
+}
+
+void kvm_set_pfn_dirty(kvm_pfn_t pfn) { }
+void kvm_set_pfn_accessed(kvm_pfn_t pfn) { }
+void kvm_release_pfn_clean(kvm_pfn_t pfn) { }
+
+bool kvm_mem_is_private(struct kvm *kvm, gfn_t gfn)
+{
+	/* A default VM has no private memory (no KVM_MEMORY_ATTRIBUTE_PRIVATE). */
+	return false;
+}
+
+static inline bool kvm_slot_can_be_private(const struct kvm_memory_slot *slot)
+{
+	return slot && (slot->flags & KVM_MEM_GUEST_MEMFD);
+}
+
+/* ---- the outer protocol of a page fault ------------------------------ */
+/*
+ * __kvm_faultin_pfn(): gup of the host page behind the gfn.  The engine's
+ * "host" is the identity gfn + KE_PFN_BASE, always present, never async.
+ */
+int __kvm_faultin_pfn(struct kvm_vcpu *vcpu, struct kvm_page_fault *fault)
+{
+	if (fault->is_private)
+		return -EFAULT;
+	fault->pfn = KE_PFN_BASE + fault->gfn;
+	fault->map_writable = !(fault->slot->flags & KVM_MEM_READONLY);
+	fault->hva = fault->slot->userspace_addr + ((fault->gfn - fault->slot->base_gfn) << PAGE_SHIFT);
+	return RET_PF_CONTINUE;
+}
+
+int kvm_handle_error_pfn(struct kvm_vcpu *vcpu, struct kvm_page_fault *fault)
+{
+	return -EFAULT;
+}
+
+int kvm_handle_noslot_fault(struct kvm_vcpu *vcpu, struct kvm_page_fault *fault, unsigned int access)
+{
+	/* An access outside every memslot is emulated MMIO; the engine's
+	 * guests access only their memslots. */
+	return RET_PF_EMULATE;
+}
+
+/*
+ * mmu_try_to_unsync_pages(): may a gfn be mapped writable?  Not if it is
+ * write-tracked (kvm_gfn_is_write_tracked) or shadowed by a shadow page
+ * that must be unsynced.  A TDP-only VM has neither: no write tracking is
+ * enabled and the shadow page hash is empty, so the answer is 0, as the
+ * kernel's loop over an empty hash bucket gives.
+ */
+int mmu_try_to_unsync_pages(struct kvm *kvm, const struct kvm_memory_slot *slot,
+			    gfn_t gfn, bool synchronizing, bool prefetch)
+{
+	return 0;
+}
+
+bool page_fault_handle_page_track(struct kvm_vcpu *vcpu, struct kvm_page_fault *fault)
+{
+	/* No write-tracked gfns: page tracking is for the shadow MMU and KVMGT. */
+	return false;
+}
+
+/* The host mapping level of a memslot's backing: THP (2M) when the slot says so. */
+static u8 ke_host_level[KS_MAX_MEMSLOTS];
+
+int host_pfn_mapping_level(struct kvm *kvm, gfn_t gfn, const struct kvm_memory_slot *slot)
+{
+	return slot->id >= 0 && slot->id < KS_MAX_MEMSLOTS && ke_host_level[slot->id] ?
+	       ke_host_level[slot->id] : PG_LEVEL_4K;
+}
+
+/* kvm_mmu_topup_memory_cache() of kvm_main.c, from the arena's allocators. */
+#define KE_NR_OBJS_PER_CACHE 40
+int kvm_mmu_topup_memory_cache(struct kvm_mmu_memory_cache *mc, int min)
+{
+	if (!mc->objects) {
+		mc->objects = ks_bump_alloc(sizeof(void *) * KE_NR_OBJS_PER_CACHE);
+		mc->capacity = KE_NR_OBJS_PER_CACHE;
+	}
+	if (mc->nobjs >= min)
+		return 0;
+	while (mc->nobjs < mc->capacity) {
+		void *obj;
+		if (mc->kmem_cache) {
+			obj = kmem_cache_zalloc(mc->kmem_cache, GFP_KERNEL_ACCOUNT);
+		} else {
+			obj = (void *)__get_free_page(GFP_KERNEL_ACCOUNT | mc->gfp_zero);
+			if (obj && mc->init_value) {
+				u64 *w = obj;
+				for (int i = 0; i < 512; i++)
+					w[i] = mc->init_value;
+			}
+		}
+		if (!obj)
+			return mc->nobjs >= min ? 0 : -ENOMEM;
+		mc->objects[mc->nobjs++] = obj;
+	}
+	return 0;
+}
+
+void *ks_mmu_memory_cache_alloc(struct kvm_mmu_memory_cache *mc)
+{
+	if (WARN_ON_ONCE(!mc->nobjs))
+		ks_bug("kvm_mmu_memory_cache_alloc() of an empty cache", __FILE__, __LINE__);
+	return mc->objects[--mc->nobjs];
+}
+
+static void ke_free_memory_cache(struct kvm_mmu_memory_cache *mc)
+{
+	while (mc->nobjs) {
+		void *obj = mc->objects[--mc->nobjs];
+		if (mc->kmem_cache)
+			kmem_cache_free(mc->kmem_cache, obj);
+		else
+			free_page(obj);
+	}
+}
+
+/* kvm_mmu_sync_roots() returns at once for a direct MMU (root_role.direct). */
+void kvm_mmu_sync_roots(struct kvm_vcpu *vcpu)
+{
+	if (!vcpu->arch.mmu->root_role.direct)
+		ks_bug("shadow MMU: kvm_mmu_sync_roots()", __FILE__, __LINE__);
+}
+
+/* ---- creating the VM ------------------------------------------------- */
+/*
+ * What kvm_arch_init/vmx_hardware_setup/kvm_mmu_vendor_module_init do for
+ * the MMU, in their order: reset the masks, set EPT's (A/D bits, execute-
+ * only), and spte.c's module init.
+ */
+int ke_module_init(int ad_bits, int max_level, int nx)
+{
+	kvm_mmu_spte_module_init();
+	kvm_mmu_reset_all_pte_masks();
+	kvm_mmu_set_ept_masks(ad_bits, true);
+	max_huge_page_level = max_level;
+	nx_huge_pages = nx;
+	return (int)sizeof(struct kvm_mmu_page);
+}
+
+struct kvm *ke_vm_create(void)
+{
+	struct ke_vm *vm = ks_bump_alloc(sizeof(*vm));
+	struct kvm *kvm = &vm->kvm;
+
+	rwlock_init(&kvm->mmu_lock);
+	spin_lock_init(&kvm->mn_invalidate_lock);
+	mutex_init(&kvm->slots_lock);
+	refcount_set(&kvm->users_count, 1);
+	for (int as = 0; as < KVM_MAX_NR_ADDRESS_SPACES; as++)
+		kvm->memslots[as] = &kvm->__memslots[as][0];
+	/* kvm_mmu_init_vm() */
+	INIT_LIST_HEAD(&kvm->arch.active_mmu_pages);
+	INIT_LIST_HEAD(&kvm->arch.zapped_obsolete_pages);
+	INIT_LIST_HEAD(&kvm->arch.possible_nx_huge_pages);
+	kvm_mmu_init_tdp_mmu(kvm);
+	kvm->mmu_invalidate_range_start = INVALID_GPA;
+	kvm->mmu_invalidate_range_end = INVALID_GPA;
+	ks_arena->vm = kvm;
+	return kvm;
+}
+
+/*
+ * kvm_set_memory_region() for a new slot, with kvm_alloc_memslot_metadata()
+ * of x86.c: lpage_info per huge level, the head and tail of a slot that is
+ * not aligned to the level disallowed.
+ */
+int ke_memslot_add(struct kvm *kvm, int id, u64 base_gfn, u64 npages, u32 flags, int host_level)
+{
+	struct kvm_memslots *slots = kvm->memslots[0];
+	struct kvm_memory_slot *slot;
+
+	if (slots->nr_slots >= KS_MAX_MEMSLOTS || id < 0 || id >= KS_MAX_MEMSLOTS)
+		return -ENOSPC;
+	slot = ks_bump_alloc(sizeof(*slot));
+	slot->base_gfn = base_gfn;
+	slot->npages = npages;
+	slot->flags = flags;
+	slot->id = (short)id;
+	slot->as_id = 0;
+	slot->userspace_addr = 0x7f0000000000UL + (base_gfn << PAGE_SHIFT);
+	slot->dirty_bitmap = ks_bump_alloc(((npages + 63) / 64) * 8);
+	for (int level = PG_LEVEL_2M; level <= KVM_MAX_HUGEPAGE_LEVEL; level++) {
+		unsigned long lpages = gfn_to_index(base_gfn + npages - 1, base_gfn, level) + 1;
+		struct kvm_lpage_info *linfo = ks_bump_alloc(lpages * sizeof(*linfo));
+		slot->arch.lpage_info[level - 2] = linfo;
+		if (base_gfn & (KVM_PAGES_PER_HPAGE(level) - 1))
+			linfo[0].disallow_lpage = 1;
+		if ((base_gfn + npages) & (KVM_PAGES_PER_HPAGE(level) - 1))
+			linfo[lpages - 1].disallow_lpage = 1;
+	}
+	ke_host_level[id] = (u8)host_level;
+	slots->slots[slots->nr_slots] = slot;
+	WRITE_ONCE(slots->nr_slots, slots->nr_slots + 1);
+	if (flags & KVM_MEM_LOG_DIRTY_PAGES)
+		atomic_inc(&kvm->nr_memslots_dirty_logging);
+	return 0;
+}
+
+/*
+ * kvm_vm_ioctl_create_vcpu() -> kvm_arch_vcpu_create() -> kvm_mmu_create(),
+ * then kvm_init_mmu() -> init_kvm_tdp_mmu() for a vCPU in 64-bit mode: the
+ * root role of kvm_calc_tdp_mmu_root_page_role() (4-level EPT, direct,
+ * ACC_ALL, A/D as the masks say) and kvm_tdp_page_fault as page_fault.
+ */
+struct kvm_vcpu *ke_vcpu_create(struct kvm *kvm, int id)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	struct kvm_vcpu *vcpu = ks_bump_alloc(sizeof(*vcpu));
+	struct kvm_mmu *mmu = &vcpu->arch.root_mmu;
+
+	vcpu->kvm = kvm;
+	vcpu->vcpu_id = id;
+	vcpu->vcpu_idx = kvm->created_vcpus;
+	vcpu->arch.mmu = mmu;
+	vcpu->arch.walk_mmu = mmu;
+	vcpu->arch.mmu_page_header_cache.kmem_cache = mmu_page_header_cache;
+	vcpu->arch.mmu_page_header_cache.gfp_zero = __GFP_ZERO;
+	vcpu->arch.mmu_shadow_page_cache.init_value = SHADOW_NONPRESENT_VALUE;
+	if (!vcpu->arch.mmu_shadow_page_cache.init_value)
+		vcpu->arch.mmu_shadow_page_cache.gfp_zero = __GFP_ZERO;
+	for (int i = 0; i < 3; i++) {
+		struct kvm_mmu *m = i == 0 ? &vcpu->arch.root_mmu : i == 1 ? &vcpu->arch.guest_mmu :
+				    &vcpu->arch.nested_mmu;
+		m->root.hpa = INVALID_PAGE;
+		m->root.pgd = INVALID_PAGE;
+		for (int j = 0; j < KVM_MMU_NUM_PREV_ROOTS; j++)
+			m->prev_roots[j] = KVM_MMU_ROOT_INFO_INVALID;
+	}
+	mmu->root_role.word = 0;
+	mmu->root_role.level = PT64_ROOT_4LEVEL;
+	mmu->root_role.direct = 1;
+	mmu->root_role.access = ACC_ALL;
+	mmu->root_role.cr0_wp = 1;
+	mmu->root_role.efer_nx = 1;
+	mmu->root_role.ad_disabled = !kvm_ad_enabled();
+	mmu->page_fault = kvm_tdp_page_fault;
+	vcpu->arch.guest_mmu.root_role.direct = 0;
+	vm->vcpus[kvm->created_vcpus] = vcpu;
+	kvm->created_vcpus++;
+	kvm->online_vcpus++;
+	return vcpu;
+}
+
+/* ---- operations ------------------------------------------------------ */
+enum ke_op {
+	KE_OP_NONE,
+	KE_OP_GUEST_ACCESS,      /* vCPU: guest access, EPT violation, kvm_mmu_page_fault */
+	KE_OP_ZAP_GFN_RANGE,     /* kvm_zap_gfn_range(): write lock */
+	KE_OP_UNMAP,             /* mmu_notifier invalidate_range_start/end: kvm_unmap_gfn_range */
+	KE_OP_ZAP_ALL_FAST,      /* kvm_mmu_zap_all_fast(): invalidate roots, zap them under read lock */
+	KE_OP_WRPROT_SLOT,       /* kvm_mmu_slot_remove_write_access(): read lock */
+	KE_OP_CLEAR_DIRTY_SLOT,  /* kvm_tdp_mmu_clear_dirty_slot(): read lock */
+	KE_OP_SPLIT,             /* kvm_mmu_slot_try_split_huge_pages(): eager split, read lock */
+	KE_OP_COLLAPSIBLE,       /* kvm_mmu_zap_collapsible_sptes(): read lock */
+	KE_OP_AGE,               /* mmu_notifier clear_young: kvm_age_gfn */
+	KE_OP_TEST_AGE,          /* mmu_notifier test_young: kvm_test_age_gfn */
+	KE_OP_DIRTY_LOG,         /* KVM_GET_DIRTY_LOG: kvm_tdp_mmu_clear_dirty_pt_masked */
+	KE_OP_NX_RECOVER,        /* kvm_nx_huge_page_recovery_worker: kvm_recover_nx_huge_pages */
+	KE_OP_VCPU_UNLOAD,       /* kvm_mmu_unload(): put the vCPU's roots */
+	KE_OP_NR,
+};
+
+#define KE_RUN(opcode, body) ({                                                \
+	jmp_buf __jb;                                                          \
+	struct ks_task *__t = &ks_arena->tasks[ks_self];                       \
+	int __r = 0;                                                           \
+	__t->op = (opcode);                                                    \
+	ks_bug_jmp = &__jb;                                                    \
+	if (setjmp(__jb) == 0) {                                               \
+		body;                                                          \
+	} else {                                                               \
+		__r = -1000;                                                   \
+	}                                                                      \
+	ks_bug_jmp = NULL;                                                     \
+	__t->op = KE_OP_NONE;                                                  \
+	__t->ops[(opcode)]++;                                                  \
+	if (__r != -1000 && !__t->rcu_nesting && !__t->srcu_nesting)           \
+		ks_rcu_poll();                                                 \
+	__r; })
+
+/*
+ * The "hardware" walk of an access by a vCPU in guest mode: the EPT from
+ * the vCPU's loaded root, as the CPU's page walker does it (one load per
+ * level, the A and D bits set atomically when the masks have them).
+ * Returns 1 if the access completes, 0 with *err set if it is an EPT
+ * violation.  The walk runs inside rcu_read_lock() here: a real CPU is not
+ * an RCU reader, it is kept off freed tables by the TLB flush that
+ * precedes the free; with no TLB model yet the engine protects the walker
+ * the way the flush would.
+ */
+static int ke_hw_walk(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exec, u64 *err)
+{
+	hpa_t root = vcpu->arch.mmu->root.hpa;
+	u64 *table = __va(root);
+	u64 spte = 0;
+	int level = vcpu->arch.mmu->root_role.level;
+	u64 need = write ? PT_WRITABLE_MASK : exec ? shadow_x_mask : VMX_EPT_READABLE_MASK;
+
+	*err = (write ? PFERR_WRITE_MASK : 0) | (exec ? PFERR_FETCH_MASK : 0) | PFERR_GUEST_FINAL_MASK;
+	rcu_read_lock();
+	for (;;) {
+		u64 *sptep = &table[SPTE_INDEX(gpa, level)];
+		spte = READ_ONCE(*sptep);
+		if (!is_shadow_present_pte(spte) || is_frozen_spte(spte))
+			break;
+		if (is_last_spte(spte, level)) {
+			if ((spte & need) == need) {
+				u64 ad = shadow_accessed_mask | (write ? shadow_dirty_mask : 0);
+				if (ad && (spte & ad) != ad) {
+					u64 old = spte;
+					/* The walker's locked OR of A/D: a cmpxchg on the entry. */
+					while (!try_cmpxchg64(sptep, &old, old | ad))
+						if (!is_shadow_present_pte(old) || (old & need) != need)
+							goto fault;
+				}
+				rcu_read_unlock();
+				return 1;
+			}
+			break;
+		}
+		table = __va(spte_to_pfn(spte) << PAGE_SHIFT);
+		level--;
+	}
+fault:
+	/* EPT_VIOLATION_RWX_MASK: the entry granted some access. */
+	if (is_shadow_present_pte(spte) && !is_frozen_spte(spte) && (spte & VMX_EPT_RWX_MASK))
+		*err |= PFERR_PRESENT_MASK;
+	rcu_read_unlock();
+	return 0;
+}
+
+/*
+ * vcpu_enter_guest() for one access: the requests an entry services, the
+ * root reload, then the access; an EPT violation goes to
+ * kvm_mmu_do_page_fault() (handle_ept_violation -> kvm_mmu_page_fault) and
+ * the access is retried, as the guest re-executes the faulting instruction.
+ * Returns the last page-fault result (RET_PF_*), or 0 for a hit without fault.
+ */
+static int ke_vcpu_access(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exec, int max_entries)
+{
+	int r = 0;
+	for (int n = 0; n < max_entries; n++) {
+		u64 err;
+		int idx = srcu_read_lock(&vcpu->kvm->srcu);
+		if (kvm_check_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vcpu))
+			kvm_mmu_free_obsolete_roots(vcpu);
+		if (kvm_check_request(KVM_REQ_TLB_FLUSH, vcpu))
+			ks_x86_flush_tlb_current(vcpu);
+		r = kvm_mmu_reload(vcpu);
+		if (r) {
+			srcu_read_unlock(&vcpu->kvm->srcu, idx);
+			return r;
+		}
+		if (ke_hw_walk(vcpu, gpa, write, exec, &err)) {
+			srcu_read_unlock(&vcpu->kvm->srcu, idx);
+			return n ? r : 0;
+		}
+		r = kvm_mmu_do_page_fault(vcpu, gpa, err, false, NULL, NULL);
+		srcu_read_unlock(&vcpu->kvm->srcu, idx);
+		ks_arena->tasks[ks_self].op_results[r >= 0 && r < 7 ? r : 0]++;
+		if (r < 0)
+			return r;
+		if (need_resched())
+			cond_resched();
+	}
+	return RET_PF_RETRY;
+}
+
+int ke_guest_access(struct kvm_vcpu *vcpu, u64 gpa, int write, int exec)
+{
+	return KE_RUN(KE_OP_GUEST_ACCESS, __r = ke_vcpu_access(vcpu, gpa, write, exec, 64));
+}
+
+int ke_zap_gfn_range(struct kvm *kvm, u64 start, u64 end)
+{
+	return KE_RUN(KE_OP_ZAP_GFN_RANGE, kvm_zap_gfn_range(kvm, start, end));
+}
+
+/*
+ * kvm_mmu_notifier_invalidate_range_start() and _end() of kvm_main.c for a
+ * gfn range of every slot it touches: mn_active_invalidate_count, then
+ * under KVM_MMU_LOCK (the write lock on x86) kvm_mmu_invalidate_begin(),
+ * kvm_mmu_invalidate_range_add() and kvm_unmap_gfn_range() per slot, the
+ * flush, and at _end kvm_mmu_invalidate_end().
+ */
+static void ke_notifier_invalidate(struct kvm *kvm, gfn_t start, gfn_t end)
+{
+	struct kvm_memslots *slots = kvm_memslots(kvm);
+	bool flush = false, locked = false;
+	int idx;
+
+	spin_lock(&kvm->mn_invalidate_lock);
+	kvm->mn_active_invalidate_count++;
+	spin_unlock(&kvm->mn_invalidate_lock);
+
+	idx = srcu_read_lock(&kvm->srcu);
+	for (int i = 0; i < slots->nr_slots; i++) {
+		struct kvm_memory_slot *slot = slots->slots[i];
+		struct kvm_gfn_range range = {
+			.slot = slot,
+			.start = max(start, slot->base_gfn),
+			.end = min(end, slot->base_gfn + slot->npages),
+			.may_block = true,
+			.attr_filter = KVM_FILTER_SHARED,
+		};
+		if (range.start >= range.end)
+			continue;
+		if (!locked) {
+			locked = true;
+			write_lock(&kvm->mmu_lock);
+			kvm_mmu_invalidate_begin(kvm);
+		}
+		kvm_mmu_invalidate_range_add(kvm, range.start, range.end);
+		flush |= kvm_unmap_gfn_range(kvm, &range);
+	}
+	if (flush)
+		kvm_flush_remote_tlbs(kvm);
+	if (locked)
+		write_unlock(&kvm->mmu_lock);
+	srcu_read_unlock(&kvm->srcu, idx);
+
+	/* The host's page tables change here, between start and end. */
+	if (need_resched())
+		cond_resched();
+
+	/* invalidate_range_end */
+	if (locked) {
+		write_lock(&kvm->mmu_lock);
+		kvm_mmu_invalidate_end(kvm);
+		write_unlock(&kvm->mmu_lock);
+	}
+	spin_lock(&kvm->mn_invalidate_lock);
+	kvm->mn_active_invalidate_count--;
+	spin_unlock(&kvm->mn_invalidate_lock);
+}
+
+int ke_unmap(struct kvm *kvm, u64 start, u64 end)
+{
+	return KE_RUN(KE_OP_UNMAP, ke_notifier_invalidate(kvm, start, end));
+}
+
+int ke_zap_all_fast(struct kvm *kvm)
+{
+	/* kvm_mmu_zap_all_fast() is called with slots_lock held (memslot
+	 * deletion, kvm_mmu_invalidate_mmio_sptes, KVM_X86_QUIRK changes). */
+	return KE_RUN(KE_OP_ZAP_ALL_FAST, ({
+		mutex_lock(&kvm->slots_lock);
+		kvm_mmu_zap_all_fast(kvm);
+		mutex_unlock(&kvm->slots_lock);
+	}));
+}
+
+static struct kvm_memory_slot *ke_slot(struct kvm *kvm, int i)
+{
+	struct kvm_memslots *slots = kvm_memslots(kvm);
+	return i >= 0 && i < slots->nr_slots ? slots->slots[i] : NULL;
+}
+
+/* kvm_mmu_slot_remove_write_access(): the TDP MMU part, under the read lock. */
+int ke_wrprot_slot(struct kvm *kvm, int i)
+{
+	struct kvm_memory_slot *slot = ke_slot(kvm, i);
+	if (!slot)
+		return -EINVAL;
+	return KE_RUN(KE_OP_WRPROT_SLOT, ({
+		bool flush;
+		read_lock(&kvm->mmu_lock);
+		flush = kvm_tdp_mmu_wrprot_slot(kvm, slot, PG_LEVEL_4K);
+		read_unlock(&kvm->mmu_lock);
+		if (flush)
+			kvm_flush_remote_tlbs_memslot(kvm, slot);
+	}));
+}
+
+/* kvm_mmu_slot_leaf_clear_dirty() (PML's path), under the read lock. */
+int ke_clear_dirty_slot(struct kvm *kvm, int i)
+{
+	struct kvm_memory_slot *slot = ke_slot(kvm, i);
+	if (!slot)
+		return -EINVAL;
+	return KE_RUN(KE_OP_CLEAR_DIRTY_SLOT, ({
+		bool flush;
+		read_lock(&kvm->mmu_lock);
+		flush = kvm_tdp_mmu_clear_dirty_slot(kvm, slot);
+		read_unlock(&kvm->mmu_lock);
+		if (flush)
+			kvm_flush_remote_tlbs_memslot(kvm, slot);
+	}));
+}
+
+/* kvm_mmu_slot_try_split_huge_pages(): eager split, under the read lock. */
+int ke_split(struct kvm *kvm, int i, int target_level)
+{
+	struct kvm_memory_slot *slot = ke_slot(kvm, i);
+	if (!slot)
+		return -EINVAL;
+	return KE_RUN(KE_OP_SPLIT, ({
+		read_lock(&kvm->mmu_lock);
+		kvm_tdp_mmu_try_split_huge_pages(kvm, slot, slot->base_gfn,
+						 slot->base_gfn + slot->npages, target_level, true);
+		read_unlock(&kvm->mmu_lock);
+	}));
+}
+
+/* kvm_mmu_zap_collapsible_sptes(): the TDP MMU part, under the read lock. */
+int ke_zap_collapsible(struct kvm *kvm, int i)
+{
+	struct kvm_memory_slot *slot = ke_slot(kvm, i);
+	if (!slot)
+		return -EINVAL;
+	return KE_RUN(KE_OP_COLLAPSIBLE, ({
+		read_lock(&kvm->mmu_lock);
+		kvm_tdp_mmu_zap_collapsible_sptes(kvm, slot);
+		read_unlock(&kvm->mmu_lock);
+	}));
+}
+
+/*
+ * kvm_mmu_notifier_clear_young()/test_young() -> kvm_age_gfn() and
+ * kvm_test_age_gfn() of mmu.c for the TDP MMU, under KVM_MMU_LOCK.
+ */
+static int ke_age_range(struct kvm *kvm, gfn_t start, gfn_t end, bool test)
+{
+	struct kvm_memslots *slots = kvm_memslots(kvm);
+	bool young = false;
+	write_lock(&kvm->mmu_lock);
+	for (int i = 0; i < slots->nr_slots; i++) {
+		struct kvm_memory_slot *slot = slots->slots[i];
+		struct kvm_gfn_range range = {
+			.slot = slot,
+			.start = max(start, slot->base_gfn),
+			.end = min(end, slot->base_gfn + slot->npages),
+			.attr_filter = KVM_FILTER_SHARED,
+		};
+		if (range.start >= range.end)
+			continue;
+		young |= test ? kvm_tdp_mmu_test_age_gfn(kvm, &range) :
+				kvm_tdp_mmu_age_gfn_range(kvm, &range);
+	}
+	write_unlock(&kvm->mmu_lock);
+	return young;
+}
+
+int ke_age(struct kvm *kvm, u64 start, u64 end)
+{
+	return KE_RUN(KE_OP_AGE, __r = ke_age_range(kvm, start, end, false));
+}
+
+int ke_test_age(struct kvm *kvm, u64 start, u64 end)
+{
+	return KE_RUN(KE_OP_TEST_AGE, __r = ke_age_range(kvm, start, end, true));
+}
+
+/*
+ * KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect()): under slots_lock, take
+ * each word of the slot's dirty bitmap and re-protect those pages:
+ * kvm_arch_mmu_enable_log_dirty_pt_masked() -> kvm_mmu_write_protect_pt_masked()
+ * (no PML) -> kvm_tdp_mmu_clear_dirty_pt_masked(wrprot), under KVM_MMU_LOCK,
+ * then the flush.  Returns the number of dirty pages collected.
+ */
+int ke_dirty_log(struct kvm *kvm, int i)
+{
+	struct kvm_memory_slot *slot = ke_slot(kvm, i);
+	if (!slot)
+		return -EINVAL;
+	return KE_RUN(KE_OP_DIRTY_LOG, ({
+		bool flush = false;
+		unsigned long words = (slot->npages + 63) / 64;
+		mutex_lock(&kvm->slots_lock);
+		write_lock(&kvm->mmu_lock);
+		for (unsigned long w = 0; w < words; w++) {
+			unsigned long mask = __atomic_exchange_n(&slot->dirty_bitmap[w], 0, __ATOMIC_SEQ_CST);
+			if (!mask)
+				continue;
+			__r += __builtin_popcountl(mask);
+			flush = true;
+			kvm_tdp_mmu_clear_dirty_pt_masked(kvm, slot, slot->base_gfn + w * 64, mask,
+							  !kvm_x86_ops.cpu_dirty_log_size);
+		}
+		write_unlock(&kvm->mmu_lock);
+		if (flush)
+			kvm_flush_remote_tlbs_memslot(kvm, slot);
+		mutex_unlock(&kvm->slots_lock);
+	}));
+}
+
+int ke_nx_recover(struct kvm *kvm)
+{
+	return KE_RUN(KE_OP_NX_RECOVER, kvm_recover_nx_huge_pages(kvm));
+}
+
+int ke_vcpu_unload(struct kvm_vcpu *vcpu)
+{
+	return KE_RUN(KE_OP_VCPU_UNLOAD, kvm_mmu_unload(vcpu));
+}
+
+/*
+ * kvm_destroy_vm() for the MMU: every vCPU puts its roots
+ * (kvm_arch_destroy_vm -> kvm_mmu_unload), users_count is 0, then
+ * kvm_mmu_uninit_vm() -> kvm_mmu_uninit_tdp_mmu(), which zaps every root
+ * and waits for the RCU callbacks (rcu_barrier), and the vCPUs' memory
+ * caches go back (mmu_free_memory_caches).
+ */
+int ke_vm_destroy(struct kvm *kvm)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	return KE_RUN(KE_OP_NONE, ({
+		for (int i = 0; i < kvm->created_vcpus; i++)
+			kvm_mmu_unload(vm->vcpus[i]);
+		refcount_set(&kvm->users_count, 0);
+		kvm_mmu_uninit_tdp_mmu(kvm);
+		for (int i = 0; i < kvm->created_vcpus; i++) {
+			struct kvm_vcpu *v = vm->vcpus[i];
+			ke_free_memory_cache(&v->arch.mmu_shadow_page_cache);
+			ke_free_memory_cache(&v->arch.mmu_page_header_cache);
+			ke_free_memory_cache(&v->arch.mmu_pte_list_desc_cache);
+			ke_free_memory_cache(&v->arch.mmu_shadowed_info_cache);
+		}
+		ke_free_memory_cache(&kvm->arch.split_shadow_page_cache);
+		ke_free_memory_cache(&kvm->arch.split_page_header_cache);
+	}));
+}
+
+struct kvm_vcpu *ke_vcpu(struct kvm *kvm, int i)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	return i >= 0 && i < kvm->created_vcpus ? vm->vcpus[i] : NULL;
+}
+
+const char *ke_tree_version(void) { return KS_TREE_VERSION; }

@@ -1,0 +1,135 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ksrt_arena.h: the layout of the kernel engine's arena.  Shared by
+ * runtime.c and ksglue.c; Python reads it through accessor functions only.
+ */
+#ifndef _KSRT_ARENA_H
+#define _KSRT_ARENA_H
+
+#include <setjmp.h>
+#include <stdint.h>
+#include "ksrt.h"
+
+#define KS_MAGIC 0x6b73746470737472ull  /* "kstdpstr" */
+#define KS_MAX_PAGES (1u << 17)          /* page-table pages: 512 MiB at most */
+#define KS_MAX_OBJS (1u << 17)           /* struct kvm_mmu_page objects */
+#define KS_MAX_CBS (1u << 16)            /* queued RCU callbacks */
+#define KS_RING 1024                     /* per-task trace ring */
+#define KS_NTRACE 64                     /* distinct tracepoints */
+
+enum { KS_PAGE_FREE = 0, KS_PAGE_USED = 1 };
+
+/* kinds of violation */
+enum {
+	KS_V_WARN = 1,     /* WARN_ON / KVM_BUG_ON / refcount_t: the kernel's own assertion */
+	KS_V_BUG = 2,      /* BUG / BUG_ON */
+	KS_V_LOCKDEP = 3,  /* lockdep and RCU-lockdep splats */
+	KS_V_UAF = 4,      /* KASAN: use-after-free, double free */
+	KS_V_PRINTK = 5,   /* pr_err from the MMU code */
+	KS_V_ORACLE = 6,   /* an invariant of the oracle layer */
+	KS_V_HANG = 7,     /* a lock or wait past its bound */
+};
+
+struct ks_page { unsigned long priv; unsigned long flags; };
+
+struct ks_event {
+	uint64_t seq;
+	uint64_t addr;
+	uint64_t old;
+	uint64_t val;
+	uint8_t kind;
+	uint8_t op;
+	uint16_t pad[3];
+};
+
+struct ks_task {
+	int32_t pid;
+	uint32_t op;               /* the op this task is in (ksglue.c's KE_OP_*) */
+	uint64_t rng;
+	uint64_t rcu_seq;          /* 0 outside RCU; else 1 + gp_seq at entry */
+	uint32_t rcu_nesting;
+	uint32_t srcu_nesting;
+	uint64_t srcu_snap;
+	uint64_t slice_start;      /* need_resched(): start of the timeslice */
+	ks_lock_t *waiting_for;    /* the lock this task spins on, for hang reports */
+	uint64_t accesses, spte_accesses, yields, resched, lock_spins, srcu_waits;
+	uint64_t ops[32];          /* per-op counts */
+	uint64_t op_results[8];
+	uint64_t ring_n;
+	struct ks_event ring[KS_RING];
+	uint8_t pad[64];
+};
+
+struct ks_cb {
+	struct rcu_head *head;
+	void (*func)(struct rcu_head *);
+	uint64_t seq;
+	int32_t task;
+	int32_t pad;
+};
+
+struct ks_violation {
+	uint32_t state;            /* 0 none, 1 being written, 2 written */
+	int32_t kind;
+	int32_t task;
+	int32_t line;
+	uint32_t op;
+	uint64_t seq;
+	char file[96];
+	char what[400];
+};
+
+struct ks_arena {
+	uint64_t magic;
+	uint64_t size;
+	uint32_t ntasks;
+	uint32_t npages, nobjs, obj_size;
+	uint64_t pages_off, objs_off, bump_off, bump_end;
+	uint64_t events;
+	uint64_t trace_seq;
+	uint32_t trace_on;
+	uint32_t yield_ppm;
+	uint64_t timeslice_ns;
+	uint32_t nviolations;
+	struct ks_violation violation;
+
+	ks_lock_t alloc_lock;
+	uint64_t page_head, page_tail;
+	uint64_t obj_head, obj_tail;
+	int64_t pages_used, objs_used, pgtable_pages;
+	uint32_t page_fifo[KS_MAX_PAGES];
+	uint8_t page_state[KS_MAX_PAGES];
+	int16_t page_freed_by[KS_MAX_PAGES];
+	struct ks_page page_structs[KS_MAX_PAGES];
+	uint32_t obj_fifo[KS_MAX_OBJS];
+	uint8_t obj_state[KS_MAX_OBJS];
+
+	ks_lock_t rcu_lock;
+	uint64_t gp_seq;
+	uint64_t cb_head, cb_tail;
+	uint64_t cbs_queued, cbs_run;
+	struct ks_cb cbs[KS_MAX_CBS];
+	uint64_t srcu_seq;
+
+	uint64_t trace_names[KS_NTRACE];
+	uint64_t trace_counts[KS_NTRACE];
+
+	void *vm;                  /* struct kvm *, set by ke_vm_create */
+	struct ks_task tasks[KS_MAX_TASKS];
+};
+
+extern struct ks_arena *ks_arena;
+extern int ks_self;
+extern __thread jmp_buf *ks_bug_jmp;
+
+int ks_arena_map(const char *shm_name, uint64_t base, uint64_t size, int create);
+void ks_arena_unmap(void);
+int ks_arena_init(uint64_t size, uint32_t npages, uint32_t nobjs, uint32_t obj_size,
+		  uint32_t ntasks, uint64_t seed);
+void ks_set_task(int t, int pid);
+void *ks_bump_alloc(uint64_t size);
+void ks_report(int kind, const char *file, int line, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+int ks_rcu_poll(void);
+
+#endif /* _KSRT_ARENA_H */
