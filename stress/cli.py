@@ -191,6 +191,12 @@ def cli() -> None:
 @click.option("--guest-size", type=SizeType(), help="Guest memory: 64m, 1g, 1t.")
 @click.option("--vm-type", type=click.Choice(["tdx", "default"]),
               help="tdx: direct and mirror roots with the TDX module; default: direct only.")
+@click.option("--engine", type=click.Choice(["python", "kernel"]),
+              help="python: the model; kernel: a kernel tree's own tdp_mmu.c (default "
+                   "config: kernel).")
+@click.option("--ksrc", type=click.Path(exists=True),
+              help="The kernel engine's tree: a source directory or a linux-source .tar.xz "
+                   "(default: Debian's linux-source).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output root: each run writes OUT/<timestamp>/ (results.json, bundles/) "
                    "and points OUT/latest at it.")
@@ -212,17 +218,20 @@ def cli() -> None:
 @quiet_options
 def run(config_file: str | None, vcpus: int | None, worker_counts: tuple[tuple[str, int], ...],
         duration: float | None, seed: int | None, variant: str | None,
-        variant_file: str | None, guest_size: int | None, vm_type: str | None, out_dir: str | None,
+        variant_file: str | None, guest_size: int | None, vm_type: str | None,
+        engine: str | None, ksrc: str | None, out_dir: str | None,
         check_interval: float | None, expect_violation: bool | None, watchdog: float | None,
         junit_path: str | None, json_out: str | None, keep_going: bool, width: int | None,
         quiet: bool, plain: bool) -> int:
     """Run the stress job of CONFIG_FILE: a file, or a shipped config's name
-    (`tdp-stress configs`; default: default)."""
+    (`tdp-stress configs`; default: default, or kernel with --engine kernel)."""
     from stress.jobs.run import run_job
 
+    if engine == "kernel" and config_file is None:
+        config_file = "kernel"
     cfg = _load_run_config(config_file, vcpus, worker_counts, duration, seed, variant,
                            guest_size, vm_type, out_dir, check_interval,
-                           expect_violation, watchdog, variant_file)
+                           expect_violation, watchdog, variant_file, engine, ksrc)
     out = _new_run_dir(cfg)
     results_path = out / "results.json"
 
@@ -307,9 +316,15 @@ def _load_run_config(config_file: str | None, vcpus: int | None,
                      seed: int | None, variant: str | None, guest_size: int | None,
                      vm_type: str | None, out_dir: str | None, check_interval: float | None,
                      expect_violation: bool | None, watchdog: float | None,
-                     variant_file: str | None = None) -> Any:
+                     variant_file: str | None = None, engine: str | None = None,
+                     ksrc: str | None = None) -> Any:
     """The config file with the command line's overrides (nothing created yet)."""
-    overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}, "vm": {}}
+    overrides: dict[str, dict[str, Any]] = {"run": {}, "guest": {}, "workers": {}, "vm": {},
+                                            "kernel": {}}
+    if engine is not None:
+        overrides["run"]["engine"] = engine
+    if ksrc is not None:
+        overrides["kernel"]["ksrc"] = str(Path(ksrc).resolve())
     if vm_type is not None:
         overrides["vm"]["type"] = vm_type
     for key, val in (("duration", duration), ("seed", seed), ("variant", variant),
@@ -322,6 +337,7 @@ def _load_run_config(config_file: str | None, vcpus: int | None,
         overrides["guest"]["size"] = guest_size
     if vcpus is not None:
         overrides["workers"]["vcpu"] = vcpus
+        overrides["kernel"]["vcpu"] = min(vcpus, 30)
     for role, n in worker_counts:
         overrides["workers"][role] = n
     return config_mod.load(config_file, {k: v for k, v in overrides.items() if v})
@@ -640,6 +656,7 @@ def _hunt_config(target: str | None, variant: str | None, vcpus: int | None,
         overrides["run"]["variant"] = variant
     if vcpus is not None:
         overrides["workers"]["vcpu"] = vcpus
+        overrides["kernel"]["vcpu"] = min(vcpus, 30)
     for role, n in worker_counts:
         overrides["workers"][role] = n
     if guest_size is not None:

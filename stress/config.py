@@ -89,6 +89,9 @@ class RunConfig:
     expect_violation: bool = False
     watchdog: float = 10.0  # a worker without progress for this long is hung (exit 4)
     max_rss_growth: int = 512 << 20  # a worker's heap growing more than this is a leak
+    # "python": the model (stress/model/); "kernel": a kernel tree's own tdp_mmu.c
+    # (stress/kernel/), built against the shim, in the same harness
+    engine: str = "python"
 
 
 GUEST_LAYOUTS = ("flat", "pc")
@@ -310,6 +313,40 @@ class PoolConfig:
     alias_tables: bool = False
 
 
+#: The kernel engine's roles: each a worker kind with its ops (stress/kernel/worker.py).
+KERNEL_ROLES = ("vcpu", "zapper", "notifier", "invalidator", "dirtylog", "aging", "nx",
+                "memslot")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The kernel engine (``run.engine = "kernel"``): the tree, the arena, the
+    workers of each role and the weights of their ops."""
+
+    ksrc: str = ""  # a tree or a linux-source tarball; "": Debian's linux-source
+    arena: int = 1 << 30  # the shared arena (sparse: only what is touched costs)
+    pages: int = 32768  # page-table pages in the arena's pool
+    yield_ppm: int = 3000  # delay injection: a yield after this share of shared accesses
+    timeslice: float = 0.001  # need_resched() after this long on the CPU
+    ad_bits: bool = True  # EPT A/D bits (kvm_mmu_set_ept_masks(has_ad_bits))
+    nx_huge_pages: bool = True  # the iTLB multihit workaround: exec faults split huge pages
+    write_fraction: float = 0.5
+    exec_fraction: float = 0.1
+    vcpu: int = 4
+    zapper: int = 1  # kvm_zap_gfn_range (write lock)
+    notifier: int = 1  # mmu_notifier invalidate_range_start/end (kvm_unmap_gfn_range)
+    invalidator: int = 1  # kvm_mmu_zap_all_fast: invalidate roots, zap them under the read lock
+    dirtylog: int = 1  # write-protect/eager split/clear-dirty/KVM_GET_DIRTY_LOG/collapse
+    aging: int = 1  # mmu_notifier clear_young/test_young
+    nx: int = 1  # the NX huge page recovery worker
+    memslot: int = 1  # KVM_SET_USER_MEMORY_REGION: delete a slot, create it again
+    slot_zap_all: bool = True  # KVM_X86_QUIRK_SLOT_ZAP_ALL: deleting a slot zaps everything
+    interval: float = 0.002  # the non-vCPU roles' pause between ops
+
+    def workers(self) -> dict[str, int]:
+        return {role: getattr(self, role) for role in KERNEL_ROLES}
+
+
 @dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -331,6 +368,7 @@ class Config:
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -570,6 +608,21 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "expect_violation": _bool("run.expect_violation"),
         "watchdog": _dur("run.watchdog", 0.5, 86400.0),
         "max_rss_growth": _memsize("run.max_rss_growth"),
+        "engine": _choice("run.engine", ("python", "kernel")),
+    },
+    "kernel": {
+        "ksrc": _path_or_empty("kernel.ksrc"),
+        "arena": _memsize("kernel.arena"),
+        "pages": _int("kernel.pages", 64, 1 << 17),
+        "yield_ppm": _int("kernel.yield_ppm", 0, 1_000_000),
+        "timeslice": _dur("kernel.timeslice", 0.0, 60.0),
+        "ad_bits": _bool("kernel.ad_bits"),
+        "nx_huge_pages": _bool("kernel.nx_huge_pages"),
+        "write_fraction": _float("kernel.write_fraction", 0.0, 1.0),
+        "exec_fraction": _float("kernel.exec_fraction", 0.0, 1.0),
+        **{role: _int(f"kernel.{role}", 0, 30) for role in KERNEL_ROLES},
+        "interval": _dur("kernel.interval", 0.0, 60.0),
+        "slot_zap_all": _bool("kernel.slot_zap_all"),
     },
     "vm": {"type": _choice("vm.type", ("tdx", "default"))},
     "guest": {
@@ -746,6 +799,15 @@ def validate(cfg: Config) -> Config:
     if cfg.tdx.private_chunk & (cfg.tdx.private_chunk - 1):
         raise ConfigError(f"tdx.private_chunk: must be a power of two, got "
                           f"{cfg.tdx.private_chunk}")
+    if cfg.run.engine == "kernel":
+        if cfg.vm.type == "tdx":
+            raise ConfigError("run.engine: the kernel engine runs default VMs (vm.type = "
+                              "\"default\"): the 6.12 tree's tdp_mmu.c has no mirror root")
+        if not cfg.kernel.vcpu:
+            raise ConfigError("kernel.vcpu: the kernel engine needs at least one vCPU")
+        if cfg.schedule.controlled:
+            raise ConfigError("schedule.mode: the kernel engine runs free (controlled "
+                              "scheduling of kernel code is not built yet)")
     if cfg.n_workers == 0:
         raise ConfigError("workers: at least one worker is needed")
     sc = cfg.schedule

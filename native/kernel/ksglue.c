@@ -19,6 +19,9 @@
  * so a BUG() in kernel code ends the operation, not the process, and the
  * first violation is left in the arena for the harness.
  */
+#include <stdio.h>
+#include <stdlib.h>
+
 #include "ksrt_arena.h"
 
 /* ---- what vmx.c, x86.c and mmu.c set up at module load -------------- */
@@ -33,6 +36,9 @@ int nx_huge_pages = 0;
 uint nx_huge_pages_recovery_ratio = 60;
 /* mmu.c's kmem_cache for struct kvm_mmu_page: the arena's slab (one cache). */
 struct kmem_cache *mmu_page_header_cache = (struct kmem_cache *)1;
+u64 ks_disabled_quirks;
+/* mmu.c's pte_list_desc_cache (rmap descriptors): the same slab. */
+struct kmem_cache *pte_list_desc_cache = (struct kmem_cache *)2;
 
 /* The pfns a fault resolves to: gfn + KE_PFN_BASE, 1 GiB aligned, so a
  * gfn and its pfn agree in every huge-page offset (kvm_mmu_hugepage_adjust
@@ -245,8 +251,9 @@ void kvm_mmu_sync_roots(struct kvm_vcpu *vcpu)
  * the MMU, in their order: reset the masks, set EPT's (A/D bits, execute-
  * only), and spte.c's module init.
  */
-int ke_module_init(int ad_bits, int max_level, int nx)
+int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all)
 {
+	ks_disabled_quirks = slot_zap_all ? 0 : KVM_X86_QUIRK_SLOT_ZAP_ALL;
 	kvm_mmu_spte_module_init();
 	kvm_mmu_reset_all_pte_masks();
 	kvm_mmu_set_ept_masks(ad_bits, true);
@@ -333,6 +340,8 @@ struct kvm_vcpu *ke_vcpu_create(struct kvm *kvm, int id)
 	vcpu->arch.walk_mmu = mmu;
 	vcpu->arch.mmu_page_header_cache.kmem_cache = mmu_page_header_cache;
 	vcpu->arch.mmu_page_header_cache.gfp_zero = __GFP_ZERO;
+	vcpu->arch.mmu_pte_list_desc_cache.kmem_cache = pte_list_desc_cache;
+	vcpu->arch.mmu_pte_list_desc_cache.gfp_zero = __GFP_ZERO;
 	vcpu->arch.mmu_shadow_page_cache.init_value = SHADOW_NONPRESENT_VALUE;
 	if (!vcpu->arch.mmu_shadow_page_cache.init_value)
 		vcpu->arch.mmu_shadow_page_cache.gfp_zero = __GFP_ZERO;
@@ -375,6 +384,9 @@ enum ke_op {
 	KE_OP_DIRTY_LOG,         /* KVM_GET_DIRTY_LOG: kvm_tdp_mmu_clear_dirty_pt_masked */
 	KE_OP_NX_RECOVER,        /* kvm_nx_huge_page_recovery_worker: kvm_recover_nx_huge_pages */
 	KE_OP_VCPU_UNLOAD,       /* kvm_mmu_unload(): put the vCPU's roots */
+	KE_OP_SLOT_FLAGS,        /* kvm_set_memslot(KVM_MR_FLAGS_ONLY): dirty logging on/off */
+	KE_OP_SLOT_DELETE,       /* kvm_set_memslot(KVM_MR_DELETE) */
+	KE_OP_SLOT_CREATE,       /* kvm_set_memslot(KVM_MR_CREATE) */
 	KE_OP_NR,
 };
 
@@ -449,17 +461,16 @@ fault:
 
 /*
  * vcpu_enter_guest() for one access: the requests an entry services, the
- * root reload, then the access; an EPT violation goes to
- * kvm_mmu_do_page_fault() (handle_ept_violation -> kvm_mmu_page_fault) and
- * the access is retried, as the guest re-executes the faulting instruction.
- * Returns the last page-fault result (RET_PF_*), or 0 for a hit without fault.
+ * root reload, then the access; an EPT violation is handle_ept_violation()'s
+ * kvm_mmu_page_fault() (mmu.c's, copied), and the access is retried, as the
+ * guest re-executes the faulting instruction.  Returns how many EPT
+ * violations the access took (max_entries: it never completed).
  */
 static int ke_vcpu_access(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exec, int max_entries)
 {
-	int r = 0;
 	for (int n = 0; n < max_entries; n++) {
 		u64 err;
-		int idx = srcu_read_lock(&vcpu->kvm->srcu);
+		int r, idx = srcu_read_lock(&vcpu->kvm->srcu);
 		if (kvm_check_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vcpu))
 			kvm_mmu_free_obsolete_roots(vcpu);
 		if (kvm_check_request(KVM_REQ_TLB_FLUSH, vcpu))
@@ -471,17 +482,17 @@ static int ke_vcpu_access(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exe
 		}
 		if (ke_hw_walk(vcpu, gpa, write, exec, &err)) {
 			srcu_read_unlock(&vcpu->kvm->srcu, idx);
-			return n ? r : 0;
+			return n;
 		}
-		r = kvm_mmu_do_page_fault(vcpu, gpa, err, false, NULL, NULL);
+		r = kvm_mmu_page_fault(vcpu, gpa, err, NULL, 0);
 		srcu_read_unlock(&vcpu->kvm->srcu, idx);
-		ks_arena->tasks[ks_self].op_results[r >= 0 && r < 7 ? r : 0]++;
-		if (r < 0)
+		if (r <= 0)
 			return r;
+		/* xfer_to_guest_mode_work: the vCPU thread may be rescheduled. */
 		if (need_resched())
 			cond_resched();
 	}
-	return RET_PF_RETRY;
+	return max_entries;
 }
 
 int ke_guest_access(struct kvm_vcpu *vcpu, u64 gpa, int write, int exec)
@@ -513,7 +524,9 @@ static void ke_notifier_invalidate(struct kvm *kvm, gfn_t start, gfn_t end)
 
 	idx = srcu_read_lock(&kvm->srcu);
 	for (int i = 0; i < slots->nr_slots; i++) {
-		struct kvm_memory_slot *slot = slots->slots[i];
+		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
+		if (!slot)
+			continue;
 		struct kvm_gfn_range range = {
 			.slot = slot,
 			.start = max(start, slot->base_gfn),
@@ -643,7 +656,9 @@ static int ke_age_range(struct kvm *kvm, gfn_t start, gfn_t end, bool test)
 	bool young = false;
 	write_lock(&kvm->mmu_lock);
 	for (int i = 0; i < slots->nr_slots; i++) {
-		struct kvm_memory_slot *slot = slots->slots[i];
+		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
+		if (!slot)
+			continue;
 		struct kvm_gfn_range range = {
 			.slot = slot,
 			.start = max(start, slot->base_gfn),
@@ -746,3 +761,148 @@ struct kvm_vcpu *ke_vcpu(struct kvm *kvm, int i)
 }
 
 const char *ke_tree_version(void) { return KS_TREE_VERSION; }
+
+/* A vCPU's kvm_vcpu_stat, for results.json (pf_fast is counted by fast_page_fault). */
+u64 ke_vcpu_stat(struct kvm_vcpu *vcpu, const char *name)
+{
+	if (!strcmp(name, "pf_fast")) return vcpu->stat.pf_fast;
+	if (!strcmp(name, "pf_fixed")) return vcpu->stat.pf_fixed;
+	if (!strcmp(name, "pf_spurious")) return vcpu->stat.pf_spurious;
+	if (!strcmp(name, "pf_taken")) return vcpu->stat.pf_taken;
+	if (!strcmp(name, "pf_emulate")) return vcpu->stat.pf_emulate;
+	if (!strcmp(name, "pf_mmio_spte_created")) return vcpu->stat.pf_mmio_spte_created;
+	return 0;
+}
+
+/*
+ * kvm_set_memslot(KVM_MR_FLAGS_ONLY) toggling KVM_MEM_LOG_DIRTY_PAGES: under
+ * slots_lock, a copy of the slot with the new flags replaces the old one in
+ * the memslots (kvm_swap_active_memslots), synchronize_srcu() waits out the
+ * vCPUs that may still use the old one, then kvm_arch_commit_memory_region()
+ * -> kvm_mmu_slot_apply_flags(): enabling write-protects the slot and splits
+ * its huge pages eagerly; disabling zaps the collapsible SPTEs so faults map
+ * huge pages again.  The old slot is not freed (the engine's bump memory).
+ */
+int ke_slot_dirty_logging(struct kvm *kvm, int i, int enable)
+{
+	struct kvm_memory_slot *old = ke_slot(kvm, i);
+	if (!old)
+		return -EINVAL;
+	return KE_RUN(KE_OP_SLOT_FLAGS, ({
+		struct kvm_memory_slot *new;
+		mutex_lock(&kvm->slots_lock);
+		old = ke_slot(kvm, i);
+		if (!!(old->flags & KVM_MEM_LOG_DIRTY_PAGES) != !!enable) {
+			new = ks_bump_alloc(sizeof(*new));
+			*new = *old;
+			new->flags = enable ? (old->flags | KVM_MEM_LOG_DIRTY_PAGES) :
+					      (old->flags & ~KVM_MEM_LOG_DIRTY_PAGES);
+			if (enable)
+				atomic_inc(&kvm->nr_memslots_dirty_logging);
+			else
+				atomic_dec(&kvm->nr_memslots_dirty_logging);
+			rcu_assign_pointer(kvm_memslots(kvm)->slots[i], new);
+			synchronize_srcu(&kvm->srcu);
+			if (enable) {
+				ks_arena->tasks[ks_self].ops[KE_OP_WRPROT_SLOT]++;
+				ks_arena->tasks[ks_self].ops[KE_OP_SPLIT]++;
+				read_lock(&kvm->mmu_lock);
+				if (kvm_tdp_mmu_wrprot_slot(kvm, new, PG_LEVEL_4K))
+					kvm_flush_remote_tlbs_memslot(kvm, new);
+				kvm_tdp_mmu_try_split_huge_pages(kvm, new, new->base_gfn,
+								 new->base_gfn + new->npages,
+								 PG_LEVEL_4K, true);
+				read_unlock(&kvm->mmu_lock);
+			} else {
+				ks_arena->tasks[ks_self].ops[KE_OP_COLLAPSIBLE]++;
+				read_lock(&kvm->mmu_lock);
+				kvm_tdp_mmu_zap_collapsible_sptes(kvm, new);
+				read_unlock(&kvm->mmu_lock);
+			}
+			__r = 1;
+		}
+		mutex_unlock(&kvm->slots_lock);
+	}));
+}
+
+/*
+ * kvm_set_memslot(KVM_MR_DELETE) of kvm_main.c: under slots_lock, an invalid
+ * copy of the slot (KVM_MEMSLOT_INVALID) replaces it, so a fault that finds
+ * it retries; synchronize_srcu(); kvm_arch_flush_shadow_memslot() (mmu.c's:
+ * a fast zap of everything with KVM_X86_QUIRK_SLOT_ZAP_ALL, else the slot's
+ * range); then the slot leaves the memslots and synchronize_srcu() again.
+ */
+static struct kvm_memory_slot *ke_deleted[KS_MAX_MEMSLOTS];
+
+int ke_memslot_delete(struct kvm *kvm, int i)
+{
+	struct kvm_memory_slot *old = ke_slot(kvm, i);
+	if (!old)
+		return -EINVAL;
+	return KE_RUN(KE_OP_SLOT_DELETE, ({
+		struct kvm_memory_slot *invalid;
+		mutex_lock(&kvm->slots_lock);
+		old = ke_slot(kvm, i);
+		if (old) {
+			invalid = ks_bump_alloc(sizeof(*invalid));
+			*invalid = *old;
+			invalid->flags |= KVM_MEMSLOT_INVALID;
+			rcu_assign_pointer(kvm_memslots(kvm)->slots[i], invalid);
+			synchronize_srcu(&kvm->srcu);
+			kvm_arch_flush_shadow_memslot(kvm, invalid);
+			rcu_assign_pointer(kvm_memslots(kvm)->slots[i], NULL);
+			synchronize_srcu(&kvm->srcu);
+			if (old->flags & KVM_MEM_LOG_DIRTY_PAGES)
+				atomic_dec(&kvm->nr_memslots_dirty_logging);
+			ke_deleted[i] = old;
+			__r = 1;
+		}
+		mutex_unlock(&kvm->slots_lock);
+	}));
+}
+
+/* kvm_set_memslot(KVM_MR_CREATE) of the deleted slot again: new metadata
+ * (kvm_alloc_memslot_metadata), published under slots_lock. */
+int ke_memslot_recreate(struct kvm *kvm, int i)
+{
+	if (i < 0 || i >= KS_MAX_MEMSLOTS || !ke_deleted[i])
+		return -EINVAL;
+	return KE_RUN(KE_OP_SLOT_CREATE, ({
+		struct kvm_memory_slot *old = ke_deleted[i], *slot;
+		mutex_lock(&kvm->slots_lock);
+		slot = ks_bump_alloc(sizeof(*slot));
+		*slot = *old;
+		slot->flags &= ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEMSLOT_INVALID);
+		for (int level = PG_LEVEL_2M; level <= KVM_MAX_HUGEPAGE_LEVEL; level++) {
+			unsigned long lpages = gfn_to_index(slot->base_gfn + slot->npages - 1,
+							    slot->base_gfn, level) + 1;
+			struct kvm_lpage_info *linfo = ks_bump_alloc(lpages * sizeof(*linfo));
+			slot->arch.lpage_info[level - 2] = linfo;
+			if (slot->base_gfn & (KVM_PAGES_PER_HPAGE(level) - 1))
+				linfo[0].disallow_lpage = 1;
+			if ((slot->base_gfn + slot->npages) & (KVM_PAGES_PER_HPAGE(level) - 1))
+				linfo[lpages - 1].disallow_lpage = 1;
+		}
+		memset(slot->dirty_bitmap, 0, ((slot->npages + 63) / 64) * 8);
+		rcu_assign_pointer(kvm_memslots(kvm)->slots[i], slot);
+		synchronize_srcu(&kvm->srcu);
+		ke_deleted[i] = NULL;
+		mutex_unlock(&kvm->slots_lock);
+		__r = 1;
+	}));
+}
+
+int ke_nr_slots(struct kvm *kvm) { return kvm_memslots(kvm)->nr_slots; }
+
+void ke_slot_info(struct kvm *kvm, int i, u64 *base, u64 *npages, u32 *flags)
+{
+	struct kvm_memory_slot *s = ke_slot(kvm, i);
+	if (!s)
+		s = ke_deleted[i];
+	*base = s->base_gfn;
+	*npages = s->npages;
+	*flags = s->flags;
+}
+
+#include "ksoracle.c"
+

@@ -91,6 +91,7 @@ struct ks_arena {
 	uint32_t yield_ppm;
 	uint64_t timeslice_ns;
 	uint32_t nviolations;
+	uint32_t abort;            /* the supervisor tears the run down: spinners give up */
 	struct ks_violation violation;
 
 	ks_lock_t alloc_lock;
@@ -131,5 +132,6 @@ void *ks_bump_alloc(uint64_t size);
 void ks_report(int kind, const char *file, int line, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 int ks_rcu_poll(void);
+void ks_set_abort(void);
 
 #endif /* _KSRT_ARENA_H */

@@ -47,6 +47,8 @@ enum {
 };
 
 #define KVM_USER_MEM_SLOTS 32764
+#define EMULTYPE_PF (1 << 6)
+#define EMULTYPE_ALLOW_RETRY_PF (1 << 7)
 #define EMULTYPE_WRITE_PF_TO_SP (1 << 8)
 #define MMIO_GVA_ANY (~(gva_t)0)
 
@@ -153,6 +155,28 @@ static inline bool kvm_rmap_zap_gfn_range(struct kvm *kvm, gfn_t gfn_start, gfn_
 	if (!kvm_memslots_have_rmaps(kvm))
 		return false;
 	ks_bug("shadow MMU: kvm_rmap_zap_gfn_range() with rmaps", __FILE__, __LINE__);
+}
+KS_SHADOW_STUB(int, kvm_mmu_write_protect_fault, struct kvm_vcpu *vcpu, gpa_t cr2_or_gpa,
+	       u64 error_code, int *emulation_type)
+/* Reserved-bit (MMIO SPTE) faults: the engine creates no MMIO SPTEs
+ * (kvm_handle_noslot_fault emulates), so the CPU never reports one. */
+KS_SHADOW_STUB(int, handle_mmio_page_fault, struct kvm_vcpu *vcpu, u64 addr, bool direct)
+/* for_each_gfn_valid_sp_with_gptes(): the shadow page hash, empty in a TDP-only VM
+ * (kvm_mmu_zap_memslot_pages_and_flush returns before it: active_mmu_pages is empty). */
+#define for_each_gfn_valid_sp_with_gptes(kvm, sp, gfn) for (sp = NULL; sp; )
+/* x86_emulate_instruction(): the instruction emulator is not in the engine; the
+ * access it would emulate (MMIO outside every memslot) completes. */
+static inline int x86_emulate_instruction(struct kvm_vcpu *vcpu, gpa_t cr2_or_gpa,
+					  int emulation_type, void *insn, int insn_len)
+{
+	return 1;
+}
+/* KVM_X86_QUIRK_SLOT_ZAP_ALL: on by default, as the kernel has it. */
+#define KVM_X86_QUIRK_SLOT_ZAP_ALL (1 << 10)
+extern u64 ks_disabled_quirks;
+static inline bool kvm_check_has_quirk(struct kvm *kvm, u64 quirk)
+{
+	return !(ks_disabled_quirks & quirk);
 }
 /* A list that is empty in a TDP-only VM commits nothing. */
 static inline void kvm_mmu_commit_zap_page(struct kvm *kvm, struct list_head *invalid_list)

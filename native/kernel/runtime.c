@@ -298,6 +298,11 @@ void ks_access(int kind, const void *addr, uint64_t old, uint64_t val)
 	}
 }
 
+void ks_set_abort(void)
+{
+	__atomic_store_n(&ks_arena->abort, 1, __ATOMIC_SEQ_CST);
+}
+
 void ks_cpu_relax(void)
 {
 	sched_yield();
@@ -313,8 +318,16 @@ void ks_lock_init(ks_lock_t *l, int kind, const char *name)
 	l->name = name;
 }
 
+/*
+ * A spinner gives up when the supervisor aborts the run (a worker that died
+ * holding the lock, a stop after a violation): it unwinds to its op's entry,
+ * as the Python model's LockAborted does.
+ */
 static void spin_wait(ks_lock_t *l, uint64_t *spins)
 {
+	(void)l;
+	if (__atomic_load_n(&ks_arena->abort, __ATOMIC_RELAXED) && ks_bug_jmp)
+		longjmp(*ks_bug_jmp, 2);
 	if (++*spins % 64 == 0) {
 		if (ks_self >= 0)
 			self()->lock_spins++;

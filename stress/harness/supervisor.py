@@ -129,6 +129,8 @@ class RunOutcome:
     trace: list[dict[str, Any]] = field(default_factory=list)
     # controlled runs: the schedule that ran, in replay form (harness/sched/)
     schedule: dict[str, Any] | None = None
+    # the engine that ran (the kernel engine: its tree, version, build, tracepoints)
+    engine: dict[str, Any] | None = None
 
     @property
     def exit_code(self) -> int:
@@ -310,7 +312,7 @@ class Supervisor:
     def _pause_and_check(self, gen: int) -> str | None:
         """Park every worker, walk everything, resume.  Returns an exit reason or None."""
         w, lay = self.words, self.layout
-        assert w is not None and self.kvm is not None
+        assert w is not None
         w.store(lay.ctl(Control.PARKED), 0)
         w.store(lay.ctl(Control.PAUSE_REQ), gen)
         deadline = min(time.monotonic() + self.cfg.run.watchdog, self.deadline - OVERRUN_S / 2)
@@ -330,11 +332,16 @@ class Supervisor:
                                                   "check")
                     return "hang"
                 time.sleep(0.001)
-            rep = quiescent_check(self.kvm)
+            rep = self._quiescent_report()
             self.checks["quiescent"] += 1
             return self._record_report(rep, "quiescent check")
         finally:
             w.store(lay.ctl(Control.PAUSE_REQ), 0)
+
+    def _quiescent_report(self) -> QuiescentReport:
+        """The quiescent walk, with every worker parked (the engine's)."""
+        assert self.kvm is not None
+        return quiescent_check(self.kvm)
 
     def _sample_rss(self, elapsed: float) -> str | None:
         """Sample every worker's memory; "leak" if a heap grew past the bound.

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stress.config import Config
+from stress.harness.kernel import KernelSupervisor
 from stress.harness.supervisor import RunOutcome, StatusSnapshot, Supervisor
 from stress.report.explain import annotate, worker_names
 from stress.report.report import build_results, now_iso
@@ -25,7 +26,8 @@ def run_job(cfg: Config, out: Path, on_status: Callable[[StatusSnapshot], None] 
     written here), every violation's workers named, the first cause bundled
     under ``out/bundles`` (the consequences too with ``keep_going``)."""
     started = now_iso()
-    outcome = Supervisor(cfg, on_status=on_status, hard_deadline=hard_deadline).run()
+    sup = KernelSupervisor if cfg.run.engine == "kernel" else Supervisor
+    outcome = sup(cfg, on_status=on_status, hard_deadline=hard_deadline).run()
     res = build_results(cfg, outcome, started)
     annotate(res["violations"], worker_names(cfg))
     write_bundles(out / "bundles", cfg, res["violations"], outcome.trace, keep_going, width)

@@ -110,6 +110,9 @@ FROM_MMU_C = (
     "unaccount_nx_huge_page",
     "kvm_mmu_remote_flush_or_zap",
     "kvm_recover_nx_huge_pages",
+    "kvm_mmu_page_fault",
+    "kvm_mmu_zap_memslot_pages_and_flush",
+    "kvm_arch_flush_shadow_memslot",
 )
 
 #: Macros of mmu.c the copied functions name, copied by name.
@@ -255,6 +258,7 @@ int ks_arena_init(uint64_t size, uint32_t npages, uint32_t nobjs, uint32_t obj_s
                   uint32_t ntasks, uint64_t seed);
 void ks_set_task(int t, int pid);
 int ks_rcu_poll(void);
+void ks_set_abort(void);
 int ks_violation(int *kind, int *task, int *line, uint32_t *op, char *file, char *what);
 int64_t ks_stat(const char *name);
 int64_t ks_task_stat(int t, const char *name);
@@ -262,7 +266,7 @@ int ks_tracepoints(const char **names, uint64_t *counts, int max);
 void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on);
 int ks_task_waiting(int t, char *lock_name, int n, int *owner, uint64_t *readers);
 
-int ke_module_init(int ad_bits, int max_level, int nx);
+int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all);
 struct kvm *ke_vm_create(void);
 int ke_memslot_add(struct kvm *kvm, int id, uint64_t base_gfn, uint64_t npages, uint32_t flags,
                    int host_level);
@@ -282,6 +286,13 @@ int ke_dirty_log(struct kvm *kvm, int i);
 int ke_nx_recover(struct kvm *kvm);
 int ke_vcpu_unload(struct kvm_vcpu *vcpu);
 int ke_vm_destroy(struct kvm *kvm);
+int ke_check(struct kvm *kvm, int teardown, char *name, char *msg);
+uint64_t ke_vcpu_stat(struct kvm_vcpu *vcpu, const char *name);
+int ke_slot_dirty_logging(struct kvm *kvm, int i, int enable);
+int ke_nr_slots(struct kvm *kvm);
+int ke_memslot_delete(struct kvm *kvm, int i);
+int ke_memslot_recreate(struct kvm *kvm, int i);
+void ke_slot_info(struct kvm *kvm, int i, uint64_t *base, uint64_t *npages, uint32_t *flags);
 const char *ke_tree_version(void);
 """
 

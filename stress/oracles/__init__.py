@@ -20,6 +20,7 @@ from stress.model.hooks import Hooks
 from stress.model.kvm import Kvm
 from stress.oracles import (
     faults,
+    kernel,
     liveness,
     memory,
     notifier,
@@ -34,7 +35,7 @@ from stress.oracles import (
 from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, ORACLES, Oracle
 
 __all__ = ["HOOK_QUIESCENT", "HOOK_TEARDOWN", "ORACLES", "Oracle", "OracleHooks", "attach",
-           "faults", "liveness", "memory", "notifier", "quiescent", "roots", "tdx", "tlb",
+           "faults", "kernel", "liveness", "memory", "notifier", "quiescent", "roots", "tdx", "tlb",
            "transitions", "unsync", "zaps"]
 
 HOOK_NAMES = tuple(n for n in vars(Hooks) if not n.startswith("_"))

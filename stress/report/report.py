@@ -92,6 +92,7 @@ def build_results(cfg: Config, outcome: RunOutcome, started_at: str) -> dict[str
         "duration_s": outcome.duration_s,
         "config": cfg.to_dict(),
         "pool_pages": outcome.pool_pages,
+        "engine": outcome.engine or {"engine": "python"},
         "roles": roles,
         "totals": {k: totals.get(k, 0) for k in HEADLINE},
         "tdx": tdx_summary(totals) if cfg.vm.type == "tdx" else None,

@@ -1,0 +1,182 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ksoracle.c: the oracle layer's walk of the kernel's own structures.
+ *
+ * Not kernel code and not the kernel's assertions: these are the tester's
+ * invariants (stress/oracles/kernel.py lists them), written in C because
+ * the structures they walk (kvm->arch.tdp_mmu_roots, sp->spt, sp->ptep,
+ * role, refcounts, lpage_info) are the kernel's C structures.  Included at
+ * the end of ksglue.c, in the kernel TU, so it sees the MMU's inlines.
+ */
+/*
+ * ke_check(): with every worker parked between operations (outside mmu_lock,
+ * RCU and SRCU), walk every root on kvm->arch.tdp_mmu_roots and every table
+ * below it, and account for every page of the arena's allocator.  The
+ * invariants are the oracle layer's (stress/oracles/kernel.py lists them,
+ * with the names the Python model's quiescent walk uses where the invariant
+ * is the same); they are checked here because here the kernel's structures
+ * are C.  Reads are plain loads, not hooked accesses: the check is not part
+ * of the race.  Returns 0, or 1 with the invariant's name and a message.
+ */
+struct ke_walk {
+	struct kvm *kvm;
+	uint8_t *seen;          /* page index -> linked once */
+	long tables;            /* non-root tables reachable */
+	long pages;             /* every page reachable, roots included */
+	char *name, *msg;
+	int failed;
+};
+
+#define KE_FAIL(w, n, ...) do {                                                \
+	if (!(w)->failed) {                                                    \
+		(w)->failed = 1;                                               \
+		snprintf((w)->name, 64, "%s", n);                              \
+		snprintf((w)->msg, 400, __VA_ARGS__);                          \
+	}                                                                      \
+	return;                                                                \
+} while (0)
+
+static inline int ke_page_index(const void *p)
+{
+	uint64_t off = (uint64_t)((const char *)p - (const char *)ks_arena);
+	if (off < ks_arena->pages_off || off >= ks_arena->pages_off + (uint64_t)ks_arena->npages * 4096)
+		return -1;
+	return (int)((off - ks_arena->pages_off) >> 12);
+}
+
+static void ke_walk_table(struct ke_walk *w, struct kvm_mmu_page *root, struct kvm_mmu_page *sp)
+{
+	int level = sp->role.level;
+	int pi = ke_page_index(sp->spt);
+
+	if (pi < 0)
+		KE_FAIL(w, "corrupt non-leaf SPTE", "table of level %d at gfn %#llx is no page-table page",
+			level, (unsigned long long)sp->gfn);
+	if (ks_arena->page_state[pi] != KS_PAGE_USED)
+		KE_FAIL(w, "reachable table not live", "table of level %d at gfn %#llx (page %d) is reachable "
+			"from root %d but was freed", level, (unsigned long long)sp->gfn, pi,
+			ke_page_index(root->spt));
+	if (w->seen[pi]++)
+		KE_FAIL(w, "page-table page linked twice", "page %d (level %d, gfn %#llx) is reachable twice",
+			pi, level, (unsigned long long)sp->gfn);
+	w->pages++;
+	if (sp != root)
+		w->tables++;
+	for (int i = 0; i < SPTE_ENT_PER_PAGE; i++) {
+		u64 *sptep = &sp->spt[i];
+		u64 spte = __atomic_load_n(sptep, __ATOMIC_RELAXED);
+		gfn_t gfn = sp->gfn + ((gfn_t)i << ((level - 1) * SPTE_LEVEL_BITS));
+
+		if (spte == 0x8000deadbeef0000ull)
+			KE_FAIL(w, "poison reachable", "entry %d of table (level %d, gfn %#llx) holds the "
+				"free poison", i, level, (unsigned long long)sp->gfn);
+		if (is_frozen_spte(spte))
+			KE_FAIL(w, "FROZEN SPTE reachable at quiescence", "gfn %#llx level %d is FROZEN with "
+				"no operation in flight", (unsigned long long)gfn, level);
+		if (!is_shadow_present_pte(spte)) {
+			if (spte != SHADOW_NONPRESENT_VALUE && !is_mmio_spte(w->kvm, spte))
+				KE_FAIL(w, "corrupt non-present SPTE", "gfn %#llx level %d: %#llx",
+					(unsigned long long)gfn, level, (unsigned long long)spte);
+			continue;
+		}
+		if (is_last_spte(spte, level)) {
+			struct kvm_memory_slot *slot = __gfn_to_memslot(kvm_memslots(w->kvm), gfn);
+			kvm_pfn_t pfn = spte_to_pfn(spte);
+			if (!slot || gfn + KVM_PAGES_PER_HPAGE(level) > slot->base_gfn + slot->npages)
+				KE_FAIL(w, "leaf outside every memslot", "gfn %#llx level %d is mapped but no "
+					"memslot holds all of it", (unsigned long long)gfn, level);
+			if (pfn != KE_PFN_BASE + gfn)
+				KE_FAIL(w, "leaf maps wrong pfn", "gfn %#llx level %d maps pfn %#llx, its host "
+					"page is %#llx", (unsigned long long)gfn, level, (unsigned long long)pfn,
+					(unsigned long long)(KE_PFN_BASE + gfn));
+			if (level > PG_LEVEL_4K && lpage_info_slot(gfn, slot, level)->disallow_lpage)
+				KE_FAIL(w, "huge leaf where lpage_info disallows it", "gfn %#llx is mapped at "
+					"level %d but its lpage_info disallows that level", (unsigned long long)gfn,
+					level);
+			continue;
+		}
+		{
+			u64 *child_pt = spte_to_child_pt(spte, level);
+			int ci = ke_page_index(child_pt);
+			struct kvm_mmu_page *child;
+			if (ci < 0 || ((uintptr_t)child_pt & 4095))
+				KE_FAIL(w, "corrupt non-leaf SPTE", "gfn %#llx level %d points at %p, no "
+					"page-table page", (unsigned long long)gfn, level, (void *)child_pt);
+			if (ks_arena->page_state[ci] != KS_PAGE_USED)
+				KE_FAIL(w, "reachable table not live", "gfn %#llx level %d links page %d, which "
+					"was freed (by task %d)", (unsigned long long)gfn, level, ci,
+					ks_arena->page_freed_by[ci]);
+			child = sptep_to_sp(child_pt);
+			if (!child || child->spt != child_pt || child->role.level != level - 1 ||
+			    child->gfn != gfn || (u64 *)child->ptep != sptep)
+				KE_FAIL(w, "table back-pointer wrong", "gfn %#llx level %d links a table whose "
+					"kvm_mmu_page says level %d, gfn %#llx, parent %p (the entry is %p)",
+					(unsigned long long)gfn, level, child ? child->role.level : -1,
+					child ? (unsigned long long)child->gfn : 0ULL,
+					child ? (void *)child->ptep : NULL, (void *)sptep);
+			ke_walk_table(w, root, child);
+			if (w->failed)
+				return;
+		}
+	}
+}
+
+static long ke_cache_objs(struct kvm_mmu_memory_cache *mc) { return mc->nobjs; }
+
+int ke_check(struct kvm *kvm, int teardown, char *name, char *msg)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	struct ke_walk w = { .kvm = kvm, .name = name, .msg = msg };
+	struct kvm_mmu_page *root;
+	long cached_pages = 0, cached_objs = 0, pending = (long)(ks_arena->cb_tail - ks_arena->cb_head);
+	long used, objs;
+
+	w.seen = calloc(ks_arena->npages, 1);
+	list_for_each_entry(root, &kvm->arch.tdp_mmu_roots, link) {
+		if (!root->role.invalid && !refcount_read(&root->tdp_mmu_root_count) && !w.failed) {
+			w.failed = 1;
+			snprintf(name, 64, "listed root without references");
+			snprintf(msg, 400, "valid root (page %d) is listed with no reference",
+				 ke_page_index(root->spt));
+		}
+		if (teardown && !w.failed) {
+			w.failed = 1;
+			snprintf(name, 64, "leaked root");
+			snprintf(msg, 400, "root (page %d, %s, %u references) is still listed after "
+				 "kvm_mmu_uninit_tdp_mmu()", ke_page_index(root->spt),
+				 root->role.invalid ? "invalid" : "valid",
+				 refcount_read(&root->tdp_mmu_root_count));
+		}
+		if (w.failed)
+			break;
+		ke_walk_table(&w, root, root);
+		if (w.failed)
+			break;
+	}
+	free(w.seen);
+	if (w.failed)
+		return 1;
+	if (w.tables != atomic64_read(&kvm->arch.tdp_mmu_pages)) {
+		snprintf(name, 64, "tdp_mmu_pages accounting");
+		snprintf(msg, 400, "kvm->arch.tdp_mmu_pages is %lld but %ld non-root tables are linked",
+			 (long long)atomic64_read(&kvm->arch.tdp_mmu_pages), w.tables);
+		return 1;
+	}
+	for (int i = 0; i < kvm->created_vcpus; i++) {
+		cached_pages += ke_cache_objs(&vm->vcpus[i]->arch.mmu_shadow_page_cache);
+		cached_objs += ke_cache_objs(&vm->vcpus[i]->arch.mmu_page_header_cache);
+		cached_objs += ke_cache_objs(&vm->vcpus[i]->arch.mmu_pte_list_desc_cache);
+	}
+	used = ks_arena->pages_used;
+	objs = ks_arena->objs_used;
+	/* Every page the allocator handed out is reachable, waiting for its RCU
+	 * callback, or in a vCPU's memory cache; every kvm_mmu_page likewise. */
+	if (used != w.pages + pending + cached_pages || objs != w.pages + pending + cached_objs) {
+		snprintf(name, 64, "leaked page-table page");
+		snprintf(msg, 400, "%ld pages and %ld kvm_mmu_page objects are allocated; %ld are "
+			 "reachable, %ld wait for an RCU callback, %ld pages and %ld objects are in "
+			 "vCPU caches", used, objs, w.pages, pending, cached_pages, cached_objs);
+		return 1;
+	}
+	return 0;
+}

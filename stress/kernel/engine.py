@@ -1,0 +1,197 @@
+"""The kernel engine in a process: its module, its arena, its VM.
+
+:class:`KernelVm` is what the harness holds: it builds (or finds cached) the
+module for the configured tree, maps the arena at its fixed address, sets the
+MMU up as vmx.c and mmu.c do, creates the VM, its memslots and one vCPU per
+vCPU worker.  The supervisor creates it before forking; every worker inherits
+the mapping and the loaded module, sets its task index, and calls the
+``ke_*`` operations.  Nothing here knows the CLI or the oracles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from stress.config import Config, guest_memslots
+from stress.kernel.build import Built, build, load
+from stress.kernel.tree import Tree, open_tree
+
+#: Where the arena is mapped in every process (MAP_FIXED_NOREPLACE): a user
+#: address far from where Python, its heap and its libraries live.
+ARENA_BASE = 0x5E0000000000
+
+#: ksglue.c's KE_OP_* numbers, by name (results.json counts ops by these names).
+OPS = ("none", "guest_access", "zap_gfn_range", "unmap", "zap_all_fast", "wrprot_slot",
+       "clear_dirty_slot", "split", "zap_collapsible", "age", "test_age", "dirty_log",
+       "nx_recover", "vcpu_unload", "slot_flags", "memslot_delete", "memslot_create")
+#: RET_PF_* of mmu_internal.h, the page-fault results a vCPU counts.
+RET_PF = ("continue", "retry", "emulate", "write_protected", "invalid", "fixed", "spurious")
+
+VIOLATION_KINDS = {1: "WARN", 2: "BUG", 3: "lockdep", 4: "KASAN", 5: "printk", 6: "oracle",
+                   7: "hang"}
+
+KVM_MEM_LOG_DIRTY_PAGES = 1
+
+
+class EngineError(Exception):
+    """The kernel engine cannot start: one line says why."""
+
+
+@dataclass(frozen=True)
+class KernelViolation:
+    kind: str
+    task: int
+    file: str
+    line: int
+    op: str
+    what: str
+    count: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "task": self.task, "file": self.file, "line": self.line,
+                "op": self.op, "what": self.what, "count": self.count}
+
+
+def built_for(cfg: Config) -> tuple[Tree, Built]:
+    tree = open_tree(cfg.kernel.ksrc or None)
+    return tree, build(tree)
+
+
+class KernelVm:
+    """The arena and the VM, created by the supervisor before fork."""
+
+    def __init__(self, cfg: Config, n_tasks: int) -> None:
+        self.cfg = cfg
+        self.tree, self.built = built_for(cfg)
+        self.mod: ModuleType = load(self.built)
+        self.ffi, self.lib = self.mod.ffi, self.mod.lib
+        self.n_tasks = n_tasks
+        self.name = f"/tdpstress-{os.getpid()}-kernel"
+        self.mapped = False
+        self.kvm: Any = None
+        self.vcpus: list[Any] = []
+
+    # -- setup and teardown (the supervisor) --------------------------------------
+    def create(self, n_vcpus: int) -> None:
+        k = self.cfg.kernel
+        lib = self.lib
+        r = lib.ks_arena_map(self.name.encode(), ARENA_BASE, k.arena, 1)
+        if r < 0:
+            raise EngineError(f"kernel engine: cannot map the arena at {ARENA_BASE:#x} "
+                              f"({os.strerror(-r)})")
+        self.mapped = True
+        obj_size = lib.ke_module_init(int(k.ad_bits), 3, int(k.nx_huge_pages),
+                                      int(k.slot_zap_all))
+        r = lib.ks_arena_init(k.arena, k.pages, k.pages, obj_size, self.n_tasks,
+                              self.cfg.run.seed)
+        if r < 0:
+            raise EngineError(f"kernel engine: kernel.arena {k.arena} bytes cannot hold "
+                              f"kernel.pages = {k.pages} pages ({os.strerror(-r)})")
+        lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), 0)
+        self.set_task(self.n_tasks - 1)  # the supervisor is the last task
+        self.kvm = lib.ke_vm_create()
+        host_level = 2 if self.cfg.guest.huge_pages > 0 else 1
+        for i, (base, npages) in enumerate(guest_memslots(self.cfg.guest, "default")):
+            r = lib.ke_memslot_add(self.kvm, i, base, npages, 0, host_level)
+            if r < 0:
+                raise EngineError(f"kernel engine: memslot {i} ({base:#x}+{npages:#x}): "
+                                  f"{os.strerror(-r)}")
+        self.vcpus = [lib.ke_vcpu_create(self.kvm, i) for i in range(n_vcpus)]
+
+    def close(self) -> None:
+        """Unmap and unlink the arena (the supervisor, on every exit path)."""
+        if self.mapped:
+            self.lib.ks_arena_unmap()
+            self.mapped = False
+        try:
+            os.unlink("/dev/shm" + self.name)
+        except FileNotFoundError:
+            pass
+
+    def set_task(self, index: int) -> None:
+        self.lib.ks_set_task(index, os.getpid())
+
+    def abort(self) -> None:
+        if self.mapped:
+            self.lib.ks_set_abort()
+
+    # -- what the harness reads --------------------------------------------------
+    def violation(self) -> KernelViolation | None:
+        ffi = self.ffi
+        kind, task, line = ffi.new("int *"), ffi.new("int *"), ffi.new("int *")
+        op, file, what = ffi.new("uint32_t *"), ffi.new("char[96]"), ffi.new("char[400]")
+        n = self.lib.ks_violation(kind, task, line, op, file, what)
+        if not n:
+            return None
+        return KernelViolation(VIOLATION_KINDS.get(kind[0], str(kind[0])), task[0],
+                               ffi.string(file).decode(errors="replace"), line[0],
+                               OPS[op[0]] if op[0] < len(OPS) else str(op[0]),
+                               ffi.string(what).decode(errors="replace"), n)
+
+    def check(self, teardown: bool = False) -> tuple[str, str] | None:
+        ffi = self.ffi
+        name, msg = ffi.new("char[64]"), ffi.new("char[400]")
+        if self.lib.ke_check(self.kvm, int(teardown), name, msg):
+            return ffi.string(name).decode(), ffi.string(msg).decode()
+        return None
+
+    def destroy(self) -> int:
+        return int(self.lib.ke_vm_destroy(self.kvm))
+
+    def stat(self, name: str) -> int:
+        return int(self.lib.ks_stat(name.encode()))
+
+    def task_stats(self, t: int) -> dict[str, int]:
+        lib = self.lib
+        out = {}
+        for i, op in enumerate(OPS[1:], start=1):
+            n = lib.ks_task_stat(t, f"ops.{i}".encode())
+            if n:
+                out[op] = int(n)
+        for i, r in enumerate(RET_PF):
+            n = lib.ks_task_stat(t, f"pf.{i}".encode())
+            if n:
+                out[f"pf_{r}"] = int(n)
+        for key in ("spte_accesses", "yields", "resched", "lock_spins", "srcu_waits"):
+            out[key] = int(lib.ks_task_stat(t, key.encode()))
+        return out
+
+    def vcpu_stats(self, i: int) -> dict[str, int]:
+        v = self.vcpus[i]
+        st = {k: int(self.lib.ke_vcpu_stat(v, k.encode()))
+              for k in ("pf_taken", "pf_fast", "pf_fixed", "pf_spurious", "pf_emulate")}
+        # kvm_mmu_page_fault counts what it fixed, emulated or found spurious; the
+        # rest of the faults it took returned RET_PF_RETRY
+        st["pf_retry"] = st["pf_taken"] - st["pf_fixed"] - st["pf_spurious"] - st["pf_emulate"]
+        st["faults"] = st["pf_fixed"] + st["pf_spurious"] + st["pf_emulate"] + st["pf_fast"]
+        return st
+
+    def tracepoints(self) -> dict[str, int]:
+        ffi = self.ffi
+        names, counts = ffi.new("const char *[64]"), ffi.new("uint64_t[64]")
+        n = self.lib.ks_tracepoints(names, counts, 64)
+        return {ffi.string(names[i]).decode(): int(counts[i]) for i in range(n)}
+
+    def lock_waits(self, n: int) -> dict[str, Any]:
+        """Which kernel lock each task spins on, and who holds it (hang reports)."""
+        ffi, lib = self.ffi, self.lib
+        out = {}
+        for t in range(n):
+            name, owner, readers = ffi.new("char[64]"), ffi.new("int *"), ffi.new("uint64_t *")
+            if lib.ks_task_waiting(t, name, 64, owner, readers):
+                out[str(t)] = {"waits_for": ffi.string(name).decode(),
+                               "write_owner": owner[0],
+                               "readers": [i for i in range(64) if readers[0] >> i & 1]}
+        return out
+
+    def slots(self) -> list[tuple[int, int, int]]:
+        ffi, lib = self.ffi, self.lib
+        out = []
+        for i in range(lib.ke_nr_slots(self.kvm)):
+            b, n, f = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint32_t *")
+            lib.ke_slot_info(self.kvm, i, b, n, f)
+            out.append((int(b[0]), int(n[0]), int(f[0])))
+        return out
