@@ -20,6 +20,7 @@ from stress import config as config_mod
 from stress.arena import list_segments, sweep_stale
 from stress.config import ROLES, ConfigError, parse_duration, parse_size
 from stress.harness.supervisor import EXIT_USAGE
+from stress.kernel.errors import KernelEngineError
 from stress.model.variants import VARIANTS
 from stress.mutate.command import mutate as mutate_command
 from stress.report.report import (
@@ -550,13 +551,17 @@ def merge(paths: tuple[str, ...], out_file: str | None) -> int:
 @click.option("--hunt", "hunt_tries", type=click.IntRange(0, 100000), default=0,
               help="Also hunt every variant under controlled schedules (up to N tries) and "
                    "replay the failing schedule SEEDS times (deterministic reproducers).")
+@click.option("--engine", type=click.Choice(["python", "kernel"]), default="python",
+              show_default=True,
+              help="kernel: the tree mutations of stress/kernel/mutations.py on the kernel "
+                   "engine (configs/kernel.toml).")
 @click.option("--hunt-max-steps", type=click.IntRange(100, 10**9), default=200_000,
               show_default=True, help="Shared accesses per controlled run of --hunt.")
 @quiet_options
 def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
         variant_file: str | None, json_out: str | None, junit_path: str | None,
-        compare_perturbation: bool, hunt_tries: int, hunt_max_steps: int, quiet: bool,
-        plain: bool) -> int:
+        compare_perturbation: bool, hunt_tries: int, engine: str, hunt_max_steps: int,
+        quiet: bool, plain: bool) -> int:
     """Time-to-detect of every bug variant over N seeds, and the fixed protocol clean.
 
     Exit 0 when every variant was detected at least once and the fixed
@@ -565,8 +570,16 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
     from stress.jobs.zoo import format_zoo, not_detected, run_zoo
 
     _load_variant_file(variant_file)
-    chosen = list(names) or [v.name for v in VARIANTS.values() if v.buggy]
-    unknown = [n for n in chosen if n not in VARIANTS]
+    if engine == "kernel":
+        from stress.kernel.mutations import BY_NAME
+
+        if hunt_tries:
+            raise ConfigError("--hunt: controlled scheduling of kernel code is not built yet")
+        chosen = list(names) or list(BY_NAME)
+        unknown = [n for n in chosen if n not in BY_NAME]
+    else:
+        chosen = list(names) or [v.name for v in VARIANTS.values() if v.buggy]
+        unknown = [n for n in chosen if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variant: unknown variant {unknown[0]!r}")
     from stress.jobs.zoo import ZooInterrupted
@@ -575,7 +588,8 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
         res = run_zoo(chosen, seeds, cap, fixed_for, progress=_progress(quiet),
                       compare_perturbation=compare_perturbation, hunt_tries=hunt_tries,
                       hunt_max_steps=hunt_max_steps,
-                      variant_file=str(Path(variant_file).resolve()) if variant_file else "")
+                      variant_file=str(Path(variant_file).resolve()) if variant_file else "",
+                      engine=engine)
     except ZooInterrupted:
         click.echo("tdp-stress: interrupted", err=True)
         return 130
@@ -905,16 +919,18 @@ def oracles_cmd(width: int | None, json_out: str | None) -> int:
     width = width or _term_width()
     lines: list[str] = []
     for r in rows:
-        where = r["hook"] if r["hook"] in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN) \
-            else f"online, hook {r['hook']}"
+        where = r["hook"] if r["hook"] in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN,
+                                           "kernel") else f"online, hook {r['hook']}"
         lines += textwrap.wrap(f"{r['name']}  [{r['module']}; {where}]", width)
         for label in ("invariant", "when", "cost"):
             lines += textwrap.wrap(r[label], width, initial_indent=f"    {label}: ",
                                    subsequent_indent=" " * (6 + len(label)))
-    online = sum(1 for r in rows if r["hook"] not in (oracles.HOOK_QUIESCENT,
-                                                      oracles.HOOK_TEARDOWN))
-    lines.append(f"({len(rows)} oracles: {online} online at model hooks, "
-                 f"{len(rows) - online} in the quiescent and teardown walks)")
+    walks = sum(1 for r in rows if r["hook"] in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN))
+    in_kernel = sum(1 for r in rows if r["hook"] == "kernel")
+    online = len(rows) - walks - in_kernel
+    lines += textwrap.wrap(f"({len(rows)} oracles: {online} online at model hooks, {in_kernel} "
+                           f"in the kernel engine's runtime, {walks} in the quiescent and "
+                           "teardown walks)", width)
     _say("\n".join(lines), json_out)
     _emit_json(json_out, {"oracles": rows})
     return 0
@@ -934,10 +950,85 @@ def cleanup() -> int:
 cli.add_command(mutate_command)  # stress/mutate/: the tester's self-test
 
 
+@cli.group()
+def kernel() -> None:
+    """The kernel engine: a kernel tree's own TDP MMU built against the shim."""
+
+
+def _ksrc_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--ksrc", type=click.Path(exists=True),
+                        help="A kernel source directory or a linux-source .tar.xz "
+                             "(default: Debian's linux-source).")(f)
+
+
+@kernel.command("info")
+@_ksrc_option
+@json_option("the tree's description")
+def kernel_info(ksrc: str | None, json_out: str | None) -> int:
+    """The tree's version, the files the engine uses, the build it maps to, and
+    which of the kernel variants (tree mutations) apply to it."""
+    import hashlib
+
+    from stress.kernel.build import build_key, cached_module
+    from stress.kernel.mutations import MUTATIONS, MutationError
+    from stress.kernel.tree import USED, open_tree
+
+    tree = open_tree(ksrc)
+    files = []
+    for rel in USED:
+        data = tree.path(rel).read_bytes()
+        files.append({"file": rel, "bytes": len(data),
+                      "sha256": hashlib.sha256(data).hexdigest()[:16]})
+    variants = {}
+    for m in MUTATIONS:
+        try:
+            m.apply(tree.read(m.file), tree.origin)
+            variants[m.name] = "applies"
+        except MutationError as e:
+            variants[m.name] = str(e).split(": ", 1)[-1]
+    key = build_key(tree)
+    so = cached_module(key)
+    info = {"tree": tree.origin, "top": str(tree.top), "version": tree.version,
+            "files": files, "build_key": key, "built": str(so) if so else None,
+            "variants": variants}
+    _emit_json(json_out, info)
+    lines = [f"tree:     {tree.origin}", f"version:  {tree.version}", f"files:    {tree.top}/"]
+    lines += [f"  {f['file']:<40} {f['bytes']:>9} bytes  {f['sha256']}" for f in files]
+    lines.append(f"build:    {key} ({'built: ' + str(so) if so else 'not built yet'})")
+    lines.append("variants: " + ", ".join(f"{k} ({v})" for k, v in variants.items()))
+    _say("\n".join(lines), json_out)
+    return 0
+
+
+@kernel.command("build")
+@_ksrc_option
+@click.option("--variant", default="fixed", show_default=True,
+              help="A kernel variant: the tree mutation to build (`tdp-stress kernel info`).")
+def kernel_build(ksrc: str | None, variant: str) -> int:
+    """Build (or find cached) the engine's module for a tree."""
+    import time as _time
+
+    from stress.kernel.build import build
+    from stress.kernel.mutations import get_mutation
+    from stress.kernel.tree import open_tree
+
+    tree = open_tree(ksrc)
+    m = get_mutation(variant)
+    t0 = _time.monotonic()
+    b = build(tree) if m is None else build(tree, m.name,
+                                            {m.file: m.apply(tree.read(m.file), tree.origin)})
+    click.echo(f"{tree.origin} ({tree.version}), variant {variant}: {b.path} "
+               f"[{b.key}] in {_time.monotonic() - t0:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="tdp-stress", standalone_mode=False)
     except ConfigError as e:
+        click.echo(f"tdp-stress: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KernelEngineError as e:  # the kernel engine's tree, build or mutation
         click.echo(f"tdp-stress: error: {e}", err=True)
         sys.exit(EXIT_USAGE)
     except click.UsageError as e:

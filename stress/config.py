@@ -327,11 +327,18 @@ class KernelConfig:
     arena: int = 1 << 30  # the shared arena (sparse: only what is touched costs)
     pages: int = 32768  # page-table pages in the arena's pool
     yield_ppm: int = 3000  # delay injection: a yield after this share of shared accesses
+    # walk windows: a load that reads a link to a lower table yields walk_window times as
+    # often (the walker holds a pointer to a table that can be removed under it)
+    walk_window: int = 20
     timeslice: float = 0.001  # need_resched() after this long on the CPU
     ad_bits: bool = True  # EPT A/D bits (kvm_mmu_set_ept_masks(has_ad_bits))
     nx_huge_pages: bool = True  # the iTLB multihit workaround: exec faults split huge pages
     write_fraction: float = 0.5
     exec_fraction: float = 0.1
+    # a vCPU op is HLT with this share: the vCPU sleeps halt_time in kvm_vcpu_block with
+    # its root loaded, servicing no request (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS waits)
+    halt_fraction: float = 0.01
+    halt_time: float = 0.002
     vcpu: int = 4
     zapper: int = 1  # kvm_zap_gfn_range (write lock)
     notifier: int = 1  # mmu_notifier invalidate_range_start/end (kvm_unmap_gfn_range)
@@ -615,11 +622,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "arena": _memsize("kernel.arena"),
         "pages": _int("kernel.pages", 64, 1 << 17),
         "yield_ppm": _int("kernel.yield_ppm", 0, 1_000_000),
+        "walk_window": _int("kernel.walk_window", 1, 1000),
         "timeslice": _dur("kernel.timeslice", 0.0, 60.0),
         "ad_bits": _bool("kernel.ad_bits"),
         "nx_huge_pages": _bool("kernel.nx_huge_pages"),
         "write_fraction": _float("kernel.write_fraction", 0.0, 1.0),
         "exec_fraction": _float("kernel.exec_fraction", 0.0, 1.0),
+        "halt_fraction": _float("kernel.halt_fraction", 0.0, 1.0),
+        "halt_time": _dur("kernel.halt_time", 0.0, 10.0),
         **{role: _int(f"kernel.{role}", 0, 30) for role in KERNEL_ROLES},
         "interval": _dur("kernel.interval", 0.0, 60.0),
         "slot_zap_all": _bool("kernel.slot_zap_all"),
@@ -777,6 +787,14 @@ def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> Config:
 
 def validate(cfg: Config) -> Config:
     """Cross-key checks that no single key can make."""
+    if cfg.run.engine == "kernel":
+        from stress.kernel.mutations import MutationError, get_mutation
+
+        try:
+            get_mutation(cfg.run.variant)
+        except MutationError as e:
+            raise ConfigError(f"run.variant: {e}") from None
+        return _validate_rest(cfg)
     try:
         if cfg.run.variant_file:
             load_variant_file(cfg.run.variant_file)
@@ -791,6 +809,11 @@ def validate(cfg: Config) -> Config:
     if variant.requires_tdx and cfg.vm.type != "tdx":
         raise ConfigError(f"run.variant: {variant.name} needs vm.type = \"tdx\" "
                           f"(got {cfg.vm.type!r})")
+    return _validate_rest(cfg)
+
+
+def _validate_rest(cfg: Config) -> Config:
+    """validate()'s checks that do not depend on the engine's variants."""
     if cfg.inject.hang_after and cfg.inject.hang_worker >= cfg.n_workers:
         raise ConfigError(f"inject.hang_worker: {cfg.inject.hang_worker} but only "
                           f"{cfg.n_workers} workers")

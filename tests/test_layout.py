@@ -28,6 +28,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "stress.config": ABOVE_MODEL,
     "stress.files": ABOVE_MODEL,
     "stress.model": ABOVE_MODEL,
+    # the kernel engine's tree, build and VM: the model's level
+    "stress.kernel": ABOVE_MODEL,
     "stress.oracles": ABOVE_ORACLES,
     "stress.harness": ("stress.repro", "stress.jobs", "stress.report", "stress.cli"),
     "stress.report": ("stress.repro", "stress.jobs", "stress.cli"),

@@ -14,6 +14,7 @@ from stress.model.errors import InvariantViolation
 from stress.model.hooks import NO_HOOKS, Hooks
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.variants import VARIANTS
+from stress.oracles.base import HOOK_KERNEL
 from tests.conftest import run_cli
 from tests.test_model import _late_fault_race
 
@@ -24,7 +25,7 @@ def test_every_online_oracle_sits_on_a_model_hook() -> None:
     hooks = {n for n in vars(Hooks) if not n.startswith("_")}
     for o in oracles.ORACLES:
         assert o.name and o.invariant and o.when and o.cost, o
-        if o.hook not in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN):
+        if o.hook not in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN, HOOK_KERNEL):
             assert o.hook in hooks and o.check is not None, o
 
 
@@ -75,7 +76,7 @@ def test_cli_lists_the_oracles() -> None:
             "mirror/S-EPT divergence"} <= {row["name"] for row in rows}
     text = run_cli("oracles", "--width", "80").stdout
     assert all(len(line) <= 80 for line in text.splitlines())
-    assert "online, hook sp_free" in text and "oracles:" in text.splitlines()[-1]
+    assert "online, hook sp_free" in text and "teardown walks)" in text.splitlines()[-1]
 
 
 def test_liveness_names_the_loop_and_the_entry(vm) -> None:

@@ -79,6 +79,7 @@ struct kvm_memory_slot *__gfn_to_memslot(struct kvm_memslots *slots, gfn_t gfn)
 struct ke_vm {
 	struct kvm kvm;
 	struct kvm_vcpu *vcpus[KS_MAX_TASKS];
+	struct kvm_memory_slot *deleted[KS_MAX_MEMSLOTS];  /* ke_memslot_delete's, to re-create */
 };
 
 /* kvm_make_all_cpus_request(): the request to every vCPU.  The kernel kicks
@@ -391,12 +392,12 @@ enum ke_op {
 };
 
 #define KE_RUN(opcode, body) ({                                                \
-	jmp_buf __jb;                                                          \
+	sigjmp_buf __jb;                                                       \
 	struct ks_task *__t = &ks_arena->tasks[ks_self];                       \
 	int __r = 0;                                                           \
 	__t->op = (opcode);                                                    \
 	ks_bug_jmp = &__jb;                                                    \
-	if (setjmp(__jb) == 0) {                                               \
+	if (sigsetjmp(__jb, 1) == 0) {                                         \
 		body;                                                          \
 	} else {                                                               \
 		__r = -1000;                                                   \
@@ -584,16 +585,31 @@ int ke_zap_all_fast(struct kvm *kvm)
 static struct kvm_memory_slot *ke_slot(struct kvm *kvm, int i)
 {
 	struct kvm_memslots *slots = kvm_memslots(kvm);
-	return i >= 0 && i < slots->nr_slots ? slots->slots[i] : NULL;
+	return i >= 0 && i < slots->nr_slots ? READ_ONCE(slots->slots[i]) : NULL;
 }
+
+/*
+ * The memslot ioctls that run these MMU paths hold slots_lock (kvm_set_memslot,
+ * KVM_GET/CLEAR_DIRTY_LOG), which keeps the slot from being deleted under them:
+ * each op takes it, then looks the slot up; a slot deleted meanwhile is -ENOENT.
+ */
+#define KE_SLOT_OP(opcode, kvm, i, slot, body) ({                               \
+	int __ret = KE_RUN(opcode, ({                                          \
+		mutex_lock(&(kvm)->slots_lock);                                \
+		struct kvm_memory_slot *slot = ke_slot(kvm, i);                \
+		if (slot) {                                                    \
+			body;                                                  \
+		} else {                                                       \
+			__r = -ENOENT;                                         \
+		}                                                              \
+		mutex_unlock(&(kvm)->slots_lock);                              \
+	}));                                                                   \
+	__ret; })
 
 /* kvm_mmu_slot_remove_write_access(): the TDP MMU part, under the read lock. */
 int ke_wrprot_slot(struct kvm *kvm, int i)
 {
-	struct kvm_memory_slot *slot = ke_slot(kvm, i);
-	if (!slot)
-		return -EINVAL;
-	return KE_RUN(KE_OP_WRPROT_SLOT, ({
+	return KE_SLOT_OP(KE_OP_WRPROT_SLOT, kvm, i, slot, ({
 		bool flush;
 		read_lock(&kvm->mmu_lock);
 		flush = kvm_tdp_mmu_wrprot_slot(kvm, slot, PG_LEVEL_4K);
@@ -606,10 +622,7 @@ int ke_wrprot_slot(struct kvm *kvm, int i)
 /* kvm_mmu_slot_leaf_clear_dirty() (PML's path), under the read lock. */
 int ke_clear_dirty_slot(struct kvm *kvm, int i)
 {
-	struct kvm_memory_slot *slot = ke_slot(kvm, i);
-	if (!slot)
-		return -EINVAL;
-	return KE_RUN(KE_OP_CLEAR_DIRTY_SLOT, ({
+	return KE_SLOT_OP(KE_OP_CLEAR_DIRTY_SLOT, kvm, i, slot, ({
 		bool flush;
 		read_lock(&kvm->mmu_lock);
 		flush = kvm_tdp_mmu_clear_dirty_slot(kvm, slot);
@@ -622,10 +635,7 @@ int ke_clear_dirty_slot(struct kvm *kvm, int i)
 /* kvm_mmu_slot_try_split_huge_pages(): eager split, under the read lock. */
 int ke_split(struct kvm *kvm, int i, int target_level)
 {
-	struct kvm_memory_slot *slot = ke_slot(kvm, i);
-	if (!slot)
-		return -EINVAL;
-	return KE_RUN(KE_OP_SPLIT, ({
+	return KE_SLOT_OP(KE_OP_SPLIT, kvm, i, slot, ({
 		read_lock(&kvm->mmu_lock);
 		kvm_tdp_mmu_try_split_huge_pages(kvm, slot, slot->base_gfn,
 						 slot->base_gfn + slot->npages, target_level, true);
@@ -636,10 +646,7 @@ int ke_split(struct kvm *kvm, int i, int target_level)
 /* kvm_mmu_zap_collapsible_sptes(): the TDP MMU part, under the read lock. */
 int ke_zap_collapsible(struct kvm *kvm, int i)
 {
-	struct kvm_memory_slot *slot = ke_slot(kvm, i);
-	if (!slot)
-		return -EINVAL;
-	return KE_RUN(KE_OP_COLLAPSIBLE, ({
+	return KE_SLOT_OP(KE_OP_COLLAPSIBLE, kvm, i, slot, ({
 		read_lock(&kvm->mmu_lock);
 		kvm_tdp_mmu_zap_collapsible_sptes(kvm, slot);
 		read_unlock(&kvm->mmu_lock);
@@ -693,13 +700,9 @@ int ke_test_age(struct kvm *kvm, u64 start, u64 end)
  */
 int ke_dirty_log(struct kvm *kvm, int i)
 {
-	struct kvm_memory_slot *slot = ke_slot(kvm, i);
-	if (!slot)
-		return -EINVAL;
-	return KE_RUN(KE_OP_DIRTY_LOG, ({
+	return KE_SLOT_OP(KE_OP_DIRTY_LOG, kvm, i, slot, ({
 		bool flush = false;
 		unsigned long words = (slot->npages + 63) / 64;
-		mutex_lock(&kvm->slots_lock);
 		write_lock(&kvm->mmu_lock);
 		for (unsigned long w = 0; w < words; w++) {
 			unsigned long mask = __atomic_exchange_n(&slot->dirty_bitmap[w], 0, __ATOMIC_SEQ_CST);
@@ -713,7 +716,6 @@ int ke_dirty_log(struct kvm *kvm, int i)
 		write_unlock(&kvm->mmu_lock);
 		if (flush)
 			kvm_flush_remote_tlbs_memslot(kvm, slot);
-		mutex_unlock(&kvm->slots_lock);
 	}));
 }
 
@@ -785,13 +787,8 @@ u64 ke_vcpu_stat(struct kvm_vcpu *vcpu, const char *name)
  */
 int ke_slot_dirty_logging(struct kvm *kvm, int i, int enable)
 {
-	struct kvm_memory_slot *old = ke_slot(kvm, i);
-	if (!old)
-		return -EINVAL;
-	return KE_RUN(KE_OP_SLOT_FLAGS, ({
+	return KE_SLOT_OP(KE_OP_SLOT_FLAGS, kvm, i, old, ({
 		struct kvm_memory_slot *new;
-		mutex_lock(&kvm->slots_lock);
-		old = ke_slot(kvm, i);
 		if (!!(old->flags & KVM_MEM_LOG_DIRTY_PAGES) != !!enable) {
 			new = ks_bump_alloc(sizeof(*new));
 			*new = *old;
@@ -821,7 +818,6 @@ int ke_slot_dirty_logging(struct kvm *kvm, int i, int enable)
 			}
 			__r = 1;
 		}
-		mutex_unlock(&kvm->slots_lock);
 	}));
 }
 
@@ -832,15 +828,10 @@ int ke_slot_dirty_logging(struct kvm *kvm, int i, int enable)
  * a fast zap of everything with KVM_X86_QUIRK_SLOT_ZAP_ALL, else the slot's
  * range); then the slot leaves the memslots and synchronize_srcu() again.
  */
-static struct kvm_memory_slot *ke_deleted[KS_MAX_MEMSLOTS];
-
 int ke_memslot_delete(struct kvm *kvm, int i)
 {
-	struct kvm_memory_slot *old = ke_slot(kvm, i);
-	if (!old)
-		return -EINVAL;
 	return KE_RUN(KE_OP_SLOT_DELETE, ({
-		struct kvm_memory_slot *invalid;
+		struct kvm_memory_slot *invalid, *old;
 		mutex_lock(&kvm->slots_lock);
 		old = ke_slot(kvm, i);
 		if (old) {
@@ -854,7 +845,7 @@ int ke_memslot_delete(struct kvm *kvm, int i)
 			synchronize_srcu(&kvm->srcu);
 			if (old->flags & KVM_MEM_LOG_DIRTY_PAGES)
 				atomic_dec(&kvm->nr_memslots_dirty_logging);
-			ke_deleted[i] = old;
+			container_of(kvm, struct ke_vm, kvm)->deleted[i] = old;
 			__r = 1;
 		}
 		mutex_unlock(&kvm->slots_lock);
@@ -865,10 +856,10 @@ int ke_memslot_delete(struct kvm *kvm, int i)
  * (kvm_alloc_memslot_metadata), published under slots_lock. */
 int ke_memslot_recreate(struct kvm *kvm, int i)
 {
-	if (i < 0 || i >= KS_MAX_MEMSLOTS || !ke_deleted[i])
+	if (i < 0 || i >= KS_MAX_MEMSLOTS || !container_of(kvm, struct ke_vm, kvm)->deleted[i])
 		return -EINVAL;
 	return KE_RUN(KE_OP_SLOT_CREATE, ({
-		struct kvm_memory_slot *old = ke_deleted[i], *slot;
+		struct kvm_memory_slot *old = container_of(kvm, struct ke_vm, kvm)->deleted[i], *slot;
 		mutex_lock(&kvm->slots_lock);
 		slot = ks_bump_alloc(sizeof(*slot));
 		*slot = *old;
@@ -886,7 +877,7 @@ int ke_memslot_recreate(struct kvm *kvm, int i)
 		memset(slot->dirty_bitmap, 0, ((slot->npages + 63) / 64) * 8);
 		rcu_assign_pointer(kvm_memslots(kvm)->slots[i], slot);
 		synchronize_srcu(&kvm->srcu);
-		ke_deleted[i] = NULL;
+		container_of(kvm, struct ke_vm, kvm)->deleted[i] = NULL;
 		mutex_unlock(&kvm->slots_lock);
 		__r = 1;
 	}));
@@ -898,11 +889,28 @@ void ke_slot_info(struct kvm *kvm, int i, u64 *base, u64 *npages, u32 *flags)
 {
 	struct kvm_memory_slot *s = ke_slot(kvm, i);
 	if (!s)
-		s = ke_deleted[i];
+		s = container_of(kvm, struct ke_vm, kvm)->deleted[i];
 	*base = s->base_gfn;
 	*npages = s->npages;
 	*flags = s->flags;
 }
 
 #include "ksoracle.c"
+
+/* For the chokepoint's walk windows: a present non-leaf entry of a table. */
+static bool ke_is_table_link(const void *sptep, uint64_t spte)
+{
+	struct kvm_mmu_page *sp;
+	if (!is_shadow_present_pte(spte))
+		return false;
+	sp = sptep_to_sp((void *)sptep);
+	return sp && !is_last_spte(spte, sp->role.level);
+}
+
+/* The engine's oracles attached (the harness calls it after ke_module_init). */
+void ke_attach_oracles(void)
+{
+	ke_oracle_init();
+	ks_is_table_link = ke_is_table_link;
+}
 

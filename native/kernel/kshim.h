@@ -303,8 +303,9 @@ static inline void __list_add(struct list_head *n, struct list_head *prev, struc
 }
 static inline void list_add(struct list_head *n, struct list_head *h) { __list_add(n, h, h->next); }
 static inline void list_add_tail(struct list_head *n, struct list_head *h) { __list_add(n, h->prev, h); }
-#define LIST_POISON1 ((struct list_head *)0x100)
-#define LIST_POISON2 ((struct list_head *)0x122)
+/* include/linux/poison.h with x86-64's POISON_POINTER_DELTA (CONFIG_ILLEGAL_POINTER_VALUE) */
+#define LIST_POISON1 ((struct list_head *)(0xdead000000000000UL + 0x100))
+#define LIST_POISON2 ((struct list_head *)(0xdead000000000000UL + 0x122))
 static inline void __list_del(struct list_head *prev, struct list_head *next)
 {
 	next->prev = prev;

@@ -180,3 +180,39 @@ int ke_check(struct kvm *kvm, int teardown, char *name, char *msg)
 	}
 	return 0;
 }
+
+/*
+ * "SPTE installed in removed table": a page-table page whose RCU callback
+ * frees it holds no present entry.  Tables are freed through call_rcu() once
+ * they were linked: handle_removed_pt() froze or cleared every child of a
+ * removed table, and a root is zapped before its last put.  A present entry
+ * there was installed after the table was removed (or never cleared), and
+ * the mapping, or the table it links, is lost with it.  (A table that was
+ * never linked, e.g. an eager split's table whose link lost the race, is
+ * freed directly with its entries filled: that is not checked.)
+ */
+static void ke_check_rcu_free(struct rcu_head *head, void (*func)(struct rcu_head *))
+{
+	struct kvm_mmu_page *sp;
+	if (func != tdp_mmu_free_sp_rcu_callback)
+		return;
+	sp = container_of(head, struct kvm_mmu_page, rcu_head);
+	for (int i = 0; i < SPTE_ENT_PER_PAGE; i++) {
+		u64 spte = __atomic_load_n(&sp->spt[i], __ATOMIC_RELAXED);
+		if (is_shadow_present_pte(spte)) {
+			gfn_t gfn = sp->gfn + ((gfn_t)i << ((sp->role.level - 1) * SPTE_LEVEL_BITS));
+			ks_report(KS_V_ORACLE, __FILE__, __LINE__,
+				  "SPTE installed in removed table: the level-%d table at gfn %#llx is "
+				  "freed by its RCU callback with entry %d (gfn %#llx) present: %#llx (%s)",
+				  sp->role.level, (unsigned long long)sp->gfn, i, (unsigned long long)gfn,
+				  (unsigned long long)spte,
+				  is_last_spte(spte, sp->role.level) ? "a leaf" : "a table, now leaked");
+			return;
+		}
+	}
+}
+
+void ke_oracle_init(void)
+{
+	ks_rcu_cb_check = ke_check_rcu_free;
+}

@@ -89,6 +89,8 @@ struct ks_arena {
 	uint64_t trace_seq;
 	uint32_t trace_on;
 	uint32_t yield_ppm;
+	uint32_t walk_window_factor;  /* yield_ppm x this after a load of a table link */
+	uint32_t pad0;
 	uint64_t timeslice_ns;
 	uint32_t nviolations;
 	uint32_t abort;            /* the supervisor tears the run down: spinners give up */
@@ -121,7 +123,8 @@ struct ks_arena {
 
 extern struct ks_arena *ks_arena;
 extern int ks_self;
-extern __thread jmp_buf *ks_bug_jmp;
+extern __thread sigjmp_buf *ks_bug_jmp;
+void ks_install_oops_handler(void);
 
 int ks_arena_map(const char *shm_name, uint64_t base, uint64_t size, int create);
 void ks_arena_unmap(void);
@@ -132,6 +135,8 @@ void *ks_bump_alloc(uint64_t size);
 void ks_report(int kind, const char *file, int line, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 int ks_rcu_poll(void);
+extern bool (*ks_is_table_link)(const void *sptep, uint64_t spte);
+extern void (*ks_rcu_cb_check)(struct rcu_head *head, void (*func)(struct rcu_head *));
 void ks_set_abort(void);
 
 #endif /* _KSRT_ARENA_H */

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,7 +30,7 @@
 
 struct ks_arena *ks_arena;
 int ks_self = -1;                 /* this process's task index */
-__thread jmp_buf *ks_bug_jmp;     /* where ks_bug() unwinds to (the op's entry) */
+__thread sigjmp_buf *ks_bug_jmp;  /* where ks_bug() unwinds to (the op's entry) */
 
 static inline struct ks_task *self(void) { return &ks_arena->tasks[ks_self]; }
 static inline uint64_t now_ns(void)
@@ -137,6 +138,43 @@ int ks_arena_init(uint64_t size, uint32_t npages, uint32_t nobjs, uint32_t obj_s
 	return 0;
 }
 
+/*
+ * A fault in kernel code is the kernel's oops ("BUG: unable to handle page
+ * fault for address"): recorded as a violation of the task, which unwinds
+ * to its op's entry (signal mask restored by siglongjmp).  Poison in the
+ * address says what was dereferenced: a freed kvm_mmu_page (the slab's
+ * 0x6b), a freed page-table page (the pages' poison).
+ */
+static void oops_handler(int sig, siginfo_t *si, void *uc)
+{
+	(void)uc;
+	uint64_t a = (uint64_t)(uintptr_t)si->si_addr;
+	const char *what = (a >> 32) == 0x6b6b6b6bu ? " (slab poison: a freed kvm_mmu_page's pointer)" :
+			   (a >> 16) == 0x8000deadbeefull >> 16 ? " (page poison: an SPTE of a freed table)" :
+			   (a >> 48) == 0xdead ? " (LIST_POISON: an entry list_del() removed)" :
+			   a < 4096 ? " (a NULL pointer, plus the field's offset)" :
+			   "";
+	ks_report(KS_V_BUG, "oops", 0, "BUG: unable to handle page fault for address %#llx%s (signal %d)",
+		  (unsigned long long)a, what, sig);
+	if (ks_bug_jmp)
+		siglongjmp(*ks_bug_jmp, 3);
+	signal(sig, SIG_DFL);
+	raise(sig);
+}
+
+void ks_install_oops_handler(void)
+{
+	static char altstack[1 << 16];
+	stack_t ss = { .ss_sp = altstack, .ss_size = sizeof(altstack) };
+	struct sigaction sa;
+	sigaltstack(&ss, NULL);
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = oops_handler;
+	sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+	sigaction(SIGSEGV, &sa, NULL);
+	sigaction(SIGBUS, &sa, NULL);
+}
+
 void ks_set_task(int t, int pid)
 {
 	ks_self = t;
@@ -188,7 +226,7 @@ _Noreturn void ks_bug(const char *what, const char *file, int line)
 {
 	record(KS_V_BUG, what, file, line);
 	if (ks_bug_jmp)
-		longjmp(*ks_bug_jmp, 1);
+		siglongjmp(*ks_bug_jmp, 1);
 	abort();
 }
 
@@ -238,6 +276,9 @@ void ks_tracepoint(const char *name)
 }
 
 /* ---- the access chokepoint ------------------------------------------ */
+/* The kernel side's answer: is this loaded value a link to a lower table? (ksglue.c) */
+bool (*ks_is_table_link)(const void *sptep, uint64_t spte);
+
 static inline int page_index(const void *addr)
 {
 	uint64_t off = (uint64_t)((const char *)addr - (const char *)ks_arena);
@@ -292,9 +333,16 @@ void ks_access(int kind, const void *addr, uint64_t old, uint64_t val)
 	 * configured probability, after loads most: a task preempted between
 	 * a load and the cmpxchg that depends on it opens the race window.
 	 */
-	if (a->yield_ppm && (rnd() % 1000000) < (kind == KS_LOAD ? a->yield_ppm : a->yield_ppm / 4)) {
-		t->yields++;
-		sched_yield();
+	if (a->yield_ppm) {
+		uint64_t ppm = kind == KS_LOAD ? a->yield_ppm : a->yield_ppm / 4;
+		/* A walker that just read a table pointer: the window in which the table
+		 * can be removed under it (a walk window, widened for every walker). */
+		if (kind == KS_LOAD && pi >= 0 && ks_is_table_link && ks_is_table_link(addr, val))
+			ppm *= a->walk_window_factor;
+		if ((rnd() % 1000000) < ppm) {
+			t->yields++;
+			sched_yield();
+		}
 	}
 }
 
@@ -327,7 +375,7 @@ static void spin_wait(ks_lock_t *l, uint64_t *spins)
 {
 	(void)l;
 	if (__atomic_load_n(&ks_arena->abort, __ATOMIC_RELAXED) && ks_bug_jmp)
-		longjmp(*ks_bug_jmp, 2);
+		siglongjmp(*ks_bug_jmp, 2);
 	if (++*spins % 64 == 0) {
 		if (ks_self >= 0)
 			self()->lock_spins++;
@@ -580,6 +628,9 @@ void ks_call_rcu(struct rcu_head *head, void (*func)(struct rcu_head *))
 	ks_spin_unlock(&a->rcu_lock);
 }
 
+/* The oracle layer's look at an RCU callback before it runs (ksoracle.c). */
+void (*ks_rcu_cb_check)(struct rcu_head *head, void (*func)(struct rcu_head *));
+
 /* The oldest reader's snapshot: callbacks with seq below it are safe. */
 static uint64_t rcu_safe_bound(void)
 {
@@ -616,6 +667,8 @@ int ks_rcu_poll(void)
 	}
 	ks_spin_unlock(&a->rcu_lock);
 	for (int i = 0; i < n; i++) {
+		if (ks_rcu_cb_check)
+			ks_rcu_cb_check(batch[i].head, batch[i].func);
 		batch[i].func(batch[i].head);
 		__atomic_fetch_add(&a->cbs_run, 1, __ATOMIC_RELAXED);
 	}
@@ -867,6 +920,7 @@ int64_t ks_task_stat(int t, const char *name)
 	if (!strcmp(name, "srcu_waits")) return (int64_t)k->srcu_waits;
 	if (!strcmp(name, "op")) return k->op;
 	if (!strcmp(name, "rcu_nesting")) return k->rcu_nesting;
+	if (!strcmp(name, "srcu_nesting")) return k->srcu_nesting;
 	if (!strncmp(name, "ops.", 4)) return (int64_t)k->ops[atoi(name + 4) & 31];
 	if (!strncmp(name, "pf.", 3)) return (int64_t)k->op_results[atoi(name + 3) & 7];
 	return -1;
@@ -886,8 +940,10 @@ int ks_tracepoints(const char **names, uint64_t *counts, int max)
 	return n;
 }
 
-void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on)
+void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on,
+		  uint32_t walk_window_factor)
 {
+	ks_arena->walk_window_factor = walk_window_factor ? walk_window_factor : 1;
 	ks_arena->yield_ppm = yield_ppm;
 	ks_arena->timeslice_ns = timeslice_ns;
 	ks_arena->trace_on = trace_on;

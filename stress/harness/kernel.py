@@ -36,7 +36,7 @@ from stress.atomics import Words
 from stress.config import Config
 from stress.harness.supervisor import RunOutcome, StatusSnapshot, Supervisor, WorkerRecord
 from stress.harness.workers import _die_with_parent, stop_run_for_violation
-from stress.kernel.engine import KernelViolation, KernelVm
+from stress.kernel.engine import KernelViolation, KernelVm, built_for
 from stress.model.errors import InvariantViolation
 from stress.oracles.kernel import kernel_invariant
 from stress.oracles.quiescent import QuiescentReport
@@ -85,6 +85,9 @@ class KernelWorker:
     # -- roles -------------------------------------------------------------------
     def step_vcpu(self) -> None:
         k = self.cfg.kernel
+        if k.halt_fraction and self.rng.random() < k.halt_fraction:
+            time.sleep(k.halt_time)  # HLT: kvm_vcpu_block, the root stays loaded
+            return
         write = self.rng.random() < k.write_fraction
         exe = not write and self.rng.random() < k.exec_fraction
         self.lib.ke_guest_access(self.vcpu, self.gfn() << 12, int(write), int(exe))
@@ -184,10 +187,8 @@ class KernelWorker:
             self.step()
             self.ops += 1
             v = vm.violation()
-            if v is not None:
-                if v.task == me:
-                    return v
-                break  # another task's: it reports, the run stops
+            if v is not None and v.task == me:
+                return v  # another task's is its own to report; it stops the run
             now = time.monotonic()
             if now >= next_beat:
                 self.publish()
@@ -219,6 +220,7 @@ def kernel_worker_main(index: int, role: str, cfg: Config, arena: Arena, vm: Ker
     code = 0
     try:
         vm.set_task(index)
+        vm.lib.ks_install_oops_handler()  # a fault in kernel code is an oops, not a crash
         worker = KernelWorker(index, role, cfg, arena, vm, vcpu)
         v = worker.run()
         if v is not None:
@@ -252,13 +254,16 @@ class KernelSupervisor(Supervisor):
                                    trace_entries=0, sched_log=0)
         self.vm: KernelVm | None = None
         self.engine_info: dict[str, Any] = {}
+        # built before the run starts: a tree or mutation that cannot be built is
+        # the caller's error (one line), not a harness failure
+        self.tree, self.built = built_for(cfg)
 
     def _setup(self) -> None:
         sweep_stale()
         self.stacks_dir = tempfile.mkdtemp(prefix="tdpstress-stacks-")
         self.arena = Arena.create(self.layout, self.cfg.hash64())
         self.words = Words(self.arena.shm.buf, self.layout.ctl(Control.ABORT))
-        self.vm = vm = KernelVm(self.cfg, self.n + 1)
+        self.vm = vm = KernelVm(self.cfg, self.n + 1, self.tree, self.built)
         vm.create(self.roles.count("vcpu"))
         self.engine_info = {"engine": "kernel", "tree": vm.tree.origin,
                             "version": vm.tree.version, "build": vm.built.key,
@@ -385,3 +390,8 @@ class KernelSupervisor(Supervisor):
                 self.vm.close()
         out.engine = self.engine_info
         return out
+
+
+def supervisor_for(cfg: Config) -> type[Supervisor]:
+    """The supervisor of ``cfg``'s engine (run.engine)."""
+    return KernelSupervisor if cfg.run.engine == "kernel" else Supervisor

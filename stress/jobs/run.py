@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from stress.config import Config
-from stress.harness.kernel import KernelSupervisor
-from stress.harness.supervisor import RunOutcome, StatusSnapshot, Supervisor
+from stress.harness.kernel import supervisor_for
+from stress.harness.supervisor import RunOutcome, StatusSnapshot
 from stress.report.explain import annotate, worker_names
 from stress.report.report import build_results, now_iso
 from stress.repro.bundle import write_bundles
@@ -26,7 +26,7 @@ def run_job(cfg: Config, out: Path, on_status: Callable[[StatusSnapshot], None] 
     written here), every violation's workers named, the first cause bundled
     under ``out/bundles`` (the consequences too with ``keep_going``)."""
     started = now_iso()
-    sup = KernelSupervisor if cfg.run.engine == "kernel" else Supervisor
+    sup = supervisor_for(cfg)
     outcome = sup(cfg, on_status=on_status, hard_deadline=hard_deadline).run()
     res = build_results(cfg, outcome, started)
     annotate(res["violations"], worker_names(cfg))

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from stress import config as config_mod
+from stress.harness.kernel import supervisor_for
 from stress.harness.supervisor import Supervisor
+from stress.kernel.mutations import BY_NAME
 from stress.model.variants import VARIANTS, Variant
 
 SCHEMA = "tdp-stress-zoo"
@@ -43,9 +45,20 @@ NO_PERTURBATION = {"inject": {"delay_every": 0, "race_window": 0.0},
                    "guest": {"hot_fraction": 0.0}}
 
 
+KERNEL_CONFIG = config_mod.DEFAULT_CONFIG.parent / "kernel.toml"
+
+
+def _variant_config(name: str, engine: str, ov: dict[str, dict[str, Any]]) -> config_mod.Config:
+    """The config a variant runs on: its Python variant's config, or its kernel
+    mutation's (a shipped kernel config)."""
+    if engine == "kernel":
+        return config_mod.load(str(config_mod.DEFAULT_CONFIG.parent / BY_NAME[name].config), ov)
+    return config_mod.load(_config_path(VARIANTS[name]), ov)
+
+
 def _detect(name: str, seeds: int, cap: float, perturb: bool,
-            progress: Callable[[str], None] | None, variant_file: str = "") -> dict[str, Any]:
-    v = VARIANTS[name]
+            progress: Callable[[str], None] | None, variant_file: str = "",
+            engine: str = "python") -> dict[str, Any]:
     ttds: list[float] = []
     invariants: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
@@ -54,8 +67,10 @@ def _detect(name: str, seeds: int, cap: float, perturb: bool,
             "variant": name, "seed": seed, "duration": cap, "expect_violation": True,
             **({"variant_file": variant_file} if variant_file else {})}}
         if not perturb:
-            ov.update(NO_PERTURBATION)
-        o = Supervisor(config_mod.load(_config_path(v), ov)).run()
+            ov.update(NO_PERTURBATION if engine == "python"
+                      else {"kernel": {"yield_ppm": 0}, "guest": {"hot_fraction": 0.0}})
+        cfg = _variant_config(name, engine, ov)
+        o = supervisor_for(cfg)(cfg).run()
         if o.exit_reason == "interrupted":
             raise ZooInterrupted
         reasons[o.exit_reason] += 1
@@ -106,35 +121,41 @@ def _hunt(name: str, tries: int, replays: int, max_steps: int,
 def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
             progress: Callable[[str], None] | None = None,
             compare_perturbation: bool = False, hunt_tries: int = 0,
-            hunt_max_steps: int = 200_000, variant_file: str = "") -> dict[str, Any]:
+            hunt_max_steps: int = 200_000, variant_file: str = "",
+            engine: str = "python") -> dict[str, Any]:
     """Perturbation (delay injection at the atomics chokepoint and the targeted
     race windows) is on as configured; ``compare_perturbation`` also runs every
     variant with both off and reports the two side by side.  ``variant_file``:
     a user variant file every run loads (its variants can then be named)."""
     rows = []
     for name in variants:
-        v = VARIANTS[name]
-        row = {"name": name, "source": v.source, "config": v.config,
-               **_detect(name, seeds, cap, True, progress, variant_file)}
+        if engine == "kernel":
+            m = BY_NAME[name]
+            source, where = m.source, m.config
+        else:
+            source, where = VARIANTS[name].source, VARIANTS[name].config
+        row = {"name": name, "source": source, "config": where, "engine": engine,
+               **_detect(name, seeds, cap, True, progress, variant_file, engine)}
         if compare_perturbation:
             row["without_perturbation"] = _detect(name, seeds, cap, False, progress,
-                                                  variant_file)
+                                                  variant_file, engine)
         if hunt_tries:
             row["hunt"] = _hunt(name, hunt_tries, seeds, hunt_max_steps, progress,
                                 variant_file)
         rows.append(row)
     fixed: dict[str, Any] = {"seconds": 0.0, "violations": 0, "exit_reason": None}
     if fixed_seconds > 0:
-        cfg = config_mod.load(None, {"run": {"duration": fixed_seconds}})
+        cfg = config_mod.load(str(KERNEL_CONFIG) if engine == "kernel" else None,
+                              {"run": {"duration": fixed_seconds}})
         if progress:
             progress(f"fixed protocol for {fixed_seconds:.0f} s")
-        o = Supervisor(cfg).run()
+        o = supervisor_for(cfg)(cfg).run()
         if o.exit_reason == "interrupted":
             raise ZooInterrupted
         fixed = {"seconds": o.duration_s, "violations": len(o.violations),
                  "exit_reason": o.exit_reason, "checks": o.checks}
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "seeds": seeds, "cap_s": cap,
-            "variants": rows, "fixed": fixed}
+            "engine": engine, "variants": rows, "fixed": fixed}
 
 
 def not_detected(res: dict[str, Any]) -> str:
@@ -155,7 +176,9 @@ def not_detected(res: dict[str, Any]) -> str:
 def format_zoo(res: dict[str, Any]) -> str:
     # the name column fits the longest name (user variants can be long)
     nw = max([len("controlled schedules")] + [len(r["name"]) for r in res["variants"]]) + 2
-    lines = [f"bug zoo: {res['seeds']} seeds per variant, cap {res['cap_s']:.0f} s per run",
+    engine = " (kernel engine)" if res.get("engine") == "kernel" else ""
+    lines = [f"bug zoo{engine}: {res['seeds']} seeds per variant, cap {res['cap_s']:.0f} s "
+             "per run",
              f"{'variant':<{nw}}{'detected':>9}{'median':>9}{'p90':>9}  invariant (first fired)"]
     for r in res["variants"]:
         med = f"{r['median_ttd_s']:.3f}s" if r["median_ttd_s"] is not None else "-"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from stress.kernel.errors import KernelEngineError
 from stress.kernel.extract import (
     MissingDefinition,
     extract_define,
@@ -35,9 +36,9 @@ from stress.kernel.extract import (
 )
 from stress.kernel.tree import Tree, cache_root
 
-NATIVE = Path(__file__).resolve().parent.parent.parent / "native" / "kernel"
-if not NATIVE.is_dir():  # installed, not editable: the sources ship inside the package
-    NATIVE = Path(__file__).resolve().parent / "native"
+# the shim and runtime sources: native/kernel/, linked as stress/kernel/native so an
+# installed package carries them
+NATIVE = (Path(__file__).resolve().parent / "native").resolve()
 
 #: Kernel files compiled as they are, in this order.
 COMPILED = ("arch/x86/kvm/mmu/tdp_iter.c", "arch/x86/kvm/mmu/spte.c",
@@ -126,7 +127,7 @@ FROM_KVM_MAIN_C = (
 )
 
 
-class BuildError(Exception):
+class BuildError(KernelEngineError):
     """The engine cannot be built from this tree: one line says why."""
 
 
@@ -257,13 +258,15 @@ void ks_arena_unmap(void);
 int ks_arena_init(uint64_t size, uint32_t npages, uint32_t nobjs, uint32_t obj_size,
                   uint32_t ntasks, uint64_t seed);
 void ks_set_task(int t, int pid);
+void ks_install_oops_handler(void);
 int ks_rcu_poll(void);
 void ks_set_abort(void);
 int ks_violation(int *kind, int *task, int *line, uint32_t *op, char *file, char *what);
 int64_t ks_stat(const char *name);
 int64_t ks_task_stat(int t, const char *name);
 int ks_tracepoints(const char **names, uint64_t *counts, int max);
-void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on);
+void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on,
+                  uint32_t walk_window_factor);
 int ks_task_waiting(int t, char *lock_name, int n, int *owner, uint64_t *readers);
 
 int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all);
@@ -287,6 +290,7 @@ int ke_nx_recover(struct kvm *kvm);
 int ke_vcpu_unload(struct kvm_vcpu *vcpu);
 int ke_vm_destroy(struct kvm *kvm);
 int ke_check(struct kvm *kvm, int teardown, char *name, char *msg);
+void ke_attach_oracles(void);
 uint64_t ke_vcpu_stat(struct kvm_vcpu *vcpu, const char *name);
 int ke_slot_dirty_logging(struct kvm *kvm, int i, int enable);
 int ke_nr_slots(struct kvm *kvm);
@@ -328,9 +332,8 @@ def compile_module(tree: Tree, out: Path, modname: str) -> Path:
     return Path(so)
 
 
-def build(tree: Tree, mutation: str | None = None,
-          mutation_source: dict[str, str] | None = None) -> Built:
-    """The engine's module for ``tree`` (and a mutation of it), built once and cached."""
+def build_key(tree: Tree, mutation_source: dict[str, str] | None = None) -> str:
+    """The build's cache key: the used tree files, the shim, this builder, the mutation."""
     h = hashlib.sha256()
     for p in _shim_sources():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
@@ -338,21 +341,34 @@ def build(tree: Tree, mutation: str | None = None,
     h.update(Path(__file__).with_name("extract.py").read_bytes())
     for rel, text in sorted((mutation_source or {}).items()):
         h.update(rel.encode() + b"\0" + text.encode())
-    key = tree.content_hash(h.digest())[:20]
+    return tree.content_hash(h.digest())[:20]
+
+
+def cached_module(key: str) -> Path | None:
+    dest = cache_root() / "kbuild" / key
+    return next(iter(dest.glob(f"_tdpk_{key}*.so")), None) if dest.is_dir() else None
+
+
+def build(tree: Tree, mutation: str | None = None,
+          mutation_source: dict[str, str] | None = None) -> Built:
+    """The engine's module for ``tree`` (and a mutation of it), built once and cached."""
+    key = build_key(tree, mutation_source)
     modname = f"_tdpk_{key}"
     dest = cache_root() / "kbuild" / key
-    so = next(iter(dest.glob(f"{modname}*.so")), None) if dest.is_dir() else None
+    so = cached_module(key)
     if so is None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
         try:
             generate(tree, tmp, mutation_source)
-            built = compile_module(tree, tmp, modname)
+            compile_module(tree, tmp, modname)
             (tmp / "BUILT").write_text(f"{tree.origin}\n{tree.version}\n{mutation or ''}\n")
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-            so = dest / built.name
+            try:
+                tmp.rename(dest)  # atomic: a concurrent build of the same key loses here
+            except OSError:
+                if cached_module(key) is None:
+                    raise
+            so = cached_module(key)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,8 @@ from typing import Any
 
 from stress.config import Config, guest_memslots
 from stress.kernel.build import Built, build, load
+from stress.kernel.errors import KernelEngineError
+from stress.kernel.mutations import get_mutation
 from stress.kernel.tree import Tree, open_tree
 
 #: Where the arena is mapped in every process (MAP_FIXED_NOREPLACE): a user
@@ -36,7 +38,7 @@ VIOLATION_KINDS = {1: "WARN", 2: "BUG", 3: "lockdep", 4: "KASAN", 5: "printk", 6
 KVM_MEM_LOG_DIRTY_PAGES = 1
 
 
-class EngineError(Exception):
+class EngineError(KernelEngineError):
     """The kernel engine cannot start: one line says why."""
 
 
@@ -56,16 +58,23 @@ class KernelViolation:
 
 
 def built_for(cfg: Config) -> tuple[Tree, Built]:
+    """The tree of ``cfg`` and its module, with ``run.variant``'s mutation applied."""
     tree = open_tree(cfg.kernel.ksrc or None)
-    return tree, build(tree)
+    m = get_mutation(cfg.run.variant)
+    if m is None:
+        return tree, build(tree)
+    return tree, build(tree, m.name, {m.file: m.apply(tree.read(m.file), tree.origin)})
 
 
 class KernelVm:
     """The arena and the VM, created by the supervisor before fork."""
 
-    def __init__(self, cfg: Config, n_tasks: int) -> None:
+    def __init__(self, cfg: Config, n_tasks: int, tree: Tree | None = None,
+                 built: Built | None = None) -> None:
         self.cfg = cfg
-        self.tree, self.built = built_for(cfg)
+        if tree is None or built is None:
+            tree, built = built_for(cfg)
+        self.tree, self.built = tree, built
         self.mod: ModuleType = load(self.built)
         self.ffi, self.lib = self.mod.ffi, self.mod.lib
         self.n_tasks = n_tasks
@@ -87,10 +96,11 @@ class KernelVm:
                                       int(k.slot_zap_all))
         r = lib.ks_arena_init(k.arena, k.pages, k.pages, obj_size, self.n_tasks,
                               self.cfg.run.seed)
+        lib.ke_attach_oracles()
         if r < 0:
             raise EngineError(f"kernel engine: kernel.arena {k.arena} bytes cannot hold "
                               f"kernel.pages = {k.pages} pages ({os.strerror(-r)})")
-        lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), 0)
+        lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), 0, k.walk_window)
         self.set_task(self.n_tasks - 1)  # the supervisor is the last task
         self.kvm = lib.ke_vm_create()
         host_level = 2 if self.cfg.guest.huge_pages > 0 else 1
@@ -178,13 +188,17 @@ class KernelVm:
     def lock_waits(self, n: int) -> dict[str, Any]:
         """Which kernel lock each task spins on, and who holds it (hang reports)."""
         ffi, lib = self.ffi, self.lib
-        out = {}
+        out: dict[str, Any] = {}
         for t in range(n):
+            op = int(lib.ks_task_stat(t, b"op"))
+            st: dict[str, Any] = {"op": OPS[op] if 0 <= op < len(OPS) else op,
+                                  "rcu_nesting": int(lib.ks_task_stat(t, b"rcu_nesting")),
+                                  "srcu_nesting": int(lib.ks_task_stat(t, b"srcu_nesting"))}
             name, owner, readers = ffi.new("char[64]"), ffi.new("int *"), ffi.new("uint64_t *")
             if lib.ks_task_waiting(t, name, 64, owner, readers):
-                out[str(t)] = {"waits_for": ffi.string(name).decode(),
-                               "write_owner": owner[0],
-                               "readers": [i for i in range(64) if readers[0] >> i & 1]}
+                st.update({"waits_for": ffi.string(name).decode(), "write_owner": owner[0],
+                           "readers": [i for i in range(64) if readers[0] >> i & 1]})
+            out[str(t)] = st
         return out
 
     def slots(self) -> list[tuple[int, int, int]]:

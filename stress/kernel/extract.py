@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import re
 
+from stress.kernel.errors import KernelEngineError
 
-class MissingDefinition(LookupError):
+
+class MissingDefinition(KernelEngineError, LookupError):
     """A definition the shim needs is not in the tree."""
 
 

@@ -20,8 +20,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from stress.kernel.errors import KernelEngineError
 
-class TreeError(Exception):
+
+class TreeError(KernelEngineError):
     """The tree cannot be used: the message says which file or what is missing."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 HOOK_QUIESCENT = "quiescent"  # every worker parked outside mmu_lock and RCU
 HOOK_TEARDOWN = "teardown"  # after the VM's page tables were torn down
+# the kernel engine: checked in its runtime or by the kernel code itself (native/kernel/)
+HOOK_KERNEL = "kernel"
 
 
 @dataclass(frozen=True)

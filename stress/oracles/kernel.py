@@ -12,7 +12,7 @@ where the invariant is the same, so a finding reads alike in both engines.
 
 from __future__ import annotations
 
-from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, listed
+from stress.oracles.base import HOOK_KERNEL, HOOK_QUIESCENT, HOOK_TEARDOWN, listed
 
 _RUNTIME = "the kernel engine's runtime (native/kernel/runtime.c)"
 _WALK = "one walk of every listed root's tables and of the allocator (native/kernel/ksoracle.c)"
@@ -29,6 +29,8 @@ _KIND_INVARIANT = {
 
 def kernel_invariant(kind: str, what: str) -> str:
     """The oracle name of a report the kernel engine's runtime made."""
+    if kind == "oracle":
+        return what.split(":", 1)[0]
     if kind == "KASAN":
         return ("double free of page-table page" if what.startswith("double-free")
                 else "use-after-free of page-table page")
@@ -36,6 +38,8 @@ def kernel_invariant(kind: str, what: str) -> str:
         return "suspicious RCU usage"
     if kind == "lockdep" and "sleeping function" in what:
         return "sleeping in atomic context"
+    if kind == "BUG" and what.startswith("BUG: unable to handle page fault"):
+        return "kernel oops"
     if kind == "WARN" and what.startswith("refcount_t"):
         return "refcount misuse"
     return _KIND_INVARIANT.get(kind, kind)
@@ -45,6 +49,8 @@ for _name, _inv, _when in (
         ("kernel WARN_ON", "no WARN_ON/WARN_ON_ONCE/KVM_BUG_ON of the tree fires",
          "at the assertion, in the task that hit it"),
         ("kernel BUG", "no BUG()/BUG_ON() of the tree fires", "at the assertion; the op unwinds"),
+        ("kernel oops", "kernel code never faults (a wild or freed pointer: the oops)",
+         "at the fault (SIGSEGV/SIGBUS in a worker), the address and its poison named"),
         ("lockdep", "lockdep_assert_held*() of the tree hold; locks are released by their owner",
          "at the assertion"),
         ("suspicious RCU usage", "rcu_dereference() runs inside rcu_read_lock()",
@@ -57,8 +63,12 @@ for _name, _inv, _when in (
          "no SPTE access (READ_ONCE, WRITE_ONCE, xchg, cmpxchg, atomic64) touches a page the "
          "allocator has back (KASAN)", "at the access: the chokepoint checks the page's state"),
         ("double free of page-table page", "free_page/kmem_cache_free of a free object",
-         "at the free")):
-    listed(_name, invariant=_inv, hook="kernel", when=_when, cost="one check per event",
+         "at the free"),
+        ("SPTE installed in removed table",
+         "a page-table page that its RCU callback frees holds no present entry (every child "
+         "was frozen or cleared when its table was removed, every root zapped before its put)",
+         "before each tdp_mmu_free_sp_rcu_callback runs")):
+    listed(_name, invariant=_inv, hook=HOOK_KERNEL, when=_when, cost="one check per event",
            module=f"kernel ({_RUNTIME})")
 
 for _name, _inv in (
