@@ -423,6 +423,10 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
               help="Compare protocol variants side by side on the config (with "
                    "--variant-file for user variants), e.g. fixed,sept-vm-lock.")
 @variant_file_option
+@click.option("--engine", type=click.Choice(["python", "kernel"]),
+              help="kernel: faults/s per process of the kernel engine next to the model's.")
+@click.option("--ksrc", type=click.Path(exists=True),
+              help="The kernel engine's tree (default: Debian's linux-source).")
 @click.option("--duration", type=DurationType(positive=True), default="5s", show_default=True,
               help="Length of each measured run.")
 @click.option("--runs", type=click.IntRange(1, 100), default=3, show_default=True,
@@ -430,8 +434,9 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
 @json_option("the figures")
 @quiet_options
 def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
-          compare_variants: str | None, variant_file: str | None, duration: float,
-          runs: int, json_out: str | None, quiet: bool, plain: bool) -> int:
+          compare_variants: str | None, variant_file: str | None, engine: str | None,
+          ksrc: str | None, duration: float, runs: int, json_out: str | None, quiet: bool,
+          plain: bool) -> int:
     """Print benchmark figures: fault throughput, the FFI floor and scaling against
     the machine's own, and per-role throughput of the config's job (default);
     SEAMCALL BUSY policies (--policy); the unsync lock against write-protection
@@ -443,11 +448,17 @@ def bench(config_file: str | None, policy_mode: bool, unsync_mode: bool,
         variant_comparison,
     )
 
-    if sum(map(bool, (policy_mode, unsync_mode, compare_variants))) > 1:
-        raise click.UsageError("choose one of --policy, --unsync or --compare")
+    if sum(map(bool, (policy_mode, unsync_mode, compare_variants, engine == "kernel"))) > 1:
+        raise click.UsageError("choose one of --policy, --unsync, --compare or --engine kernel")
     progress = _progress(quiet)
     vf = {"run": {"variant_file": variant_file}} if variant_file else None
-    if compare_variants:
+    if engine == "kernel":
+        from stress.jobs.bench import engine_comparison, format_engines
+
+        res = engine_comparison(config_mod.load(config_file, vf), duration, runs,
+                                str(Path(ksrc).resolve()) if ksrc else "", progress)
+        text = format_engines(res)
+    elif compare_variants:
         names = [v.strip() for v in compare_variants.split(",") if v.strip()]
         if len(names) < 1:
             raise click.UsageError("--compare needs variant names")

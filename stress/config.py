@@ -330,15 +330,22 @@ class KernelConfig:
     # walk windows: a load that reads a link to a lower table yields walk_window times as
     # often (the walker holds a pointer to a table that can be removed under it)
     walk_window: int = 20
+    # preemption at the outermost rcu_read_unlock (a preemptible kernel's preempt_enable):
+    # the grace periods the task held up can end there, before what it does next
+    rcu_unlock_yield_ppm: int = 20000
     timeslice: float = 0.001  # need_resched() after this long on the CPU
     ad_bits: bool = True  # EPT A/D bits (kvm_mmu_set_ept_masks(has_ad_bits))
     nx_huge_pages: bool = True  # the iTLB multihit workaround: exec faults split huge pages
+    nx_recovery_ratio: int = 60  # kvm.nx_huge_pages_recovery_ratio: 1/N of the splits per run
     write_fraction: float = 0.5
     exec_fraction: float = 0.1
     # a vCPU op is HLT with this share: the vCPU sleeps halt_time in kvm_vcpu_block with
     # its root loaded, servicing no request (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS waits)
     halt_fraction: float = 0.01
     halt_time: float = 0.002
+    # "random": the hot set and the rest of the guest; "sequential": every access a gfn
+    # this vCPU has not touched yet (each fault a fresh one: the benchmark's fault path)
+    pattern: str = "random"
     vcpu: int = 4
     zapper: int = 1  # kvm_zap_gfn_range (write lock)
     notifier: int = 1  # mmu_notifier invalidate_range_start/end (kvm_unmap_gfn_range)
@@ -623,13 +630,16 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "pages": _int("kernel.pages", 64, 1 << 17),
         "yield_ppm": _int("kernel.yield_ppm", 0, 1_000_000),
         "walk_window": _int("kernel.walk_window", 1, 1000),
+        "rcu_unlock_yield_ppm": _int("kernel.rcu_unlock_yield_ppm", 0, 1_000_000),
         "timeslice": _dur("kernel.timeslice", 0.0, 60.0),
         "ad_bits": _bool("kernel.ad_bits"),
         "nx_huge_pages": _bool("kernel.nx_huge_pages"),
+        "nx_recovery_ratio": _int("kernel.nx_recovery_ratio", 0, 1000),
         "write_fraction": _float("kernel.write_fraction", 0.0, 1.0),
         "exec_fraction": _float("kernel.exec_fraction", 0.0, 1.0),
         "halt_fraction": _float("kernel.halt_fraction", 0.0, 1.0),
         "halt_time": _dur("kernel.halt_time", 0.0, 10.0),
+        "pattern": _choice("kernel.pattern", ("random", "sequential")),
         **{role: _int(f"kernel.{role}", 0, 30) for role in KERNEL_ROLES},
         "interval": _dur("kernel.interval", 0.0, 60.0),
         "slot_zap_all": _bool("kernel.slot_zap_all"),

@@ -204,3 +204,14 @@ def test_bad_engine_config_is_one_line(tmp_path: Path) -> None:
     r = run_cli("run", "--engine", "kernel", "--variant", "no-such-bug", "--duration", "1s",
                 "--out", str(tmp_path), "-q")
     assert r.returncode == 2 and "unknown kernel variant 'no-such-bug'" in r.stderr
+
+
+def test_bench_prints_both_engines(tmp_path: Path, tree: Tree) -> None:
+    r = run_cli("bench", "--engine", "kernel", "--duration", "1s", "--runs", "1", "-q",
+                "--json", "-", timeout=240)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    f = res["faults_per_s_per_proc"]
+    assert f["kernel"]["median"] > 0 and f["python"]["median"] > 0
+    assert res["kernel_version"] == tree.version
+    assert "faults/s per process" in r.stderr

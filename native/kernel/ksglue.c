@@ -24,6 +24,31 @@
 
 #include "ksrt_arena.h"
 
+/* ---- the vCPUs' TLBs ----------------------------------------------------- */
+/*
+ * Each vCPU caches translations as a CPU does: a leaf's gfn range, pfn and
+ * rights, and the tables the walk went through (the paging-structure
+ * caches).  A vCPU uses them until it flushes: at its next entry after a
+ * KVM_REQ_TLB_FLUSH, or when it loads a root (flush_tlb_current).  The
+ * translation is tagged with the root it came from.
+ */
+#define KE_TLB 64
+struct ke_tlb_entry {
+	u64 gfn;          /* first gfn of the leaf's range; valid if level != 0 */
+	u64 pfn;
+	u64 root;
+	int32_t tables[PT64_ROOT_4LEVEL];  /* page index + 1 of each table walked, root first */
+	u8 level, writable, dirty, exec;
+	u32 pad;
+};
+
+struct ke_tlb {
+	u64 entries;      /* kvm_vcpu_arch's guest entries: for the kicks' waits */
+	u64 servicing;    /* between consuming requests and the root reload */
+	u64 hits, misses, flushes;
+	struct ke_tlb_entry e[KE_TLB];
+};
+
 /* ---- what vmx.c, x86.c and mmu.c set up at module load -------------- */
 struct kvm_x86_ops kvm_x86_ops = { .cpu_dirty_log_size = 0 };
 struct kvm_host_values kvm_host = { .maxphyaddr = 48 };
@@ -58,9 +83,16 @@ void ks_x86_load_mmu_pgd(struct kvm_vcpu *vcpu, hpa_t root_hpa, int root_level)
 
 unsigned long ks_x86_get_rflags(struct kvm_vcpu *vcpu) { return 0; }
 
+static struct ke_tlb *ke_tlb_of(struct kvm_vcpu *vcpu);
+static void ke_check_host_release(struct kvm *kvm, gfn_t start, gfn_t end);  /* ksoracle.c */
+
+/* vmx_flush_tlb_current(): this vCPU's translations and paging-structure caches. */
 static inline void ks_x86_flush_tlb_current(struct kvm_vcpu *vcpu)
 {
-	ks_arena->tasks[ks_self].op_results[7]++;
+	struct ke_tlb *t = ke_tlb_of(vcpu);
+	for (int i = 0; i < KE_TLB; i++)
+		__atomic_store_n(&t->e[i].level, 0, __ATOMIC_RELEASE);
+	t->flushes++;
 }
 
 /* ---- kvm_main.c ----------------------------------------------------- */
@@ -79,17 +111,43 @@ struct kvm_memory_slot *__gfn_to_memslot(struct kvm_memslots *slots, gfn_t gfn)
 struct ke_vm {
 	struct kvm kvm;
 	struct kvm_vcpu *vcpus[KS_MAX_TASKS];
+	struct ke_tlb *tlbs[KS_MAX_TASKS];
 	struct kvm_memory_slot *deleted[KS_MAX_MEMSLOTS];  /* ke_memslot_delete's, to re-create */
 };
 
-/* kvm_make_all_cpus_request(): the request to every vCPU.  The kernel kicks
- * them and waits for an acknowledgment; the engine's vCPUs service requests
- * at their next entry (ke_vcpu_access), which is when a kick takes effect. */
+static struct ke_tlb *ke_tlb_of(struct kvm_vcpu *vcpu)
+{
+	return container_of(vcpu->kvm, struct ke_vm, kvm)->tlbs[vcpu->vcpu_idx];
+}
+
+/*
+ * kvm_make_all_cpus_request() of kvm_main.c: the request to every vCPU, then
+ * the kick.  KVM_REQ_TLB_FLUSH and KVM_REQ_MMU_FREE_OBSOLETE_ROOTS are
+ * KVM_REQUEST_WAIT: the IPI waits until each vCPU that was in guest mode has
+ * left it; a vCPU outside guest mode sees the request before it next enters
+ * (it sets IN_GUEST_MODE, then checks its requests: ke_vcpu_access).
+ */
 bool kvm_make_all_cpus_request(struct kvm *kvm, unsigned int req)
 {
 	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
-	for (int i = 0; i < kvm->created_vcpus; i++)
+	u64 seen[KS_MAX_TASKS];
+	int n = kvm->created_vcpus;
+
+	for (int i = 0; i < n; i++)
 		kvm_make_request(req, vm->vcpus[i]);
+	smp_mb();
+	for (int i = 0; i < n; i++)
+		seen[i] = __atomic_load_n(&vm->tlbs[i]->entries, __ATOMIC_ACQUIRE);
+	for (int i = 0; i < n; i++) {
+		uint64_t spins = 0;
+		while (__atomic_load_n(&vm->vcpus[i]->mode, __ATOMIC_ACQUIRE) == IN_GUEST_MODE &&
+		       __atomic_load_n(&vm->tlbs[i]->entries, __ATOMIC_ACQUIRE) == seen[i]) {
+			if (++spins % 16 == 0)
+				sched_yield();
+			else
+				cpu_relax();
+		}
+	}
 	return true;
 }
 
@@ -102,13 +160,13 @@ void mark_page_dirty_in_slot(struct kvm *kvm, const struct kvm_memory_slot *mems
 }
 
 /*
- * kvm_flush_remote_tlbs(): every vCPU's TLB is flushed before it returns
- * (KVM_REQ_TLB_FLUSH with an IPI that waits for the vCPUs to leave guest
- * mode).  The engine's vCPUs keep no TLB yet, so a flush is counted.
+ * kvm_flush_remote_tlbs() of kvm_main.c (no arch hook: EPT without Hyper-V):
+ * KVM_REQ_TLB_FLUSH to every vCPU, waiting for those in guest mode.
  */
 void kvm_flush_remote_tlbs(struct kvm *kvm)
 {
 	++kvm->stat.remote_tlb_flush_requests;
+	kvm_make_all_cpus_request(kvm, KVM_REQ_TLB_FLUSH);
 	++kvm->stat.remote_tlb_flush;
 }
 
@@ -252,8 +310,9 @@ void kvm_mmu_sync_roots(struct kvm_vcpu *vcpu)
  * the MMU, in their order: reset the masks, set EPT's (A/D bits, execute-
  * only), and spte.c's module init.
  */
-int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all)
+int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all, int nx_ratio)
 {
+	nx_huge_pages_recovery_ratio = (uint)nx_ratio;
 	ks_disabled_quirks = slot_zap_all ? 0 : KVM_X86_QUIRK_SLOT_ZAP_ALL;
 	kvm_mmu_spte_module_init();
 	kvm_mmu_reset_all_pte_masks();
@@ -363,6 +422,7 @@ struct kvm_vcpu *ke_vcpu_create(struct kvm *kvm, int id)
 	mmu->root_role.ad_disabled = !kvm_ad_enabled();
 	mmu->page_fault = kvm_tdp_page_fault;
 	vcpu->arch.guest_mmu.root_role.direct = 0;
+	vm->tlbs[kvm->created_vcpus] = ks_bump_alloc(sizeof(struct ke_tlb));
 	vm->vcpus[kvm->created_vcpus] = vcpu;
 	kvm->created_vcpus++;
 	kvm->online_vcpus++;
@@ -410,44 +470,84 @@ enum ke_op {
 	__r; })
 
 /*
- * The "hardware" walk of an access by a vCPU in guest mode: the EPT from
- * the vCPU's loaded root, as the CPU's page walker does it (one load per
- * level, the A and D bits set atomically when the masks have them).
- * Returns 1 if the access completes, 0 with *err set if it is an EPT
- * violation.  The walk runs inside rcu_read_lock() here: a real CPU is not
- * an RCU reader, it is kept off freed tables by the TLB flush that
- * precedes the free; with no TLB model yet the engine protects the walker
- * the way the flush would.
+ * The CPU's side of an access by a vCPU in guest mode.  First its TLB: a
+ * translation that allows the access is used as it is (a write needs the
+ * cached D bit: without it the CPU walks to set it).  Otherwise the walk: the
+ * EPT from the vCPU's loaded root, one load per level, the A and D bits set
+ * with a cmpxchg, as the CPU's walker does; the translation and the tables
+ * walked go into the TLB.  The walker is no RCU reader, as a CPU is none: it
+ * is kept off freed tables by the TLB flush, whose IPI waits for it to leave
+ * guest mode, before the tables' RCU grace period can end.
+ * Returns 1 if the access completes, 0 with *err set on an EPT violation.
  */
-static int ke_hw_walk(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exec, u64 *err)
+static inline int ke_page_index(const void *p)
 {
+	uint64_t off = (uint64_t)((const char *)p - (const char *)ks_arena);
+	if (off < ks_arena->pages_off || off >= ks_arena->pages_off + (uint64_t)ks_arena->npages * 4096)
+		return -1;
+	return (int)((off - ks_arena->pages_off) >> 12);
+}
+
+static inline int ke_tlb_slot(u64 gfn, int level)
+{
+	return (int)(((gfn >> ((level - 1) * 9)) * 0x9E3779B1u + (u64)level * 7) % KE_TLB);
+}
+
+static int ke_hw_access(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exec, u64 *err)
+{
+	struct ke_tlb *tlb = ke_tlb_of(vcpu);
 	hpa_t root = vcpu->arch.mmu->root.hpa;
 	u64 *table = __va(root);
-	u64 spte = 0;
-	int level = vcpu->arch.mmu->root_role.level;
+	u64 spte = 0, gfn = gpa >> PAGE_SHIFT;
+	int level = vcpu->arch.mmu->root_role.level, depth = 0;
+	int32_t tables[PT64_ROOT_4LEVEL] = { 0 };
 	u64 need = write ? PT_WRITABLE_MASK : exec ? shadow_x_mask : VMX_EPT_READABLE_MASK;
 
+	for (int l = PG_LEVEL_4K; l <= PG_LEVEL_1G; l++) {
+		struct ke_tlb_entry *e = &tlb->e[ke_tlb_slot(gfn, l)];
+		if (__atomic_load_n(&e->level, __ATOMIC_ACQUIRE) == l && e->root == root &&
+		    gfn - e->gfn < KVM_PAGES_PER_HPAGE(l) &&
+		    (write ? e->writable && e->dirty : exec ? e->exec : 1)) {
+			tlb->hits++;
+			return 1;
+		}
+	}
+	tlb->misses++;
 	*err = (write ? PFERR_WRITE_MASK : 0) | (exec ? PFERR_FETCH_MASK : 0) | PFERR_GUEST_FINAL_MASK;
-	rcu_read_lock();
 	for (;;) {
 		u64 *sptep = &table[SPTE_INDEX(gpa, level)];
+		int pi = ke_page_index(table);
+		if (depth < PT64_ROOT_4LEVEL)
+			tables[depth++] = pi + 1;
 		spte = READ_ONCE(*sptep);
 		if (!is_shadow_present_pte(spte) || is_frozen_spte(spte))
 			break;
 		if (is_last_spte(spte, level)) {
-			if ((spte & need) == need) {
-				u64 ad = shadow_accessed_mask | (write ? shadow_dirty_mask : 0);
-				if (ad && (spte & ad) != ad) {
-					u64 old = spte;
-					/* The walker's locked OR of A/D: a cmpxchg on the entry. */
-					while (!try_cmpxchg64(sptep, &old, old | ad))
-						if (!is_shadow_present_pte(old) || (old & need) != need)
-							goto fault;
-				}
-				rcu_read_unlock();
-				return 1;
+			u64 ad;
+			struct ke_tlb_entry *e;
+			if ((spte & need) != need)
+				break;
+			ad = shadow_accessed_mask | (write ? shadow_dirty_mask : 0);
+			if (ad && (spte & ad) != ad) {
+				u64 old = spte;
+				/* The walker's locked OR of A/D: a cmpxchg on the entry. */
+				while (!try_cmpxchg64(sptep, &old, old | ad))
+					if (!is_shadow_present_pte(old) || is_frozen_spte(old) ||
+					    !is_last_spte(old, level) || (old & need) != need)
+						goto fault;
+				spte = old | ad;
 			}
-			break;
+			e = &tlb->e[ke_tlb_slot(gfn, level)];
+			__atomic_store_n(&e->level, 0, __ATOMIC_RELAXED);
+			e->gfn = gfn & ~(KVM_PAGES_PER_HPAGE(level) - 1);
+			e->pfn = spte_to_pfn(spte);
+			e->root = root;
+			memcpy(e->tables, tables, sizeof(tables));
+			e->writable = !!(spte & PT_WRITABLE_MASK);
+			e->dirty = !shadow_dirty_mask || !!(spte & shadow_dirty_mask);
+			e->exec = !!(spte & shadow_x_mask);
+			__atomic_store_n(&e->level, (u8)level, __ATOMIC_RELEASE);
+			return 1;
 		}
 		table = __va(spte_to_pfn(spte) << PAGE_SHIFT);
 		level--;
@@ -456,35 +556,51 @@ fault:
 	/* EPT_VIOLATION_RWX_MASK: the entry granted some access. */
 	if (is_shadow_present_pte(spte) && !is_frozen_spte(spte) && (spte & VMX_EPT_RWX_MASK))
 		*err |= PFERR_PRESENT_MASK;
-	rcu_read_unlock();
 	return 0;
 }
 
 /*
- * vcpu_enter_guest() for one access: the requests an entry services, the
- * root reload, then the access; an EPT violation is handle_ept_violation()'s
- * kvm_mmu_page_fault() (mmu.c's, copied), and the access is retried, as the
- * guest re-executes the faulting instruction.  Returns how many EPT
- * violations the access took (max_entries: it never completed).
+ * vcpu_enter_guest() for one guest instruction: the requests an entry
+ * services (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH), the root
+ * reload, then IN_GUEST_MODE and the requests checked once more (a kick
+ * that came in between backs the entry out), the access, and the exit; an
+ * EPT violation is handle_ept_violation()'s kvm_mmu_page_fault() (mmu.c's,
+ * copied), under kvm->srcu, and the instruction is retried.  Returns how
+ * many EPT violations the access took (max_entries: it never completed).
  */
 static int ke_vcpu_access(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exec, int max_entries)
 {
+	struct ke_tlb *tlb = ke_tlb_of(vcpu);
 	for (int n = 0; n < max_entries; n++) {
-		u64 err;
-		int r, idx = srcu_read_lock(&vcpu->kvm->srcu);
+		u64 err = 0;
+		int r, ok, idx = srcu_read_lock(&vcpu->kvm->srcu);
+		/* While it services requests the vCPU is "reloading" for the oracles:
+		 * a request consumed but not acted on yet still counts as pending. */
+		bool svc = __atomic_load_n(&vcpu->requests, __ATOMIC_ACQUIRE) != 0;
+		if (svc)
+			__atomic_store_n(&tlb->servicing, 1, __ATOMIC_SEQ_CST);
 		if (kvm_check_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vcpu))
 			kvm_mmu_free_obsolete_roots(vcpu);
 		if (kvm_check_request(KVM_REQ_TLB_FLUSH, vcpu))
-			ks_x86_flush_tlb_current(vcpu);
+			ks_x86_flush_tlb_current(vcpu);  /* kvm_vcpu_flush_tlb_all() */
 		r = kvm_mmu_reload(vcpu);
-		if (r) {
-			srcu_read_unlock(&vcpu->kvm->srcu, idx);
+		if (svc)
+			__atomic_store_n(&tlb->servicing, 0, __ATOMIC_RELEASE);
+		srcu_read_unlock(&vcpu->kvm->srcu, idx);
+		if (r)
 			return r;
+		__atomic_store_n(&vcpu->mode, IN_GUEST_MODE, __ATOMIC_SEQ_CST);
+		if (__atomic_load_n(&vcpu->requests, __ATOMIC_SEQ_CST)) {
+			__atomic_store_n(&vcpu->mode, OUTSIDE_GUEST_MODE, __ATOMIC_RELEASE);
+			n--;
+			continue;
 		}
-		if (ke_hw_walk(vcpu, gpa, write, exec, &err)) {
-			srcu_read_unlock(&vcpu->kvm->srcu, idx);
+		ok = ke_hw_access(vcpu, gpa, write, exec, &err);
+		__atomic_fetch_add(&tlb->entries, 1, __ATOMIC_RELEASE);
+		__atomic_store_n(&vcpu->mode, OUTSIDE_GUEST_MODE, __ATOMIC_RELEASE);
+		if (ok)
 			return n;
-		}
+		idx = srcu_read_lock(&vcpu->kvm->srcu);
 		r = kvm_mmu_page_fault(vcpu, gpa, err, NULL, 0);
 		srcu_read_unlock(&vcpu->kvm->srcu, idx);
 		if (r <= 0)
@@ -551,7 +667,9 @@ static void ke_notifier_invalidate(struct kvm *kvm, gfn_t start, gfn_t end)
 		write_unlock(&kvm->mmu_lock);
 	srcu_read_unlock(&kvm->srcu, idx);
 
-	/* The host's page tables change here, between start and end. */
+	/* The host's page tables change here, between start and end: the old
+	 * pages are released. */
+	ke_check_host_release(kvm, start, end);
 	if (need_resched())
 		cond_resched();
 
@@ -773,6 +891,9 @@ u64 ke_vcpu_stat(struct kvm_vcpu *vcpu, const char *name)
 	if (!strcmp(name, "pf_taken")) return vcpu->stat.pf_taken;
 	if (!strcmp(name, "pf_emulate")) return vcpu->stat.pf_emulate;
 	if (!strcmp(name, "pf_mmio_spte_created")) return vcpu->stat.pf_mmio_spte_created;
+	if (!strcmp(name, "tlb_hits")) return ke_tlb_of(vcpu)->hits;
+	if (!strcmp(name, "tlb_misses")) return ke_tlb_of(vcpu)->misses;
+	if (!strcmp(name, "tlb_flushes")) return ke_tlb_of(vcpu)->flushes;
 	return 0;
 }
 
@@ -849,6 +970,9 @@ int ke_memslot_delete(struct kvm *kvm, int i)
 			__r = 1;
 		}
 		mutex_unlock(&kvm->slots_lock);
+		/* userspace unmaps the slot's memory after the ioctl */
+		if (__r == 1)
+			ke_check_host_release(kvm, old->base_gfn, old->base_gfn + old->npages);
 	}));
 }
 

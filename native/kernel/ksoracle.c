@@ -36,13 +36,6 @@ struct ke_walk {
 	return;                                                                \
 } while (0)
 
-static inline int ke_page_index(const void *p)
-{
-	uint64_t off = (uint64_t)((const char *)p - (const char *)ks_arena);
-	if (off < ks_arena->pages_off || off >= ks_arena->pages_off + (uint64_t)ks_arena->npages * 4096)
-		return -1;
-	return (int)((off - ks_arena->pages_off) >> 12);
-}
 
 static void ke_walk_table(struct ke_walk *w, struct kvm_mmu_page *root, struct kvm_mmu_page *sp)
 {
@@ -191,12 +184,77 @@ int ke_check(struct kvm *kvm, int teardown, char *name, char *msg)
  * never linked, e.g. an eager split's table whose link lost the race, is
  * freed directly with its entries filled: that is not checked.)
  */
+/*
+ * "stale-tlb-entry-after-free": a page is freed (a table by its RCU callback,
+ * a host page by the primary MMU) only when no vCPU may still use a
+ * translation through it: every vCPU whose TLB holds one has a TLB flush
+ * pending (KVM_REQ_TLB_FLUSH: it flushes before it next enters the guest).
+ * The same name and invariant as the Python model's oracles/tlb.py.
+ */
+static void ke_check_tlbs(struct kvm *kvm, int table, gfn_t start, gfn_t end, const char *what)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	for (int v = 0; v < kvm->created_vcpus; v++) {
+		struct kvm_vcpu *vcpu = vm->vcpus[v];
+		struct ke_tlb *t = vm->tlbs[v];
+		hpa_t cur = READ_ONCE(vcpu->arch.root_mmu.root.hpa);
+		if (kvm_test_request(KVM_REQ_TLB_FLUSH, vcpu) ||
+		    __atomic_load_n(&t->servicing, __ATOMIC_SEQ_CST))
+			continue;
+		/* An obsolete root the vCPU drops at its next entry: its translations
+		 * (tagged with that root) are never used again; the new root's load
+		 * flushes (flush_tlb_current). */
+		if (kvm_test_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, vcpu) && VALID_PAGE(cur) &&
+		    root_to_sp(cur) && root_to_sp(cur)->role.invalid)
+			continue;
+		for (int i = 0; i < KE_TLB; i++) {
+			struct ke_tlb_entry *e = &t->e[i];
+			int level = __atomic_load_n(&e->level, __ATOMIC_ACQUIRE);
+			bool hit = false;
+			/* a translation is usable only under the root it was made with */
+			if (!level || e->root != cur)
+				continue;
+			if (table >= 0) {
+				for (int k = 0; k < PT64_ROOT_4LEVEL; k++)
+					hit |= e->tables[k] == table + 1;
+			} else {
+				hit = e->gfn < end && start < e->gfn + KVM_PAGES_PER_HPAGE(level);
+			}
+			if (hit) {
+				ks_report(KS_V_ORACLE, __FILE__, __LINE__,
+					  "stale-tlb-entry-after-free: %s while vCPU %d's TLB still "
+					  "translates gfn %#llx (level %d, pfn %#llx) through it, with no TLB "
+					  "flush pending for that vCPU", what, v, (unsigned long long)e->gfn,
+					  level, (unsigned long long)e->pfn);
+				return;
+			}
+		}
+	}
+}
+
+/* The primary MMU releases the host pages of [start, end) (the notifier's
+ * range after invalidate_range_start, a deleted memslot's after the ioctl). */
+static void ke_check_host_release(struct kvm *kvm, gfn_t start, gfn_t end)
+{
+	char what[96];
+	snprintf(what, sizeof(what), "the host released the pages of gfns [%#llx, %#llx)",
+		 (unsigned long long)start, (unsigned long long)end);
+	ke_check_tlbs(kvm, -1, start, end, what);
+}
+
 static void ke_check_rcu_free(struct rcu_head *head, void (*func)(struct rcu_head *))
 {
 	struct kvm_mmu_page *sp;
 	if (func != tdp_mmu_free_sp_rcu_callback)
 		return;
 	sp = container_of(head, struct kvm_mmu_page, rcu_head);
+	{
+		char what[96];
+		snprintf(what, sizeof(what), "the level-%d table at gfn %#llx (page %d) is freed by its "
+			 "RCU callback", sp->role.level, (unsigned long long)sp->gfn,
+			 ke_page_index(sp->spt));
+		ke_check_tlbs((struct kvm *)ks_arena->vm, ke_page_index(sp->spt), 0, 0, what);
+	}
 	for (int i = 0; i < SPTE_ENT_PER_PAGE; i++) {
 		u64 spte = __atomic_load_n(&sp->spt[i], __ATOMIC_RELAXED);
 		if (is_shadow_present_pte(spte)) {

@@ -49,6 +49,8 @@ struct ks_task {
 	uint64_t rcu_seq;          /* 0 outside RCU; else 1 + gp_seq at entry */
 	uint32_t rcu_nesting;
 	uint32_t srcu_nesting;
+	uint32_t in_rcu_poll;
+	uint32_t pad1;
 	uint64_t srcu_snap;
 	uint64_t slice_start;      /* need_resched(): start of the timeslice */
 	ks_lock_t *waiting_for;    /* the lock this task spins on, for hang reports */
@@ -90,7 +92,7 @@ struct ks_arena {
 	uint32_t trace_on;
 	uint32_t yield_ppm;
 	uint32_t walk_window_factor;  /* yield_ppm x this after a load of a table link */
-	uint32_t pad0;
+	uint32_t rcu_unlock_yield_ppm;  /* a yield after the outermost rcu_read_unlock */
 	uint64_t timeslice_ns;
 	uint32_t nviolations;
 	uint32_t abort;            /* the supervisor tears the run down: spinners give up */

@@ -376,6 +376,10 @@ static void spin_wait(ks_lock_t *l, uint64_t *spins)
 	(void)l;
 	if (__atomic_load_n(&ks_arena->abort, __ATOMIC_RELAXED) && ks_bug_jmp)
 		siglongjmp(*ks_bug_jmp, 2);
+	/* RCU callbacks run from softirq on whatever CPU: here, on a task that
+	 * spins outside any read-side section. */
+	if (*spins % 4 == 0 && ks_self >= 0 && !self()->rcu_nesting && !self()->in_rcu_poll)
+		ks_rcu_poll();
 	if (++*spins % 64 == 0) {
 		if (ks_self >= 0)
 			self()->lock_spins++;
@@ -584,8 +588,19 @@ void ks_rcu_read_unlock(void)
 		ks_report(KS_V_LOCKDEP, __FILE__, __LINE__, "rcu_read_unlock() without rcu_read_lock()");
 		return;
 	}
-	if (--t->rcu_nesting == 0)
+	if (--t->rcu_nesting == 0) {
 		__atomic_store_n(&t->rcu_seq, 0, __ATOMIC_SEQ_CST);
+		/* preempt_enable() of a preemptible kernel: the outermost unlock is a
+		 * preemption point, where the grace periods this task held up can end. */
+		if (ks_arena->rcu_unlock_yield_ppm &&
+		    (rnd() % 1000000) < ks_arena->rcu_unlock_yield_ppm) {
+			/* off the CPU for a while (10-40 us), not just to the back of the
+			 * run queue: long enough for the others to run their callbacks */
+			struct timespec ts = { 0, 10000 + (long)(rnd() % 30000) };
+			t->yields++;
+			nanosleep(&ts, NULL);
+		}
+	}
 }
 
 bool ks_rcu_read_lock_held(void)
@@ -654,8 +669,10 @@ int ks_rcu_poll(void)
 	struct ks_cb batch[64];
 	int n = 0;
 
-	if (a->cb_head == a->cb_tail)
+	if (a->cb_head == a->cb_tail || (ks_self >= 0 && self()->in_rcu_poll))
 		return 0;
+	if (ks_self >= 0)
+		self()->in_rcu_poll = 1;
 	uint64_t bound = rcu_safe_bound();
 	ks_spin_lock(&a->rcu_lock);
 	while (n < 64 && a->cb_head != a->cb_tail) {
@@ -672,6 +689,8 @@ int ks_rcu_poll(void)
 		batch[i].func(batch[i].head);
 		__atomic_fetch_add(&a->cbs_run, 1, __ATOMIC_RELAXED);
 	}
+	if (ks_self >= 0)
+		self()->in_rcu_poll = 0;
 	return n;
 }
 
@@ -941,8 +960,9 @@ int ks_tracepoints(const char **names, uint64_t *counts, int max)
 }
 
 void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on,
-		  uint32_t walk_window_factor)
+		  uint32_t walk_window_factor, uint32_t rcu_unlock_yield_ppm)
 {
+	ks_arena->rcu_unlock_yield_ppm = rcu_unlock_yield_ppm;
 	ks_arena->walk_window_factor = walk_window_factor ? walk_window_factor : 1;
 	ks_arena->yield_ppm = yield_ppm;
 	ks_arena->timeslice_ns = timeslice_ns;

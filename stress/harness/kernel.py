@@ -56,6 +56,7 @@ class KernelWorker:
         self.lib = vm.lib
         self.kvm = vm.kvm
         self.vcpu = vm.vcpus[vcpu] if vcpu is not None else None
+        self.vcpu_index = vcpu or 0
         self.slots = vm.slots()
         self.ops = 0
         self.parked_gen = 0
@@ -83,8 +84,24 @@ class KernelWorker:
         return start, start + size
 
     # -- roles -------------------------------------------------------------------
+    def next_fresh_gfn(self) -> int:
+        """The sequential pattern: the vCPUs stride through the memslots, each its
+        own gfns, so every access faults a page nobody mapped yet."""
+        n_vcpu = self.cfg.kernel.vcpu
+        k = self.cycle * n_vcpu + self.vcpu_index
+        self.cycle += 1
+        for base, npages, _ in self.slots:
+            if k < npages:
+                return base + k
+            k -= npages
+        self.cycle = 0  # the whole guest is mapped: go round again
+        return self.slots[0][0] + self.vcpu_index
+
     def step_vcpu(self) -> None:
         k = self.cfg.kernel
+        if k.pattern == "sequential":
+            self.lib.ke_guest_access(self.vcpu, self.next_fresh_gfn() << 12, 1, 0)
+            return
         if k.halt_fraction and self.rng.random() < k.halt_fraction:
             time.sleep(k.halt_time)  # HLT: kvm_vcpu_block, the root stays loaded
             return

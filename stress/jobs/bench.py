@@ -26,6 +26,7 @@ from typing import Any
 
 from stress import config as config_mod
 from stress.config import BUSY_POLICIES, Config
+from stress.harness.kernel import supervisor_for
 from stress.harness.supervisor import Supervisor
 
 POLICY_METRICS = (
@@ -411,4 +412,63 @@ def format_throughput(res: dict[str, Any]) -> str:
                 return f"{_fmt(r[k]['median'])} [{_fmt(r[k]['min'])}..{_fmt(r[k]['max'])}]"
             lines.append(f"  {role:<12} x{r['procs']}: {f('work_per_s_per_proc')} {r['work']}/s, "
                          f"{f('seamcalls_per_s_per_proc')} SEAMCALLs/s")
+    return "\n".join(lines)
+
+
+def kernel_vcpu_rate(procs: int, seconds: float, ksrc: str = "") -> tuple[float, str]:
+    """Aggregate faults/s of ``procs`` kernel-engine vCPU processes and no other
+    role, each access a fresh gfn (kernel.pattern = "sequential", 4K pages, no
+    delay injection, no halts): the tree's own fault path, kvm_mmu_page_fault
+    to the leaf's cmpxchg, through the shim.  Also the tree's version."""
+    cfg = config_mod.load(str(config_mod.DEFAULT_CONFIG.parent / "kernel.toml"), {
+        "run": {"duration": seconds, "check_interval": 0.0, "variant": "fixed"},
+        "guest": {"size": 4 << 30, "layout": "flat", "huge_pages": 0.0},
+        "kernel": {"ksrc": ksrc, "vcpu": procs, "zapper": 0, "notifier": 0,
+                   "invalidator": 0, "dirtylog": 0, "aging": 0, "nx": 0, "memslot": 0,
+                   "yield_ppm": 0, "halt_fraction": 0.0, "pattern": "sequential",
+                   "pages": 1 << 14, "arena": 1 << 30}})
+    o = supervisor_for(cfg)(cfg).run()
+    if o.exit_reason != "clean":
+        raise RuntimeError(f"kernel bench run ended {o.exit_reason}: "
+                           f"{(o.violations or o.errors or [''])[0]}")
+    d = max(o.duration_s, 1e-9)
+    faults = sum(r.stats.get("pf_fixed", 0) + r.stats.get("pf_fast", 0) for r in o.workers)
+    return faults / d, (o.engine or {}).get("version", "?")
+
+
+def engine_comparison(base: Config, seconds: float, runs: int, ksrc: str = "",
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Faults/s per process of the kernel engine next to the Python model's, one
+    vCPU process each: a warm-up run of each, then ``runs`` runs; median, min..max."""
+    say = progress or (lambda m: None)
+    kernel_vcpu_rate(1, min(seconds, 1.0), ksrc)  # warm-up (and the build, if not cached)
+    vcpu_rate(base, 1, min(seconds, 1.0))
+    k, p = Series(), Series()
+    version = "?"
+    for rnd in range(runs):
+        rate, version = kernel_vcpu_rate(1, seconds, ksrc)
+        k.values.append(rate)
+        p.values.append(vcpu_rate(base, 1, seconds))
+        say(f"run {rnd + 1}/{runs}: kernel {k.values[-1]:.0f} faults/s, python model "
+            f"{p.values[-1]:.0f} faults/s")
+    return {"benchmark": "engines", "duration_s": seconds, "runs": runs,
+            "kernel_version": version,
+            "faults_per_s_per_proc": {
+                "kernel": {"median": round(k.median, 1), "min": round(min(k.values), 1),
+                           "max": round(max(k.values), 1)},
+                "python": {"median": round(p.median, 1), "min": round(min(p.values), 1),
+                           "max": round(max(p.values), 1)}},
+            "ratio": round(k.median / p.median, 1) if p.median else None}
+
+
+def format_engines(res: dict[str, Any]) -> str:
+    f = res["faults_per_s_per_proc"]
+    lines = [f"faults/s per process, one vCPU process, {res['runs']} runs x "
+             f"{res['duration_s']:.0f} s (median [min..max]):"]
+    for eng, label in (("kernel", f"kernel engine ({res['kernel_version']} tdp_mmu.c)"),
+                       ("python", "Python model")):
+        lines.append(f"  {label:<34} {_fmt(f[eng]['median']):>9} "
+                     f"[{_fmt(f[eng]['min'])}..{_fmt(f[eng]['max'])}]")
+    if res["ratio"]:
+        lines.append(f"  the kernel engine faults {res['ratio']}x as fast")
     return "\n".join(lines)

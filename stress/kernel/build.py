@@ -266,10 +266,10 @@ int64_t ks_stat(const char *name);
 int64_t ks_task_stat(int t, const char *name);
 int ks_tracepoints(const char **names, uint64_t *counts, int max);
 void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on,
-                  uint32_t walk_window_factor);
+                  uint32_t walk_window_factor, uint32_t rcu_unlock_yield_ppm);
 int ks_task_waiting(int t, char *lock_name, int n, int *owner, uint64_t *readers);
 
-int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all);
+int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all, int nx_ratio);
 struct kvm *ke_vm_create(void);
 int ke_memslot_add(struct kvm *kvm, int id, uint64_t base_gfn, uint64_t npages, uint32_t flags,
                    int host_level);

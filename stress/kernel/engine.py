@@ -93,14 +93,15 @@ class KernelVm:
                               f"({os.strerror(-r)})")
         self.mapped = True
         obj_size = lib.ke_module_init(int(k.ad_bits), 3, int(k.nx_huge_pages),
-                                      int(k.slot_zap_all))
+                                      int(k.slot_zap_all), k.nx_recovery_ratio)
         r = lib.ks_arena_init(k.arena, k.pages, k.pages, obj_size, self.n_tasks,
                               self.cfg.run.seed)
         lib.ke_attach_oracles()
         if r < 0:
             raise EngineError(f"kernel engine: kernel.arena {k.arena} bytes cannot hold "
                               f"kernel.pages = {k.pages} pages ({os.strerror(-r)})")
-        lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), 0, k.walk_window)
+        lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), 0, k.walk_window,
+                         k.rcu_unlock_yield_ppm)
         self.set_task(self.n_tasks - 1)  # the supervisor is the last task
         self.kvm = lib.ke_vm_create()
         host_level = 2 if self.cfg.guest.huge_pages > 0 else 1
@@ -172,7 +173,8 @@ class KernelVm:
     def vcpu_stats(self, i: int) -> dict[str, int]:
         v = self.vcpus[i]
         st = {k: int(self.lib.ke_vcpu_stat(v, k.encode()))
-              for k in ("pf_taken", "pf_fast", "pf_fixed", "pf_spurious", "pf_emulate")}
+              for k in ("pf_taken", "pf_fast", "pf_fixed", "pf_spurious", "pf_emulate",
+                        "tlb_hits", "tlb_misses", "tlb_flushes")}
         # kvm_mmu_page_fault counts what it fixed, emulated or found spurious; the
         # rest of the faults it took returned RET_PF_RETRY
         st["pf_retry"] = st["pf_taken"] - st["pf_fixed"] - st["pf_spurious"] - st["pf_emulate"]

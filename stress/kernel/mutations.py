@@ -33,15 +33,19 @@ class KernelMutation:
     expects: tuple[str, ...]
     # the shipped config whose workload makes the bug's window common (the zoo runs it)
     config: str = "kernel.toml"
+    # more (find, replace) pairs of the same change elsewhere in the file
+    also: tuple[tuple[str, str], ...] = ()
 
     def apply(self, text: str, origin: str) -> str:
-        n = text.count(self.find)
-        if n != 1:
-            raise MutationError(
-                f"variant {self.name}: {origin}'s {self.file} has {n} copies of the code it "
-                "changes (it needs exactly 1): this tree's code differs from the one the "
-                "mutation was written for")
-        return text.replace(self.find, self.replace)
+        for find, replace in ((self.find, self.replace), *self.also):
+            n = text.count(find)
+            if n != 1:
+                raise MutationError(
+                    f"variant {self.name}: {origin}'s {self.file} has {n} copies of the code "
+                    "it changes (it needs exactly 1): this tree's code differs from the one "
+                    "the mutation was written for")
+            text = text.replace(find, replace)
+        return text
 
 
 MUTATIONS: tuple[KernelMutation, ...] = (
@@ -96,6 +100,43 @@ MUTATIONS: tuple[KernelMutation, ...] = (
                  "reachable table not live", "listed root without references"),
         # invalidated-roots zaps back to back while halted vCPUs keep the roots loaded
         config="kernel-roots.toml",
+    ),
+)
+
+MUTATIONS += (
+    KernelMutation(
+        name="tlb-no-flush-before-yield",
+        story="A leaf zap that yields mmu_lock drops its pending TLB flush instead of doing "
+              "it first: with the lock gone an mmu_notifier finds the gfns non-present, "
+              "skips the flush, and the host frees pages a vCPU's TLB still maps.",
+        source="commit a835429cda91 (KVM: x86/mmu: Ensure TLBs are flushed when yielding "
+               "during GFN range zap, 2021)",
+        file="arch/x86/kvm/mmu/tdp_mmu.c",
+        find="\t\t    tdp_mmu_iter_cond_resched(kvm, &iter, flush, false)) {\n"
+             "\t\t\tflush = false;",
+        replace="\t\t    tdp_mmu_iter_cond_resched(kvm, &iter, false, false)) {\n"
+                "\t\t\tflush = false;",
+        expects=("stale-tlb-entry-after-free",),
+        config="kernel-tlb.toml",
+    ),
+    KernelMutation(
+        name="tlb-flush-after-rcu-unlock",
+        story="The NX huge page recovery worker releases RCU before its TLB flush (at its "
+              "yields and at the end): the grace period of the tables it zapped can end, and "
+              "their RCU callback free them, while a vCPU's paging-structure cache still "
+              "points at them.",
+        source="commit fcb93eb6d09d (kvm: x86/mmu: Flush TLB before zap_gfn_range releases "
+               "RCU, 2022), the same ordering in kvm_recover_nx_huge_pages()",
+        file="arch/x86/kvm/mmu/mmu.c",
+        find="\tkvm_mmu_remote_flush_or_zap(kvm, &invalid_list, flush);\n\n\trcu_read_unlock();",
+        replace="\trcu_read_unlock();\n\n\tkvm_mmu_remote_flush_or_zap(kvm, &invalid_list, flush);",
+        # and where it yields mmu_lock in the middle (the site that runs under contention)
+        also=(("\t\t\tkvm_mmu_remote_flush_or_zap(kvm, &invalid_list, flush);\n"
+               "\t\t\trcu_read_unlock();\n",
+               "\t\t\trcu_read_unlock();\n"
+               "\t\t\tkvm_mmu_remote_flush_or_zap(kvm, &invalid_list, flush);\n"),),
+        expects=("stale-tlb-entry-after-free", "use-after-free of page-table page"),
+        config="kernel-nx.toml",
     ),
 )
 

@@ -216,7 +216,10 @@ GUEST_UAF = "guest access to freed page"
 ZAP_LEFT = "zap left a present leaf"
 ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE, ZAP_LEFT)
 # a fault that maps a pfn an invalidation has just taken away
-INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT)
+# on a TD the stale fault's mapping of a private gfn is an AUG after the invalidation's
+# removal: the guest then finds a page it had accepted PENDING (the TD is killed)
+INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT,
+                     "TD killed: guest access before accept")
 
 
 FIXED = Variant(

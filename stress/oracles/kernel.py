@@ -64,6 +64,11 @@ for _name, _inv, _when in (
          "allocator has back (KASAN)", "at the access: the chokepoint checks the page's state"),
         ("double free of page-table page", "free_page/kmem_cache_free of a free object",
          "at the free"),
+        ("stale-tlb-entry-after-free",
+         "a page is freed (a table by its RCU callback, a host page by the primary MMU) only "
+         "when every vCPU whose TLB still translates through it has a TLB flush pending",
+         "before each tdp_mmu_free_sp_rcu_callback; after an mmu_notifier invalidation and "
+         "a memslot deletion release their host pages"),
         ("SPTE installed in removed table",
          "a page-table page that its RCU callback frees holds no present entry (every child "
          "was frozen or cleared when its table was removed, every root zapped before its put)",
