@@ -456,6 +456,8 @@ enum ke_op {
 	struct ks_task *__t = &ks_arena->tasks[ks_self];                       \
 	int __r = 0;                                                           \
 	__t->op = (opcode);                                                    \
+	if (ks_arena->trace_on)                                                \
+		ks_trace_event(__t, KS_EV_OP_BEGIN, NULL, 0, 0, 0);            \
 	ks_bug_jmp = &__jb;                                                    \
 	if (sigsetjmp(__jb, 1) == 0) {                                         \
 		body;                                                          \
@@ -463,6 +465,8 @@ enum ke_op {
 		__r = -1000;                                                   \
 	}                                                                      \
 	ks_bug_jmp = NULL;                                                     \
+	if (ks_arena->trace_on)                                                \
+		ks_trace_event(__t, KS_EV_OP_END, NULL, 0, (u64)(s64)__r, 0);   \
 	__t->op = KE_OP_NONE;                                                  \
 	__t->ops[(opcode)]++;                                                  \
 	if (__r != -1000 && !__t->rcu_nesting && !__t->srcu_nesting)           \
@@ -1031,10 +1035,22 @@ static bool ke_is_table_link(const void *sptep, uint64_t spte)
 	return sp && !is_last_spte(spte, sp->role.level);
 }
 
+/* For the trace: the gfn and level an SPTE maps (its table's kvm_mmu_page). */
+static void ke_spte_where(const void *sptep, uint64_t *gfn, int *level)
+{
+	struct kvm_mmu_page *sp = sptep_to_sp((void *)sptep);
+	int i = (int)(((uintptr_t)sptep & 4095) / 8);
+	if (!sp)
+		return;
+	*level = sp->role.level;
+	*gfn = sp->gfn + ((u64)i << ((sp->role.level - 1) * SPTE_LEVEL_BITS));
+}
+
 /* The engine's oracles attached (the harness calls it after ke_module_init). */
 void ke_attach_oracles(void)
 {
 	ke_oracle_init();
 	ks_is_table_link = ke_is_table_link;
+	ks_spte_where = ke_spte_where;
 }
 

@@ -14,7 +14,7 @@
 #define KS_MAX_PAGES (1u << 17)          /* page-table pages: 512 MiB at most */
 #define KS_MAX_OBJS (1u << 17)           /* struct kvm_mmu_page objects */
 #define KS_MAX_CBS (1u << 16)            /* queued RCU callbacks */
-#define KS_RING 1024                     /* per-task trace ring */
+#define KS_RING 4096                     /* per-task trace ring */
 #define KS_NTRACE 64                     /* distinct tracepoints */
 
 enum { KS_PAGE_FREE = 0, KS_PAGE_USED = 1 };
@@ -32,14 +32,21 @@ enum {
 
 struct ks_page { unsigned long priv; unsigned long flags; };
 
+/* A trace event: an SPTE change (kind: KS_STORE...), or an op's begin (KS_EV_OP_BEGIN) or
+ * end (KS_EV_OP_END, val = its result). */
+enum { KS_EV_OP_BEGIN = 16, KS_EV_OP_END = 17 };
 struct ks_event {
 	uint64_t seq;
+	uint64_t t_ns;
 	uint64_t addr;
+	uint64_t gfn;
 	uint64_t old;
 	uint64_t val;
+	uint32_t table;
 	uint8_t kind;
 	uint8_t op;
-	uint16_t pad[3];
+	uint8_t level;
+	uint8_t pad;
 };
 
 struct ks_task {
@@ -137,6 +144,9 @@ void *ks_bump_alloc(uint64_t size);
 void ks_report(int kind, const char *file, int line, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
 int ks_rcu_poll(void);
+void ks_trace_event(struct ks_task *t, int kind, const void *addr, uint64_t old, uint64_t val,
+		    uint32_t table);
+extern void (*ks_spte_where)(const void *sptep, uint64_t *gfn, int *level);
 extern bool (*ks_is_table_link)(const void *sptep, uint64_t spte);
 extern void (*ks_rcu_cb_check)(struct rcu_head *head, void (*func)(struct rcu_head *));
 void ks_set_abort(void);

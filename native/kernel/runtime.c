@@ -204,7 +204,7 @@ static void record(int kind, const char *what, const char *file, int line)
 	v->task = ks_self;
 	v->line = line;
 	v->op = ks_self >= 0 ? self()->op : 0;
-	v->seq = ks_arena->events;
+	v->seq = __atomic_load_n(&ks_arena->trace_seq, __ATOMIC_RELAXED);
 	snprintf(v->what, sizeof(v->what), "%s", what);
 	const char *f = strstr(file, "arch/x86/");
 	if (!f)
@@ -275,6 +275,46 @@ void ks_tracepoint(const char *name)
 	}
 }
 
+/* ---- the trace ------------------------------------------------------- */
+/* Where an SPTE is: its gfn and level (the kernel side: ksglue.c). */
+void (*ks_spte_where)(const void *sptep, uint64_t *gfn, int *level);
+
+void ks_trace_event(struct ks_task *t, int kind, const void *addr, uint64_t old, uint64_t val,
+		    uint32_t table)
+{
+	struct ks_arena *a = ks_arena;
+	uint64_t n = t->ring_n;
+	struct ks_event *e = &t->ring[n % KS_RING];
+	uint64_t gfn = 0;
+	int level = 0;
+	if (ks_spte_where && addr)
+		ks_spte_where(addr, &gfn, &level);
+	e->seq = __atomic_fetch_add(&a->trace_seq, 1, __ATOMIC_RELAXED) + 1;
+	e->t_ns = now_ns();
+	e->kind = (uint8_t)kind;
+	e->op = (uint8_t)t->op;
+	e->level = (uint8_t)level;
+	e->table = table;
+	e->addr = (uint64_t)(uintptr_t)addr;
+	e->gfn = gfn;
+	e->old = old;
+	e->val = val;
+	__atomic_store_n(&t->ring_n, n + 1, __ATOMIC_RELEASE);
+}
+
+/* The last events of task t, oldest first (they outlive a dead worker). */
+int ks_trace_copy(int t, struct ks_event *out, int max)
+{
+	struct ks_task *k = &ks_arena->tasks[t];
+	uint64_t head = __atomic_load_n(&k->ring_n, __ATOMIC_ACQUIRE);
+	uint64_t n = head < KS_RING ? head : KS_RING;
+	if (n > (uint64_t)max)
+		n = (uint64_t)max;
+	for (uint64_t i = 0; i < n; i++)
+		out[i] = k->ring[(head - n + i) % KS_RING];
+	return (int)n;
+}
+
 /* ---- the access chokepoint ------------------------------------------ */
 /* The kernel side's answer: is this loaded value a link to a lower table? (ksglue.c) */
 bool (*ks_is_table_link)(const void *sptep, uint64_t spte);
@@ -317,16 +357,11 @@ void ks_access(int kind, const void *addr, uint64_t old, uint64_t val)
 				  (unsigned)(((uintptr_t)addr & 4095) / 8),
 				  st == KS_PAGE_FREE ? "free" : "poisoned", a->page_freed_by[pi]);
 		t->spte_accesses++;
-		if (a->trace_on) {
-			uint64_t n = t->ring_n++;
-			struct ks_event *e = &t->ring[n % KS_RING];
-			e->seq = __atomic_fetch_add(&a->trace_seq, 1, __ATOMIC_RELAXED);
-			e->kind = (uint8_t)kind;
-			e->op = (uint8_t)t->op;
-			e->addr = (uint64_t)(uintptr_t)addr;
-			e->old = old;
-			e->val = val;
-		}
+		/* The trace: every SPTE change (and failed cmpxchg) into this task's
+		 * ring, numbered from one shared counter so the rings merge in order;
+		 * loads are not recorded (they are most of the accesses). */
+		if (a->trace_on && kind != KS_LOAD)
+			ks_trace_event(t, kind, addr, old, val, (uint32_t)pi);
 	}
 	/*
 	 * Delay injection: yield the CPU after a shared access with the
@@ -900,11 +935,13 @@ int ks_task_index(void) { return ks_self; }
  * Reading the arena from the harness: the first violation, and named
  * counters (global, or of one task).
  */
-int ks_violation(int *kind, int *task, int *line, uint32_t *op, char *file, char *what)
+int ks_violation(int *kind, int *task, int *line, uint32_t *op, char *file, char *what,
+		 uint64_t *seq)
 {
 	struct ks_violation *v = &ks_arena->violation;
 	if (__atomic_load_n(&v->state, __ATOMIC_ACQUIRE) != 2)
 		return 0;
+	*seq = v->seq;
 	*kind = v->kind;
 	*task = v->task;
 	*line = v->line;

@@ -402,6 +402,13 @@ class KernelSupervisor(Supervisor):
     def run(self) -> RunOutcome:
         try:
             out = super().run()
+            if out.exit_reason not in ("clean", "interrupted") and self.vm is not None \
+                    and self.vm.mapped:
+                until = None
+                if out.violations:
+                    until = out.violations[0].get("details", {}).get("seq")
+                out.trace = self.vm.trace(self.roles + ["supervisor"], self.cfg.trace.keep,
+                                          until)
         finally:
             if self.vm is not None:
                 self.vm.close()

@@ -127,6 +127,10 @@ FROM_KVM_MAIN_C = (
 )
 
 
+#: Bumped when the way the module is built changes (flags, the TU's layout).
+BUILD_VERSION = 2
+
+
 class BuildError(KernelEngineError):
     """The engine cannot be built from this tree: one line says why."""
 
@@ -253,6 +257,20 @@ def syntax_check(tree: Tree, out: Path) -> subprocess.CompletedProcess[str]:
 CDEF = """
 struct kvm;
 struct kvm_vcpu;
+struct ks_event {
+    uint64_t seq;
+    uint64_t t_ns;
+    uint64_t addr;
+    uint64_t gfn;
+    uint64_t old;
+    uint64_t val;
+    uint32_t table;
+    uint8_t kind;
+    uint8_t op;
+    uint8_t level;
+    uint8_t pad;
+};
+int ks_trace_copy(int t, struct ks_event *out, int max);
 int ks_arena_map(const char *shm_name, uint64_t base, uint64_t size, int create);
 void ks_arena_unmap(void);
 int ks_arena_init(uint64_t size, uint32_t npages, uint32_t nobjs, uint32_t obj_size,
@@ -261,7 +279,8 @@ void ks_set_task(int t, int pid);
 void ks_install_oops_handler(void);
 int ks_rcu_poll(void);
 void ks_set_abort(void);
-int ks_violation(int *kind, int *task, int *line, uint32_t *op, char *file, char *what);
+int ks_violation(int *kind, int *task, int *line, uint32_t *op, char *file, char *what,
+                 uint64_t *seq);
 int64_t ks_stat(const char *name);
 int64_t ks_task_stat(int t, const char *name);
 int ks_tracepoints(const char **names, uint64_t *counts, int max);
@@ -337,8 +356,10 @@ def build_key(tree: Tree, mutation_source: dict[str, str] | None = None) -> str:
     h = hashlib.sha256()
     for p in _shim_sources():
         h.update(p.name.encode() + b"\0" + p.read_bytes())
-    h.update(Path(__file__).read_bytes())
-    h.update(Path(__file__).with_name("extract.py").read_bytes())
+    # what this process will build with, from memory (a file edited under a running
+    # process must not give its old code a new key)
+    h.update(repr((CDEF, COMPILED, TYPES, FROM_KVM_HOST_H, FROM_MMU_C, DEFINES_MMU_C,
+                   FROM_KVM_MAIN_C, BUILD_VERSION)).encode())
     for rel, text in sorted((mutation_source or {}).items()):
         h.update(rel.encode() + b"\0" + text.encode())
     return tree.content_hash(h.digest())[:20]

@@ -38,6 +38,48 @@ VIOLATION_KINDS = {1: "WARN", 2: "BUG", 3: "lockdep", 4: "KASAN", 5: "printk", 6
 KVM_MEM_LOG_DIRTY_PAGES = 1
 
 
+# EPT SPTE bits, as spte.h and vmx.h define them (for the trace's descriptions)
+_FROZEN = (1 << 63) | 0x5A0
+_NONPRESENT = 1 << 63
+_MMU_PRESENT = 1 << 11
+
+
+def describe_spte(v: int, level: int) -> str:
+    """An SPTE as a person reads it: not present, FROZEN, a table or a leaf."""
+    if v == _FROZEN:
+        return "FROZEN"
+    if not v & _MMU_PRESENT:
+        return "-" if v == _NONPRESENT else f"not present {v:#x}"
+    pfn = (v >> 12) & ((1 << 40) - 1)
+    rwx = "".join(c if v >> b & 1 else "-" for c, b in (("r", 0), ("w", 1), ("x", 2)))
+    leaf = level == 1 or bool(v >> 7 & 1)
+    if not leaf:
+        return f"table {pfn:#x}"
+    ad = ("A" if v >> 8 & 1 else "") + ("D" if v >> 9 & 1 else "")
+    return f"{'2M ' if level == 2 else '1G ' if level == 3 else ''}pfn {pfn:#x} {rwx}" + \
+        (f" {ad}" if ad else "")
+
+
+_KINDS = {2: "store", 3: "xchg", 4: "cmpxchg", 5: "cmpxchg", 6: "atomic-and"}
+
+
+def _decode(e: Any, task: int, role: str) -> dict[str, Any]:
+    d: dict[str, Any] = {"seq": int(e.seq), "t_ns": int(e.t_ns), "worker": task, "role": role}
+    op = OPS[e.op] if e.op < len(OPS) else str(e.op)
+    if e.kind in (16, 17):
+        d.update(event="op", op=op, phase="begin" if e.kind == 16 else "end")
+        if e.kind == 17:
+            r = int(e.val)
+            d["ret"] = r - (1 << 64) if r >= 1 << 63 else r
+        return d
+    level = int(e.level)
+    d.update(event="spte-write", gfn=int(e.gfn), level=level, table=int(e.table),
+             root="direct", failed=e.kind == 5, restore=False, access=_KINDS.get(e.kind, "?"),
+             op=op, old=describe_spte(int(e.old), level), new=describe_spte(int(e.val), level),
+             old_spte=f"{int(e.old):#018x}", new_spte=f"{int(e.val):#018x}")
+    return d
+
+
 class EngineError(KernelEngineError):
     """The kernel engine cannot start: one line says why."""
 
@@ -51,10 +93,11 @@ class KernelViolation:
     op: str
     what: str
     count: int
+    seq: int  # the trace's event counter when it was reported
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "task": self.task, "file": self.file, "line": self.line,
-                "op": self.op, "what": self.what, "count": self.count}
+                "op": self.op, "what": self.what, "count": self.count, "seq": self.seq}
 
 
 def built_for(cfg: Config) -> tuple[Tree, Built]:
@@ -100,7 +143,8 @@ class KernelVm:
         if r < 0:
             raise EngineError(f"kernel engine: kernel.arena {k.arena} bytes cannot hold "
                               f"kernel.pages = {k.pages} pages ({os.strerror(-r)})")
-        lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), 0, k.walk_window,
+        lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), int(self.cfg.trace.enabled),
+                         k.walk_window,
                          k.rcu_unlock_yield_ppm)
         self.set_task(self.n_tasks - 1)  # the supervisor is the last task
         self.kvm = lib.ke_vm_create()
@@ -134,13 +178,14 @@ class KernelVm:
         ffi = self.ffi
         kind, task, line = ffi.new("int *"), ffi.new("int *"), ffi.new("int *")
         op, file, what = ffi.new("uint32_t *"), ffi.new("char[96]"), ffi.new("char[400]")
-        n = self.lib.ks_violation(kind, task, line, op, file, what)
+        seq = ffi.new("uint64_t *")
+        n = self.lib.ks_violation(kind, task, line, op, file, what, seq)
         if not n:
             return None
         return KernelViolation(VIOLATION_KINDS.get(kind[0], str(kind[0])), task[0],
                                ffi.string(file).decode(errors="replace"), line[0],
                                OPS[op[0]] if op[0] < len(OPS) else str(op[0]),
-                               ffi.string(what).decode(errors="replace"), n)
+                               ffi.string(what).decode(errors="replace"), n, int(seq[0]))
 
     def check(self, teardown: bool = False) -> tuple[str, str] | None:
         ffi = self.ffi
@@ -202,6 +247,25 @@ class KernelVm:
                            "readers": [i for i in range(64) if readers[0] >> i & 1]})
             out[str(t)] = st
         return out
+
+    def trace(self, roles: list[str], keep: int, until_seq: int | None = None
+              ) -> list[dict[str, Any]]:
+        """The last ``keep`` events of every task, merged in order, up to
+        ``until_seq`` (a violation's): SPTE changes as the model's trace has them
+        ("spte-write", with gfn, level, old and new), and each op's begin and end."""
+        ffi, lib = self.ffi, self.lib
+        buf = ffi.new("struct ks_event[4096]")
+        events: list[tuple[int, dict[str, Any]]] = []
+        for t in range(self.n_tasks):
+            n = lib.ks_trace_copy(t, buf, 4096)
+            role = roles[t] if t < len(roles) else "supervisor"
+            for i in range(n):
+                e = buf[i]
+                if until_seq is not None and e.seq > until_seq:
+                    continue
+                events.append((e.seq, _decode(e, t, role)))
+        events.sort(key=lambda x: x[0])
+        return [d for _, d in events[-keep:]]
 
     def slots(self) -> list[tuple[int, int, int]]:
         ffi, lib = self.ffi, self.lib
