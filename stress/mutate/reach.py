@@ -32,9 +32,10 @@ PROBE_IMPORT = "from stress.mutate.probe import hit as _mutate_hit"
 
 
 def run_configs() -> dict[str, Path]:
-    """The shipped run configs (campaign matrices left out), by name."""
+    """The shipped run configs of the model (campaign matrices and the kernel engine's
+    configs left out: its code is a tree's, not the mutated model's), by name."""
     return {p.stem: p for p in sorted((PACKAGE_DIR / "configs").glob("*.toml"))
-            if "[campaign]" not in p.read_text()}
+            if "[campaign]" not in p.read_text() and 'engine = "kernel"' not in p.read_text()}
 
 
 def preferred_config(m: Mutant) -> str:
