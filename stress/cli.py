@@ -584,8 +584,6 @@ def zoo(seeds: int, cap: float, fixed_for: float, names: tuple[str, ...],
     if engine == "kernel":
         from stress.kernel.mutations import BY_NAME
 
-        if hunt_tries:
-            raise ConfigError("--hunt: controlled scheduling of kernel code is not built yet")
         chosen = list(names) or list(BY_NAME)
         unknown = [n for n in chosen if n not in BY_NAME]
     else:

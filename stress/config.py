@@ -405,11 +405,15 @@ class Config:
 
     @property
     def n_workers(self) -> int:
-        return sum(self.workers.values())
+        return sum(self.engine_workers().values())
+
+    def engine_workers(self) -> dict[str, int]:
+        """The workers of each role of the engine that runs (run.engine)."""
+        return self.kernel.workers() if self.run.engine == "kernel" else self.workers
 
     def worker_roles(self) -> list[str]:
         """The role of every worker slot, in slot order."""
-        return [role for role, n in self.workers.items() for _ in range(n)]
+        return [role for role, n in self.engine_workers().items() for _ in range(n)]
 
     def role_section(self, role: str, k: int) -> Any:
         """The ``role`` section as its ``k``-th worker sees it: the section with
@@ -838,9 +842,6 @@ def _validate_rest(cfg: Config) -> Config:
                               "\"default\"): the 6.12 tree's tdp_mmu.c has no mirror root")
         if not cfg.kernel.vcpu:
             raise ConfigError("kernel.vcpu: the kernel engine needs at least one vCPU")
-        if cfg.schedule.controlled:
-            raise ConfigError("schedule.mode: the kernel engine runs free (controlled "
-                              "scheduling of kernel code is not built yet)")
     if cfg.n_workers == 0:
         raise ConfigError("workers: at least one worker is needed")
     sc = cfg.schedule

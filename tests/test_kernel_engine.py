@@ -215,3 +215,32 @@ def test_bench_prints_both_engines(tmp_path: Path, tree: Tree) -> None:
     assert f["kernel"]["median"] > 0 and f["python"]["median"] > 0
     assert res["kernel_version"] == tree.version
     assert "faults/s per process" in r.stderr
+
+
+def test_hunt_and_replay_a_kernel_mutation(tmp_path: Path, tree: Tree) -> None:
+    """Controlled scheduling at the kernel code's own scheduling points: a
+    schedule that trips root-double-put is found and replays identically."""
+    from stress.harness.kernel import supervisor_for
+    from stress.repro.hunt import events_key, hunt
+
+    cfg = load("kernel-roots", {"run": {"variant": "root-double-put"},
+                                "kernel": {"ksrc": tree.origin}})
+    res = hunt(cfg, 20, max_steps=400_000)
+    assert res.found and res.config is not None and res.outcome is not None, res
+    first = res.outcome.violations[0]["invariant"]
+    assert first in BY_NAME["root-double-put"].expects
+    want = events_key(res.outcome.trace)
+    assert want  # the kernel's trace is in the outcome
+    again = supervisor_for(res.config)(res.config).run()
+    assert again.violations[0]["invariant"] == first
+    assert events_key(again.trace) == want
+
+
+def test_controlled_fixed_tree_is_clean(tree: Tree) -> None:
+    cfg = load("kernel-tlb", {"schedule": {"mode": "random", "seed": 3, "switch_p": 0.05,
+                                           "max_steps": 100_000},
+                              "run": {"check_interval": 0.0},
+                              "kernel": {"ksrc": tree.origin}})
+    out = KernelSupervisor(cfg).run()
+    assert out.exit_reason == "clean", (out.violations, out.errors, out.hang)
+    assert out.schedule is not None and out.schedule["switches"]

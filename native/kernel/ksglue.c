@@ -113,6 +113,8 @@ struct ke_vm {
 	struct kvm_vcpu *vcpus[KS_MAX_TASKS];
 	struct ke_tlb *tlbs[KS_MAX_TASKS];
 	struct kvm_memory_slot *deleted[KS_MAX_MEMSLOTS];  /* ke_memslot_delete's, to re-create */
+	/* The host's THPs of a THP-backed slot: per 2M region, split into 4K pages or not. */
+	u8 *thp_split[KS_MAX_MEMSLOTS];
 };
 
 static struct ke_tlb *ke_tlb_of(struct kvm_vcpu *vcpu)
@@ -142,10 +144,10 @@ bool kvm_make_all_cpus_request(struct kvm *kvm, unsigned int req)
 		uint64_t spins = 0;
 		while (__atomic_load_n(&vm->vcpus[i]->mode, __ATOMIC_ACQUIRE) == IN_GUEST_MODE &&
 		       __atomic_load_n(&vm->tlbs[i]->entries, __ATOMIC_ACQUIRE) == seen[i]) {
-			if (++spins % 16 == 0)
-				sched_yield();
+			if (ks_sched_hook || ++spins % 16 == 0)
+				ks_cpu_relax();
 			else
-				cpu_relax();
+				__builtin_ia32_pause();
 		}
 	}
 	return true;
@@ -244,10 +246,22 @@ bool page_fault_handle_page_track(struct kvm_vcpu *vcpu, struct kvm_page_fault *
 /* The host mapping level of a memslot's backing: THP (2M) when the slot says so. */
 static u8 ke_host_level[KS_MAX_MEMSLOTS];
 
+/*
+ * host_pfn_mapping_level() walks the host's page tables: a THP-backed slot's
+ * 2M region maps at 2M unless the host split that THP (a 4K page of it was
+ * invalidated: ke_notifier_invalidate), and then at 4K.
+ */
 int host_pfn_mapping_level(struct kvm *kvm, gfn_t gfn, const struct kvm_memory_slot *slot)
 {
-	return slot->id >= 0 && slot->id < KS_MAX_MEMSLOTS && ke_host_level[slot->id] ?
-	       ke_host_level[slot->id] : PG_LEVEL_4K;
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	int level;
+	if (slot->id < 0 || slot->id >= KS_MAX_MEMSLOTS || !ke_host_level[slot->id])
+		return PG_LEVEL_4K;
+	level = ke_host_level[slot->id];
+	if (level > PG_LEVEL_4K && vm->thp_split[slot->id] &&
+	    READ_ONCE(vm->thp_split[slot->id][gfn_to_index(gfn, slot->base_gfn, PG_LEVEL_2M)]))
+		return PG_LEVEL_4K;
+	return level;
 }
 
 /* kvm_mmu_topup_memory_cache() of kvm_main.c, from the arena's allocators. */
@@ -374,6 +388,9 @@ int ke_memslot_add(struct kvm *kvm, int id, u64 base_gfn, u64 npages, u32 flags,
 			linfo[lpages - 1].disallow_lpage = 1;
 	}
 	ke_host_level[id] = (u8)host_level;
+	if (host_level > PG_LEVEL_4K)
+		container_of(kvm, struct ke_vm, kvm)->thp_split[id] =
+			ks_bump_alloc(gfn_to_index(base_gfn + npages - 1, base_gfn, PG_LEVEL_2M) + 1);
 	slots->slots[slots->nr_slots] = slot;
 	WRITE_ONCE(slots->nr_slots, slots->nr_slots + 1);
 	if (flags & KVM_MEM_LOG_DIRTY_PAGES)
@@ -633,12 +650,63 @@ int ke_zap_gfn_range(struct kvm *kvm, u64 start, u64 end)
  * kvm_mmu_invalidate_range_add() and kvm_unmap_gfn_range() per slot, the
  * flush, and at _end kvm_mmu_invalidate_end().
  */
+/*
+ * The host's side of an invalidation of a THP-backed range: a range that
+ * covers part of a 2M THP is a split first (__split_huge_pmd invalidates the
+ * whole 2M: the range widens to it), after which that region maps at 4K; a
+ * range that covers whole 2M regions replaces them with new THPs (migration,
+ * khugepaged), which map at 2M again.  Returns the (widened) range; the new
+ * state is applied by ke_thp_apply between invalidate_range_start and end.
+ */
+static void ke_thp_range(struct kvm *kvm, gfn_t *start, gfn_t *end)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	struct kvm_memslots *slots = kvm_memslots(kvm);
+	for (int i = 0; i < slots->nr_slots; i++) {
+		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
+		gfn_t s, e;
+		if (!slot || !vm->thp_split[slot->id])
+			continue;
+		s = max(*start, slot->base_gfn);
+		e = min(*end, slot->base_gfn + slot->npages);
+		if (s >= e)
+			continue;
+		if ((s & 511) && !READ_ONCE(vm->thp_split[slot->id][gfn_to_index(s, slot->base_gfn, PG_LEVEL_2M)]))
+			*start = min(*start, max(s & ~511ULL, slot->base_gfn));
+		if ((e & 511) && !READ_ONCE(vm->thp_split[slot->id][gfn_to_index(e - 1, slot->base_gfn, PG_LEVEL_2M)]))
+			*end = max(*end, min((e + 511) & ~511ULL, slot->base_gfn + slot->npages));
+	}
+}
+
+static void ke_thp_apply(struct kvm *kvm, gfn_t start, gfn_t end)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	struct kvm_memslots *slots = kvm_memslots(kvm);
+	for (int i = 0; i < slots->nr_slots; i++) {
+		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
+		gfn_t s, e;
+		if (!slot || !vm->thp_split[slot->id])
+			continue;
+		s = max(start, slot->base_gfn);
+		e = min(end, slot->base_gfn + slot->npages);
+		for (gfn_t g = s & ~511ULL; g < e; g += 512) {
+			bool whole = g >= s && g + 512 <= e;
+			if (g < slot->base_gfn)
+				continue;
+			WRITE_ONCE(vm->thp_split[slot->id][gfn_to_index(g, slot->base_gfn, PG_LEVEL_2M)],
+				   whole ? 0 : 1);
+		}
+	}
+}
+
 static void ke_notifier_invalidate(struct kvm *kvm, gfn_t start, gfn_t end)
 {
 	struct kvm_memslots *slots = kvm_memslots(kvm);
 	bool flush = false, locked = false;
+	gfn_t split_start = start, split_end = end;
 	int idx;
 
+	ke_thp_range(kvm, &start, &end);
 	spin_lock(&kvm->mn_invalidate_lock);
 	kvm->mn_active_invalidate_count++;
 	spin_unlock(&kvm->mn_invalidate_lock);
@@ -672,8 +740,9 @@ static void ke_notifier_invalidate(struct kvm *kvm, gfn_t start, gfn_t end)
 	srcu_read_unlock(&kvm->srcu, idx);
 
 	/* The host's page tables change here, between start and end: the old
-	 * pages are released. */
+	 * pages are released (a split THP's are remapped as 4K pages). */
 	ke_check_host_release(kvm, start, end);
+	ke_thp_apply(kvm, split_start, split_end);
 	if (need_resched())
 		cond_resched();
 

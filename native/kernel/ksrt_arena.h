@@ -19,6 +19,10 @@
 
 enum { KS_PAGE_FREE = 0, KS_PAGE_USED = 1 };
 
+/* scheduling points, as stress/harness/sched/turns.py numbers them */
+enum { KS_PT_POINT = 0, KS_PT_RELAX = 1, KS_PT_PAUSE = 2, KS_PT_WINDOW = 4 };
+#define KS_SLICE_POINTS 4000  /* a controlled run's timeslice, in the task's own points */
+
 /* kinds of violation */
 enum {
 	KS_V_WARN = 1,     /* WARN_ON / KVM_BUG_ON / refcount_t: the kernel's own assertion */
@@ -60,6 +64,7 @@ struct ks_task {
 	uint32_t pad1;
 	uint64_t srcu_snap;
 	uint64_t slice_start;      /* need_resched(): start of the timeslice */
+	uint64_t points, slice_points;  /* controlled runs: scheduling points passed */
 	ks_lock_t *waiting_for;    /* the lock this task spins on, for hang reports */
 	uint64_t accesses, spte_accesses, yields, resched, lock_spins, srcu_waits;
 	uint64_t ops[32];          /* per-op counts */
@@ -147,6 +152,7 @@ int ks_rcu_poll(void);
 void ks_trace_event(struct ks_task *t, int kind, const void *addr, uint64_t old, uint64_t val,
 		    uint32_t table);
 extern void (*ks_spte_where)(const void *sptep, uint64_t *gfn, int *level);
+extern int (*ks_sched_hook)(int kind);
 extern bool (*ks_is_table_link)(const void *sptep, uint64_t spte);
 extern void (*ks_rcu_cb_check)(struct rcu_head *head, void (*func)(struct rcu_head *));
 void ks_set_abort(void);

@@ -275,6 +275,30 @@ void ks_tracepoint(const char *name)
 	}
 }
 
+/* ---- controlled scheduling ---------------------------------------------- */
+/*
+ * In a controlled run (schedule.mode random, pct, replay) one task runs at a
+ * time, as the model's workers do (stress/harness/sched/): the harness sets
+ * this hook in each worker, and every scheduling point of the kernel code
+ * calls it: after every shared access (KS_PT_POINT; a walk window's load is
+ * KS_PT_WINDOW), and in every wait for another task (a lock, a grace period,
+ * a kick: KS_PT_RELAX).  The hook is the harness's policy; nonzero means the
+ * run is aborted: the op unwinds.  Time plays no part then: need_resched()
+ * counts the task's own points, and no yield is injected.
+ */
+int (*ks_sched_hook)(int kind);
+
+static void sched_point(int kind)
+{
+	if (ks_sched_hook(kind) && ks_bug_jmp)
+		siglongjmp(*ks_bug_jmp, 2);
+}
+
+void ks_set_sched_hook(int (*hook)(int kind))
+{
+	ks_sched_hook = hook;
+}
+
 /* ---- the trace ------------------------------------------------------- */
 /* Where an SPTE is: its gfn and level (the kernel side: ksglue.c). */
 void (*ks_spte_where)(const void *sptep, uint64_t *gfn, int *level);
@@ -368,6 +392,12 @@ void ks_access(int kind, const void *addr, uint64_t old, uint64_t val)
 	 * configured probability, after loads most: a task preempted between
 	 * a load and the cmpxchg that depends on it opens the race window.
 	 */
+	if (ks_sched_hook) {
+		t->points++;
+		sched_point(kind == KS_LOAD && pi >= 0 && ks_is_table_link &&
+			    ks_is_table_link(addr, val) ? KS_PT_WINDOW : KS_PT_POINT);
+		return;
+	}
 	if (a->yield_ppm) {
 		uint64_t ppm = kind == KS_LOAD ? a->yield_ppm : a->yield_ppm / 4;
 		/* A walker that just read a table pointer: the window in which the table
@@ -388,6 +418,10 @@ void ks_set_abort(void)
 
 void ks_cpu_relax(void)
 {
+	if (ks_sched_hook) {
+		sched_point(KS_PT_RELAX);
+		return;
+	}
 	sched_yield();
 }
 
@@ -411,6 +445,14 @@ static void spin_wait(ks_lock_t *l, uint64_t *spins)
 	(void)l;
 	if (__atomic_load_n(&ks_arena->abort, __ATOMIC_RELAXED) && ks_bug_jmp)
 		siglongjmp(*ks_bug_jmp, 2);
+	if (ks_sched_hook) {  /* the holder must run: the turn goes on */
+		if (ks_self >= 0 && !self()->rcu_nesting && !self()->in_rcu_poll)
+			ks_rcu_poll();
+		if (ks_self >= 0)
+			self()->lock_spins++;
+		sched_point(KS_PT_RELAX);
+		return;
+	}
 	/* RCU callbacks run from softirq on whatever CPU: here, on a task that
 	 * spins outside any read-side section. */
 	if (*spins % 4 == 0 && ks_self >= 0 && !self()->rcu_nesting && !self()->in_rcu_poll)
@@ -528,6 +570,8 @@ bool ks_need_resched(void)
 	if (ks_self < 0)
 		return false;
 	struct ks_task *t = self();
+	if (ks_sched_hook)  /* controlled: a timeslice of the task's own points */
+		return t->points - t->slice_points > KS_SLICE_POINTS;
 	return now_ns() - t->slice_start > ks_arena->timeslice_ns;
 }
 
@@ -543,6 +587,11 @@ int ks_cond_resched(void)
 	if (!ks_need_resched())
 		return 0;
 	t->resched++;
+	if (ks_sched_hook) {
+		sched_point(KS_PT_PAUSE);
+		t->slice_points = t->points;
+		return 1;
+	}
 	sched_yield();
 	t->slice_start = now_ns();
 	return 1;
@@ -627,8 +676,10 @@ void ks_rcu_read_unlock(void)
 		__atomic_store_n(&t->rcu_seq, 0, __ATOMIC_SEQ_CST);
 		/* preempt_enable() of a preemptible kernel: the outermost unlock is a
 		 * preemption point, where the grace periods this task held up can end. */
-		if (ks_arena->rcu_unlock_yield_ppm &&
-		    (rnd() % 1000000) < ks_arena->rcu_unlock_yield_ppm) {
+		if (ks_sched_hook) {
+			sched_point(KS_PT_POINT);
+		} else if (ks_arena->rcu_unlock_yield_ppm &&
+			   (rnd() % 1000000) < ks_arena->rcu_unlock_yield_ppm) {
 			/* off the CPU for a while (10-40 us), not just to the back of the
 			 * run queue: long enough for the others to run their callbacks */
 			struct timespec ts = { 0, 10000 + (long)(rnd() % 30000) };
@@ -743,8 +794,8 @@ void ks_rcu_barrier(void)
 		ks_spin_unlock(&ks_arena->rcu_lock);
 		if (done)
 			return;
-		if (++spins % 16 == 0)
-			sched_yield();
+		if (ks_sched_hook || ++spins % 16 == 0)
+			ks_cpu_relax();
 	}
 }
 
@@ -752,7 +803,7 @@ void ks_synchronize_rcu(void)
 {
 	uint64_t target = __atomic_add_fetch(&ks_arena->gp_seq, 1, __ATOMIC_SEQ_CST);
 	while (rcu_safe_bound() < target)
-		sched_yield();
+		ks_cpu_relax();
 }
 
 /* ---- SRCU (kvm->srcu): the same scheme, its own sequence ------------ */
@@ -799,7 +850,9 @@ void ks_synchronize_srcu(ks_lock_t *ss)
 		if (ok)
 			return;
 		self()->srcu_waits++;
-		sched_yield();
+		if (!ks_sched_hook && !self()->rcu_nesting && !self()->in_rcu_poll)
+			ks_rcu_poll();
+		ks_cpu_relax();
 	}
 }
 

@@ -32,10 +32,19 @@ from typing import Any
 import psutil
 
 from stress.arena import Arena, Control, Layout, Slot, sweep_stale
-from stress.atomics import Words
+from stress.atomics import LockAborted, Words
 from stress.config import Config
-from stress.harness.supervisor import RunOutcome, StatusSnapshot, Supervisor, WorkerRecord
-from stress.harness.workers import _die_with_parent, stop_run_for_violation
+from stress.harness import sched
+from stress.harness.sched import Turns, worker_turns
+from stress.harness.sched.turns import PAUSE, RELAX, WINDOW
+from stress.harness.supervisor import (
+    SCHED_LOG,
+    RunOutcome,
+    StatusSnapshot,
+    Supervisor,
+    WorkerRecord,
+)
+from stress.harness.workers import MASK63, _die_with_parent, stop_run_for_violation
 from stress.kernel.engine import KernelViolation, KernelVm, built_for
 from stress.model.errors import InvariantViolation
 from stress.oracles.kernel import kernel_invariant
@@ -64,6 +73,10 @@ class KernelWorker:
         self.hot_pages = max(1, g.hot_set >> 12)
         self.step = getattr(self, f"step_{role}")
         self.cycle = 0
+        self.turns: Turns | None = None
+        if cfg.schedule.controlled:
+            self.turns = worker_turns(self.words, self.layout, index, cfg.n_workers,
+                                      cfg.schedule)
 
     # -- guest addresses ---------------------------------------------------------
     def gfn(self) -> int:
@@ -103,7 +116,11 @@ class KernelWorker:
             self.lib.ke_guest_access(self.vcpu, self.next_fresh_gfn() << 12, 1, 0)
             return
         if k.halt_fraction and self.rng.random() < k.halt_fraction:
-            time.sleep(k.halt_time)  # HLT: kvm_vcpu_block, the root stays loaded
+            # HLT: kvm_vcpu_block, the root stays loaded
+            if self.turns is not None:
+                self.turns.pause()
+            else:
+                time.sleep(k.halt_time)
             return
         write = self.rng.random() < k.write_fraction
         exe = not write and self.rng.random() < k.exec_fraction
@@ -168,7 +185,9 @@ class KernelWorker:
         self.pause(25)
 
     def pause(self, n: int = 1) -> None:
-        if self.cfg.kernel.interval:
+        if self.turns is not None:
+            self.turns.pause()  # a controlled run: a sleep is one hand-over, no time
+        elif self.cfg.kernel.interval:
             time.sleep(self.cfg.kernel.interval * n * (0.5 + self.rng.random()))
 
     # -- the loop ----------------------------------------------------------------
@@ -194,6 +213,8 @@ class KernelWorker:
             if w.load(stop_i):
                 return None
             time.sleep(0.0005)
+        if self.turns is not None:
+            return self.run_controlled(self.turns)
         next_beat = time.monotonic() + HEARTBEAT_EVERY_S
         vm, me = self.vm, self.index
         while not w.load(stop_i):
@@ -212,6 +233,68 @@ class KernelWorker:
                 next_beat = now + HEARTBEAT_EVERY_S
         self.publish()
         return None
+
+
+    def op_seed(self, k: int) -> int:
+        """Op ``k``'s own RNG seed (as the model's workers have it): deleting an
+        earlier op (shrinking) leaves the later ops' choices unchanged."""
+        return ((self.cfg.run.seed * 1_000_003 + self.index) * 1_000_000_007 + k) & MASK63
+
+    def run_controlled(self, turns: Turns) -> KernelViolation | None:
+        """The op loop of a controlled run: the kernel code's scheduling points
+        (every shared access, every wait) call back into ``turns``, so only the
+        turn holder runs; the ops are capped by the step budget."""
+        w, lay, vm, me, sc = self.words, self.layout, self.vm, self.index, self.cfg.schedule
+        cap = sc.max_ops[me] if sc.max_ops else -1
+        if cap == 0:
+            return None
+
+        def hook(kind: int) -> int:
+            try:
+                if kind == RELAX:
+                    turns.relax()
+                elif kind == PAUSE:
+                    turns.pause()
+                elif kind == WINDOW:
+                    turns.window()
+                else:
+                    turns.point()
+                return 0
+            except LockAborted:
+                return 1
+
+        cb = vm.ffi.callback("int(int)", hook)
+        self._cb = cb  # kept alive while C holds it
+        vm.lib.ks_set_sched_hook(cb)
+        skip = [(first, last) for wk, first, last in sc.skip_ops if wk == me]
+        heartbeat_i = lay.slot(me, Slot.HEARTBEAT)
+        found: KernelViolation | None = None
+        try:
+            turns.start()
+            k = 0
+            while k != cap and not turns.expired and not w.load(lay.ctl(Control.STOP)):
+                w.store(heartbeat_i, k + 1)
+                if not any(first <= k <= last for first, last in skip):
+                    turns.begin_op(k)
+                    self.rng.seed(self.op_seed(k))
+                    self.step()
+                    self.ops += 1
+                    v = vm.violation()
+                    if v is not None and v.task == me:
+                        found = v
+                        break
+                k += 1
+        except LockAborted:
+            pass
+        if found is None:
+            turns.end_phase()
+        else:
+            # the others wake to ABORT without another step: the trace ends here
+            w.store(lay.ctl(Control.ABORT), 1)
+            vm.abort()
+        vm.lib.ks_set_sched_hook(vm.ffi.NULL)
+        turns.exit()
+        return found
 
 
 def kernel_violation_dict(v: KernelViolation, cfg: Config, role: str, start_ns: int
@@ -268,7 +351,8 @@ class KernelSupervisor(Supervisor):
         self.records = [WorkerRecord(i, r) for i, r in enumerate(self.roles)]
         # the model's arena carries the control words only
         self.layout = Layout.build(n_slots=self.n + 1, n_pages=64, n_gfns=512,
-                                   trace_entries=0, sched_log=0)
+                                   trace_entries=0,
+                                   sched_log=SCHED_LOG if cfg.schedule.controlled else 0)
         self.vm: KernelVm | None = None
         self.engine_info: dict[str, Any] = {}
         # built before the run starts: a tree or mutation that cannot be built is
@@ -282,6 +366,8 @@ class KernelSupervisor(Supervisor):
         self.words = Words(self.arena.shm.buf, self.layout.ctl(Control.ABORT))
         self.vm = vm = KernelVm(self.cfg, self.n + 1, self.tree, self.built)
         vm.create(self.roles.count("vcpu"))
+        if self.controlled:
+            sched.init_region(self.words, self.layout, self.cfg.schedule, self.n)
         self.engine_info = {"engine": "kernel", "tree": vm.tree.origin,
                             "version": vm.tree.version, "build": vm.built.key,
                             "module": str(vm.built.path)}
@@ -363,23 +449,33 @@ class KernelSupervisor(Supervisor):
     def _collect_stats(self) -> None:
         if self.vm is None or not self.vm.mapped:
             return
-        vcpu = 0
         for i, rec in enumerate(self.records):
-            rec.stats = self.vm.task_stats(i)
+            rec.stats = self._stats(i, self._vcpu_index(i))
             if self.words is not None:
                 rec.stats["ops"] = self.words.load(self.layout.slot(i, Slot.HEARTBEAT))
-            if rec.role == "vcpu":
-                rec.stats.update(self.vm.vcpu_stats(vcpu))
-                vcpu += 1
         self.engine_info["tracepoints"] = self.vm.tracepoints()
         self.engine_info["tlb_flushes"] = None
+
+    def _stats(self, i: int, vcpu: int | None) -> dict[str, int]:
+        """Worker ``i``'s counters: its ops, and a vCPU's kvm_vcpu_stat and TLB;
+        ``fast_zaps`` as the status line names the invalidator's work."""
+        assert self.vm is not None
+        st = self.vm.task_stats(i)
+        if vcpu is not None:
+            st.update(self.vm.vcpu_stats(vcpu))
+        if "zap_all_fast" in st:
+            st["fast_zaps"] = st["zap_all_fast"]
+        return st
+
+    def _vcpu_index(self, i: int) -> int | None:
+        return self.roles[:i].count("vcpu") if self.roles[i] == "vcpu" else None
 
     def _live_snapshot(self) -> StatusSnapshot:
         assert self.vm is not None
         per_role: dict[str, Counter[str]] = {}
         for i, role in enumerate(self.roles):
             c = per_role.setdefault(role, Counter())
-            for k, v in self.vm.task_stats(i).items():
+            for k, v in self._stats(i, self._vcpu_index(i)).items():
                 c[k] += v
             if self.words is not None:
                 c["ops"] += self.words.load(self.layout.slot(i, Slot.HEARTBEAT))

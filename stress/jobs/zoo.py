@@ -17,7 +17,6 @@ from typing import Any
 
 from stress import config as config_mod
 from stress.harness.kernel import supervisor_for
-from stress.harness.supervisor import Supervisor
 from stress.kernel.mutations import BY_NAME
 from stress.model.variants import VARIANTS, Variant
 
@@ -88,13 +87,13 @@ def _detect(name: str, seeds: int, cap: float, perturb: bool,
 
 
 def _hunt(name: str, tries: int, replays: int, max_steps: int,
-          progress: Callable[[str], None] | None, variant_file: str = "") -> dict[str, Any]:
+          progress: Callable[[str], None] | None, variant_file: str = "",
+          engine: str = "python") -> dict[str, Any]:
     """Controlled scheduling (harness/sched/): schedules tried until one
     fails, then that schedule replayed ``replays`` times."""
     from stress.repro.hunt import events_key, hunt
 
-    v = VARIANTS[name]
-    cfg = config_mod.load(_config_path(v), {"run": {
+    cfg = _variant_config(name, engine, {"run": {
         "variant": name, **({"variant_file": variant_file} if variant_file else {})}})
     res = hunt(cfg, tries, max_steps=max_steps)
     if res.outcome is not None and res.outcome.exit_reason == "interrupted":
@@ -105,7 +104,7 @@ def _hunt(name: str, tries: int, replays: int, max_steps: int,
         want = events_key(res.outcome.trace)
         inv = res.outcome.violations[0]["invariant"]
         for _ in range(replays):
-            o = Supervisor(res.config).run()
+            o = supervisor_for(res.config)(res.config).run()
             if o.exit_reason == "interrupted":
                 raise ZooInterrupted
             row["replays"] += 1
@@ -141,7 +140,7 @@ def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
                                                   variant_file, engine)
         if hunt_tries:
             row["hunt"] = _hunt(name, hunt_tries, seeds, hunt_max_steps, progress,
-                                variant_file)
+                                variant_file, engine)
         rows.append(row)
     fixed: dict[str, Any] = {"seconds": 0.0, "violations": 0, "exit_reason": None}
     if fixed_seconds > 0:

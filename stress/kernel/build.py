@@ -128,7 +128,7 @@ FROM_KVM_MAIN_C = (
 
 
 #: Bumped when the way the module is built changes (flags, the TU's layout).
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 
 
 class BuildError(KernelEngineError):
@@ -277,6 +277,7 @@ int ks_arena_init(uint64_t size, uint32_t npages, uint32_t nobjs, uint32_t obj_s
                   uint32_t ntasks, uint64_t seed);
 void ks_set_task(int t, int pid);
 void ks_install_oops_handler(void);
+void ks_set_sched_hook(int (*hook)(int kind));
 int ks_rcu_poll(void);
 void ks_set_abort(void);
 int ks_violation(int *kind, int *task, int *line, uint32_t *op, char *file, char *what,

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from stress.config import Config
-from stress.harness.supervisor import RunOutcome, Supervisor
+from stress.harness.kernel import supervisor_for
+from stress.harness.supervisor import RunOutcome
 from stress.report.report import now_iso, write_json_atomic
 
 # (mode, switch_p, depth) tried in turn
@@ -92,7 +93,7 @@ def hunt(cfg: Config, tries: int, first_seed: int = 1, max_steps: int | None = N
         run_cfg = with_schedule(base, mode=mode, seed=seed, max_steps=steps_k,
                                 switch_p=p or cfg.schedule.switch_p, depth=depth,
                                 switches=())
-        o = Supervisor(run_cfg).run()
+        o = supervisor_for(run_cfg)(run_cfg).run()
         what = f"{mode} seed {seed}" + (f" p={p}" if mode == "random" else f" d={depth}") + note
         if progress:
             progress(f"try {k + 1}: {what}: {o.exit_reason}"
@@ -107,7 +108,7 @@ def hunt(cfg: Config, tries: int, first_seed: int = 1, max_steps: int | None = N
             continue
         if o.violations and o.schedule is not None:
             rcfg = replay_config(run_cfg, o)
-            again = Supervisor(rcfg).run()
+            again = supervisor_for(rcfg)(rcfg).run()
             same = (bool(again.violations)
                     and again.violations[0]["invariant"] == o.violations[0]["invariant"]
                     and events_key(again.trace) == events_key(o.trace))
@@ -140,7 +141,7 @@ def replay(path: Path, runs: int,
     want = events_key(load_trace(path))
     attempts = []
     for i in range(1, runs + 1):
-        o = Supervisor(cfg).run()
+        o = supervisor_for(cfg)(cfg).run()
         first = o.violations[0] if o.violations else None
         hit = bool(first and first["invariant"] == violation["invariant"])
         identical = hit and (not want or events_key(o.trace) == want)

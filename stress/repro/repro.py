@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stress import config as config_mod
-from stress.harness.supervisor import Supervisor
+from stress.harness.kernel import supervisor_for
 from stress.report.report import now_iso, write_json_atomic
 from stress.repro.bundle import signature
 
@@ -47,7 +47,7 @@ def reproduce(path: Path, runs: int, stop_after: int,
     want, want_sig = violation["invariant"], signature(violation)
     attempts = []
     for i in range(1, runs + 1):
-        o = Supervisor(cfg).run()
+        o = supervisor_for(cfg)(cfg).run()
         first = o.violations[0] if o.violations else None
         hit = bool(first and first["invariant"] == want)
         attempts.append({"run": i, "exit_reason": o.exit_reason, "hit": hit,

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stress.config import Config, ConfigError, load_from
-from stress.harness.supervisor import RunOutcome, Supervisor
+from stress.harness.kernel import supervisor_for
+from stress.harness.supervisor import RunOutcome
 from stress.repro.bundle import signature
 from stress.repro.hunt import replay_config
 
@@ -124,7 +125,7 @@ class Shrinker:
         if self._out_of_budget():
             return False
         self.runs += 1
-        o = Supervisor(cfg).run()
+        o = supervisor_for(cfg)(cfg).run()
         if o.exit_reason == "interrupted":
             raise ShrinkInterrupted
         ok = bool(o.violations) and signature(o.violations[0]) == self.want \
@@ -270,7 +271,7 @@ class Shrinker:
             if not progress:
                 break
         # the result must fail: run it once more (it is deterministic, so it does)
-        final = Supervisor(self.best).run()
+        final = supervisor_for(self.best)(self.best).run()
         self.runs += 1
         if not (final.violations and signature(final.violations[0]) == self.want):
             raise RuntimeError("the shrunk reproducer did not fail on its final run")
