@@ -369,6 +369,10 @@ def _new_run_dir(cfg: Any) -> Path:
 @click.option("--workers", "worker_counts", type=RoleCountType(), multiple=True,
               help="Workers of a role, e.g. --workers zapper=2 (repeatable).")
 @click.option("--vm-type", type=click.Choice(["tdx", "default"]))
+@click.option("--engine", type=click.Choice(["python", "kernel"]),
+              help="kernel: a kernel tree's own tdp_mmu.c (default config: kernel).")
+@click.option("--ksrc", type=click.Path(exists=True),
+              help="The kernel engine's tree (default: Debian's linux-source).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Output root: the soak writes OUT/<timestamp>/ (checkpoint.json, "
                    "results.json, bundles/) and points OUT/latest at it.")
@@ -387,7 +391,8 @@ def _new_run_dir(cfg: Any) -> Path:
 @quiet_options
 def soak(config_file: str | None, duration: float, epoch: float, seed: int | None,
          variant: str | None, variant_file: str | None, vcpus: int | None,
-         worker_counts: tuple[tuple[str, int], ...], vm_type: str | None, out_dir: str | None,
+         worker_counts: tuple[tuple[str, int], ...], vm_type: str | None,
+         engine: str | None, ksrc: str | None, out_dir: str | None,
          keep_going: bool, expect_violation: bool | None, watchdog: float | None,
          junit_path: str | None, json_out: str | None, width: int | None, quiet: bool,
          plain: bool) -> int:
@@ -395,8 +400,11 @@ def soak(config_file: str | None, duration: float, epoch: float, seed: int | Non
     from stress.jobs.soak import Soak
     from stress.report.progress import SoakProgress
 
+    if engine == "kernel" and config_file is None:
+        config_file = "kernel"
     cfg = _load_run_config(config_file, vcpus, worker_counts, None, seed, variant, None,
-                           vm_type, out_dir, None, expect_violation, watchdog, variant_file)
+                           vm_type, out_dir, None, expect_violation, watchdog, variant_file,
+                           engine, ksrc)
     out = _new_run_dir(cfg)
     progress = SoakProgress(live=sys.stderr.isatty() and not plain and not quiet,
                             quiet=quiet)
