@@ -244,3 +244,17 @@ def test_controlled_fixed_tree_is_clean(tree: Tree) -> None:
     out = KernelSupervisor(cfg).run()
     assert out.exit_reason == "clean", (out.violations, out.errors, out.hang)
     assert out.schedule is not None and out.schedule["switches"]
+
+
+def test_kernel_info_and_soak(tmp_path: Path, tree: Tree) -> None:
+    r = run_cli("kernel", "info", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["version"] == tree.version
+    assert {f["file"] for f in info["files"]} == set(USED)
+    assert all(v == "applies" for v in info["variants"].values()), info["variants"]
+    r = run_cli("soak", "--engine", "kernel", "--duration", "4s", "--epoch", "2s",
+                "--out", str(tmp_path), "-q", "--json", "-", timeout=240)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert len(res["epochs"]) >= 2 and all(e["exit_reason"] == "clean" for e in res["epochs"])
