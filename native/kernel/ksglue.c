@@ -359,10 +359,24 @@ struct kvm *ke_vm_create(void)
 }
 
 /*
- * kvm_set_memory_region() for a new slot, with kvm_alloc_memslot_metadata()
- * of x86.c: lpage_info per huge level, the head and tail of a slot that is
- * not aligned to the level disallowed.
+ * kvm_alloc_memslot_metadata() of x86.c: lpage_info per huge level, the head
+ * and tail of a slot that is not aligned to the level disallowed.
  */
+static void ke_alloc_memslot_metadata(struct kvm_memory_slot *slot)
+{
+	for (int level = PG_LEVEL_2M; level <= KVM_MAX_HUGEPAGE_LEVEL; level++) {
+		unsigned long lpages = gfn_to_index(slot->base_gfn + slot->npages - 1,
+						    slot->base_gfn, level) + 1;
+		struct kvm_lpage_info *linfo = ks_bump_alloc(lpages * sizeof(*linfo));
+		slot->arch.lpage_info[level - 2] = linfo;
+		if (slot->base_gfn & (KVM_PAGES_PER_HPAGE(level) - 1))
+			linfo[0].disallow_lpage = 1;
+		if ((slot->base_gfn + slot->npages) & (KVM_PAGES_PER_HPAGE(level) - 1))
+			linfo[lpages - 1].disallow_lpage = 1;
+	}
+}
+
+/* kvm_set_memory_region() for a new slot. */
 int ke_memslot_add(struct kvm *kvm, int id, u64 base_gfn, u64 npages, u32 flags, int host_level)
 {
 	struct kvm_memslots *slots = kvm->memslots[0];
@@ -378,15 +392,7 @@ int ke_memslot_add(struct kvm *kvm, int id, u64 base_gfn, u64 npages, u32 flags,
 	slot->as_id = 0;
 	slot->userspace_addr = 0x7f0000000000UL + (base_gfn << PAGE_SHIFT);
 	slot->dirty_bitmap = ks_bump_alloc(((npages + 63) / 64) * 8);
-	for (int level = PG_LEVEL_2M; level <= KVM_MAX_HUGEPAGE_LEVEL; level++) {
-		unsigned long lpages = gfn_to_index(base_gfn + npages - 1, base_gfn, level) + 1;
-		struct kvm_lpage_info *linfo = ks_bump_alloc(lpages * sizeof(*linfo));
-		slot->arch.lpage_info[level - 2] = linfo;
-		if (base_gfn & (KVM_PAGES_PER_HPAGE(level) - 1))
-			linfo[0].disallow_lpage = 1;
-		if ((base_gfn + npages) & (KVM_PAGES_PER_HPAGE(level) - 1))
-			linfo[lpages - 1].disallow_lpage = 1;
-	}
+	ke_alloc_memslot_metadata(slot);
 	ke_host_level[id] = (u8)host_level;
 	if (host_level > PG_LEVEL_4K)
 		container_of(kvm, struct ke_vm, kvm)->thp_split[id] =
@@ -651,6 +657,26 @@ int ke_zap_gfn_range(struct kvm *kvm, u64 start, u64 end)
  * flush, and at _end kvm_mmu_invalidate_end().
  */
 /*
+ * kvm_handle_hva_range()'s walk of the memslots: slot i's part of [start,
+ * end) as a kvm_gfn_range, or false if it has none (or was deleted).
+ */
+static bool ke_slot_range(struct kvm_memslots *slots, int i, gfn_t start, gfn_t end,
+			  bool may_block, struct kvm_gfn_range *range)
+{
+	struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
+	if (!slot)
+		return false;
+	*range = (struct kvm_gfn_range){
+		.slot = slot,
+		.start = max(start, slot->base_gfn),
+		.end = min(end, slot->base_gfn + slot->npages),
+		.may_block = may_block,
+		.attr_filter = KVM_FILTER_SHARED,
+	};
+	return range->start < range->end;
+}
+
+/*
  * The host's side of an invalidation of a THP-backed range: a range that
  * covers part of a 2M THP is a split first (__split_huge_pmd invalidates the
  * whole 2M: the range widens to it), after which that region maps at 4K; a
@@ -663,14 +689,12 @@ static void ke_thp_range(struct kvm *kvm, gfn_t *start, gfn_t *end)
 	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
 	struct kvm_memslots *slots = kvm_memslots(kvm);
 	for (int i = 0; i < slots->nr_slots; i++) {
-		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
+		struct kvm_gfn_range r;
+		struct kvm_memory_slot *slot;
 		gfn_t s, e;
-		if (!slot || !vm->thp_split[slot->id])
+		if (!ke_slot_range(slots, i, *start, *end, true, &r) || !vm->thp_split[r.slot->id])
 			continue;
-		s = max(*start, slot->base_gfn);
-		e = min(*end, slot->base_gfn + slot->npages);
-		if (s >= e)
-			continue;
+		slot = r.slot, s = r.start, e = r.end;
 		if ((s & 511) && !READ_ONCE(vm->thp_split[slot->id][gfn_to_index(s, slot->base_gfn, PG_LEVEL_2M)]))
 			*start = min(*start, max(s & ~511ULL, slot->base_gfn));
 		if ((e & 511) && !READ_ONCE(vm->thp_split[slot->id][gfn_to_index(e - 1, slot->base_gfn, PG_LEVEL_2M)]))
@@ -683,12 +707,12 @@ static void ke_thp_apply(struct kvm *kvm, gfn_t start, gfn_t end)
 	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
 	struct kvm_memslots *slots = kvm_memslots(kvm);
 	for (int i = 0; i < slots->nr_slots; i++) {
-		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
+		struct kvm_gfn_range r;
+		struct kvm_memory_slot *slot;
 		gfn_t s, e;
-		if (!slot || !vm->thp_split[slot->id])
+		if (!ke_slot_range(slots, i, start, end, true, &r) || !vm->thp_split[r.slot->id])
 			continue;
-		s = max(start, slot->base_gfn);
-		e = min(end, slot->base_gfn + slot->npages);
+		slot = r.slot, s = r.start, e = r.end;
 		for (gfn_t g = s & ~511ULL; g < e; g += 512) {
 			bool whole = g >= s && g + 512 <= e;
 			if (g < slot->base_gfn)
@@ -713,17 +737,8 @@ static void ke_notifier_invalidate(struct kvm *kvm, gfn_t start, gfn_t end)
 
 	idx = srcu_read_lock(&kvm->srcu);
 	for (int i = 0; i < slots->nr_slots; i++) {
-		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
-		if (!slot)
-			continue;
-		struct kvm_gfn_range range = {
-			.slot = slot,
-			.start = max(start, slot->base_gfn),
-			.end = min(end, slot->base_gfn + slot->npages),
-			.may_block = true,
-			.attr_filter = KVM_FILTER_SHARED,
-		};
-		if (range.start >= range.end)
+		struct kvm_gfn_range range;
+		if (!ke_slot_range(slots, i, start, end, true, &range))
 			continue;
 		if (!locked) {
 			locked = true;
@@ -854,16 +869,8 @@ static int ke_age_range(struct kvm *kvm, gfn_t start, gfn_t end, bool test)
 	bool young = false;
 	write_lock(&kvm->mmu_lock);
 	for (int i = 0; i < slots->nr_slots; i++) {
-		struct kvm_memory_slot *slot = READ_ONCE(slots->slots[i]);
-		if (!slot)
-			continue;
-		struct kvm_gfn_range range = {
-			.slot = slot,
-			.start = max(start, slot->base_gfn),
-			.end = min(end, slot->base_gfn + slot->npages),
-			.attr_filter = KVM_FILTER_SHARED,
-		};
-		if (range.start >= range.end)
+		struct kvm_gfn_range range;
+		if (!ke_slot_range(slots, i, start, end, false, &range))
 			continue;
 		young |= test ? kvm_tdp_mmu_test_age_gfn(kvm, &range) :
 				kvm_tdp_mmu_age_gfn_range(kvm, &range);
@@ -1061,16 +1068,7 @@ int ke_memslot_recreate(struct kvm *kvm, int i)
 		slot = ks_bump_alloc(sizeof(*slot));
 		*slot = *old;
 		slot->flags &= ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEMSLOT_INVALID);
-		for (int level = PG_LEVEL_2M; level <= KVM_MAX_HUGEPAGE_LEVEL; level++) {
-			unsigned long lpages = gfn_to_index(slot->base_gfn + slot->npages - 1,
-							    slot->base_gfn, level) + 1;
-			struct kvm_lpage_info *linfo = ks_bump_alloc(lpages * sizeof(*linfo));
-			slot->arch.lpage_info[level - 2] = linfo;
-			if (slot->base_gfn & (KVM_PAGES_PER_HPAGE(level) - 1))
-				linfo[0].disallow_lpage = 1;
-			if ((slot->base_gfn + slot->npages) & (KVM_PAGES_PER_HPAGE(level) - 1))
-				linfo[lpages - 1].disallow_lpage = 1;
-		}
+		ke_alloc_memslot_metadata(slot);
 		memset(slot->dirty_bitmap, 0, ((slot->npages + 63) / 64) * 8);
 		rcu_assign_pointer(kvm_memslots(kvm)->slots[i], slot);
 		synchronize_srcu(&kvm->srcu);

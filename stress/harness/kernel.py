@@ -17,7 +17,6 @@ structures (stress/oracles/kernel.py) at quiescence and teardown.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal
@@ -26,10 +25,9 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
-
-import psutil
 
 from stress.arena import Arena, Control, Layout, Slot, sweep_stale
 from stress.atomics import LockAborted, Words
@@ -372,34 +370,11 @@ class KernelSupervisor(Supervisor):
                             "version": vm.tree.version, "build": vm.built.key,
                             "module": str(vm.built.path)}
 
-    def _spawn(self) -> None:
-        assert self.vm is not None
-        ctx = multiprocessing.get_context("fork")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        vcpu = 0
-        for i, role in enumerate(self.roles):
-            r, wconn = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=kernel_worker_main,
-                            args=(i, role, self.cfg, self.arena, self.vm,
-                                  vcpu if role == "vcpu" else None, wconn,
-                                  self._stacks_file(i), os.getpid()),
-                            name=f"tdp-stress-k{role}{i}")
-            if role == "vcpu":
-                vcpu += 1
-            p.start()
-            wconn.close()
-            self.procs.append(p)
-            self.conns.append(r)
-            self.records[i].pid = p.pid or 0
-            try:
-                self.ps[i] = psutil.Process(p.pid)
-            except psutil.Error:
-                pass
-        w, lay = self.words, self.layout
-        assert w is not None
-        w.store(lay.ctl(Control.START_NS), time.monotonic_ns())
-        w.store(lay.ctl(Control.GO), 1)
+    def _worker_entry(self, i: int, role: str, conn: Connection
+                      ) -> tuple[Callable[..., None], tuple[Any, ...]]:
+        vcpu = self.roles[:i].count("vcpu") if role == "vcpu" else None
+        return kernel_worker_main, (i, role, self.cfg, self.arena, self.vm, vcpu, conn,
+                                    self._stacks_file(i), os.getpid())
 
     def _report(self, found: tuple[str, str] | None, where: str) -> QuiescentReport:
         if found is None:

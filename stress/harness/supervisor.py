@@ -210,16 +210,20 @@ class Supervisor:
         if self.controlled:
             sched.init_region(w, lay, self.cfg.schedule, self.n)
 
+    def _worker_entry(self, i: int, role: str, conn: Connection
+                      ) -> tuple[Callable[..., None], tuple[Any, ...]]:
+        """Worker ``i``'s entry point and its arguments (the engine's)."""
+        return worker_main, (i, role, self.cfg, self.arena, conn, self._stacks_file(i),
+                             os.getpid())
+
     def _spawn(self) -> None:
         ctx = multiprocessing.get_context("fork")
         sys.stdout.flush()
         sys.stderr.flush()
         for i, role in enumerate(self.roles):
             r, wconn = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main,
-                            args=(i, role, self.cfg, self.arena, wconn, self._stacks_file(i),
-                                  os.getpid()),
-                            name=f"tdp-stress-{role}{i}")
+            target, args = self._worker_entry(i, role, wconn)
+            p = ctx.Process(target=target, args=args, name=f"tdp-stress-{role}{i}")
             p.start()
             wconn.close()
             self.procs.append(p)

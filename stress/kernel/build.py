@@ -257,19 +257,7 @@ def syntax_check(tree: Tree, out: Path) -> subprocess.CompletedProcess[str]:
 CDEF = """
 struct kvm;
 struct kvm_vcpu;
-struct ks_event {
-    uint64_t seq;
-    uint64_t t_ns;
-    uint64_t addr;
-    uint64_t gfn;
-    uint64_t old;
-    uint64_t val;
-    uint32_t table;
-    uint8_t kind;
-    uint8_t op;
-    uint8_t level;
-    uint8_t pad;
-};
+%(ks_event)s
 int ks_trace_copy(int t, struct ks_event *out, int max);
 int ks_arena_map(const char *shm_name, uint64_t base, uint64_t size, int create);
 void ks_arena_unmap(void);
@@ -321,6 +309,12 @@ const char *ke_tree_version(void);
 """
 
 
+def _cdef() -> str:
+    """CDEF with the structures Python reads copied from the runtime's header by name."""
+    header = (NATIVE / "ksrt_arena.h").read_text()
+    return CDEF % {"ks_event": extract_type(header, "struct ks_event", "ksrt_arena.h")}
+
+
 def _gcc(args: list[str], what: str) -> None:
     r = subprocess.run(["gcc", *args], capture_output=True, text=True, check=False)
     if r.returncode:
@@ -341,8 +335,9 @@ def compile_module(tree: Tree, out: Path, modname: str) -> Path:
           "-I", str(NATIVE), str(NATIVE / "runtime.c"), "-o", str(rt_o)],
          "native/kernel/runtime.c does not build")
     ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(modname, "#include <stdint.h>\n" + CDEF, extra_objects=[str(ktu_o), str(rt_o)],
+    cdef = _cdef()
+    ffi.cdef(cdef)
+    ffi.set_source(modname, "#include <stdint.h>\n" + cdef, extra_objects=[str(ktu_o), str(rt_o)],
                    libraries=["rt", "gcc"])
     try:
         so = ffi.compile(tmpdir=str(out), verbose=False)
