@@ -404,6 +404,25 @@ def test_memslot_move_waits_for_srcu_readers_and_zaps_the_slot(td) -> None:
     assert not quiescent_check(kvm).violations
 
 
+@pytest.mark.parametrize("variant", ["fixed", "mirror-zap-shared"])
+def test_memslot_move_zaps_the_mirror_under_every_valid_protocol(make_vm, variant: str) -> None:
+    """kvm_mmu_zap_memslot zaps private and shared mappings under the write lock
+    (attr_filter KVM_FILTER_PRIVATE | KVM_FILTER_SHARED): the mirror-zap-shared
+    proposal moves only the zaps of conversions and punch-holes to the read lock,
+    so a memslot move must still take the mirror's leaf and its S-EPT page out."""
+    from stress.model.notifier import kvm_set_memory_region_move
+
+    vm = make_vm(tdx=True, variant=variant)
+    kvm = vm.kvm
+    assert kvm_tdp_page_fault(kvm, PRIVATE, write=True) == RET_PF_FIXED
+    assert kvm_tdp_page_fault(kvm, SHARED, write=True) == RET_PF_FIXED
+    base = PRIVATE & ~511
+    assert kvm_set_memory_region_move(vm.task(1), base, base + 512) == 2
+    assert sept_state(sept_leaf(vm, PRIVATE)) == SEPT_FREE
+    assert not is_shadow_present_pte(vm.words.load(mirror_sptep(vm, PRIVATE)))
+    assert not quiescent_check(kvm).violations
+
+
 def test_memslot_move_names_the_reader_it_waits_for(td) -> None:
     from stress.model.memslot import srcu_read_lock
     from stress.model.notifier import kvm_set_memory_region_move
