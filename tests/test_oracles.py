@@ -78,6 +78,33 @@ def test_cli_lists_the_oracles() -> None:
     assert "online, hook sp_free" in text and "oracles:" in text.splitlines()[-1]
 
 
+def test_an_operation_that_returns_holding_a_lock_is_named(vm) -> None:
+    """lockdep_sys_exit: a fault (the fixed protocol) returns holding nothing; an
+    operation that keeps mmu_lock, an RCU read-side section or a KVM spinlock past
+    its end is reported at op_end, naming what it holds."""
+    from stress.arena import Globals
+    from stress.model.tdp_mmu import RET_PF_FIXED, kvm_tdp_page_fault
+
+    kvm = vm.kvm
+    assert kvm_tdp_page_fault(kvm, 0x1234, write=True) == RET_PF_FIXED
+    kvm.hooks.op_end(kvm)
+    for take, drop, what in (
+            (kvm.read_lock, kvm.read_unlock, "mmu_lock"),
+            (kvm.rcu.rcu_read_lock, kvm.rcu.rcu_read_unlock, "rcu_read_lock"),
+            (lambda: kvm.w.spin_lock(kvm.layout.glob(Globals.SLOTS_LOCK), kvm.pid),
+             lambda: kvm.w.spin_unlock(kvm.layout.glob(Globals.SLOTS_LOCK)), "slots_lock")):
+        take()
+        with pytest.raises(InvariantViolation) as e:
+            kvm.hooks.op_end(kvm)
+        assert e.value.invariant == "lock held when returning to user space"
+        assert what in str(e.value)
+        drop()
+        kvm.hooks.op_end(kvm)
+    other = vm.task(1)  # another task's lock is not this one's
+    other.w.spin_lock(other.layout.glob(Globals.SLOTS_LOCK), other.pid + 1)
+    kvm.hooks.op_end(kvm)
+
+
 def test_liveness_names_the_loop_and_the_entry(vm) -> None:
     """A retry loop that goes round past the bound at one entry is a livelock,
     named where it happens; a completed operation resets the count; a task
