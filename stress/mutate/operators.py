@@ -95,10 +95,18 @@ class Mutant:
     segment: str  # the original code mutated (first line), to spot a stale equivalent entry
     edits: tuple[Edit, ...]
     helpers: bool = False
+    # a guard's or a condition's: the first line of the if's body, where the mutant
+    # changes what runs (a guard dropped differs only when it would have fired); the
+    # config choice prefers a run that got there (0: none)
+    body_site: int = 0
 
     @property
     def site_key(self) -> str:
         return f"{self.file}:{self.site}"
+
+    @property
+    def body_key(self) -> str | None:
+        return f"{self.file}:{self.body_site}" if self.body_site else None
 
     def apply(self, source: str) -> str:
         data = source.encode()
@@ -331,7 +339,7 @@ class _Generator:
 
     # -- plumbing --------------------------------------------------------------
     def add(self, fn: _FnState, op: str, node: ast.AST, site: ast.stmt, what: str,
-            edits: list[Edit], helpers: bool = False) -> None:
+            edits: list[Edit], helpers: bool = False, body_site: int = 0) -> None:
         k = fn.counts.get(op, 0)
         fn.counts[op] = k + 1
         line = node.lineno  # type: ignore[attr-defined]
@@ -340,7 +348,7 @@ class _Generator:
             operator=op, line=line, site=site.lineno,
             description=f"{self.file}:{fn.qualname}: {what} at line {line}",
             segment=self.src.seg(node).splitlines()[0].strip(), edits=tuple(edits),
-            helpers=helpers))
+            helpers=helpers, body_site=body_site if body_site != site.lineno else 0))
 
     def replace(self, node: ast.AST, text: str) -> list[Edit]:
         a, b = self.src.span(node)
@@ -427,6 +435,7 @@ class _Generator:
 
     def _conditions(self, fn: _FnState, s: ast.If | ast.While) -> None:
         test = self.src.seg(s.test)
+        body = s.body[0].lineno if isinstance(s, ast.If) and s.body else 0
         elif_ = self.src.seg(s).startswith("elif")
         if (isinstance(s, ast.If) and not s.orelse and s.body and not elif_
                 and isinstance(s.body[-1], EXITS)):
@@ -435,19 +444,20 @@ class _Generator:
             a, _ = self.src.span(s)
             _, b = self.src.span(s.body[-1])
             self.add(fn, "drop-guard", s, s, f"drop the guard `if {short(test, 50)}: "
-                     f"... {exit_text}`", [Edit(a, b, f"({test})" if calls else "pass")])
+                     f"... {exit_text}`", [Edit(a, b, f"({test})" if calls else "pass")],
+                     body_site=body)
         if isinstance(s.test, ast.Constant):
             return  # while True
         kw = "if" if isinstance(s, ast.If) else "while"
         self.add(fn, "negate-cond", s.test, s, f"negate `{kw} {short(test, 50)}`",
-                 self.replace(s.test, f"not ({test})"))
+                 self.replace(s.test, f"not ({test})"), body_site=body)
         if isinstance(s.test, ast.BoolOp):
             op = " and " if isinstance(s.test.op, ast.And) else " or "
             for j, v in enumerate(s.test.values):
                 rest = [self.src.seg(x) for k, x in enumerate(s.test.values) if k != j]
                 self.add(fn, "drop-conjunct", v, s,
                          f"drop `{short(self.src.seg(v), 40)}` from `{kw} {short(test, 40)}`",
-                         self.replace(s.test, "(" + op.join(rest) + ")"))
+                         self.replace(s.test, "(" + op.join(rest) + ")"), body_site=body)
 
     def _expressions(self, fn: _FnState, s: ast.stmt, root: ast.AST) -> None:
         nodes = sorted((n for n in ast.walk(root) if hasattr(n, "lineno")),
