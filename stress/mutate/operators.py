@@ -7,9 +7,10 @@ A mutant is a list of byte-offset edits of the original file, so the mutated fil
 every other byte, comment and line number (its tracebacks and reports point at the
 original lines, and ``Mutant.diff`` is a readable one-hunk diff).
 
-What is never mutated: the tester's own oracles (calls of ``kvm.bug``/``kvm.warn``,
-``*BUG_ON*``, ``check_*``/``_check_*``, ``lockdep_assert_*``, ``assert`` statements,
-functions whose docstring starts with "Oracle"), trace events (they only observe), and
+What is never mutated: the tester's own oracles (calls of ``kvm.bug``/``kvm.warn``, of the
+KASAN report hook ``kasan_report``, ``*BUG_ON*``, ``check_*``/``_check_*``,
+``lockdep_assert_*``, ``assert`` statements, functions whose docstring starts with
+"Oracle", and an ``if`` whose body only reports), trace events (they only observe), and
 the historical bug variants' functions (docstring "Buggy ...": they are not the protocol
 under test, and the fixed protocol never runs them).
 
@@ -56,9 +57,10 @@ WORDS_ACCESS = frozenset({
 MMU_LOCK_CALLS = frozenset({"read_lock", "read_unlock", "write_lock", "write_unlock"})
 RCU_CALLS = frozenset({"rcu_read_lock", "rcu_read_unlock"})
 BOUND_WORDS = ("level", "gfn", "end", "start")
-ORACLE_NAME = re.compile(r"BUG_ON|^_?check_|^lockdep_assert|^bug$")
-# model functions that report a violation whatever happens (their body calls kvm.bug
-# unconditionally: _poisoned, _underflow, ...), filled in by generate()
+ORACLE_NAME = re.compile(r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^kasan_report$")
+# model functions that report a violation whatever happens (their body is one call of
+# kvm.bug or of the KASAN report hook: _poisoned, _reused, _bad_child, _underflow, ...),
+# filled in by generate()
 ORACLE_REPORTERS: set[str] = set()
 HELPERS = '''
 
@@ -243,7 +245,7 @@ def shared_functions(model_dir: Path = MODEL_DIR) -> frozenset[str]:
             body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
             if (len(body) == 1 and isinstance(body[0], ast.Expr)
                     and isinstance(body[0].value, ast.Call)
-                    and call_name(body[0].value) == "bug"):
+                    and call_name(body[0].value) in ("bug", "kasan_report")):
                 ORACLE_REPORTERS.add(fn.name)  # a function that only reports a violation
             for c in iter_calls(fn):
                 if _direct_shared(c):
