@@ -415,12 +415,14 @@ class _Generator:
                 self.add(fn, "drop-lock", s, s, f"drop {text}", self.replace(s, "pass"))
             elif "flush" in name:
                 self.add(fn, "drop-flush", s, s, f"drop {text}", self.replace(s, "pass"))
-        if isinstance(s, ast.If | ast.While) and not has_oracle(s.test) \
-                and not any(isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
-                            and is_oracle_call(b.value) for b in s.body):
+        oracle_if = isinstance(s, ast.If | ast.While) and (
+            has_oracle(s.test) or any(isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
+                                      and is_oracle_call(b.value) for b in s.body))
+        if isinstance(s, ast.If | ast.While) and not oracle_if:
             self._conditions(fn, s)  # (an if whose body reports a violation is an oracle)
-        # expression-level operators, in the statement's own expressions only
-        for expr in self._own_exprs(s):
+        # expression-level operators, in the statement's own expressions only (not in an
+        # oracle's condition)
+        for expr in ([] if oracle_if else self._own_exprs(s)):
             self._expressions(fn, s, expr)
 
     def _own_exprs(self, s: ast.stmt) -> list[ast.AST]:
