@@ -105,6 +105,45 @@ def test_an_operation_that_returns_holding_a_lock_is_named(vm) -> None:
     kvm.hooks.op_end(kvm)
 
 
+def test_an_iterator_that_leaves_its_tree_is_named(vm) -> None:
+    """A walk over a populated range steps down to 4K and back up to the root,
+    clean; an iterator whose step up lacks tdp_iter's root-level check (a broken
+    walker) is reported when it steps above the root, before it reads there."""
+    from stress.model.spte import SPTE_INDEX, round_gfn_for_level
+    from stress.model.tdp_iter import TdpIter
+    from stress.model.tdp_mmu import RET_PF_FIXED, kvm_tdp_page_fault
+
+    class StepsPastTheRoot(TdpIter):
+        def try_step_up(self) -> bool:  # tdp_iter.c's try_step_up without its guard
+            self.level += 1
+            self.kvm.hooks.iter_level(self.kvm, self)
+            self.gfn = round_gfn_for_level(self.gfn, self.level)
+            self.sptep = self.kvm.layout.spt(self.pt_path[self.level]) + SPTE_INDEX(
+                self.gfn | self.gfn_bits, self.level)
+            return True
+
+    kvm = vm.kvm
+    for gfn in (0x1234, 0x40000 - 1):
+        assert kvm_tdp_page_fault(kvm, gfn, write=True) == RET_PF_FIXED
+    kvm.read_lock()
+    kvm.rcu.rcu_read_lock()
+    try:
+        it, leaves = TdpIter(kvm, vm.root, 0), 0
+        while it.in_range(0x40000):
+            leaves += it.level == 1 and it.old_spte & 1
+            it.next()
+        assert leaves == 2
+        it = StepsPastTheRoot(kvm, vm.root, 0)
+        with pytest.raises(InvariantViolation) as e:
+            while it.in_range(1 << 40):
+                it.next()
+        assert e.value.invariant == "iterator outside its tree"
+        assert e.value.details["level"] == e.value.details["root_level"] + 1
+    finally:
+        kvm.rcu.rcu_read_unlock()
+        kvm.read_unlock()
+
+
 def test_liveness_names_the_loop_and_the_entry(vm) -> None:
     """A retry loop that goes round past the bound at one entry is a livelock,
     named where it happens; a completed operation resets the count; a task
