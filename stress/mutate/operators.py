@@ -57,7 +57,7 @@ WORDS_ACCESS = frozenset({
 MMU_LOCK_CALLS = frozenset({"read_lock", "read_unlock", "write_lock", "write_unlock"})
 RCU_CALLS = frozenset({"rcu_read_lock", "rcu_read_unlock"})
 BOUND_WORDS = ("level", "gfn", "end", "start")
-ORACLE_NAME = re.compile(r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^kasan_report$")
+ORACLE_NAME = re.compile(r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^warn$|^kasan_report$")
 # model functions that report a violation whatever happens (their body is one call of
 # kvm.bug or of the KASAN report hook: _poisoned, _reused, _bad_child, _underflow, ...),
 # filled in by generate()
@@ -415,9 +415,14 @@ class _Generator:
                 self.add(fn, "drop-lock", s, s, f"drop {text}", self.replace(s, "pass"))
             elif "flush" in name:
                 self.add(fn, "drop-flush", s, s, f"drop {text}", self.replace(s, "pass"))
+        # an if whose body reports (a report that stops the run, or only WARNs) is an
+        # oracle: its condition is the assertion's
+        reports = [isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
+                   and is_oracle_call(b.value) for b in getattr(s, "body", [])]
         oracle_if = isinstance(s, ast.If | ast.While) and (
-            has_oracle(s.test) or any(isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
-                                      and is_oracle_call(b.value) for b in s.body))
+            has_oracle(s.test) or all(reports)
+            or any(r and call_name(b.value) != "warn"  # type: ignore[attr-defined]
+                   for r, b in zip(reports, s.body, strict=True)))
         if isinstance(s, ast.If | ast.While) and not oracle_if:
             self._conditions(fn, s)  # (an if whose body reports a violation is an oracle)
         # expression-level operators, in the statement's own expressions only (not in an
