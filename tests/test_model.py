@@ -176,6 +176,28 @@ def test_lockdep_assertions(vm) -> None:
     assert e.value.invariant == "lockdep"
 
 
+def test_lockdep_reports_recursive_locking_and_a_bad_unlock(vm) -> None:
+    """A task that takes mmu_lock while holding it would wait for itself; one that
+    releases a mode it does not hold breaks the lock's count.  Both are lockdep's."""
+    kvm = vm.kvm
+    for hold, take, drop in ((kvm.write_lock, kvm.read_lock, kvm.write_unlock),
+                             (kvm.read_lock, kvm.write_lock, kvm.read_unlock),
+                             (kvm.read_lock, kvm.read_lock, kvm.read_unlock)):
+        hold()
+        with pytest.raises(InvariantViolation, match="recursive locking") as e:
+            take()
+        assert e.value.invariant == "lockdep"
+        drop()
+    with pytest.raises(InvariantViolation, match="bad unlock balance"):
+        kvm.read_unlock()
+    kvm.read_lock()
+    with pytest.raises(InvariantViolation, match="bad unlock balance"):
+        kvm.write_unlock()
+    kvm.read_unlock()
+    kvm.write_lock()  # the lock is free again: nothing was left held
+    kvm.write_unlock()
+
+
 def test_checker_finds_corruption(vm) -> None:
     kvm = vm.kvm
     assert kvm_tdp_page_fault(kvm, GFN, write=False) == RET_PF_FIXED
