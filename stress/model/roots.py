@@ -246,7 +246,7 @@ def root_xchg_invalid(kvm: Kvm, root: int) -> bool:
 
 
 def put_root_force_zero(kvm: Kvm, root: int) -> None:
-    """The final design's put, with the last reference detected by
+    """Buggy: the final design's put, with the last reference detected by
     refcount_dec_not_one and then forced to 0 ("turning a refcount_dec_not_one
     into a refcount_dec_and_test", March 2022): safe only if no get can run
     concurrently, which stopped being true when gets moved under the read lock."""
