@@ -24,7 +24,8 @@ def test_every_online_oracle_sits_on_a_model_hook() -> None:
     hooks = {n for n in vars(Hooks) if not n.startswith("_")}
     for o in oracles.ORACLES:
         assert o.name and o.invariant and o.when and o.cost, o
-        if o.hook not in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN):
+        if o.hook not in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN,
+                          oracles.HOOK_WATCHDOG):
             assert o.hook in hooks and o.check is not None, o
 
 
@@ -75,7 +76,7 @@ def test_cli_lists_the_oracles() -> None:
             "mirror/S-EPT divergence"} <= {row["name"] for row in rows}
     text = run_cli("oracles", "--width", "80").stdout
     assert all(len(line) <= 80 for line in text.splitlines())
-    assert "online, hook sp_free" in text and "oracles:" in text.splitlines()[-1]
+    assert "online, hook sp_free" in text and "watchdog)" in text.splitlines()[-1]
 
 
 def test_an_operation_that_returns_holding_a_lock_is_named(vm) -> None:
@@ -142,6 +143,20 @@ def test_an_iterator_that_leaves_its_tree_is_named(vm) -> None:
     finally:
         kvm.rcu.rcu_read_unlock()
         kvm.read_unlock()
+
+
+def test_a_stuck_worker_inside_rcu_is_an_rcu_stall_and_outside_a_hang(vm) -> None:
+    """The watchdog's stuck workers: one inside an RCU read-side section is named
+    (it blocks every grace period); one stuck outside (waiting for a lock) is not."""
+    from stress.oracles.liveness import rcu_stall
+
+    walker, waiter = vm.kvm, vm.task(1)
+    walker.rcu.rcu_read_lock()
+    v = rcu_stall(vm.words, vm.layout, [waiter.me, walker.me], "no progress for 10 s")
+    assert v is not None and v.invariant == "RCU stall"
+    assert v.details["stalled_workers"] == [walker.me] and "no progress for 10 s" in str(v)
+    walker.rcu.rcu_read_unlock()
+    assert rcu_stall(vm.words, vm.layout, [waiter.me, walker.me], "no progress") is None
 
 
 def test_liveness_names_the_loop_and_the_entry(vm) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 HOOK_QUIESCENT = "quiescent"  # every worker parked outside mmu_lock and RCU
 HOOK_TEARDOWN = "teardown"  # after the VM's page tables were torn down
+HOOK_WATCHDOG = "watchdog"  # the supervisor: a worker that makes no progress
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from weakref import WeakKeyDictionary
 
-from stress.arena import Globals, Slot
+from stress.arena import Globals, Layout, Slot
+from stress.atomics import Words
+from stress.model.errors import InvariantViolation
 from stress.model.hooks import RETRY_SITES
 from stress.model.kvm import LOCK_NONE, Kvm
-from stress.oracles.base import oracle
+from stress.oracles.base import HOOK_WATCHDOG, listed, oracle
 
 MAX_RETRIES = 100_000  # rounds of a retry loop at one entry within one operation
 MAX_WAIT_ROUNDS = 2_000  # rounds of a wait for another task (each sleeps ~50 us)
@@ -127,3 +129,29 @@ def no_lock_held_at_return(kvm: Kvm) -> None:
     if held:
         kvm.bug("lock held when returning to user space",
                 f"lock held when returning to user space: {', '.join(held)}", held=held)
+
+
+listed("RCU stall",
+       invariant="no task stays inside one RCU read-side critical section for long: a walker "
+                 "that never leaves its rcu_read_lock() blocks every grace period, so no "
+                 "removed page-table page is ever freed (the kernel's RCU CPU stall warning, "
+                 "'rcu_preempt detected stalls', after rcu_cpu_stall_timeout)",
+       hook=HOOK_WATCHDOG,
+       when="the supervisor finds a worker without progress for run.watchdog (or one that "
+            "does not park or stop): it is a stall if the worker is inside a read-side "
+            "section",
+       cost="one load per stuck worker, only when one is stuck", module="liveness")
+
+
+def rcu_stall(words: Words, layout: Layout, stuck: list[int], what: str
+              ) -> InvariantViolation | None:
+    """The RCU stall among ``stuck`` workers (no progress: ``what``), if one of them
+    is inside an RCU read-side section (its reader word is set), else None: a hang
+    outside RCU (a lock waited on for ever) stays a hang."""
+    inside = [i for i in stuck if words.load(layout.slot(i, Slot.RCU_READER))]
+    if not inside:
+        return None
+    return InvariantViolation(
+        "RCU stall", f"RCU stall: worker {inside[0]} is inside an RCU read-side critical "
+        f"section and makes no progress ({what})", stalled_workers=inside, worker=inside[0],
+        rcu_reader_word=words.load(layout.slot(inside[0], Slot.RCU_READER)))
