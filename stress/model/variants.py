@@ -255,9 +255,11 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
               "the mirror, tables included, with mmu_lock held for read (inside their "
               "invalidation), the entry frozen until the S-EPT has dropped it (BLOCK unwound "
               "on BUSY; TRACK, REMOVE and SEPT.REMOVE retried until they succeed, vCPUs still "
-              "running).  Valid in the model; compare it with 'bench --compare "
-              "fixed,mirror-zap-shared'.  (KVM zapping private pages on its own, outside such "
-              "flows, kills the TD: the guest finds a page it accepted PENDING.)",
+              "running).  Memslot moves still zap the mirror under the write lock "
+              "(kvm_mmu_zap_memslot, as upstream).  Valid in the model; compare it with "
+              "'bench --compare fixed,mirror-zap-shared'.  (KVM zapping private pages on its "
+              "own, outside such flows, kills the TD: the guest finds a page it accepted "
+              "PENDING.)",
         source="the model's reading of the 2026 rework before the code was read (kept as a "
                "proposal for comparison)",
         set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_zap_shared,
