@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from stress import oracles
 from stress.arena import Globals, SpMeta
 from stress.atomics import Words
 from stress.model.errors import InvariantViolation
@@ -258,10 +259,16 @@ def test_walks_take_the_root_level_from_the_root_role(vm) -> None:
 
 
 def test_a_root_of_no_valid_level_is_not_walked(vm) -> None:
-    """tdp_iter_start's WARN_ON_ONCE: a root level outside 1..5, no walk."""
+    """tdp_iter_start's WARN_ON_ONCE: a root level outside 1..5, no walk (with the
+    oracles, as under panic_on_warn, the WARN stops the run)."""
     kvm, w, lay = vm.kvm, vm.words, vm.layout
     role = w.load(lay.sp(vm.root, SpMeta.ROLE))
     w.store(lay.sp(vm.root, SpMeta.ROLE), role & ~0xF | 7)
+    with pytest.raises(InvariantViolation) as e:
+        TdpIter(kvm, vm.root, GFN)
+    assert e.value.invariant == "kernel WARNING" and "root level out of range" in str(e.value)
+    oracles.attach(kvm, disabled=["kernel WARNING"])  # the kernel's own behaviour: go on
+    kvm.stats.clear()
     for it in (TdpIter(kvm, vm.root, GFN), TdpIter(kvm, vm.root, GFN, descend_to=1)):
         assert not it.valid and not it.in_range(GFN + 1)
     assert kvm.stats["warn:tdp_iter_start: root level out of range"] == 2

@@ -289,8 +289,10 @@ class Kvm:
 
     # -- severities ----------------------------------------------------------------
     def warn(self, what: str) -> None:
-        """WARN_ON_ONCE: counted, reported in the summary, the run goes on."""
+        """WARN_ON_ONCE: counted, reported in the summary; the kernel goes on, and so
+        does the model (the oracles make it fatal, as panic_on_warn does)."""
         self.stats["warn:" + what] += 1
+        self.hooks.kernel_warning(self, what)
 
     def bug(self, invariant: str, message: str, **details: Any) -> None:
         """KVM_BUG_ON / BUG(): stop the run with this invariant."""
