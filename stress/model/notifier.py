@@ -244,9 +244,11 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
 def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> None:
     """KVM_SET_MEMORY_ATTRIBUTES on [start, end): begin and zap the mappings of the
     root type that no longer owns the range (pre_set), store the attributes,
-    then end (post_set).  The old backing pages are released (guest_memfd
-    punch-hole on private -> shared, the VMM's unmap on shared -> private);
-    replacing part of a THP splits it."""
+    then end (post_set).  The old backing pages of the gfns whose attribute
+    changes are released (guest_memfd punch-hole on private -> shared, the VMM's
+    unmap on shared -> private); a gfn of the range that already had the new
+    attribute keeps its page (KVM's ioctl releases nothing itself: the VMM
+    discards the old kind's memory).  Replacing part of a THP splits it."""
     kvm.write_lock()
     try:
         kvm.hooks.invalidate_range_start(kvm, start, end)
@@ -260,9 +262,10 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
         kvm.write_unlock()
     if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
         kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, KVM_MIRROR_ROOTS)
+    changed = [gfn for gfn in range(start, end) if kvm_mem_is_private(kvm, gfn) != private]
     kvm_set_mem_attributes(kvm, start, end, private)
     try:
-        for gfn in range(start, end):
+        for gfn in changed:
             host_page_migrate(kvm, gfn)
     finally:  # even when an oracle fires, so that no fault retries for ever
         kvm.variant.invalidate_end(
