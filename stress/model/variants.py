@@ -250,7 +250,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         mirror_shared_teardown=False, requires_tdx=True,
     ),
     replace(
-        FIXED, name="mirror-zap-shared", requires_tdx=True,
+        FIXED, name="mirror-zap-shared", requires_tdx=True, config="convert-huge.toml",
         story="A design proposal, not upstream: conversions and guest_memfd punch-holes zap "
               "the mirror, tables included, with mmu_lock held for read (inside their "
               "invalidation), the entry frozen until the S-EPT has dropped it (BLOCK unwound "
@@ -453,6 +453,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     ),
     replace(
         FIXED, name="mirror-zap-no-freeze", buggy=False, requires_tdx=True,
+        config="convert-huge.toml",
         story="Only under the mirror-zap-shared proposal: maps freeze, but a read-lock zap "
               "of the mirror publishes non-present before its BLOCK/TRACK/REMOVE.  Settled by "
               "the tool: safe there.  Those zaps run inside an invalidation (a conversion or "
