@@ -10,7 +10,8 @@ original lines, and ``Mutant.diff`` is a readable one-hunk diff).
 What is never mutated: the tester's own oracles (calls of ``kvm.bug``/``kvm.warn``, of the
 KASAN report hook ``kasan_report``, ``*BUG_ON*``, ``check_*``/``_check_*``,
 ``lockdep_assert_*``, ``assert`` statements, functions whose docstring starts with
-"Oracle", and an ``if`` whose body only reports), trace events (they only observe), and
+"Oracle", and an ``if`` whose body only reports), observation (trace events, the D-bit
+ledger's ``dirty_set``, an ``if`` whose body only bumps a ``kvm.stats`` counter), and
 the historical bug variants' functions (docstring "Buggy ...": they are not the protocol
 under test, and the fixed protocol never runs them).
 
@@ -57,7 +58,10 @@ WORDS_ACCESS = frozenset({
 MMU_LOCK_CALLS = frozenset({"read_lock", "read_unlock", "write_lock", "write_unlock"})
 RCU_CALLS = frozenset({"rcu_read_lock", "rcu_read_unlock"})
 BOUND_WORDS = ("level", "gfn", "end", "start")
-ORACLE_NAME = re.compile(r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^warn$|^kasan_report$")
+# (dirty_set: the D-bit ledger's count of a D bit set, instrumentation for the
+# lost-dirty-bit oracle with no kernel counterpart, unlike kvm_set_pfn_dirty)
+ORACLE_NAME = re.compile(
+    r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^warn$|^kasan_report$|^dirty_set$")
 # model functions that report a violation whatever happens (their body is one call of
 # kvm.bug or of the KASAN report hook: _poisoned, _reused, _bad_child, _underflow, ...),
 # filled in by generate()
@@ -417,11 +421,21 @@ class _Generator:
                 self.add(fn, "drop-flush", s, s, f"drop {text}", self.replace(s, "pass"))
         # an if whose body reports (a report that stops the run, or only WARNs) is an
         # oracle: its condition is the assertion's
-        reports = [isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
-                   and is_oracle_call(b.value) for b in getattr(s, "body", [])]
+        def reporting(b: ast.stmt) -> bool:  # an oracle call, a counter, a loop of them
+            if isinstance(b, ast.For):
+                return all(reporting(x) for x in b.body)
+            if isinstance(b, ast.AugAssign) and isinstance(b.target, ast.Subscript):
+                d = dotted(b.target.value)  # kvm.stats[...] += 1: observation only
+                return (d is not None and (d == "stats" or d.endswith(".stats"))
+                        and not any(True for _ in iter_calls(b.value)))
+            return (isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
+                    and is_oracle_call(b.value))
+
+        reports = [reporting(b) for b in getattr(s, "body", [])]
         oracle_if = isinstance(s, ast.If | ast.While) and (
             has_oracle(s.test) or all(reports)
-            or any(r and call_name(b.value) != "warn"  # type: ignore[attr-defined]
+            or any(r and isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
+                   and call_name(b.value) not in ("warn", "dirty_set")
                    for r, b in zip(reports, s.body, strict=True)))
         if isinstance(s, ast.If | ast.While) and not oracle_if:
             self._conditions(fn, s)  # (an if whose body reports a violation is an oracle)
