@@ -931,23 +931,24 @@ def oracles_cmd(width: int | None, json_out: str | None) -> int:
 
     from stress import oracles
 
+    OFFLINE = (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN,  # noqa: N806
+               oracles.HOOK_WATCHDOG)
     rows = [{"name": o.name, "module": o.module, "hook": o.hook, "when": o.when,
              "invariant": o.invariant, "cost": o.cost} for o in oracles.ORACLES]
     width = width or _term_width()
     lines: list[str] = []
     for r in rows:
-        where = r["hook"] if r["hook"] in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN,
-                                           "kernel") else f"online, hook {r['hook']}"
+        where = r["hook"] if r["hook"] in (*OFFLINE, "kernel") else f"online, hook {r['hook']}"
         lines += textwrap.wrap(f"{r['name']}  [{r['module']}; {where}]", width)
         for label in ("invariant", "when", "cost"):
             lines += textwrap.wrap(r[label], width, initial_indent=f"    {label}: ",
                                    subsequent_indent=" " * (6 + len(label)))
-    walks = sum(1 for r in rows if r["hook"] in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN))
+    walks = sum(1 for r in rows if r["hook"] in OFFLINE)
     in_kernel = sum(1 for r in rows if r["hook"] == "kernel")
     online = len(rows) - walks - in_kernel
     lines += textwrap.wrap(f"({len(rows)} oracles: {online} online at model hooks, {in_kernel} "
                            f"in the kernel engine's runtime, {walks} in the quiescent and "
-                           "teardown walks)", width)
+                           "teardown walks and the supervisor's watchdog)", width)
     _say("\n".join(lines), json_out)
     _emit_json(json_out, {"oracles": rows})
     return 0

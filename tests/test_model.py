@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from stress import oracles
 from stress.arena import Globals, SpMeta
 from stress.atomics import Words
 from stress.model.errors import InvariantViolation
@@ -176,6 +177,28 @@ def test_lockdep_assertions(vm) -> None:
     assert e.value.invariant == "lockdep"
 
 
+def test_lockdep_reports_recursive_locking_and_a_bad_unlock(vm) -> None:
+    """A task that takes mmu_lock while holding it would wait for itself; one that
+    releases a mode it does not hold breaks the lock's count.  Both are lockdep's."""
+    kvm = vm.kvm
+    for hold, take, drop in ((kvm.write_lock, kvm.read_lock, kvm.write_unlock),
+                             (kvm.read_lock, kvm.write_lock, kvm.read_unlock),
+                             (kvm.read_lock, kvm.read_lock, kvm.read_unlock)):
+        hold()
+        with pytest.raises(InvariantViolation, match="recursive locking") as e:
+            take()
+        assert e.value.invariant == "lockdep"
+        drop()
+    with pytest.raises(InvariantViolation, match="bad unlock balance"):
+        kvm.read_unlock()
+    kvm.read_lock()
+    with pytest.raises(InvariantViolation, match="bad unlock balance"):
+        kvm.write_unlock()
+    kvm.read_unlock()
+    kvm.write_lock()  # the lock is free again: nothing was left held
+    kvm.write_unlock()
+
+
 def test_checker_finds_corruption(vm) -> None:
     kvm = vm.kvm
     assert kvm_tdp_page_fault(kvm, GFN, write=False) == RET_PF_FIXED
@@ -236,10 +259,16 @@ def test_walks_take_the_root_level_from_the_root_role(vm) -> None:
 
 
 def test_a_root_of_no_valid_level_is_not_walked(vm) -> None:
-    """tdp_iter_start's WARN_ON_ONCE: a root level outside 1..5, no walk."""
+    """tdp_iter_start's WARN_ON_ONCE: a root level outside 1..5, no walk (with the
+    oracles, as under panic_on_warn, the WARN stops the run)."""
     kvm, w, lay = vm.kvm, vm.words, vm.layout
     role = w.load(lay.sp(vm.root, SpMeta.ROLE))
     w.store(lay.sp(vm.root, SpMeta.ROLE), role & ~0xF | 7)
+    with pytest.raises(InvariantViolation) as e:
+        TdpIter(kvm, vm.root, GFN)
+    assert e.value.invariant == "kernel WARNING" and "root level out of range" in str(e.value)
+    oracles.attach(kvm, disabled=["kernel WARNING"])  # the kernel's own behaviour: go on
+    kvm.stats.clear()
     for it in (TdpIter(kvm, vm.root, GFN), TdpIter(kvm, vm.root, GFN, descend_to=1)):
         assert not it.valid and not it.in_range(GFN + 1)
     assert kvm.stats["warn:tdp_iter_start: root level out of range"] == 2

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from stress.model.variants import VARIANTS
 from stress.mutate.operators import MODEL_DIR, OPERATORS, TARGET_FILES, generate
-from stress.mutate.reach import choose_config, instrument, run_configs
+from stress.mutate.reach import choose_config, instrument, run_configs, targets, variant_targets
 from stress.mutate.runner import load_equivalents, select, stale_equivalents
 from stress.mutate.sandbox import Sandbox, run_config, segments_of
 
@@ -180,3 +181,29 @@ def test_config_choice_prefers_the_functions_config_if_it_reached_the_site() -> 
     assert choose_config(m, reach) == "default"  # the first fallback that reached it
     reach["configs"]["default"]["hits"] = []
     assert choose_config(m, reach) is None  # smoke is not clean: unreached
+
+
+def test_reach_targets_are_the_configs_and_the_valid_variants_only() -> None:
+    configs = run_configs()
+    t = targets(configs)
+    assert {n for n in t if "@" not in n} == set(configs)  # every config, fixed protocol
+    vt = variant_targets(configs)
+    assert vt and all(t[n] == vt[n] for n in vt)
+    used = {v for _, v in vt.values()}
+    assert "mirror-zap-shared" in used and "fixed-v6.16" in used
+    assert not any(VARIANTS[v].buggy for v in used)  # never a bug variant
+    assert all(c in configs for c, _ in vt.values())
+
+
+def test_config_choice_falls_back_to_a_valid_variant_then_prefers_the_guards_body() -> None:
+    [m] = [m for m in generate(("mirror.py",)) if m.operator == "drop-guard"
+           and m.function == "proposal_free_external_spt"][:1]
+    assert m.body_key is not None and m.body_key != m.site_key
+    reach = {"configs": {"default": {"exit_code": 0, "hits": []},
+                         "tdx-busy@mirror-zap-shared": {"exit_code": 0,
+                                                        "hits": [m.site_key]}}}
+    assert choose_config(m, reach) == "tdx-busy@mirror-zap-shared"  # only a variant ran it
+    reach["configs"]["default"]["hits"] = [m.site_key]
+    assert choose_config(m, reach) == "default"  # the fixed protocol first
+    reach["configs"]["tdx-busy@mirror-zap-shared"]["hits"].append(m.body_key)
+    assert choose_config(m, reach) == "tdx-busy@mirror-zap-shared"  # the guard fired there

@@ -25,7 +25,8 @@ def test_every_online_oracle_sits_on_a_model_hook() -> None:
     hooks = {n for n in vars(Hooks) if not n.startswith("_")}
     for o in oracles.ORACLES:
         assert o.name and o.invariant and o.when and o.cost, o
-        if o.hook not in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN, HOOK_KERNEL):
+        if o.hook not in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN,
+                          oracles.HOOK_WATCHDOG, HOOK_KERNEL):
             assert o.hook in hooks and o.check is not None, o
 
 
@@ -76,7 +77,87 @@ def test_cli_lists_the_oracles() -> None:
             "mirror/S-EPT divergence"} <= {row["name"] for row in rows}
     text = run_cli("oracles", "--width", "80").stdout
     assert all(len(line) <= 80 for line in text.splitlines())
-    assert "online, hook sp_free" in text and "teardown walks)" in text.splitlines()[-1]
+    assert "online, hook sp_free" in text and "watchdog)" in text.splitlines()[-1]
+
+
+def test_an_operation_that_returns_holding_a_lock_is_named(vm) -> None:
+    """lockdep_sys_exit: a fault (the fixed protocol) returns holding nothing; an
+    operation that keeps mmu_lock, an RCU read-side section or a KVM spinlock past
+    its end is reported at op_end, naming what it holds."""
+    from stress.arena import Globals
+    from stress.model.tdp_mmu import RET_PF_FIXED, kvm_tdp_page_fault
+
+    kvm = vm.kvm
+    assert kvm_tdp_page_fault(kvm, 0x1234, write=True) == RET_PF_FIXED
+    kvm.hooks.op_end(kvm)
+    for take, drop, what in (
+            (kvm.read_lock, kvm.read_unlock, "mmu_lock"),
+            (kvm.rcu.rcu_read_lock, kvm.rcu.rcu_read_unlock, "rcu_read_lock"),
+            (lambda: kvm.w.spin_lock(kvm.layout.glob(Globals.SLOTS_LOCK), kvm.pid),
+             lambda: kvm.w.spin_unlock(kvm.layout.glob(Globals.SLOTS_LOCK)), "slots_lock")):
+        take()
+        with pytest.raises(InvariantViolation) as e:
+            kvm.hooks.op_end(kvm)
+        assert e.value.invariant == "lock held when returning to user space"
+        assert what in str(e.value)
+        drop()
+        kvm.hooks.op_end(kvm)
+    other = vm.task(1)  # another task's lock is not this one's
+    other.w.spin_lock(other.layout.glob(Globals.SLOTS_LOCK), other.pid + 1)
+    kvm.hooks.op_end(kvm)
+
+
+def test_an_iterator_that_leaves_its_tree_is_named(vm) -> None:
+    """A walk over a populated range steps down to 4K and back up to the root,
+    clean; an iterator whose step up lacks tdp_iter's root-level check (a broken
+    walker) is reported when it steps above the root, before it reads there."""
+    from stress.model.spte import SPTE_INDEX, round_gfn_for_level
+    from stress.model.tdp_iter import TdpIter
+    from stress.model.tdp_mmu import RET_PF_FIXED, kvm_tdp_page_fault
+
+    class StepsPastTheRoot(TdpIter):
+        def try_step_up(self) -> bool:  # tdp_iter.c's try_step_up without its guard
+            self.level += 1
+            self.kvm.hooks.iter_level(self.kvm, self)
+            self.gfn = round_gfn_for_level(self.gfn, self.level)
+            self.sptep = self.kvm.layout.spt(self.pt_path[self.level]) + SPTE_INDEX(
+                self.gfn | self.gfn_bits, self.level)
+            return True
+
+    kvm = vm.kvm
+    for gfn in (0x1234, 0x40000 - 1):
+        assert kvm_tdp_page_fault(kvm, gfn, write=True) == RET_PF_FIXED
+    kvm.read_lock()
+    kvm.rcu.rcu_read_lock()
+    try:
+        it, leaves = TdpIter(kvm, vm.root, 0), 0
+        while it.in_range(0x40000):
+            leaves += it.level == 1 and it.old_spte & 1
+            it.next()
+        assert leaves == 2
+        it = StepsPastTheRoot(kvm, vm.root, 0)
+        with pytest.raises(InvariantViolation) as e:
+            while it.in_range(1 << 40):
+                it.next()
+        assert e.value.invariant == "iterator outside its tree"
+        assert e.value.details["level"] == e.value.details["root_level"] + 1
+    finally:
+        kvm.rcu.rcu_read_unlock()
+        kvm.read_unlock()
+
+
+def test_a_stuck_worker_inside_rcu_is_an_rcu_stall_and_outside_a_hang(vm) -> None:
+    """The watchdog's stuck workers: one inside an RCU read-side section is named
+    (it blocks every grace period); one stuck outside (waiting for a lock) is not."""
+    from stress.oracles.liveness import rcu_stall
+
+    walker, waiter = vm.kvm, vm.task(1)
+    walker.rcu.rcu_read_lock()
+    v = rcu_stall(vm.words, vm.layout, [waiter.me, walker.me], "no progress for 10 s")
+    assert v is not None and v.invariant == "RCU stall"
+    assert v.details["stalled_workers"] == [walker.me] and "no progress for 10 s" in str(v)
+    walker.rcu.rcu_read_unlock()
+    assert rcu_stall(vm.words, vm.layout, [waiter.me, walker.me], "no progress") is None
 
 
 def test_liveness_names_the_loop_and_the_entry(vm) -> None:

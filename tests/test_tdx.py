@@ -404,6 +404,25 @@ def test_memslot_move_waits_for_srcu_readers_and_zaps_the_slot(td) -> None:
     assert not quiescent_check(kvm).violations
 
 
+@pytest.mark.parametrize("variant", ["fixed", "mirror-zap-shared"])
+def test_memslot_move_zaps_the_mirror_under_every_valid_protocol(make_vm, variant: str) -> None:
+    """kvm_mmu_zap_memslot zaps private and shared mappings under the write lock
+    (attr_filter KVM_FILTER_PRIVATE | KVM_FILTER_SHARED): the mirror-zap-shared
+    proposal moves only the zaps of conversions and punch-holes to the read lock,
+    so a memslot move must still take the mirror's leaf and its S-EPT page out."""
+    from stress.model.notifier import kvm_set_memory_region_move
+
+    vm = make_vm(tdx=True, variant=variant)
+    kvm = vm.kvm
+    assert kvm_tdp_page_fault(kvm, PRIVATE, write=True) == RET_PF_FIXED
+    assert kvm_tdp_page_fault(kvm, SHARED, write=True) == RET_PF_FIXED
+    base = PRIVATE & ~511
+    assert kvm_set_memory_region_move(vm.task(1), base, base + 512) == 2
+    assert sept_state(sept_leaf(vm, PRIVATE)) == SEPT_FREE
+    assert not is_shadow_present_pte(vm.words.load(mirror_sptep(vm, PRIVATE)))
+    assert not quiescent_check(kvm).violations
+
+
 def test_memslot_move_names_the_reader_it_waits_for(td) -> None:
     from stress.model.memslot import srcu_read_lock
     from stress.model.notifier import kvm_set_memory_region_move
@@ -416,3 +435,28 @@ def test_memslot_move_names_the_reader_it_waits_for(td) -> None:
     assert e.value.invariant == "livelock" and e.value.details["site"] == "synchronize_srcu"
     assert e.value.details["held_by_worker"] == 1 and e.value.details["gfn"] == PRIVATE
     assert "waiting for worker 1" in str(e.value)
+
+
+@pytest.mark.parametrize("variant", ["fixed", "mirror-zap-shared"])
+def test_a_conversion_releases_only_the_pages_whose_attribute_changes(make_vm,
+                                                                       variant: str) -> None:
+    """KVM_SET_MEMORY_ATTRIBUTES to private over a range that is partly private
+    already: the VMM discards the shared memory of the gfns that change; a gfn that
+    was private keeps its guest_memfd page, and the mirror leaf mapping it stays
+    current (it was a stale mirror leaf when every gfn's page was replaced)."""
+    from stress.model.host import host_page_gen
+    from stress.model.kvm import kvm_mem_is_private
+    from stress.model.notifier import kvm_vm_set_mem_attributes
+
+    vm = make_vm(tdx=True, variant=variant)
+    kvm = vm.kvm
+    assert kvm_tdp_page_fault(kvm, PRIVATE, write=True) == RET_PF_FIXED
+    assert td_guest_access_private(kvm, PRIVATE) == GUEST_OK
+    assert kvm_tdp_page_fault(kvm, SHARED, write=True) == RET_PF_FIXED
+    kept, replaced = host_page_gen(kvm, PRIVATE), host_page_gen(kvm, SHARED)
+    kvm_vm_set_mem_attributes(vm.task(1), PRIVATE, SHARED + 8, private=True)
+    assert kvm_mem_is_private(kvm, SHARED)
+    assert host_page_gen(kvm, PRIVATE) == kept and host_page_gen(kvm, SHARED) != replaced
+    assert is_shadow_present_pte(vm.words.load(mirror_sptep(vm, PRIVATE)))
+    assert sept_state(sept_leaf(vm, PRIVATE)) == SEPT_MAPPED
+    assert not quiescent_check(kvm).violations

@@ -54,6 +54,7 @@ from stress.model.kvm import LOCK_NONE, Kvm
 from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
 from stress.model.td import tdx_td_finalize
 from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_mirror_root
+from stress.oracles.liveness import rcu_stall
 from stress.oracles.quiescent import QuiescentReport, quiescent_check, teardown_check
 
 EXIT_CLEAN = 0
@@ -332,9 +333,7 @@ class Supervisor:
                 if time.monotonic() > deadline:
                     if time.monotonic() > self.deadline - OVERRUN_S:
                         return "clean"  # the run's time is up: no check, no verdict
-                    self.hang = self._hang_report(waiting, "did not park for a quiescent "
-                                                  "check")
-                    return "hang"
+                    return self._stuck(waiting, "did not park for a quiescent check")
                 time.sleep(0.001)
             rep = self._quiescent_report()
             self.checks["quiescent"] += 1
@@ -432,6 +431,22 @@ class Supervisor:
             "stacks": stacks,
         }
 
+    def _stuck(self, stuck: list[int], what: str) -> str:
+        """Workers ``stuck`` (``what``): the hang report (stacks, mmu_lock holders),
+        and the exit reason: a violation if the RCU stall oracle names one of them
+        (inside an RCU read-side section), else a hang."""
+        assert self.words is not None
+        self.hang = self._hang_report(stuck, what)
+        v = rcu_stall(self.words, self.layout, stuck, what)
+        if v is None:
+            return "hang"
+        d = v.to_dict()
+        d["time_s"] = round(time.monotonic() - self.t_start, 6)
+        d["variant"] = self.cfg.run.variant
+        d["found_by"] = "watchdog"
+        self.violations.append(d)
+        return "violation"
+
     def _record_report(self, rep: QuiescentReport, where: str) -> str | None:
         if not rep.violations:
             return None
@@ -471,7 +486,7 @@ class Supervisor:
         alive = [i for i, p in enumerate(self.procs) if p.exitcode is None]
         if alive:
             if not self.hang:
-                self.hang = self._hang_report(alive, "did not stop when asked (STOP, ABORT)")
+                self._stuck(alive, "did not stop when asked (STOP, ABORT)")
             for i in alive:
                 self.procs[i].terminate()
             self._wait_exit(TERM_GRACE_S)
@@ -562,8 +577,7 @@ class Supervisor:
             elif now - last_beat[i] > self.cfg.run.watchdog:
                 stuck.append(i)
         if stuck:
-            self.hang = self._hang_report(stuck, f"no progress for {self.cfg.run.watchdog:g} s")
-            return "hang"
+            return self._stuck(stuck, f"no progress for {self.cfg.run.watchdog:g} s")
         return None
 
     def _monitor(self) -> str:
@@ -630,7 +644,7 @@ class Supervisor:
             try:
                 self._stop_workers()
                 if self.hang and reason in ("clean", "error"):
-                    reason = "hang"
+                    reason = "violation" if self.violations else "hang"  # an RCU stall
                 if reason == "clean":
                     dead = [i for i, p in enumerate(self.procs) if p.exitcode != 0]
                     self._drain()

@@ -57,6 +57,13 @@ class Hooks:
         raise InvariantViolation("use-after-free of page-table page",
                                  f"BUG: KASAN: use-after-free ({kind})", **details)
 
+    def kernel_warning(self, kvm: Kvm, what: str) -> None:
+        """A WARN_ON_ONCE of the model fired (``kvm.warn``): counted already."""
+
+    def iter_level(self, kvm: Kvm, it: Any) -> None:
+        """The TDP iterator ``it`` has just changed level (``try_step_down`` /
+        ``try_step_up``), before it reads anything at the new one."""
+
     def sp_free(self, kvm: Kvm, page: int) -> None:
         """tdp_mmu_free_sp_rcu_callback, before the page goes back to the pool:
         the grace period is over and the page is about to be freed."""

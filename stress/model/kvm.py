@@ -232,22 +232,40 @@ class Kvm:
         self.walk_params: Any = None  # for Words.tdp_walk, built by tdp_iter at first use
 
     # -- mmu_lock ----------------------------------------------------------------
+    def _lockdep_acquire(self) -> None:
+        """lockdep: a task that holds mmu_lock (either mode) and takes it again
+        deadlocks on itself (a writer waits for its own read or write hold)."""
+        if self.lock_mode != LOCK_NONE:
+            self.bug("lockdep", "possible recursive locking detected: mmu_lock is already "
+                     "held by this task", held=self.lock_mode)
+
+    def _lockdep_release(self, mode: int) -> None:
+        # (ABORT, the harness's end of a run: a waiter that gave up its acquire with
+        # LockAborted unwinds through its callers' unlocks; no kernel path does that)
+        if self.lock_mode != mode and not self.w.load(self.w.abort_i):
+            self.bug("lockdep", "bad unlock balance detected: mmu_lock released in a mode "
+                     "this task does not hold it in", held=self.lock_mode, released=mode)
+
     def read_lock(self) -> None:
         """read_lock(&kvm->mmu_lock), recorded in this task's slot and trace."""
+        self._lockdep_acquire()
         self.w.read_lock_rec(self._mmu_lock_i, self._lock_mode_i, LOCK_READ, events.LOCK, 1)
         self.lock_mode = LOCK_READ
 
     def read_unlock(self) -> None:
+        self._lockdep_release(LOCK_READ)
         self.lock_mode = LOCK_NONE
         self.w.read_unlock_rec(self._mmu_lock_i, self._lock_mode_i, LOCK_NONE, events.LOCK, 0)
 
     def write_lock(self) -> None:
+        self._lockdep_acquire()
         self.w.write_lock(self._mmu_lock_i, self._mmu_lock_owner_i, self.pid)
         self.lock_mode = LOCK_WRITE
         self.w.store(self._lock_mode_i, LOCK_WRITE)
         self.w.trace(events.LOCK, 2)
 
     def write_unlock(self) -> None:
+        self._lockdep_release(LOCK_WRITE)
         self.w.trace(events.LOCK, 3)
         self.lock_mode = LOCK_NONE
         self.w.store(self._lock_mode_i, LOCK_NONE)
@@ -273,8 +291,10 @@ class Kvm:
 
     # -- severities ----------------------------------------------------------------
     def warn(self, what: str) -> None:
-        """WARN_ON_ONCE: counted, reported in the summary, the run goes on."""
+        """WARN_ON_ONCE: counted, reported in the summary; the kernel goes on, and so
+        does the model (the oracles make it fatal, as panic_on_warn does)."""
         self.stats["warn:" + what] += 1
+        self.hooks.kernel_warning(self, what)
 
     def bug(self, invariant: str, message: str, **details: Any) -> None:
         """KVM_BUG_ON / BUG(): stop the run with this invariant."""

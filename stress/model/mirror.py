@@ -133,7 +133,8 @@ def seamcall(kvm: Kvm, name: str, call: SeamcallFn, *args: int) -> int:
 
 
 def mirror_entry_now(kvm: Kvm, gfn: int, level: int) -> str:
-    """The mirror SPTE for (gfn, level) as it reads now (for reports only)."""
+    """Oracle helper: the mirror SPTE for (gfn, level) as it reads now (for reports
+    only)."""
     w, lay = kvm.w, kvm.layout
     table = w.load(lay.glob(Globals.MIRROR_ROOT))
     for lvl in range(role_level(w.load(lay.sp(table, SpMeta.ROLE))), level - 1, -1):
@@ -386,6 +387,7 @@ def is_mirror_sptep_by_fault(it) -> bool:  # noqa: ANN001
 
 
 def is_mirror_sp_by_fault(kvm: Kvm, sp: int) -> bool:
+    """Buggy: the same, for a table (no fault: never a mirror table)."""
     return False
 
 

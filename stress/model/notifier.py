@@ -244,9 +244,11 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
 def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> None:
     """KVM_SET_MEMORY_ATTRIBUTES on [start, end): begin and zap the mappings of the
     root type that no longer owns the range (pre_set), store the attributes,
-    then end (post_set).  The old backing pages are released (guest_memfd
-    punch-hole on private -> shared, the VMM's unmap on shared -> private);
-    replacing part of a THP splits it."""
+    then end (post_set).  The old backing pages of the gfns whose attribute
+    changes are released (guest_memfd punch-hole on private -> shared, the VMM's
+    unmap on shared -> private); a gfn of the range that already had the new
+    attribute keeps its page (KVM's ioctl releases nothing itself: the VMM
+    discards the old kind's memory).  Replacing part of a THP splits it."""
     kvm.write_lock()
     try:
         kvm.hooks.invalidate_range_start(kvm, start, end)
@@ -260,9 +262,10 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
         kvm.write_unlock()
     if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
         kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, KVM_MIRROR_ROOTS)
+    changed = [gfn for gfn in range(start, end) if kvm_mem_is_private(kvm, gfn) != private]
     kvm_set_mem_attributes(kvm, start, end, private)
     try:
-        for gfn in range(start, end):
+        for gfn in changed:
             host_page_migrate(kvm, gfn)
     finally:  # even when an oracle fires, so that no fault retries for ever
         kvm.variant.invalidate_end(
@@ -351,6 +354,22 @@ def is_private_gfn(kvm: Kvm, gfn: int) -> bool:
     return kvm_mem_is_private(kvm, gfn)
 
 
+def kvm_mmu_zap_memslot(kvm: Kvm, start: int, end: int) -> int:
+    """kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot: zap the slot's gfns in
+    every root, the mirror's included, with mmu_lock held for write
+    (kvm_tdp_mmu_unmap_gfn_range with KVM_FILTER_SHARED | KVM_FILTER_PRIVATE).  Not
+    an invalidation, so not a flow the mirror-zap-shared proposal changes: the
+    proposal moves only the zaps of conversions and punch-holes, which run inside an
+    invalidation, to the read lock (:func:`unmap_mirror_shared`); a memslot move has
+    no invalidation to keep faults off the range meanwhile, only the invalid slot.
+    Returns the leaves zapped."""
+    kvm.write_lock()
+    try:
+        return kvm_tdp_mmu_zap_leafs_roots(kvm, KVM_ALL_ROOTS, start, end)  # flushes
+    finally:
+        kvm.write_unlock()
+
+
 def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
     """KVM_SET_USER_MEMORY_REGION2 moving the slot of [start, end) (its memory
     replaced, with the guest's consent for the private part): install it
@@ -366,11 +385,7 @@ def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
         w.store(lay.glob(Globals.MEMSLOT_INVALID_END), end)
         try:
             synchronize_srcu(kvm)  # kvm_swap_active_memslots
-            kvm.write_lock()  # kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot
-            try:
-                n = kvm_unmap_gfn_range(kvm, start, end, KVM_ALL_ROOTS)
-            finally:
-                kvm.write_unlock()
+            n = kvm_mmu_zap_memslot(kvm, start, end)
             for gfn in range(start, end):  # the slot's new memory
                 host_page_migrate(kvm, gfn)
         finally:

@@ -281,6 +281,7 @@ class TdpIter:
         if state == SP_FREE or level != self.level - 1 or base != want_base:
             self._bad_child(child, state, level, base)
         self.level -= 1
+        kvm.hooks.iter_level(kvm, self)
         self.pt_path[self.level] = child
         self.gens[self.level] = gen
         self.gfn = round_gfn_for_level(self.next_last_level_gfn, self.level)
@@ -300,6 +301,7 @@ class TdpIter:
         if self.level == self.root_level:
             return False
         self.level += 1
+        self.kvm.hooks.iter_level(self.kvm, self)
         self.gfn = round_gfn_for_level(self.gfn, self.level)
         self.sptep = self.kvm.layout.spt(self.pt_path[self.level]) + SPTE_INDEX(
             self.gfn | self.gfn_bits, self.level)

@@ -1076,7 +1076,7 @@ def put_root_resurrect(kvm: Kvm, root: int) -> None:
 
 
 def put_root_dec_not_one(kvm: Kvm, root: int) -> None:
-    """Seed 001, Sean's version: refcount_dec_not_one, xchg, zap with yielding,
+    """Buggy (seed 001, Sean's version): refcount_dec_not_one, xchg, zap with yielding,
     dec_not_one again, then force the count to 0 and free.  Between the
     dec_not_one that saw 1 and the forced 0, another task can take a reference
     (a get runs under the read lock since v6.9): it is wiped out."""

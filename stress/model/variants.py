@@ -253,14 +253,16 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
         mirror_shared_teardown=False, requires_tdx=True,
     ),
     replace(
-        FIXED, name="mirror-zap-shared", requires_tdx=True,
+        FIXED, name="mirror-zap-shared", requires_tdx=True, config="convert-huge.toml",
         story="A design proposal, not upstream: conversions and guest_memfd punch-holes zap "
               "the mirror, tables included, with mmu_lock held for read (inside their "
               "invalidation), the entry frozen until the S-EPT has dropped it (BLOCK unwound "
               "on BUSY; TRACK, REMOVE and SEPT.REMOVE retried until they succeed, vCPUs still "
-              "running).  Valid in the model; compare it with 'bench --compare "
-              "fixed,mirror-zap-shared'.  (KVM zapping private pages on its own, outside such "
-              "flows, kills the TD: the guest finds a page it accepted PENDING.)",
+              "running).  Memslot moves still zap the mirror under the write lock "
+              "(kvm_mmu_zap_memslot, as upstream).  Valid in the model; compare it with "
+              "'bench --compare fixed,mirror-zap-shared'.  (KVM zapping private pages on its "
+              "own, outside such flows, kills the TD: the guest finds a page it accepted "
+              "PENDING.)",
         source="the model's reading of the 2026 rework before the code was read (kept as a "
                "proposal for comparison)",
         set_mirror_spte_atomic=mirror.set_mirror_spte_frozen_zap_shared,
@@ -454,6 +456,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     ),
     replace(
         FIXED, name="mirror-zap-no-freeze", buggy=False, requires_tdx=True,
+        config="convert-huge.toml",
         story="Only under the mirror-zap-shared proposal: maps freeze, but a read-lock zap "
               "of the mirror publishes non-present before its BLOCK/TRACK/REMOVE.  Settled by "
               "the tool: safe there.  Those zaps run inside an invalidation (a conversion or "

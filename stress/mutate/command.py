@@ -82,9 +82,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
               help="Run time of each mutant (at most 30s).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1, show_default=True,
               help="Master seed of every run.")
-@click.option("--config", "forced_config", metavar="NAME",
-              help="Run every mutant on this shipped config (no reachability pass: "
-                   "nothing is 'unreached').")
+@click.option("--config", "forced_config", metavar="NAME[@VARIANT]",
+              help="Run every mutant on this shipped config, on the fixed protocol or a "
+                   "valid (non-bug) variant (no reachability pass: nothing is "
+                   "'unreached').")
 @click.option("--reach-duration", type=Seconds(600), default="10s", show_default=True,
               help="Run time of each config in the reachability pass (cached in OUT).")
 @click.option("--refresh-reach", is_flag=True, help="Redo the reachability pass.")
@@ -120,9 +121,15 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
         raise click.UsageError(f"--file: {', '.join(unknown)} is not one of "
                                f"{', '.join(TARGET_FILES)}")
     configs = reach_mod.run_configs()
-    if forced_config is not None and forced_config not in configs:
-        raise click.UsageError(f"--config: unknown config {forced_config!r} (shipped: "
-                               f"{', '.join(configs)})")
+    if forced_config is not None:
+        config_name, variant_name = reach_mod.split_target(forced_config)
+        if config_name not in configs:
+            raise click.UsageError(f"--config: unknown config {config_name!r} (shipped: "
+                                   f"{', '.join(configs)})")
+        valid = {v for _, v in reach_mod.targets(configs).values()}
+        if variant_name not in valid:
+            raise click.UsageError(f"--config: {variant_name!r} is not a valid variant "
+                                   f"(valid: {', '.join(sorted(valid))})")
     if json_out not in (None, "-") and not Path(json_out).parent.is_dir():
         raise click.UsageError(f"--json: directory {Path(json_out).parent} does not exist")
     everything = generate()
@@ -187,7 +194,8 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
         def build() -> dict[str, Any]:
             done = sorted(outcomes, key=lambda o: [m.id for m in chosen].index(o.id))
             dicts = [o.to_dict() for o in done]
-            return {"schema": "tdp-stress-mutate", "schema_version": 1,
+            # schema 2: every mutant's "variant" (1: none, every run on the fixed protocol)
+            return {"schema": "tdp-stress-mutate", "schema_version": 2,
                     "command": "mutate", "started_at": started,
                     "wall_s": round(time.monotonic() - t0, 1), "duration_s": duration,
                     "seed": seed, "jobs": jobs, "sample_seed": sample_seed, "max": max_n,
@@ -209,7 +217,8 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
             k[0] += 1
             what = o.outcome + (f" [{o.invariant}]" if o.invariant else "")
             t = f" at {o.time_to_kill_s:.1f}s" if o.time_to_kill_s is not None else ""
-            say(f"[{k[0]}/{len(plan)}] {what}{t} ({o.config}, {o.wall_s:.0f}s wall) "
+            where = o.config if o.variant in (None, "fixed") else f"{o.config}@{o.variant}"
+            say(f"[{k[0]}/{len(plan)}] {what}{t} ({where}, {o.wall_s:.0f}s wall) "
                 f"{o.description}")
             write_json_atomic(out / "results.json", build())
 

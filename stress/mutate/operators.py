@@ -7,9 +7,11 @@ A mutant is a list of byte-offset edits of the original file, so the mutated fil
 every other byte, comment and line number (its tracebacks and reports point at the
 original lines, and ``Mutant.diff`` is a readable one-hunk diff).
 
-What is never mutated: the tester's own oracles (calls of ``kvm.bug``/``kvm.warn``,
-``*BUG_ON*``, ``check_*``/``_check_*``, ``lockdep_assert_*``, ``assert`` statements,
-functions whose docstring starts with "Oracle"), trace events (they only observe), and
+What is never mutated: the tester's own oracles (calls of ``kvm.bug``/``kvm.warn``, of the
+KASAN report hook ``kasan_report``, ``*BUG_ON*``, ``check_*``/``_check_*``,
+``lockdep_assert_*``, ``assert`` statements, functions whose docstring starts with
+"Oracle", and an ``if`` whose body only reports), observation (trace events, the D-bit
+ledger's ``dirty_set``, an ``if`` whose body only bumps a ``kvm.stats`` counter), and
 the historical bug variants' functions (docstring "Buggy ...": they are not the protocol
 under test, and the fixed protocol never runs them).
 
@@ -56,9 +58,13 @@ WORDS_ACCESS = frozenset({
 MMU_LOCK_CALLS = frozenset({"read_lock", "read_unlock", "write_lock", "write_unlock"})
 RCU_CALLS = frozenset({"rcu_read_lock", "rcu_read_unlock"})
 BOUND_WORDS = ("level", "gfn", "end", "start")
-ORACLE_NAME = re.compile(r"BUG_ON|^_?check_|^lockdep_assert|^bug$")
-# model functions that report a violation whatever happens (their body calls kvm.bug
-# unconditionally: _poisoned, _underflow, ...), filled in by generate()
+# (dirty_set: the D-bit ledger's count of a D bit set, instrumentation for the
+# lost-dirty-bit oracle with no kernel counterpart, unlike kvm_set_pfn_dirty)
+ORACLE_NAME = re.compile(
+    r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^warn$|^kasan_report$|^dirty_set$")
+# model functions that report a violation whatever happens (their body is one call of
+# kvm.bug or of the KASAN report hook: _poisoned, _reused, _bad_child, _underflow, ...),
+# filled in by generate()
 ORACLE_REPORTERS: set[str] = set()
 HELPERS = '''
 
@@ -95,10 +101,18 @@ class Mutant:
     segment: str  # the original code mutated (first line), to spot a stale equivalent entry
     edits: tuple[Edit, ...]
     helpers: bool = False
+    # a guard's or a condition's: the first line of the if's body, where the mutant
+    # changes what runs (a guard dropped differs only when it would have fired); the
+    # config choice prefers a run that got there (0: none)
+    body_site: int = 0
 
     @property
     def site_key(self) -> str:
         return f"{self.file}:{self.site}"
+
+    @property
+    def body_key(self) -> str | None:
+        return f"{self.file}:{self.body_site}" if self.body_site else None
 
     def apply(self, source: str) -> str:
         data = source.encode()
@@ -235,7 +249,7 @@ def shared_functions(model_dir: Path = MODEL_DIR) -> frozenset[str]:
             body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
             if (len(body) == 1 and isinstance(body[0], ast.Expr)
                     and isinstance(body[0].value, ast.Call)
-                    and call_name(body[0].value) == "bug"):
+                    and call_name(body[0].value) in ("bug", "kasan_report")):
                 ORACLE_REPORTERS.add(fn.name)  # a function that only reports a violation
             for c in iter_calls(fn):
                 if _direct_shared(c):
@@ -331,7 +345,7 @@ class _Generator:
 
     # -- plumbing --------------------------------------------------------------
     def add(self, fn: _FnState, op: str, node: ast.AST, site: ast.stmt, what: str,
-            edits: list[Edit], helpers: bool = False) -> None:
+            edits: list[Edit], helpers: bool = False, body_site: int = 0) -> None:
         k = fn.counts.get(op, 0)
         fn.counts[op] = k + 1
         line = node.lineno  # type: ignore[attr-defined]
@@ -340,7 +354,7 @@ class _Generator:
             operator=op, line=line, site=site.lineno,
             description=f"{self.file}:{fn.qualname}: {what} at line {line}",
             segment=self.src.seg(node).splitlines()[0].strip(), edits=tuple(edits),
-            helpers=helpers))
+            helpers=helpers, body_site=body_site if body_site != site.lineno else 0))
 
     def replace(self, node: ast.AST, text: str) -> list[Edit]:
         a, b = self.src.span(node)
@@ -405,12 +419,29 @@ class _Generator:
                 self.add(fn, "drop-lock", s, s, f"drop {text}", self.replace(s, "pass"))
             elif "flush" in name:
                 self.add(fn, "drop-flush", s, s, f"drop {text}", self.replace(s, "pass"))
-        if isinstance(s, ast.If | ast.While) and not has_oracle(s.test) \
-                and not any(isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
-                            and is_oracle_call(b.value) for b in s.body):
+        # an if whose body reports (a report that stops the run, or only WARNs) is an
+        # oracle: its condition is the assertion's
+        def reporting(b: ast.stmt) -> bool:  # an oracle call, a counter, a loop of them
+            if isinstance(b, ast.For):
+                return all(reporting(x) for x in b.body)
+            if isinstance(b, ast.AugAssign) and isinstance(b.target, ast.Subscript):
+                d = dotted(b.target.value)  # kvm.stats[...] += 1: observation only
+                return (d is not None and (d == "stats" or d.endswith(".stats"))
+                        and not any(True for _ in iter_calls(b.value)))
+            return (isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
+                    and is_oracle_call(b.value))
+
+        reports = [reporting(b) for b in getattr(s, "body", [])]
+        oracle_if = isinstance(s, ast.If | ast.While) and (
+            has_oracle(s.test) or all(reports)
+            or any(r and isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
+                   and call_name(b.value) not in ("warn", "dirty_set")
+                   for r, b in zip(reports, s.body, strict=True)))
+        if isinstance(s, ast.If | ast.While) and not oracle_if:
             self._conditions(fn, s)  # (an if whose body reports a violation is an oracle)
-        # expression-level operators, in the statement's own expressions only
-        for expr in self._own_exprs(s):
+        # expression-level operators, in the statement's own expressions only (not in an
+        # oracle's condition)
+        for expr in ([] if oracle_if else self._own_exprs(s)):
             self._expressions(fn, s, expr)
 
     def _own_exprs(self, s: ast.stmt) -> list[ast.AST]:
@@ -427,6 +458,7 @@ class _Generator:
 
     def _conditions(self, fn: _FnState, s: ast.If | ast.While) -> None:
         test = self.src.seg(s.test)
+        body = s.body[0].lineno if isinstance(s, ast.If) and s.body else 0
         elif_ = self.src.seg(s).startswith("elif")
         if (isinstance(s, ast.If) and not s.orelse and s.body and not elif_
                 and isinstance(s.body[-1], EXITS)):
@@ -435,19 +467,20 @@ class _Generator:
             a, _ = self.src.span(s)
             _, b = self.src.span(s.body[-1])
             self.add(fn, "drop-guard", s, s, f"drop the guard `if {short(test, 50)}: "
-                     f"... {exit_text}`", [Edit(a, b, f"({test})" if calls else "pass")])
+                     f"... {exit_text}`", [Edit(a, b, f"({test})" if calls else "pass")],
+                     body_site=body)
         if isinstance(s.test, ast.Constant):
             return  # while True
         kw = "if" if isinstance(s, ast.If) else "while"
         self.add(fn, "negate-cond", s.test, s, f"negate `{kw} {short(test, 50)}`",
-                 self.replace(s.test, f"not ({test})"))
+                 self.replace(s.test, f"not ({test})"), body_site=body)
         if isinstance(s.test, ast.BoolOp):
             op = " and " if isinstance(s.test.op, ast.And) else " or "
             for j, v in enumerate(s.test.values):
                 rest = [self.src.seg(x) for k, x in enumerate(s.test.values) if k != j]
                 self.add(fn, "drop-conjunct", v, s,
                          f"drop `{short(self.src.seg(v), 40)}` from `{kw} {short(test, 40)}`",
-                         self.replace(s.test, "(" + op.join(rest) + ")"))
+                         self.replace(s.test, "(" + op.join(rest) + ")"), body_site=body)
 
     def _expressions(self, fn: _FnState, s: ast.stmt, root: ast.AST) -> None:
         nodes = sorted((n for n in ast.walk(root) if hasattr(n, "lineno")),

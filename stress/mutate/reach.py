@@ -1,16 +1,25 @@
-"""Which shipped config runs each mutation site: one profiling pass, cached.
+"""Which shipped config (and valid protocol variant) runs each mutation site: one
+profiling pass, cached.
 
 The target files are instrumented (``ast``: a :func:`stress.mutate.probe.hit` call before
-every statement that holds a mutation site), and every shipped run config runs the
-unmutated protocol for a short while on that copy; every process records the sites it
-ran.  The pass doubles as a baseline: a config whose instrumented run is not clean is
-not used (a mutant's violation on it would mean nothing).
+every statement that holds a mutation site), and every *target* runs the unmutated
+protocol for a short while on that copy; every process records the sites it ran.  A
+target is a shipped run config on the fixed protocol (named as the config), or a config
+on one of the *valid* non-default variants (``config@variant``: the v6.16 protocol, the
+mirror-zap-shared proposal, the root-put variant the tool settled as safe, ...; never a
+bug variant), which run code the fixed protocol does not: :func:`variant_targets`.  The
+pass doubles as a baseline: a target whose instrumented run is not clean is not used (a
+mutant's violation on it would mean nothing).
 
-A mutant runs on the config its function and file suggest (:func:`preferred_config`:
-TDX code: tdx-busy; dirty logging: dirty; huge pages: huge; then mirror.py: tdx-busy,
-notifier.py: invalidate, roots.py: roots; the rest: default) if that config reached its
-site, else on the first config in :data:`FALLBACK` that did; a site no config reached is
-the outcome ``unreached``.
+A mutant runs on the fixed protocol when any usable config reached its site there: on
+the config its function and file suggest (:func:`preferred_config`: TDX code: tdx-busy;
+dirty logging: dirty; huge pages: huge; then mirror.py: tdx-busy, notifier.py:
+invalidate, roots.py: roots; the rest: default) if that config reached it, else on the
+first config in :data:`FALLBACK` that did; else on a variant target that did (the
+preferred config first); a site no target reached is the outcome ``unreached``.  A
+guard's or a condition's mutant (``Mutant.body_site``) first looks, in the same order,
+for a target that ran the if's body: a dropped guard differs from the protocol only
+when it would have fired, a dropped conjunct mostly when its if is taken.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from stress.model.variants import VARIANTS
 from stress.mutate.operators import Mutant
 from stress.mutate.sandbox import PACKAGE_DIR, Sandbox, kill_active, run_config
 
@@ -36,6 +46,36 @@ def run_configs() -> dict[str, Path]:
     configs left out: its code is a tree's, not the mutated model's), by name."""
     return {p.stem: p for p in sorted((PACKAGE_DIR / "configs").glob("*.toml"))
             if "[campaign]" not in p.read_text() and 'engine = "kernel"' not in p.read_text()}
+
+
+def variant_targets(configs: dict[str, Path] | None = None) -> dict[str, tuple[str, str]]:
+    """``config@variant`` -> (config, variant) for every valid (non-bug) variant other
+    than the fixed protocol: on its own config, and a TD variant also on the TDX jobs
+    (tdx-busy: removals and pre-fault; tdx-boot: the initial image)."""
+    configs = run_configs() if configs is None else configs
+    out: dict[str, tuple[str, str]] = {}
+    for v in VARIANTS.values():
+        if v.buggy or v.name == "fixed":
+            continue
+        names = [Path(v.config).stem]
+        if v.requires_tdx:
+            names += ["tdx-busy", "tdx-boot"]
+        for c in dict.fromkeys(names):
+            if c in configs:
+                out[f"{c}@{v.name}"] = (c, v.name)
+    return out
+
+
+def targets(configs: dict[str, Path] | None = None) -> dict[str, tuple[str, str]]:
+    """Every reach target: name -> (config, variant); the fixed protocol's first."""
+    configs = run_configs() if configs is None else configs
+    return {**{c: (c, "fixed") for c in configs}, **variant_targets(configs)}
+
+
+def split_target(name: str) -> tuple[str, str]:
+    """``config`` or ``config@variant`` -> (config, variant)."""
+    config, _, variant = name.partition("@")
+    return config, variant or "fixed"
 
 
 def preferred_config(m: Mutant) -> str:
@@ -59,13 +99,21 @@ def preferred_config(m: Mutant) -> str:
 
 
 def choose_config(m: Mutant, reach: dict[str, Any]) -> str | None:
-    """The config to run ``m`` on, or None: no usable config reached its site."""
+    """The target (``config`` or ``config@variant``) to run ``m`` on, or None: no
+    usable target reached its site.  The fixed protocol first, then the variants."""
     usable = {name: set(c["hits"]) for name, c in reach["configs"].items()
               if c["exit_code"] == 0}
-    order = [preferred_config(m), *FALLBACK, *sorted(usable)]
-    for name in order:
-        if m.site_key in usable.get(name, ()):
-            return name
+    pref = preferred_config(m)
+    fixed = [n for n in usable if "@" not in n]
+    variants = [n for n in usable if "@" in n]
+    order = [pref, *FALLBACK, *sorted(fixed),
+             *[n for n in variants if split_target(n)[0] == pref], *variants]
+    for key in (m.body_key, m.site_key):  # a run that took the guard's branch first
+        if key is None:
+            continue
+        for name in order:
+            if key in usable.get(name, ()):
+                return name
     return None
 
 
@@ -127,24 +175,28 @@ def fingerprint(pkg: Path, duration: float, seed: int) -> str:
 def profile(sandbox: Sandbox, mutants: list[Mutant], duration: float, seed: int,
             jobs: int, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     configs = run_configs()
+    todo = targets(configs)
     sites: dict[str, set[int]] = {}
     for m in mutants:
         sites.setdefault(m.file, set()).add(m.site)
+        if m.body_site:
+            sites[m.file].add(m.body_site)
     files = {f: instrument(sandbox.original(f), f, s) for f, s in sites.items()}
 
     def one(name: str) -> tuple[str, dict[str, Any]]:
+        config, variant = todo[name]
         d = sandbox.make(files)
         hits_dir = d / "hits"
         hits_dir.mkdir()
-        r = run_config(d, configs[name], duration, seed,
+        r = run_config(d, configs[config], duration, seed, variant=variant,
                        extra_env={"TDP_MUTATE_PROBE_DIR": str(hits_dir)})
         hits: set[str] = set()
         for f in hits_dir.iterdir():
             hits.update(line for line in f.read_text().splitlines() if line)
         res = r.results or {}
-        out = {"exit_code": r.exit_code, "exit_reason": res.get("exit_reason",
-                                                                "timeout" if r.timed_out
-                                                                else "no results"),
+        reason = res.get("exit_reason", "timeout" if r.timed_out else "no results")
+        out = {"config": config, "variant": variant, "exit_code": r.exit_code,
+               "exit_reason": reason,
                "hits": sorted(hits)}
         if r.exit_code != 0:
             first = (res.get("violations") or [{}])[0]
@@ -156,7 +208,7 @@ def profile(sandbox: Sandbox, mutants: list[Mutant], duration: float, seed: int,
 
     ex = ThreadPoolExecutor(max_workers=jobs)
     try:
-        done = dict(ex.map(one, list(configs)))
+        done = dict(ex.map(one, list(todo)))
     except BaseException:  # an interrupt: kill the runs under way, let them clean up
         kill_active()
         ex.shutdown(wait=True, cancel_futures=True)
@@ -164,7 +216,7 @@ def profile(sandbox: Sandbox, mutants: list[Mutant], duration: float, seed: int,
     ex.shutdown()
     return {"fingerprint": fingerprint(sandbox.base / "stress", duration, seed),
             "duration_s": duration,
-            "seed": seed, "configs": {n: done[n] for n in configs}}
+            "seed": seed, "configs": {n: done[n] for n in todo}}
 
 
 def load_or_profile(cache: Path, sandbox: Sandbox, mutants: list[Mutant], duration: float,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stress.mutate.operators import TARGET_FILES, Mutant
-from stress.mutate.reach import run_configs
+from stress.mutate.reach import run_configs, split_target
 from stress.mutate.sandbox import RunResult, Sandbox, import_check, run_config
 
 EQUIVALENT_FILE = Path(__file__).resolve().parent / "equivalent.toml"
@@ -49,6 +49,7 @@ class Outcome:
     description: str
     config: str | None
     outcome: str
+    variant: str | None = None  # the protocol variant the run used ("fixed" or a valid one)
     invariant: str | None = None
     time_to_kill_s: float | None = None  # from the run's start to the violation or crash
     exit_code: int | None = None
@@ -115,9 +116,11 @@ def select(mutants: list[Mutant], files: tuple[str, ...] = (), operators: tuple[
     return [m for m in out if m.id in keep]
 
 
-def classify(m: Mutant, config: str, r: RunResult) -> Outcome:
+def classify(m: Mutant, target: str, r: RunResult) -> Outcome:
+    config, variant = split_target(target)
     o = Outcome(m.id, m.file, m.function, m.operator, m.line, m.description, config,
-                "survived", exit_code=r.exit_code, wall_s=round(r.wall_s, 2), pid=r.pid)
+                "survived", variant=variant, exit_code=r.exit_code, wall_s=round(r.wall_s, 2),
+                pid=r.pid)
     res = r.results or {}
     o.exit_reason = res.get("exit_reason")
     tail = r.stderr.strip().splitlines()[-1:] if r.stderr.strip() else []
@@ -151,11 +154,13 @@ def classify(m: Mutant, config: str, r: RunResult) -> Outcome:
     return o
 
 
-def run_one(sandbox: Sandbox, m: Mutant, config: str, duration: float, seed: int) -> Outcome:
+def run_one(sandbox: Sandbox, m: Mutant, target: str, duration: float, seed: int) -> Outcome:
+    """Run ``m`` on ``target`` (``config`` or ``config@variant``)."""
     original = sandbox.original(m.file)
     text = m.apply(original)
+    config, variant = split_target(target)
     base = Outcome(m.id, m.file, m.function, m.operator, m.line, m.description, config,
-                   "stillborn", diff=m.diff(original))
+                   "stillborn", variant=variant, diff=m.diff(original))
     try:
         compile(text, m.file, "exec")
     except SyntaxError as e:
@@ -167,16 +172,18 @@ def run_one(sandbox: Sandbox, m: Mutant, config: str, duration: float, seed: int
         if err is not None:
             base.detail = err
             return base
-        o = classify(m, config, run_config(d, run_configs()[config], duration, seed))
+        o = classify(m, target, run_config(d, run_configs()[config], duration, seed,
+                                           variant=variant))
         o.diff = base.diff
         return o
     finally:
         sandbox.drop(d)
 
 
-def not_run(m: Mutant, outcome: str, config: str | None, detail: str) -> Outcome:
+def not_run(m: Mutant, outcome: str, target: str | None, detail: str) -> Outcome:
+    config, variant = split_target(target) if target else (None, None)
     return Outcome(m.id, m.file, m.function, m.operator, m.line, m.description, config,
-                   outcome, detail=detail)
+                   outcome, variant=variant, detail=detail)
 
 
 # ---------------------------------------------------------------------------
@@ -241,8 +248,10 @@ def format_report(res: dict[str, Any]) -> str:
         out += ["", "not killed by a named oracle (reached):"]
         for o in surv:
             extra = f" -- {o['detail']}" if o["detail"] else ""
-            out.append(f"  {o['outcome']:<9} {o['config'] or '-':<10} {o['description']}"
-                       f"{extra}"[:220])
+            where = o["config"] or "-"
+            if o.get("variant") not in (None, "fixed"):
+                where += f"@{o['variant']}"
+            out.append(f"  {o['outcome']:<9} {where:<10} {o['description']}{extra}"[:220])
     unreached = [o for o in res["mutants"] if o["outcome"] == "unreached"]
     if unreached:
         out += ["", f"unreached ({len(unreached)}): "

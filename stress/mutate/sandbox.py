@@ -154,11 +154,14 @@ def _env(d: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_config(d: Path, config: Path, duration: float, seed: int, grace: float = 30.0,
-               extra_env: dict[str, str] | None = None) -> RunResult:
-    """``python -m stress.cli run CONFIG`` on copy ``d``, killed after duration + grace."""
+               extra_env: dict[str, str] | None = None, variant: str = "fixed") -> RunResult:
+    """``python -m stress.cli run CONFIG [--variant V]`` on copy ``d``, killed after
+    duration + grace."""
     out = d / "out"
     cmd = [sys.executable, "-m", "stress.cli", "run", str(config), "--duration",
            f"{duration:g}s", "--seed", str(seed), "--out", str(out), "--quiet"]
+    if variant != "fixed":
+        cmd += ["--variant", variant]
     t0 = time.monotonic()
     with _active_lock:
         if _stopping.is_set():

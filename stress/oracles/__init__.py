@@ -32,11 +32,11 @@ from stress.oracles import (
     unsync,
     zaps,
 )
-from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, ORACLES, Oracle
+from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, HOOK_WATCHDOG, ORACLES, Oracle
 
-__all__ = ["HOOK_QUIESCENT", "HOOK_TEARDOWN", "ORACLES", "Oracle", "OracleHooks", "attach",
-           "faults", "kernel", "liveness", "memory", "notifier", "quiescent", "roots", "tdx", "tlb",
-           "transitions", "unsync", "zaps"]
+__all__ = ["HOOK_QUIESCENT", "HOOK_TEARDOWN", "HOOK_WATCHDOG", "ORACLES", "Oracle",
+           "OracleHooks", "attach", "faults", "kernel", "liveness", "memory", "notifier",
+           "quiescent", "roots", "tdx", "tlb", "transitions", "unsync", "zaps"]
 
 HOOK_NAMES = tuple(n for n in vars(Hooks) if not n.startswith("_"))
 # at one hook, the oracles of these modules run first (a table's RCU callback and a

@@ -18,6 +18,7 @@ HOOK_QUIESCENT = "quiescent"  # every worker parked outside mmu_lock and RCU
 HOOK_TEARDOWN = "teardown"  # after the VM's page tables were torn down
 # the kernel engine: checked in its runtime or by the kernel code itself (native/kernel/)
 HOOK_KERNEL = "kernel"
+HOOK_WATCHDOG = "watchdog"  # the supervisor: a worker that makes no progress
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,24 @@ from __future__ import annotations
 
 from weakref import WeakKeyDictionary
 
-from stress.arena import Slot
+from stress.arena import Globals, Layout, Slot
+from stress.atomics import Words
+from stress.model.errors import InvariantViolation
 from stress.model.hooks import RETRY_SITES
-from stress.model.kvm import Kvm
-from stress.oracles.base import oracle
+from stress.model.kvm import LOCK_NONE, Kvm
+from stress.oracles.base import HOOK_WATCHDOG, listed, oracle
 
 MAX_RETRIES = 100_000  # rounds of a retry loop at one entry within one operation
 MAX_WAIT_ROUNDS = 2_000  # rounds of a wait for another task (each sleeps ~50 us)
 _PUBLISH_EVERY = 256
 
 _SITE_ID = {s: i for i, s in enumerate(RETRY_SITES)}
+# KVM's own spinlocks and mutexes among the globals (the TDX module's locks are the
+# module's, released by each SEAMCALL: not a task's to hold across an ioctl)
+KVM_LOCKS = {"tdp_mmu_pages_lock": Globals.TDP_MMU_PAGES_LOCK,
+             "slots_lock": Globals.SLOTS_LOCK,
+             "mmu_unsync_pages_lock": Globals.MMU_UNSYNC_PAGES_LOCK,
+             "tdx sept lock": Globals.TDX_SEPT_LOCK}
 _counts: WeakKeyDictionary[Kvm, dict[tuple[str, int], int]] = WeakKeyDictionary()
 
 
@@ -96,3 +104,54 @@ def progress(kvm: Kvm) -> None:
         lay = kvm.layout
         kvm.w.store(lay.slot(kvm.me, Slot.RETRY_SITE), 0)
         kvm.w.store(lay.slot(kvm.me, Slot.RETRY_KEY), 0)
+
+
+@oracle("lock held when returning to user space",
+        invariant="an ioctl or a notifier callback returns with no lock held and outside "
+                  "every RCU read-side section (lockdep_sys_exit): a lock kept past the end "
+                  "of its operation is never released, and every other task that takes it "
+                  "deadlocks",
+        hook="op_end", when="the harness, after each worker operation",
+        cost="two attribute reads, a load per KVM spinlock and per vCPU mutex")
+def no_lock_held_at_return(kvm: Kvm) -> None:
+    held = []
+    if kvm.lock_mode != LOCK_NONE:
+        held.append("mmu_lock")
+    if kvm.rcu.nesting:
+        held.append(f"rcu_read_lock (nesting {kvm.rcu.nesting})")
+    w, lay = kvm.w, kvm.layout
+    for name, g in KVM_LOCKS.items():
+        if w.load(lay.glob(g)) == kvm.pid:
+            held.append(name)
+    for v in range(lay.n_slots):
+        if w.load(lay.slot(v, Slot.VCPU_MUTEX)) == kvm.pid:
+            held.append(f"vcpu{v}->mutex")
+    if held:
+        kvm.bug("lock held when returning to user space",
+                f"lock held when returning to user space: {', '.join(held)}", held=held)
+
+
+listed("RCU stall",
+       invariant="no task stays inside one RCU read-side critical section for long: a walker "
+                 "that never leaves its rcu_read_lock() blocks every grace period, so no "
+                 "removed page-table page is ever freed (the kernel's RCU CPU stall warning, "
+                 "'rcu_preempt detected stalls', after rcu_cpu_stall_timeout)",
+       hook=HOOK_WATCHDOG,
+       when="the supervisor finds a worker without progress for run.watchdog (or one that "
+            "does not park or stop): it is a stall if the worker is inside a read-side "
+            "section",
+       cost="one load per stuck worker, only when one is stuck", module="liveness")
+
+
+def rcu_stall(words: Words, layout: Layout, stuck: list[int], what: str
+              ) -> InvariantViolation | None:
+    """The RCU stall among ``stuck`` workers (no progress: ``what``), if one of them
+    is inside an RCU read-side section (its reader word is set), else None: a hang
+    outside RCU (a lock waited on for ever) stays a hang."""
+    inside = [i for i in stuck if words.load(layout.slot(i, Slot.RCU_READER))]
+    if not inside:
+        return None
+    return InvariantViolation(
+        "RCU stall", f"RCU stall: worker {inside[0]} is inside an RCU read-side critical "
+        f"section and makes no progress ({what})", stalled_workers=inside, worker=inside[0],
+        rcu_reader_word=words.load(layout.slot(inside[0], Slot.RCU_READER)))

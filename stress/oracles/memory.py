@@ -70,3 +70,19 @@ def guest_translates_to_live_page(kvm: Kvm, gfn: int, pfn: int, how: str) -> Non
                 f"the guest accessed a host page already released ({how}): its translation "
                 "outlived the page", gfn=gfn, pfn=f"{pfn:#x}", current_pfn=f"{now:#x}",
                 vcpu=kvm.me)
+
+
+@oracle("iterator outside its tree",
+        invariant="a TDP iterator walks only its root's tree: its level stays between the "
+                  "walk's min_level and the root's level (tdp_iter_next steps down only above "
+                  "min_level and up only below the root), so each table it reads is one its "
+                  "root links through the path it holds (iter->pt_path)",
+        hook="iter_level", when="each step down or up of a walk, before the entry is read",
+        cost="two comparisons per change of level (not per entry)")
+def iter_within_levels(kvm: Kvm, it: Any) -> None:
+    if not it.min_level <= it.level <= it.root_level:
+        kvm.bug("iterator outside its tree",
+                "a TDP iterator stepped to a level outside [min_level, root level]: the "
+                "entry it would read next is in no table of its walk (out of bounds of "
+                "iter->pt_path)", level=it.level, min_level=it.min_level,
+                root_level=it.root_level, gfn=it.gfn)

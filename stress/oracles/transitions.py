@@ -97,3 +97,15 @@ def fault_only_adds(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int)
             and old_spte & _PERMS & ~new_spte):
         _bad(kvm, "a fault took permissions away from a present leaf",
              "a fault never removes permissions", it.sptep, it.gfn, it.level, old_spte, new_spte)
+
+
+@oracle("kernel WARNING",
+        invariant="no WARN_ON fires: each of the model's WARN_ON_ONCE (tdp_iter_start's "
+                  "checks, an atomic write over a frozen SPTE, a non-present to non-present "
+                  "change, a non-leaf PFN change, a spurious fault with another pfn) is a "
+                  "kernel assertion of a state that must not happen; the kernel goes on, a "
+                  "test kernel with panic_on_warn (as fuzzers run it) stops",
+        hook="kernel_warning", when="the WARN, where it fires",
+        cost="nothing until a WARN fires")
+def no_kernel_warning(kvm: Kvm, what: str) -> None:
+    kvm.bug("kernel WARNING", f"WARNING: {what}", warning=what)
