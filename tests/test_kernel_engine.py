@@ -253,7 +253,7 @@ def test_kernel_info_and_soak(tmp_path: Path, tree: Tree) -> None:
     assert info["version"] == tree.version
     assert {f["file"] for f in info["files"]} == set(USED)
     assert all(v == "applies" for v in info["variants"].values()), info["variants"]
-    r = run_cli("soak", "--engine", "kernel", "--duration", "4s", "--epoch", "2s",
+    r = run_cli("soak", "--engine", "kernel", "--duration", "10s", "--epoch", "2s",
                 "--out", str(tmp_path), "-q", "--json", "-", timeout=240)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
