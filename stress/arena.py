@@ -17,11 +17,14 @@ is stale and :func:`sweep_stale` removes it.
 from __future__ import annotations
 
 import _posixshmem
+import contextlib
 import os
 import re
 import secrets
+import signal
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -50,6 +53,19 @@ HEADER_WORDS = 8
 # segments this process created: its resource tracker registration is the
 # owner's, so attaching to one of them must not unregister it
 _CREATED: set[str] = set()
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM held back while the block runs (a segment is created
+    and its owner takes it): a signal that comes meanwhile is delivered right
+    after, when whoever must unlink the segment already holds it."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _tracker_alive() -> bool:

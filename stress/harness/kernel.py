@@ -29,7 +29,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from stress.arena import Arena, Control, Layout, Slot, sweep_stale
+from stress.arena import Arena, Control, Layout, Slot, deferred_signals, sweep_stale
 from stress.atomics import LockAborted, Words
 from stress.config import Config
 from stress.harness import sched
@@ -360,7 +360,8 @@ class KernelSupervisor(Supervisor):
     def _setup(self) -> None:
         sweep_stale()
         self.stacks_dir = tempfile.mkdtemp(prefix="tdpstress-stacks-")
-        self.arena = Arena.create(self.layout, self.cfg.hash64())
+        with deferred_signals():  # no Ctrl-C between the segment's creation and its owner
+            self.arena = Arena.create(self.layout, self.cfg.hash64())
         self.words = Words(self.arena.shm.buf, self.layout.ctl(Control.ABORT))
         self.vm = vm = KernelVm(self.cfg, self.n + 1, self.tree, self.built)
         vm.create(self.roles.count("vcpu"))

@@ -36,7 +36,17 @@ from typing import Any
 
 import psutil
 
-from stress.arena import Arena, Control, Globals, Layout, Sched, Slot, SpMeta, sweep_stale
+from stress.arena import (
+    Arena,
+    Control,
+    Globals,
+    Layout,
+    Sched,
+    Slot,
+    SpMeta,
+    deferred_signals,
+    sweep_stale,
+)
 from stress.atomics import Words
 from stress.config import Config
 from stress.harness import sched
@@ -193,7 +203,8 @@ class Supervisor:
         sweep_stale()
         self.stacks_dir = tempfile.mkdtemp(prefix="tdpstress-stacks-")
         lay = self.layout
-        self.arena = Arena.create(lay, self.cfg.hash64())
+        with deferred_signals():  # no Ctrl-C between the segment's creation and its owner
+            self.arena = Arena.create(lay, self.cfg.hash64())
         self.words = w = Words(self.arena.shm.buf, lay.ctl(Control.ABORT))
         w.fill(lay.bitmap, lay.bitmap_words, (1 << 64) - 1)
         tail = lay.n_pages % 64

@@ -217,9 +217,11 @@ ZAP_LEFT = "zap left a present leaf"
 ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE, ZAP_LEFT)
 # a fault that maps a pfn an invalidation has just taken away
 # on a TD the stale fault's mapping of a private gfn is an AUG after the invalidation's
-# removal: the guest then finds a page it had accepted PENDING (the TD is killed)
-INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT,
-                     "TD killed: guest access before accept")
+# removal: the guest then finds a page it had accepted PENDING (the TD is killed); a
+# stale pfn found over a present SPTE of another pfn is KVM's "spurious fault with
+# different pfn" WARNING; a vCPU may cache the stale mapping when its page goes
+INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT, STALE_TLB,
+                     "TD killed: guest access before accept", "kernel WARNING")
 
 
 FIXED = Variant(
