@@ -853,9 +853,12 @@ def shrink(bundle: str, max_runs: int, max_time: float, out_dir: str | None,
 @click.option("--width", type=click.IntRange(40, 400), default=None,
               help="Wrap at this many columns (default: the terminal's, 100 if not a "
                    "terminal).")
-def variants(variant_file: str | None, width: int | None) -> int:
+@click.option("--engine", type=click.Choice(["python", "kernel"]), default="python",
+              show_default=True, help="kernel: the kernel engine's tree mutations.")
+def variants(variant_file: str | None, width: int | None, engine: str) -> int:
     """List protocol variants: story, source, config, whether it needs a TD, and
-    the invariants each bug variant is expected to trip on each VM type."""
+    the invariants each bug variant is expected to trip on each VM type (with
+    --engine kernel: the kernel engine's tree mutations)."""
     from stress.model.variants import VariantLoadError, load_entry_point_variants
     from stress.model.variants import load_variant_file as _load
 
@@ -866,6 +869,21 @@ def variants(variant_file: str | None, width: int | None) -> int:
     except VariantLoadError as e:
         raise ConfigError(str(e)) from None
     width = width or _term_width()
+    if engine == "kernel":
+        import textwrap
+
+        from stress.kernel.mutations import MUTATIONS
+
+        blocks = []
+        for m in MUTATIONS:
+            lines = textwrap.wrap(f"{m.name}: {m.story}", width)
+            for label, text in (("source", m.source), ("file", m.file),
+                                ("config", m.config), ("expects", ", ".join(m.expects))):
+                lines += textwrap.wrap(f"{label}: {text}", width, initial_indent="    ",
+                                       subsequent_indent="      ")
+            blocks.append("\n".join(lines))
+        click.echo("\n\n".join(blocks))
+        return 0
     click.echo("\n\n".join("\n".join(variant_lines(v, width)) for v in VARIANTS.values()))
     return 0
 

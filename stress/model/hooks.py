@@ -57,8 +57,9 @@ class Hooks:
         raise InvariantViolation("use-after-free of page-table page",
                                  f"BUG: KASAN: use-after-free ({kind})", **details)
 
-    def kernel_warning(self, kvm: Kvm, what: str) -> None:
-        """A WARN_ON_ONCE of the model fired (``kvm.warn``): counted already."""
+    def kernel_warning(self, kvm: Kvm, what: str, details: dict[str, Any]) -> None:
+        """A WARN_ON_ONCE of the model fired (``kvm.warn``): counted already;
+        ``details`` say where (the gfn, the level, the entries)."""
 
     def iter_level(self, kvm: Kvm, it: Any) -> None:
         """The TDP iterator ``it`` has just changed level (``try_step_down`` /

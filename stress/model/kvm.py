@@ -290,11 +290,12 @@ class Kvm:
             self.bug("lockdep", "mmu_lock must be held")
 
     # -- severities ----------------------------------------------------------------
-    def warn(self, what: str) -> None:
+    def warn(self, what: str, **details: Any) -> None:
         """WARN_ON_ONCE: counted, reported in the summary; the kernel goes on, and so
-        does the model (the oracles make it fatal, as panic_on_warn does)."""
+        does the model (the oracles make it fatal, as panic_on_warn does).
+        ``details`` say where: what the kernel's splat would let one find out."""
         self.stats["warn:" + what] += 1
-        self.hooks.kernel_warning(self, what)
+        self.hooks.kernel_warning(self, what, details)
 
     def bug(self, invariant: str, message: str, **details: Any) -> None:
         """KVM_BUG_ON / BUG(): stop the run with this invariant."""

@@ -127,7 +127,7 @@ class TdpIter:
         self.valid = True
         bits = self.gfn_bits = kvm_gfn_root_bits(kvm, root) if gfn_bits is None else gfn_bits
         if bits and start >= bits:  # tdp_iter_start's WARN_ON_ONCE: an aliased gfn
-            kvm.warn("tdp_iter_start with an aliased gfn")
+            kvm.warn("tdp_iter_start with an aliased gfn", gfn=start, root=root)
             self.valid = False
             self.level = self.root_level = role_level(kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE)))
             self.gfn, self.sptep = start, 0
@@ -156,7 +156,8 @@ class TdpIter:
         if kvm.w.load(kvm.layout.sp(root, SpMeta.STATE)) == SP_FREE:
             kvm.hooks.kasan_report(kvm, "poison", table=root, level=level,
                                    gfn=self.next_last_level_gfn, walker="kvm")
-        kvm.warn("tdp_iter_start: root level out of range")
+        kvm.warn("tdp_iter_start: root level out of range", root=root, level=level,
+                 gfn=self.next_last_level_gfn)
         self.valid = False
         self.level = self.root_level = level
         self.gfn = self.yielded_gfn = self.next_last_level_gfn

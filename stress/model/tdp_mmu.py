@@ -168,7 +168,7 @@ def tdp_mmu_set_spte_atomic(kvm: Kvm, it: TdpIter, new_spte: int) -> int:
     kvm.lockdep_assert_held_read()
     old = it.old_spte
     if is_frozen_spte(old):
-        kvm.warn("set_spte_atomic on frozen SPTE")
+        kvm.warn("set_spte_atomic on frozen SPTE", gfn=it.gfn, level=it.level)
         return -EBUSY
     if new_spte != FROZEN_SPTE and kvm.variant.is_mirror_sptep(it):
         # the S-EPT must follow: see mirror.py (freeze, set_external_spte, publish)
@@ -289,7 +289,8 @@ def __handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, leve
             tlb.dirty_set(kvm, slot_gfn)
     if not was_present and not is_present:
         if not is_frozen_spte(new_spte) and not is_frozen_spte(old_spte):
-            kvm.warn("non-present to non-present change")
+            kvm.warn("non-present to non-present change", gfn=gfn, level=level,
+                     old=f"{old_spte:#x}", new=f"{new_spte:#x}")
         return 0
     if was_present and not was_leaf and kvm.variant.changed_spte_removes_pt(
             kvm, old_spte, new_spte, level):
@@ -516,7 +517,8 @@ def tdp_mmu_map_handle_target_level(kvm: Kvm, fault: KvmPageFault, it: TdpIter) 
     if is_shadow_present_pte(old) and is_last_spte(old, it.level) and is_access_allowed(
             fault.write, old):
         if spte_to_pfn(old) != fault.pfn:
-            kvm.warn("spurious fault with different pfn")
+            kvm.warn("spurious fault with different pfn", gfn=it.gfn, level=it.level,
+                     old=f"{old:#x}", pfn=f"{fault.pfn:#x}")
         kvm.stats["spurious"] += 1
         return RET_PF_SPURIOUS
     writable = fault.write

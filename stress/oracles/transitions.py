@@ -107,5 +107,5 @@ def fault_only_adds(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int)
                   "test kernel with panic_on_warn (as fuzzers run it) stops",
         hook="kernel_warning", when="the WARN, where it fires",
         cost="nothing until a WARN fires")
-def no_kernel_warning(kvm: Kvm, what: str) -> None:
-    kvm.bug("kernel WARNING", f"WARNING: {what}", warning=what)
+def no_kernel_warning(kvm: Kvm, what: str, details: dict[str, Any]) -> None:
+    kvm.bug("kernel WARNING", f"WARNING: {what}", warning=what, **details)
