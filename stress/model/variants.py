@@ -220,8 +220,11 @@ ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE, ZAP_LEFT)
 # removal: the guest then finds a page it had accepted PENDING (the TD is killed); a
 # stale pfn found over a present SPTE of another pfn is KVM's "spurious fault with
 # different pfn" WARNING; a vCPU may cache the stale mapping when its page goes
+# (the PFN change is caught at the store itself, as a forbidden transition, or by
+# handle_changed_spte's BUG)
 INVALIDATION_RACE = (STALE, PFN_CHANGED, LOST_DIRTY, GUEST_UAF, WRONG_ROOT, STALE_TLB,
-                     "TD killed: guest access before accept", "kernel WARNING")
+                     "TD killed: guest access before accept", "kernel WARNING",
+                     "forbidden SPTE transition")
 
 
 FIXED = Variant(
