@@ -507,14 +507,6 @@ enum ke_op {
  * guest mode, before the tables' RCU grace period can end.
  * Returns 1 if the access completes, 0 with *err set on an EPT violation.
  */
-static inline int ke_page_index(const void *p)
-{
-	uint64_t off = (uint64_t)((const char *)p - (const char *)ks_arena);
-	if (off < ks_arena->pages_off || off >= ks_arena->pages_off + (uint64_t)ks_arena->npages * 4096)
-		return -1;
-	return (int)((off - ks_arena->pages_off) >> 12);
-}
-
 static inline int ke_tlb_slot(u64 gfn, int level)
 {
 	return (int)(((gfn >> ((level - 1) * 9)) * 0x9E3779B1u + (u64)level * 7) % KE_TLB);
@@ -543,7 +535,7 @@ static int ke_hw_access(struct kvm_vcpu *vcpu, gpa_t gpa, bool write, bool exec,
 	*err = (write ? PFERR_WRITE_MASK : 0) | (exec ? PFERR_FETCH_MASK : 0) | PFERR_GUEST_FINAL_MASK;
 	for (;;) {
 		u64 *sptep = &table[SPTE_INDEX(gpa, level)];
-		int pi = ke_page_index(table);
+		int pi = ks_page_index(table);
 		if (depth < PT64_ROOT_4LEVEL)
 			tables[depth++] = pi + 1;
 		spte = READ_ONCE(*sptep);

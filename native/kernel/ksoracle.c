@@ -40,7 +40,7 @@ struct ke_walk {
 static void ke_walk_table(struct ke_walk *w, struct kvm_mmu_page *root, struct kvm_mmu_page *sp)
 {
 	int level = sp->role.level;
-	int pi = ke_page_index(sp->spt);
+	int pi = ks_page_index(sp->spt);
 
 	if (pi < 0)
 		KE_FAIL(w, "corrupt non-leaf SPTE", "table of level %d at gfn %#llx is no page-table page",
@@ -48,7 +48,7 @@ static void ke_walk_table(struct ke_walk *w, struct kvm_mmu_page *root, struct k
 	if (ks_arena->page_state[pi] != KS_PAGE_USED)
 		KE_FAIL(w, "reachable table not live", "table of level %d at gfn %#llx (page %d) is reachable "
 			"from root %d but was freed", level, (unsigned long long)sp->gfn, pi,
-			ke_page_index(root->spt));
+			ks_page_index(root->spt));
 	if (w->seen[pi]++)
 		KE_FAIL(w, "page-table page linked twice", "page %d (level %d, gfn %#llx) is reachable twice",
 			pi, level, (unsigned long long)sp->gfn);
@@ -60,7 +60,7 @@ static void ke_walk_table(struct ke_walk *w, struct kvm_mmu_page *root, struct k
 		u64 spte = __atomic_load_n(sptep, __ATOMIC_RELAXED);
 		gfn_t gfn = sp->gfn + ((gfn_t)i << ((level - 1) * SPTE_LEVEL_BITS));
 
-		if (spte == 0x8000deadbeef0000ull)
+		if (spte == KS_POISON)
 			KE_FAIL(w, "poison reachable", "entry %d of table (level %d, gfn %#llx) holds the "
 				"free poison", i, level, (unsigned long long)sp->gfn);
 		if (is_frozen_spte(spte))
@@ -90,7 +90,7 @@ static void ke_walk_table(struct ke_walk *w, struct kvm_mmu_page *root, struct k
 		}
 		{
 			u64 *child_pt = spte_to_child_pt(spte, level);
-			int ci = ke_page_index(child_pt);
+			int ci = ks_page_index(child_pt);
 			struct kvm_mmu_page *child;
 			if (ci < 0 || ((uintptr_t)child_pt & 4095))
 				KE_FAIL(w, "corrupt non-leaf SPTE", "gfn %#llx level %d points at %p, no "
@@ -130,13 +130,13 @@ int ke_check(struct kvm *kvm, int teardown, char *name, char *msg)
 			w.failed = 1;
 			snprintf(name, 64, "listed root without references");
 			snprintf(msg, 400, "valid root (page %d) is listed with no reference",
-				 ke_page_index(root->spt));
+				 ks_page_index(root->spt));
 		}
 		if (teardown && !w.failed) {
 			w.failed = 1;
 			snprintf(name, 64, "leaked root");
 			snprintf(msg, 400, "root (page %d, %s, %u references) is still listed after "
-				 "kvm_mmu_uninit_tdp_mmu()", ke_page_index(root->spt),
+				 "kvm_mmu_uninit_tdp_mmu()", ks_page_index(root->spt),
 				 root->role.invalid ? "invalid" : "valid",
 				 refcount_read(&root->tdp_mmu_root_count));
 		}
@@ -252,8 +252,8 @@ static void ke_check_rcu_free(struct rcu_head *head, void (*func)(struct rcu_hea
 		char what[96];
 		snprintf(what, sizeof(what), "the level-%d table at gfn %#llx (page %d) is freed by its "
 			 "RCU callback", sp->role.level, (unsigned long long)sp->gfn,
-			 ke_page_index(sp->spt));
-		ke_check_tlbs((struct kvm *)ks_arena->vm, ke_page_index(sp->spt), 0, 0, what);
+			 ks_page_index(sp->spt));
+		ke_check_tlbs((struct kvm *)ks_arena->vm, ks_page_index(sp->spt), 0, 0, what);
 	}
 	for (int i = 0; i < SPTE_ENT_PER_PAGE; i++) {
 		u64 spte = __atomic_load_n(&sp->spt[i], __ATOMIC_RELAXED);

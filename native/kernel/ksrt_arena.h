@@ -136,6 +136,18 @@ struct ks_arena {
 };
 
 extern struct ks_arena *ks_arena;
+
+/* A freed page-table page's words: a value that reads as a not-present SPTE. */
+#define KS_POISON 0x8000deadbeef0000ull
+
+/* The index of the page-table page holding addr, or -1 if it is none. */
+static inline int ks_page_index(const void *addr)
+{
+	uint64_t off = (uint64_t)((const char *)addr - (const char *)ks_arena);
+	if (off < ks_arena->pages_off || off >= ks_arena->pages_off + (uint64_t)ks_arena->npages * 4096)
+		return -1;
+	return (int)((off - ks_arena->pages_off) >> 12);
+}
 extern int ks_self;
 extern __thread sigjmp_buf *ks_bug_jmp;
 void ks_install_oops_handler(void);

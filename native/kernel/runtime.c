@@ -150,7 +150,7 @@ static void oops_handler(int sig, siginfo_t *si, void *uc)
 	(void)uc;
 	uint64_t a = (uint64_t)(uintptr_t)si->si_addr;
 	const char *what = (a >> 32) == 0x6b6b6b6bu ? " (slab poison: a freed kvm_mmu_page's pointer)" :
-			   (a >> 16) == 0x8000deadbeefull >> 16 ? " (page poison: an SPTE of a freed table)" :
+			   (a >> 16) == KS_POISON >> 16 ? " (page poison: an SPTE of a freed table)" :
 			   (a >> 48) == 0xdead ? " (LIST_POISON: an entry list_del() removed)" :
 			   a < 4096 ? " (a NULL pointer, plus the field's offset)" :
 			   "";
@@ -343,17 +343,6 @@ int ks_trace_copy(int t, struct ks_event *out, int max)
 /* The kernel side's answer: is this loaded value a link to a lower table? (ksglue.c) */
 bool (*ks_is_table_link)(const void *sptep, uint64_t spte);
 
-static inline int page_index(const void *addr)
-{
-	uint64_t off = (uint64_t)((const char *)addr - (const char *)ks_arena);
-	if (off < ks_arena->pages_off)
-		return -1;
-	off -= ks_arena->pages_off;
-	if (off >= (uint64_t)ks_arena->npages * 4096)
-		return -1;
-	return (int)(off >> 12);
-}
-
 void ks_access(int kind, const void *addr, uint64_t old, uint64_t val)
 {
 	struct ks_arena *a = ks_arena;
@@ -365,7 +354,7 @@ void ks_access(int kind, const void *addr, uint64_t old, uint64_t val)
 	t = self();
 	t->accesses++;
 	__atomic_fetch_add(&a->events, 1, __ATOMIC_RELAXED);
-	pi = page_index(addr);
+	pi = ks_page_index(addr);
 	if (pi >= 0) {
 		uint8_t st = __atomic_load_n(&a->page_state[pi], __ATOMIC_ACQUIRE);
 		/*
@@ -863,7 +852,6 @@ void ks_synchronize_srcu(ks_lock_t *ss)
  * a use-after-free rather than as a read of someone else's new table.
  * A freed page is poisoned with a value that reads as a not-present SPTE.
  */
-#define KS_POISON 0x8000deadbeef0000ull
 
 struct page *ks_pfn_to_page(uint64_t pfn)
 {
@@ -917,7 +905,7 @@ unsigned long ks_get_free_page(unsigned int gfp)
 void ks_free_page(unsigned long addr)
 {
 	struct ks_arena *a = ks_arena;
-	int i = page_index((void *)addr);
+	int i = ks_page_index((void *)addr);
 	if (i < 0 || (addr & 4095))
 		ks_bug("free_page() of an address that is no page-table page", __FILE__, __LINE__);
 	uint8_t st = __atomic_exchange_n(&a->page_state[i], KS_PAGE_FREE, __ATOMIC_ACQ_REL);

@@ -21,6 +21,9 @@ from stress.kernel.errors import KernelEngineError
 from stress.kernel.mutations import get_mutation
 from stress.kernel.tree import Tree, open_tree
 
+# the model's SPTE encoding is EPT's (bit 11 present, PFN 12-51, A/D 8/9): one describer
+from stress.model.spte import describe
+
 #: Where the arena is mapped in every process (MAP_FIXED_NOREPLACE): a user
 #: address far from where Python, its heap and its libraries live.
 ARENA_BASE = 0x5E0000000000
@@ -33,6 +36,12 @@ OPS = ("none", "guest_access", "zap_gfn_range", "unmap", "zap_all_fast", "wrprot
 RET_PF = ("continue", "retry", "emulate", "write_protected", "invalid", "fixed", "spurious")
 
 VIOLATION_KINDS = {1: "WARN", 2: "BUG", 3: "lockdep", 4: "KASAN", 5: "printk", 6: "oracle",
+                   7: "hang"}
+
+KVM_MEM_LOG_DIRTY_PAGES = 1
+
+
+_KINDS = {1: "WARN", 2: "BUG", 3: "lockdep", 4: "KASAN", 5: "printk", 6: "oracle",
                    7: "hang"}
 
 KVM_MEM_LOG_DIRTY_PAGES = 1
@@ -75,7 +84,7 @@ def _decode(e: Any, task: int, role: str) -> dict[str, Any]:
     level = int(e.level)
     d.update(event="spte-write", gfn=int(e.gfn), level=level, table=int(e.table),
              root="direct", failed=e.kind == 5, restore=False, access=_KINDS.get(e.kind, "?"),
-             op=op, old=describe_spte(int(e.old), level), new=describe_spte(int(e.val), level),
+             op=op, old=describe(int(e.old)), new=describe(int(e.val)),
              old_spte=f"{int(e.old):#018x}", new_spte=f"{int(e.val):#018x}")
     return d
 

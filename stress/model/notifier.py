@@ -357,7 +357,11 @@ def is_private_gfn(kvm: Kvm, gfn: int) -> bool:
 def kvm_mmu_zap_memslot(kvm: Kvm, start: int, end: int) -> int:
     """kvm_arch_flush_shadow_memslot -> kvm_mmu_zap_memslot: zap the slot's gfns in
     every root, the mirror's included, with mmu_lock held for write
-    (kvm_tdp_mmu_unmap_gfn_range with KVM_FILTER_SHARED | KVM_FILTER_PRIVATE).  Not
+    (kvm_tdp_mmu_unmap_gfn_range with KVM_FILTER_SHARED | KVM_FILTER_PRIVATE, from Rick
+    Edgecombe and Yan Zhao's "KVM: x86/mmu: Implement memslot deletion for TDX", Nov 2024,
+    <20241112073426.21997-1-yan.y.zhao@intel.com>, in Paolo Bonzini's TDX MMU series of
+    Feb 2025; kvm_mmu_zap_memslot itself from "KVM: x86/mmu: fix
+    KVM_X86_QUIRK_SLOT_ZAP_ALL for shadow MMU", Oct 2024).  Not
     an invalidation, so not a flow the mirror-zap-shared proposal changes: the
     proposal moves only the zaps of conversions and punch-holes, which run inside an
     invalidation, to the read lock (:func:`unmap_mirror_shared`); a memslot move has

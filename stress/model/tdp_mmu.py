@@ -1078,7 +1078,9 @@ def put_root_resurrect(kvm: Kvm, root: int) -> None:
 
 
 def put_root_dec_not_one(kvm: Kvm, root: int) -> None:
-    """Buggy (seed 001, Sean's version): refcount_dec_not_one, xchg, zap with yielding,
+    """Buggy (Sean Christopherson's refcount_dec_not_one proposal, Mar 2022, in "[PATCH v3
+    20/28] KVM: x86/mmu: Allow yielding when zapping GFNs for defunct TDP MMU root"):
+    refcount_dec_not_one, xchg, zap with yielding,
     dec_not_one again, then force the count to 0 and free.  Between the
     dec_not_one that saw 1 and the forced 0, another task can take a reference
     (a get runs under the read lock since v6.9): it is wiped out."""
