@@ -214,7 +214,9 @@ GUEST_UAF = "guest access to freed page"
 # poison check fires first; now and then the freed page, reused as a table,
 # takes an SPTE or a SEAMCALL first, or a zap of the reused page misses a leaf
 ZAP_LEFT = "zap left a present leaf"
-ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE, ZAP_LEFT)
+# a root whose references were wiped out can also be found, invalid, by a vCPU's
+# root lookup before it is freed
+ROOT_UAF = (UNDERFLOW, UAF, SEPT_ERR, REMOVED_TABLE, ZAP_LEFT, "invalid root handed to a vCPU")
 # a fault that maps a pfn an invalidation has just taken away
 # on a TD the stale fault's mapping of a private gfn is an AUG after the invalidation's
 # removal: the guest then finds a page it had accepted PENDING (the TD is killed); a
