@@ -203,7 +203,8 @@ class Slot:
     # waiting for it can name it: 1 + index in hooks.RETRY_SITES, and 1 + the key
     RETRY_SITE = 16
     RETRY_KEY = 17
-    STATS = 18  # counters start here
+    RETRY_ROUNDS = 18  # its rounds so far, published every few rounds
+    STATS = 19  # counters start here
     MAX_STATS = WORKER_SLOT_WORDS - STATS
 
 

@@ -351,10 +351,16 @@ class KernelConfig:
     notifier: int = 1  # mmu_notifier invalidate_range_start/end (kvm_unmap_gfn_range)
     invalidator: int = 1  # kvm_mmu_zap_all_fast: invalidate roots, zap them under the read lock
     dirtylog: int = 1  # write-protect/eager split/clear-dirty/KVM_GET_DIRTY_LOG/collapse
+    # KVM_GET_DIRTY_LOG harvests between enabling dirty logging and disabling it
+    dirty_log_harvests: int = 3
     aging: int = 1  # mmu_notifier clear_young/test_young
     nx: int = 1  # the NX huge page recovery worker
     memslot: int = 1  # KVM_SET_USER_MEMORY_REGION: delete a slot, create it again
     slot_zap_all: bool = True  # KVM_X86_QUIRK_SLOT_ZAP_ALL: deleting a slot zaps everything
+    # a deliberately impossible memory map ("guest memory overtop a kernel-allocated SP",
+    # c8e5a0d0e9bc): the guest's first 2M regions are backed by page-table frames, and each
+    # region's level-1 table sits, when free, at the frame of the region's first page
+    alias_tables: bool = False
     interval: float = 0.002  # the non-vCPU roles' pause between ops
 
     def workers(self) -> dict[str, int]:
@@ -644,9 +650,11 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "halt_fraction": _float("kernel.halt_fraction", 0.0, 1.0),
         "halt_time": _dur("kernel.halt_time", 0.0, 10.0),
         "pattern": _choice("kernel.pattern", ("random", "sequential")),
+        "dirty_log_harvests": _int("kernel.dirty_log_harvests", 0, 1000),
         **{role: _int(f"kernel.{role}", 0, 30) for role in KERNEL_ROLES},
         "interval": _dur("kernel.interval", 0.0, 60.0),
         "slot_zap_all": _bool("kernel.slot_zap_all"),
+        "alias_tables": _bool("kernel.alias_tables"),
     },
     "vm": {"type": _choice("vm.type", ("tdx", "default"))},
     "guest": {

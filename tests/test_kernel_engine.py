@@ -197,6 +197,24 @@ def test_free_without_grace_period_is_caught(tmp_path: Path, tree: Tree) -> None
     assert res["violations"][0]["details"]["engine"] == "kernel"
 
 
+def test_huge_leaf_over_its_own_table(tmp_path: Path, tree: Tree) -> None:
+    """kernel.alias_tables: the fixed tree frees a table that a 2M leaf at the
+    table's own frame replaced; the pre-c8e5a0d0e9bc check (PFN changed) leaks it."""
+    m = BY_NAME["child-removal-on-pfn-change"]
+    # one process, VMs one after another (as zoo and soak run them): each gets the map
+    for seed in range(1, 6):
+        cfg = load(m.config.removesuffix(".toml"),
+                   {"run": {"duration": 1.0, "seed": seed, "out": str(tmp_path / "fixed")}})
+        out = KernelSupervisor(cfg).run()
+        assert out.exit_reason == "clean", (seed, out.violations, out.errors)
+        assert out.checks.get("quiescent", 0) >= 2 and out.checks.get("teardown") == 1
+    r = run_cli("run", m.config.removesuffix(".toml"), "--variant", m.name,
+                "--expect-violation", "--duration", "20s", "--out", str(tmp_path / "bug"),
+                "-q", "--json", "-", timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["violations"][0]["invariant"] in m.expects
+
+
 def test_bad_engine_config_is_one_line(tmp_path: Path) -> None:
     r = run_cli("run", "default", "--engine", "kernel", "--duration", "1s",
                 "--out", str(tmp_path), "-q")

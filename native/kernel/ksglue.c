@@ -70,6 +70,58 @@ struct kmem_cache *pte_list_desc_cache = (struct kmem_cache *)2;
  * asserts it), and outside the arena, so pfn_valid() is false for them. */
 #define KE_PFN_BASE (1ULL << 30)
 
+/*
+ * kernel.alias_tables: a deliberately impossible memory map, "guest memory
+ * overtop a kernel-allocated SP" (c8e5a0d0e9bc): the first gfns of the guest,
+ * ke_alias_n 2M regions of them, are backed by the frames of the page-table
+ * pool from ke_alias_pfn on (2M aligned, so gfn and pfn still agree in their
+ * 2M offsets).  The first frame of each region is kept out of the pool's
+ * FIFO and taken only by that region's level-1 table (ke_alias_place), so
+ * a 2M leaf that replaces the table maps the table's own PFN.
+ */
+static u64 ke_alias_pfn;
+static u32 ke_alias_n;
+
+/* The host page behind a gfn (its pfn), as the primary MMU maps it. */
+static kvm_pfn_t ke_gfn_to_pfn(gfn_t gfn)
+{
+	if (ke_alias_n && gfn < (gfn_t)ke_alias_n * 512)
+		return ke_alias_pfn + gfn;
+	return KE_PFN_BASE + gfn;
+}
+
+/*
+ * Hooked to trace_kvm_mmu_get_page(sp, created), the last step of
+ * tdp_mmu_init_sp(): the table is initialised and not yet published (its
+ * link's cmpxchg, or an eager split's fill, comes after), so its page may
+ * still be exchanged.  A level-1 table of an aliased region moves to the
+ * region's reserved frame when that frame is free.
+ */
+static void ke_alias_place(uintptr_t arg0)
+{
+	struct kvm_mmu_page *sp = (struct kvm_mmu_page *)arg0;
+	unsigned long page;
+	u64 *old = sp->spt;
+	if (sp->role.level != PG_LEVEL_4K || sp->gfn >= (gfn_t)ke_alias_n * 512)
+		return;
+	page = ks_alias_claim((u32)(sp->gfn / 512));
+	if (!page)
+		return;
+	memcpy((void *)page, old, PAGE_SIZE);
+	sp->spt = (u64 *)page;
+	set_page_private(virt_to_page(sp->spt), (unsigned long)sp);
+	free_page((unsigned long)old);
+}
+
+int ke_alias_tables(u32 nregions)
+{
+	ke_alias_pfn = ks_arena_alias(nregions);
+	if (!ke_alias_pfn)
+		return -ENOSPC;
+	ke_alias_n = nregions;
+	return ks_tracepoint_attach("kvm_mmu_get_page", ke_alias_place);
+}
+
 u8 ks_x86_get_mt_mask(struct kvm_vcpu *vcpu, gfn_t gfn, bool is_mmio)
 {
 	/* vmx_get_mt_mask() for a VM without non-coherent DMA: write-back. */
@@ -200,13 +252,13 @@ static inline bool kvm_slot_can_be_private(const struct kvm_memory_slot *slot)
 /* ---- the outer protocol of a page fault ------------------------------ */
 /*
  * __kvm_faultin_pfn(): gup of the host page behind the gfn.  The engine's
- * "host" is the identity gfn + KE_PFN_BASE, always present, never async.
+ * "host" is ke_gfn_to_pfn(), always present, never async.
  */
 int __kvm_faultin_pfn(struct kvm_vcpu *vcpu, struct kvm_page_fault *fault)
 {
 	if (fault->is_private)
 		return -EFAULT;
-	fault->pfn = KE_PFN_BASE + fault->gfn;
+	fault->pfn = ke_gfn_to_pfn(fault->gfn);
 	fault->map_writable = !(fault->slot->flags & KVM_MEM_READONLY);
 	fault->hva = fault->slot->userspace_addr + ((fault->gfn - fault->slot->base_gfn) << PAGE_SHIFT);
 	return RET_PF_CONTINUE;
@@ -326,6 +378,10 @@ void kvm_mmu_sync_roots(struct kvm_vcpu *vcpu)
  */
 int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all, int nx_ratio)
 {
+	/* a process runs VMs one after another (zoo, soak): none inherits the last one's map */
+	ke_alias_n = 0;
+	ke_alias_pfn = 0;
+	ks_tracepoint_attach("kvm_mmu_get_page", NULL);
 	nx_huge_pages_recovery_ratio = (uint)nx_ratio;
 	ks_disabled_quirks = slot_zap_all ? 0 : KVM_X86_QUIRK_SLOT_ZAP_ALL;
 	kvm_mmu_spte_module_init();

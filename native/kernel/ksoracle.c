@@ -78,10 +78,10 @@ static void ke_walk_table(struct ke_walk *w, struct kvm_mmu_page *root, struct k
 			if (!slot || gfn + KVM_PAGES_PER_HPAGE(level) > slot->base_gfn + slot->npages)
 				KE_FAIL(w, "leaf outside every memslot", "gfn %#llx level %d is mapped but no "
 					"memslot holds all of it", (unsigned long long)gfn, level);
-			if (pfn != KE_PFN_BASE + gfn)
+			if (pfn != ke_gfn_to_pfn(gfn))
 				KE_FAIL(w, "leaf maps wrong pfn", "gfn %#llx level %d maps pfn %#llx, its host "
 					"page is %#llx", (unsigned long long)gfn, level, (unsigned long long)pfn,
-					(unsigned long long)(KE_PFN_BASE + gfn));
+					(unsigned long long)ke_gfn_to_pfn(gfn));
 			if (level > PG_LEVEL_4K && lpage_info_slot(gfn, slot, level)->disallow_lpage)
 				KE_FAIL(w, "huge leaf where lpage_info disallows it", "gfn %#llx is mapped at "
 					"level %d but its lpage_info disallows that level", (unsigned long long)gfn,

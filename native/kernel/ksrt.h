@@ -64,7 +64,9 @@ void ks_cpu_relax(void);
 void ks_warn(const char *what, const char *file, int line);
 _Noreturn void ks_bug(const char *what, const char *file, int line);
 void ks_printk(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void ks_tracepoint(const char *name);
+void ks_tracepoint(const char *name, uintptr_t arg0);
+/* Attach a hook to a tracepoint (before fork; one per tracepoint), as a BPF program is. */
+int ks_tracepoint_attach(const char *name, void (*hook)(uintptr_t arg0));
 
 void ks_lock_init(ks_lock_t *l, int kind, const char *name);
 void ks_spin_lock(ks_lock_t *l);
@@ -99,6 +101,11 @@ struct page *ks_pfn_to_page(uint64_t pfn);
 bool ks_pfn_valid(uint64_t pfn);
 unsigned long ks_get_free_page(unsigned int gfp);
 void ks_free_page(unsigned long addr);
+/* kernel.alias_tables: reserve every 512th page from a 2M-aligned frame, n of them; returns
+ * the pfn of the first (the frame of region 0), or 0 if the pool cannot hold them. */
+uint64_t ks_arena_alias(uint32_t n);
+/* Claim reserved frame k if it is free: its address, or 0. */
+unsigned long ks_alias_claim(uint32_t k);
 void *ks_kmem_cache_zalloc(struct kmem_cache *c, unsigned int gfp);
 void ks_kmem_cache_free(struct kmem_cache *c, void *p);
 void *ks_mmu_memory_cache_alloc(struct kvm_mmu_memory_cache *mc);

@@ -130,6 +130,12 @@ struct ks_arena {
 
 	uint64_t trace_names[KS_NTRACE];
 	uint64_t trace_counts[KS_NTRACE];
+	/* a tracepoint's attached hook (ks_tracepoint_attach), called with its first argument */
+	void (*trace_hooks[KS_NTRACE])(uintptr_t arg0);
+
+	/* kernel.alias_tables: pages alias_first + 512 k (k < alias_n) are kept out of
+	 * the FIFO, each claimed only by ks_alias_claim(k) (ksglue.c's memory map) */
+	uint32_t alias_first, alias_n;
 
 	void *vm;                  /* struct kvm *, set by ke_vm_create */
 	struct ks_task tasks[KS_MAX_TASKS];
@@ -139,6 +145,14 @@ extern struct ks_arena *ks_arena;
 
 /* A freed page-table page's words: a value that reads as a not-present SPTE. */
 #define KS_POISON 0x8000deadbeef0000ull
+
+/* Is page i one of kernel.alias_tables' reserved frames? */
+static inline bool ks_page_is_alias(uint32_t i)
+{
+	return ks_arena->alias_n && i >= ks_arena->alias_first &&
+	       (i - ks_arena->alias_first) % 512 == 0 &&
+	       (i - ks_arena->alias_first) / 512 < ks_arena->alias_n;
+}
 
 /* The index of the page-table page holding addr, or -1 if it is none. */
 static inline int ks_page_index(const void *addr)

@@ -254,8 +254,36 @@ void ks_printk(int level, const char *fmt, ...)
 		record(KS_V_PRINTK, buf, "printk", 0);
 }
 
-/* Tracepoints: counted by name (a small open-addressed table in the arena). */
-void ks_tracepoint(const char *name)
+/*
+ * Tracepoints: counted by name (a small open-addressed table in the arena,
+ * keyed by the address of the name's literal in the tracepoint's inline
+ * function).  A hook attached by name (ks_tracepoint_attach, before fork)
+ * is bound to the tracepoint's slot when the slot is made, and then called
+ * with the tracepoint's first argument, as a BPF program attached to it is.
+ */
+static struct { const char *name; void (*hook)(uintptr_t); } attached[4];
+
+int ks_tracepoint_attach(const char *name, void (*hook)(uintptr_t arg0))
+{
+	/* a new attachment replaces the name's old one (NULL detaches) */
+	for (unsigned i = 0; i < sizeof(attached) / sizeof(attached[0]); i++) {
+		if (!attached[i].name || !strcmp(attached[i].name, name)) {
+			attached[i].name = name;
+			attached[i].hook = hook;
+			return 0;
+		}
+	}
+	return -ENOSPC;
+}
+
+static void bind_hook(uint32_t j, const char *name)
+{
+	for (unsigned i = 0; i < sizeof(attached) / sizeof(attached[0]); i++)
+		if (attached[i].name && !strcmp(attached[i].name, name))
+			__atomic_store_n(&ks_arena->trace_hooks[j], attached[i].hook, __ATOMIC_RELEASE);
+}
+
+void ks_tracepoint(const char *name, uintptr_t arg0)
 {
 	uint64_t key = (uint64_t)(uintptr_t)name;
 	for (uint32_t i = 0; i < KS_NTRACE; i++) {
@@ -264,12 +292,19 @@ void ks_tracepoint(const char *name)
 		if (cur == 0) {
 			uint64_t z = 0;
 			if (!__atomic_compare_exchange_n(&ks_arena->trace_names[j], &z, key, false,
-							 __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST) && z != key)
-				continue;
+							 __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+				if (z != key)
+					continue;
+			} else {
+				bind_hook(j, name);
+			}
 			cur = key;
 		}
 		if (cur == key) {
 			__atomic_fetch_add(&ks_arena->trace_counts[j], 1, __ATOMIC_RELAXED);
+			void (*hook)(uintptr_t) = __atomic_load_n(&ks_arena->trace_hooks[j], __ATOMIC_ACQUIRE);
+			if (hook)
+				hook(arg0);
 			return;
 		}
 	}
@@ -908,7 +943,7 @@ void ks_free_page(unsigned long addr)
 	int i = ks_page_index((void *)addr);
 	if (i < 0 || (addr & 4095))
 		ks_bug("free_page() of an address that is no page-table page", __FILE__, __LINE__);
-	uint8_t st = __atomic_exchange_n(&a->page_state[i], KS_PAGE_FREE, __ATOMIC_ACQ_REL);
+	uint8_t st = __atomic_load_n(&a->page_state[i], __ATOMIC_ACQUIRE);
 	if (st != KS_PAGE_USED)
 		ks_report(KS_V_UAF, "kasan", 0, "double-free of page-table page %d (freed by task %d)",
 			  i, a->page_freed_by[i]);
@@ -916,11 +951,55 @@ void ks_free_page(unsigned long addr)
 	uint64_t *w = (uint64_t *)addr;
 	for (int k = 0; k < 512; k++)
 		__atomic_store_n(&w[k], KS_POISON, __ATOMIC_RELAXED);
+	if (ks_page_is_alias((uint32_t)i)) {
+		/* a reserved frame goes back to its reservation, not the FIFO */
+		ks_spin_lock(&a->alloc_lock);
+		a->pages_used--;
+		ks_spin_unlock(&a->alloc_lock);
+		__atomic_store_n(&a->page_state[i], KS_PAGE_FREE, __ATOMIC_RELEASE);
+		return;
+	}
+	__atomic_store_n(&a->page_state[i], KS_PAGE_FREE, __ATOMIC_RELEASE);
 	ks_spin_lock(&a->alloc_lock);
 	a->page_fifo[a->page_tail % KS_MAX_PAGES] = (uint32_t)i;
 	a->page_tail++;
 	a->pages_used--;
 	ks_spin_unlock(&a->alloc_lock);
+}
+
+uint64_t ks_arena_alias(uint32_t n)
+{
+	struct ks_arena *a = ks_arena;
+	uint64_t base = ((uint64_t)(uintptr_t)a + a->pages_off) >> 12;
+	uint32_t first = (uint32_t)((512 - base % 512) % 512);
+	uint32_t k = 0;
+	if (first == 0)
+		first = 512;  /* page 0 is the zero pfn */
+	if (!n || first + (uint64_t)(n - 1) * 512 >= a->npages || a->page_head != 0)
+		return 0;
+	a->alias_first = first;
+	a->alias_n = n;
+	for (uint32_t i = 0; i < a->npages; i++)
+		if (!ks_page_is_alias(i))
+			a->page_fifo[k++] = i;
+	a->page_tail = k;
+	return base + first;
+}
+
+unsigned long ks_alias_claim(uint32_t k)
+{
+	struct ks_arena *a = ks_arena;
+	uint32_t i = a->alias_first + k * 512;
+	uint8_t expect = KS_PAGE_FREE;
+	if (k >= a->alias_n ||
+	    !__atomic_compare_exchange_n(&a->page_state[i], &expect, KS_PAGE_USED, false,
+					 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+		return 0;
+	ks_spin_lock(&a->alloc_lock);
+	a->pages_used++;
+	ks_spin_unlock(&a->alloc_lock);
+	a->page_structs[i].priv = 0;
+	return (unsigned long)((char *)a + a->pages_off + (uint64_t)i * 4096);
 }
 
 void *ks_kmem_cache_zalloc(struct kmem_cache *c, unsigned int gfp)

@@ -138,17 +138,18 @@ class KernelWorker:
 
     def step_dirtylog(self) -> None:
         """Dirty logging as a migration runs it, one slot at a time: enable it
-        (write-protect, eager split), harvest the log a few times (write-
+        (write-protect, eager split), harvest the log dirty_log_harvests times (write-
         protect what was dirtied, or clear the D bits as PML would), disable it
         (zap what can be collapsed)."""
         slot = self.cycle % len(self.slots)
-        phase = self.ops % 6
+        harvests = self.cfg.kernel.dirty_log_harvests
+        phase = self.ops % (harvests + 3)
         lib = self.lib
         if phase == 0:
             lib.ke_slot_dirty_logging(self.kvm, slot, 1)
-        elif phase in (1, 2, 3):
+        elif phase <= harvests:
             lib.ke_dirty_log(self.kvm, slot)
-        elif phase == 4:
+        elif phase == harvests + 1:
             lib.ke_clear_dirty_slot(self.kvm, slot)
         else:
             lib.ke_slot_dirty_logging(self.kvm, slot, 0)

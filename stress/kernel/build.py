@@ -278,6 +278,7 @@ void ks_set_knobs(uint32_t yield_ppm, uint64_t timeslice_ns, uint32_t trace_on,
 int ks_task_waiting(int t, char *lock_name, int n, int *owner, uint64_t *readers);
 
 int ke_module_init(int ad_bits, int max_level, int nx, int slot_zap_all, int nx_ratio);
+int ke_alias_tables(uint32_t nregions);
 struct kvm *ke_vm_create(void);
 int ke_memslot_add(struct kvm *kvm, int id, uint64_t base_gfn, uint64_t npages, uint32_t flags,
                    int host_level);

@@ -152,6 +152,12 @@ class KernelVm:
         if r < 0:
             raise EngineError(f"kernel engine: kernel.arena {k.arena} bytes cannot hold "
                               f"kernel.pages = {k.pages} pages ({os.strerror(-r)})")
+        if k.alias_tables:
+            # every 2M region of the guest that the pool can back, one reserved frame each
+            n = min(self.cfg.guest.size >> 21, (k.pages - 1024) // 512)
+            if n < 1 or lib.ke_alias_tables(n) < 0:
+                raise EngineError(f"kernel engine: kernel.alias_tables needs kernel.pages above "
+                                  f"1024 (has {k.pages})")
         lib.ks_set_knobs(k.yield_ppm, int(k.timeslice * 1e9), int(self.cfg.trace.enabled),
                          k.walk_window,
                          k.rcu_unlock_yield_ppm)

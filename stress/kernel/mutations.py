@@ -140,6 +140,26 @@ MUTATIONS += (
     ),
 )
 
+MUTATIONS += (
+    KernelMutation(
+        name="child-removal-on-pfn-change",
+        story="handle_changed_spte() tears a table down only if the PFN changed: a 2M leaf "
+              "that replaces a table at the table's own frame (guest memory over top of the "
+              "SP, the impossible memory map of kernel.alias_tables) leaks the table and "
+              "its leaves.",
+        source="commit c8e5a0d0e9bc (KVM: x86/mmu: Check for !leaf=>leaf, not PFN change, "
+               "in TDP MMU SP removal, 2022)",
+        file="arch/x86/kvm/mmu/tdp_mmu.c",
+        find="\t    (is_leaf || !is_present || WARN_ON_ONCE(pfn_changed)))\n"
+             "\t\thandle_removed_pt(",
+        replace="\t    (pfn_changed || !is_present))\n"
+                "\t\thandle_removed_pt(",
+        expects=("tdp_mmu_pages accounting", "leaked page-table page"),
+        # faults that map 2M leaves over tables, on the map where tables alias guest frames
+        config="kernel-alias.toml",
+    ),
+)
+
 BY_NAME = {m.name: m for m in MUTATIONS}
 
 

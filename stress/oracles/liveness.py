@@ -33,6 +33,8 @@ KVM_LOCKS = {"tdp_mmu_pages_lock": Globals.TDP_MMU_PAGES_LOCK,
              "mmu_unsync_pages_lock": Globals.MMU_UNSYNC_PAGES_LOCK,
              "tdx sept lock": Globals.TDX_SEPT_LOCK}
 _counts: WeakKeyDictionary[Kvm, dict[tuple[str, int], int]] = WeakKeyDictionary()
+# per wait (site, holder): the holder's published rounds when the wait began
+_wait_base: WeakKeyDictionary[Kvm, dict[tuple[str, int], int]] = WeakKeyDictionary()
 
 
 def _bound(kvm: Kvm, key: str, default: int) -> int:
@@ -66,6 +68,7 @@ def retries_bounded(kvm: Kvm, site: str, key: int) -> None:
         lay = kvm.layout
         kvm.w.store(lay.slot(kvm.me, Slot.RETRY_SITE), _SITE_ID[site] + 1)
         kvm.w.store(lay.slot(kvm.me, Slot.RETRY_KEY), key + 1)
+        kvm.w.store(lay.slot(kvm.me, Slot.RETRY_ROUNDS), n)
     bound = _bound(kvm, "max_retries", MAX_RETRIES)
     if n > bound:
         kvm.bug("livelock", f"livelock in {site} at {_where(key)}: {n - 1} retries without "
@@ -74,23 +77,31 @@ def retries_bounded(kvm: Kvm, site: str, key: int) -> None:
 
 @oracle("livelock",
         invariant="a task waiting for another (a grace period, a reader, a kick) waits a "
-                  "bounded time: the report names the task waited for and the loop it is in",
+                  "bounded number of rounds while that task retries one loop: the report "
+                  "names the task waited for and the loop it is in",
         hook="wait", when="each round of a wait for another task",
         cost="a dict update per round; two loads when the bound is hit")
 def waits_bounded(kvm: Kvm, site: str, key: int, holder: int) -> None:
     c = _counts.setdefault(kvm, {})
     n = c.get((site, -2 - holder), 0) + 1
     c[(site, -2 - holder)] = n
+    rounds = kvm.layout.slot(holder, Slot.RETRY_ROUNDS)
+    base = _wait_base.setdefault(kvm, {})
+    if n == 1:
+        base[(site, holder)] = kvm.w.load(rounds)
     if n > _bound(kvm, "max_wait_rounds", MAX_WAIT_ROUNDS):
         loop = loop_of(kvm, holder)
-        if loop is None:
-            doing = f", which is not in a retry loop ({_where(key)})"
-        else:
-            doing = f", which keeps retrying {loop[0]} at {_where(loop[1])}"
+        since = kvm.w.load(rounds) - base.get((site, holder), 0)
+        if loop is None or since <= 0:
+            # The holder is not going round one loop all this time: it is making
+            # progress, only slowly (a loaded machine deschedules it).  Not a livelock;
+            # a holder stuck for good is the watchdog's hang, with what it waits for.
+            c[(site, -2 - holder)] = 0
+            return
         kvm.bug("livelock", f"livelock in {site}: {n - 1} rounds waiting for worker {holder}"
-                f"{doing}", site=site, held_by_worker=holder, gfn=key,
-                holder_site=loop[0] if loop else None,
-                holder_gfn=loop[1] if loop else None, rounds=n - 1)
+                f", which keeps retrying {loop[0]} at {_where(loop[1])} ({since}+ rounds "
+                "meanwhile)", site=site, held_by_worker=holder, gfn=key,
+                holder_site=loop[0], holder_gfn=loop[1], rounds=n - 1)
 
 
 @oracle("livelock",
@@ -98,12 +109,16 @@ def waits_bounded(kvm: Kvm, site: str, key: int, holder: int) -> None:
         hook="op_end", when="the harness, after each worker operation",
         cost="a dict clear; two slot stores when a loop was published")
 def progress(kvm: Kvm) -> None:
+    b = _wait_base.get(kvm)
+    if b:
+        b.clear()
     c = _counts.get(kvm)
     if c:
         c.clear()
         lay = kvm.layout
         kvm.w.store(lay.slot(kvm.me, Slot.RETRY_SITE), 0)
         kvm.w.store(lay.slot(kvm.me, Slot.RETRY_KEY), 0)
+        kvm.w.store(lay.slot(kvm.me, Slot.RETRY_ROUNDS), 0)
 
 
 @oracle("lock held when returning to user space",
