@@ -948,9 +948,10 @@ def oracles_cmd(width: int | None, json_out: str | None) -> int:
     import textwrap
 
     from stress import oracles
+    from stress.oracles.base import HOOK_EXCEPTION
 
     OFFLINE = (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN,  # noqa: N806
-               oracles.HOOK_WATCHDOG)
+               oracles.HOOK_WATCHDOG, HOOK_EXCEPTION)
     rows = [{"name": o.name, "module": o.module, "hook": o.hook, "when": o.when,
              "invariant": o.invariant, "cost": o.cost} for o in oracles.ORACLES]
     width = width or _term_width()

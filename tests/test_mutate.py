@@ -133,6 +133,18 @@ def test_cmpxchg_that_always_succeeds_is_killed_by_a_named_oracle(tmp_path: Path
     assert (tmp_path / "results.json").is_file()
 
 
+def test_a_null_dereference_in_protocol_code_is_the_kernel_oops(tmp_path: Path) -> None:
+    """kvm_mmu_reload without its `vcpu.root is not None`: the model faults on a None
+    root as the kernel would on a NULL one, named, at the function that faulted."""
+    rc, res, err = mutate_cli("--id", "roots.py:kvm_mmu_reload:drop-conjunct:0", "--config",
+                              "smoke", "--duration", "10s", "--out", str(tmp_path))
+    assert rc == 0, err
+    [m] = res["mutants"]
+    assert m["outcome"] == "killed" and m["invariant"] == "kernel oops", m
+    assert "BUG: kernel NULL pointer dereference in " in m["detail"], m["detail"]
+    assert segments_of(m["pid"]) == []
+
+
 @pytest.mark.slow
 def test_a_run_killed_on_timeout_leaves_no_process_or_segment() -> None:
     sandbox = Sandbox()

@@ -191,3 +191,31 @@ def test_liveness_names_the_loop_and_the_entry(vm) -> None:
             waiter.hooks.wait(waiter, "synchronize_srcu", 0x1234, kvm.me)
     assert e.value.details["holder_site"] == "kvm_tdp_page_fault"
     assert "waiting for worker 0, which keeps retrying kvm_tdp_page_fault" in str(e.value)
+
+
+def test_kernel_oops_names_faults_of_protocol_code_only() -> None:
+    """An exception out of stress/model/ (the memory layer's frames under it allowed) is
+    the kernel's oops, titled; one out of the harness, or of another kind, is not."""
+    from stress.model import tdp_mmu
+    from stress.oracles.oops import kernel_oops
+
+    def raised(src: str, filename: str) -> BaseException:
+        ns: dict[str, object] = {}
+        exec(compile(src, filename, "exec"), ns)
+        try:
+            ns["f"]()  # type: ignore[operator]
+        except BaseException as e:  # noqa: BLE001
+            return e
+        raise AssertionError("no exception")
+
+    e = raised("def f():\n    root = None\n    return root.spt\n", tdp_mmu.__file__)
+    v = kernel_oops(e, e.__traceback__)
+    assert v is not None and v.invariant == "kernel oops"
+    assert v.message.startswith("BUG: kernel NULL pointer dereference in f (tdp_mmu.py:3)")
+    e = raised("def f():\n    return 1 << (0 - 1)\n", tdp_mmu.__file__)
+    v = kernel_oops(e, e.__traceback__)
+    assert v is not None and "UBSAN: shift-out-of-bounds in f" in v.message
+    e = raised("def f():\n    raise KeyError(1)\n", tdp_mmu.__file__)
+    assert kernel_oops(e, e.__traceback__) is None  # not an oops the kernel has
+    e = raised("def f():\n    return None.x\n", __file__)
+    assert kernel_oops(e, e.__traceback__) is None  # not protocol code

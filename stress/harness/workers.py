@@ -80,6 +80,7 @@ from stress.model.tdx import VP_EPT_VIOLATION, TdxModule
 from stress.model.tlb import guest_access_in_mode
 from stress.model.variants import get_variant
 from stress.model.x86 import guest_access
+from stress.oracles.oops import kernel_oops
 
 # counters published in the worker's slot (live status, crash forensics)
 STAT_NAMES = (
@@ -862,31 +863,40 @@ def worker_main(index: int, role: str, cfg: Config, arena: Arena, conn: Connecti
         worker.run()
         stats = dict(worker.kvm.stats)
         conn.send(("done", {"stats": stats, "pending_rcu": len(worker.kvm.rcu.pending)}))
-    except InvariantViolation as v:
-        assert worker is not None
-        worker.publish()
-        d = violation_message(worker.words, worker.layout, index, v, cfg.run.variant)
-        d["role"] = role
-        if worker.turns is not None:
-            d["sched_step"] = worker.turns.step  # where in the schedule it fired
-        conn.send(("violation", d))
-        stop_run_for_violation(worker.words, worker.layout, index)
-        if worker.turns is not None:
-            # a controlled run ends here: the others wake to ABORT without running
-            # another step, so the trace ends with the violation, the same every replay
-            worker.words.store(worker.layout.ctl(Control.ABORT), 1)
-            worker.turns.exit()
-        code = 1
     except LockAborted:
         code = 0  # the supervisor is tearing the run down
-    except BaseException:
-        try:
-            conn.send(("error", traceback.format_exc()))
-        except OSError:
-            pass
-        if worker is not None and worker.turns is not None:
-            worker.turns.exit()
-        code = 3
+    except BaseException as e:
+        # an invariant broken, or the model's code faulting as kernel code would (an oops)
+        v = e if isinstance(e, InvariantViolation) else kernel_oops(e, e.__traceback__)
+        if v is not None and worker is not None:
+            worker.publish()
+            d = violation_message(worker.words, worker.layout, index, v, cfg.run.variant)
+            d["role"] = role
+            if v is not e:
+                d["traceback"] = traceback.format_exc()[-4000:]
+            if worker.turns is not None:
+                d["sched_step"] = worker.turns.step  # where in the schedule it fired
+            conn.send(("violation", d))
+            stop_run_for_violation(worker.words, worker.layout, index)
+            if worker.turns is not None:
+                # a controlled run ends here: the others wake to ABORT without running
+                # another step, so the trace ends with the violation, the same every replay
+                worker.words.store(worker.layout.ctl(Control.ABORT), 1)
+                worker.turns.exit()
+            code = 1
+        else:
+            code = _report_error(worker, conn)
     finally:
         conn.close()
     os._exit(code)
+
+
+def _report_error(worker: Worker | None, conn: Connection) -> int:
+    """A worker's own failure (not the kernel's): the traceback to the supervisor."""
+    try:
+        conn.send(("error", traceback.format_exc()))
+    except OSError:
+        pass
+    if worker is not None and worker.turns is not None:
+        worker.turns.exit()
+    return 3

@@ -19,6 +19,7 @@ HOOK_TEARDOWN = "teardown"  # after the VM's page tables were torn down
 # the kernel engine: checked in its runtime or by the kernel code itself (native/kernel/)
 HOOK_KERNEL = "kernel"
 HOOK_WATCHDOG = "watchdog"  # the supervisor: a worker that makes no progress
+HOOK_EXCEPTION = "exception"  # the worker: an exception out of the model's protocol code
 
 
 @dataclass(frozen=True)
