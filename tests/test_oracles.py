@@ -14,7 +14,7 @@ from stress.model.errors import InvariantViolation
 from stress.model.hooks import NO_HOOKS, Hooks
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.variants import VARIANTS
-from stress.oracles.base import HOOK_KERNEL
+from stress.oracles.base import HOOK_EXCEPTION, HOOK_KERNEL
 from tests.conftest import run_cli
 from tests.test_model import _late_fault_race
 
@@ -26,7 +26,7 @@ def test_every_online_oracle_sits_on_a_model_hook() -> None:
     for o in oracles.ORACLES:
         assert o.name and o.invariant and o.when and o.cost, o
         if o.hook not in (oracles.HOOK_QUIESCENT, oracles.HOOK_TEARDOWN,
-                          oracles.HOOK_WATCHDOG, HOOK_KERNEL):
+                          oracles.HOOK_WATCHDOG, HOOK_KERNEL, HOOK_EXCEPTION):
             assert o.hook in hooks and o.check is not None, o
 
 

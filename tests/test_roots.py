@@ -16,7 +16,10 @@ from stress.model.roots import (
     kvm_tdp_mmu_invalidate_roots,
     kvm_tdp_mmu_put_root,
     listed_roots,
+    tdp_mmu_pages_lock,
+    tdp_mmu_pages_unlock,
 )
+from stress.model.roots import _new_root as new_root
 from stress.model.tdp_mmu import (
     RET_PF_FIXED,
     kvm_mmu_uninit_tdp_mmu,
@@ -158,3 +161,19 @@ def test_resurrect_warns_but_frees_once(make_vm) -> None:
     assert vm.words.load(vm.layout.sp(root, SpMeta.STATE)) == SP_FREE
     kvm_mmu_uninit_tdp_mmu(a)
     assert not teardown_check(a).violations
+
+
+def test_two_valid_roots_of_one_role_are_reported(vm) -> None:
+    """kvm_tdp_mmu_alloc_root's locked re-check keeps one valid root per role; a
+    second one (the search skipped) is what the quiescent walk reports."""
+    a = vm.kvm
+    assert not quiescent_check(a).violations
+    tdp_mmu_pages_lock(a)
+    try:
+        second = new_root(a, False)  # what a lost re-check would allocate
+    finally:
+        tdp_mmu_pages_unlock(a)
+    rep = quiescent_check(a)
+    assert [v.invariant for v in rep.violations] == ["two valid roots of one role"]
+    assert {rep.violations[0].details["root"], rep.violations[0].details["other_root"]} == {
+        vm.root, second}

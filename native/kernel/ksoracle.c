@@ -132,6 +132,24 @@ int ke_check(struct kvm *kvm, int teardown, char *name, char *msg)
 			snprintf(msg, 400, "valid root (page %d) is listed with no reference",
 				 ks_page_index(root->spt));
 		}
+		if (!root->role.invalid && !w.failed) {
+			/* kvm_tdp_mmu_alloc_root() looks again under tdp_mmu_pages_lock
+			 * before it allocates: one valid root per role */
+			struct kvm_mmu_page *other;
+			list_for_each_entry(other, &kvm->arch.tdp_mmu_roots, link) {
+				if (other == root)
+					break;
+				if (!other->role.invalid && other->role.word == root->role.word) {
+					w.failed = 1;
+					snprintf(name, 64, "two valid roots of one role");
+					snprintf(msg, 400, "valid roots (pages %d and %d) on the list have "
+						 "the same role %#x: vCPUs of one MMU use different page tables",
+						 ks_page_index(other->spt), ks_page_index(root->spt),
+						 root->role.word);
+					break;
+				}
+			}
+		}
 		if (teardown && !w.failed) {
 			w.failed = 1;
 			snprintf(name, 64, "leaked root");

@@ -73,8 +73,8 @@ from stress.model.tdp_mmu import (
     kvm_tdp_mmu_zap_leafs_roots,
     kvm_tdp_page_fault,
     tdp_mmu_zap_leafs_atomic,
-    tdp_mmu_zap_range_at_level,
     zap_root_types,
+    zap_subtrees_in_range,
 )
 from stress.model.tdx import VP_EPT_VIOLATION, TdxModule
 from stress.model.tlb import guest_access_in_mode
@@ -616,7 +616,7 @@ class ZapperRole(Role):
         level = self.rng.choice(self.levels) if self.rng.random() < 0.3 else 2
         start = round_gfn_for_level(self.pick_gfn(), level)
         end = start + KVM_PAGES_PER_HPAGE(level)
-        return sum(tdp_mmu_zap_range_at_level(kvm, root, start, end, level, shared)
+        return sum(zap_subtrees_in_range(kvm, root, start, end, level, shared)
                    for root in for_each_tdp_mmu_root_yield_safe(kvm,
                                                                 zap_root_types(kvm, shared)))
 

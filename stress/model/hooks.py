@@ -115,10 +115,12 @@ class Hooks:
         return 0
 
     def zap_done(self, kvm: Kvm, roots: list[int] | None, types: int, start: int, end: int,
-                 token: int) -> None:
+                 token: int, max_level: int = 0) -> None:
         """A leaf zap of [start, end) returns, mmu_lock still held (read or
         write) and no TLB flush pending: over ``roots`` (each pinned by the
-        caller), or over every listed root of ``types`` when ``roots`` is None."""
+        caller), or over every listed root of ``types`` when ``roots`` is None.
+        ``max_level``: a sub-tree zap at that level, which removes every entry
+        at or below it and leaves the huge leaves above it (0: a leaf zap)."""
 
     def root_zapped(self, kvm: Kvm, root: int) -> None:
         """tdp_mmu_zap_root finished: the invalid root was zapped top to bottom."""

@@ -54,7 +54,7 @@ from stress.model.spte import (
 from stress.model.tdp_mmu import (
     kvm_tdp_mmu_zap_leafs_roots,
     tdp_mmu_zap_leafs_atomic,
-    tdp_mmu_zap_range_at_level,
+    zap_subtrees_in_range,
 )
 
 INVALID_GFN = (1 << 64) - 1
@@ -191,7 +191,7 @@ def unmap_mirror_shared(kvm: Kvm, start: int, end: int, types: int) -> int:
         for root in for_each_tdp_mmu_root_yield_safe(kvm, KVM_MIRROR_ROOTS):
             lo, hi = (start + KVM_PAGES_PER_2M - 1) & -KVM_PAGES_PER_2M, end & -KVM_PAGES_PER_2M
             if lo < hi:
-                n += tdp_mmu_zap_range_at_level(kvm, root, lo, hi, PG_LEVEL_2M, shared=True)
+                n += zap_subtrees_in_range(kvm, root, lo, hi, PG_LEVEL_2M, shared=True)
                 n += tdp_mmu_zap_leafs_atomic(kvm, root, start, lo)
                 n += tdp_mmu_zap_leafs_atomic(kvm, root, hi, end)
             else:

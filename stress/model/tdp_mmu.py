@@ -985,6 +985,21 @@ def tdp_mmu_zap_range_at_level(kvm: Kvm, root: int, start: int, end: int, zap_le
     return n
 
 
+def zap_subtrees_in_range(kvm: Kvm, root: int, start: int, end: int, zap_level: int,
+                          shared: bool) -> int:
+    """Zap the sub-trees at ``zap_level`` of [start, end) in one root the caller
+    holds: :func:`tdp_mmu_zap_range_at_level` as an operation of its own, whose
+    result the zap hooks check (nothing at or below ``zap_level`` installed
+    before it began is left).  The model's: the zapper role's sub-tree zaps and
+    the mirror-zap-shared proposal use it; upstream's only sub-tree zaps are
+    __tdp_mmu_zap_root's passes (tdp_mmu_zap_root), whose 4K-first order is an
+    optimisation, not a contract, so they are checked as a whole (root_zapped)."""
+    token = kvm.hooks.zap_start(kvm, 0)
+    n = tdp_mmu_zap_range_at_level(kvm, root, start, end, zap_level, shared)
+    kvm.hooks.zap_done(kvm, [root], 0, start, end, token, zap_level)
+    return n
+
+
 # ---------------------------------------------------------------------------
 # Root and teardown (the single direct root; the root lifecycle comes later)
 # ---------------------------------------------------------------------------

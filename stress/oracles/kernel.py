@@ -78,6 +78,7 @@ for _name, _inv, _when in (
 
 for _name, _inv in (
         ("listed root without references", "a listed valid root has a reference"),
+        ("two valid roots of one role", "the roots list holds at most one valid root per role"),
         ("reachable table not live", "a table reachable from a root was not freed"),
         ("page-table page linked twice", "a page-table page has one parent entry"),
         ("table back-pointer wrong",

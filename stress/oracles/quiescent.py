@@ -39,6 +39,7 @@ from stress.model.kvm import (
     kvm_mem_is_private,
 )
 from stress.model.mmu_page import (
+    ROLE_INVALID,
     ROLE_MIRROR,
     SP_EXT_HELD,
     SP_FREE,
@@ -108,8 +109,20 @@ def quiescent_check(kvm: Kvm) -> QuiescentReport:
     rep.states = Counter(SP_STATE_NAMES.get(s, str(s)) for s in states)
     roots = listed_roots(kvm)
     reachable: dict[int, tuple[int, int]] = {}
+    valid_by_role: dict[int, int] = {}
     for root in roots:
         _check_root(kvm, root, rep)
+        role = w.load(lay.sp(root, SpMeta.ROLE))
+        if not role & ROLE_INVALID and not rep.violations:
+            if role in valid_by_role:
+                # kvm_tdp_mmu_alloc_root looks for a valid root of the role again under
+                # tdp_mmu_pages_lock before it allocates: a vCPU takes the one there is
+                rep.fail("two valid roots of one role",
+                         "two valid roots on the list have the same role: vCPUs of one "
+                         "MMU use different page tables",
+                         root=root, other_root=valid_by_role[role], role=role,
+                         mirror=bool(role & ROLE_MIRROR))
+            valid_by_role[role] = root
         _walk_root(kvm, root, states, reachable, rep)
         if rep.violations:
             return rep
@@ -436,6 +449,8 @@ for _name, _inv in (
         ("leaked S-EPT page", "every page KVM holds for the TDX module belongs to a table"),
         ("page pool accounting", "the free bitmap and the pages' FREE states agree"),
         ("listed root without references", "a listed valid root has a reference"),
+        ("two valid roots of one role", "the roots list holds at most one valid root per role "
+         "(kvm_tdp_mmu_alloc_root re-checks under tdp_mmu_pages_lock)"),
         ("page-table page linked twice", "a page-table page has one parent entry"),
         ("reachable table not live", "a table reachable from a root is live, not removed"),
         ("FROZEN SPTE reachable at quiescence", "no entry stays FROZEN once its owner returned"),

@@ -14,7 +14,8 @@ it passed, or after a yield) are not the zap's business.
 
 When a leaf zap of [start, end) over a set of roots returns, with mmu_lock
 still held: no present leaf of the range in those roots was installed before
-the zap began.  When a root zap returns: the root's own table holds nothing
+the zap began; when a sub-tree zap at a level returns, no such leaf at or
+below that level.  When a root zap returns: the root's own table holds nothing
 present (no entry may become present in an invalid root).
 """
 
@@ -95,11 +96,12 @@ def zap_start(kvm: Kvm, types: int) -> int:
 
 @oracle("zap left a present leaf",
         invariant="when a zap of [start, end) over a set of roots returns, no leaf of the "
-                  "range installed before the zap began is still present in those roots",
+                  "range installed before the zap began is still present in those roots (a "
+                  "sub-tree zap: at or below its level)",
         hook="zap_done", when="the zap returns, mmu_lock still held, TLB flushed",
         cost="one walk of the range in each root per zap")
 def nothing_left_in_range(kvm: Kvm, roots: list[int] | None, types: int, start: int,
-                          end: int, token: int) -> None:
+                          end: int, token: int, max_level: int = 0) -> None:
     kvm.rcu.rcu_read_lock()
     try:
         if roots is not None:
@@ -113,7 +115,8 @@ def nothing_left_in_range(kvm: Kvm, roots: list[int] | None, types: int, start: 
             it = TdpIter(kvm, root, start)
             while it.in_range(end):
                 v = it.old_spte
-                if is_shadow_present_pte(v) and is_last_spte(v, it.level):
+                if (is_shadow_present_pte(v) and is_last_spte(v, it.level)
+                        and (not max_level or it.level <= max_level)):
                     prov = kvm.w.load(prov_index(kvm, it.sptep))
                     if not prov & TAG and prov >> 8 <= token:  # (a tag: install in flight)
                         who = (prov & 0xFF) - 1
