@@ -192,8 +192,9 @@ def test_iter_cond_resched_is_swappable(make_vm: MakeVm, variant_of: VariantOf) 
 
 def test_yield_that_drops_the_pending_flush_is_caught(make_vm: MakeVm,
                                                       variant_of: VariantOf) -> None:
-    """Plausibly wrong: the yield forgets the caller's pending flush: the 9.3 check
-    at the unlock sees a zapped leaf some vCPU may still cache."""
+    """Plausibly wrong: the yield forgets the caller's pending flush: the check at
+    the unlock (stale-tlb-entry-after-unlock) sees a zapped leaf some vCPU may
+    still cache."""
     def yield_without_flush(kvm: Kvm, it: TdpIter, shared: bool, flush: bool) -> bool:
         return tdp_mmu_iter_cond_resched(kvm, it, shared, False)
 

@@ -726,10 +726,10 @@ void kvm_release_pfn_clean(kvm_pfn_t pfn);
 #define TP_printk(args...)
 #define KS_TP_ARG0(a, ...) ((uintptr_t)(a))
 #define TRACE_EVENT(name, proto, args, tstruct, assign, print) \
-	static inline void trace_##name(proto) { ks_tracepoint(#name, KS_TP_ARG0(args)); }
+	static inline void trace_##name(proto) { ks_tracepoint_arg(#name, KS_TP_ARG0(args)); }
 #define DECLARE_EVENT_CLASS(name, proto, args, tstruct, assign, print)
 #define DEFINE_EVENT(template, name, proto, args) \
-	static inline void trace_##name(proto) { ks_tracepoint(#name, KS_TP_ARG0(args)); }
+	static inline void trace_##name(proto) { ks_tracepoint_arg(#name, KS_TP_ARG0(args)); }
 #define TRACE_DEFINE_ENUM(x)
 
 #endif /* _KSHIM_H */

@@ -64,7 +64,9 @@ void ks_cpu_relax(void);
 void ks_warn(const char *what, const char *file, int line);
 _Noreturn void ks_bug(const char *what, const char *file, int line);
 void ks_printk(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void ks_tracepoint(const char *name, uintptr_t arg0);
+void ks_tracepoint_arg(const char *name, uintptr_t arg0);
+/* A tracepoint of a user's patch: counted by name, no argument. */
+static inline void ks_tracepoint(const char *name) { ks_tracepoint_arg(name, 0); }
 /* Attach a hook to a tracepoint (before fork; one per tracepoint), as a BPF program is. */
 int ks_tracepoint_attach(const char *name, void (*hook)(uintptr_t arg0));
 

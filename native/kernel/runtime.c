@@ -283,7 +283,7 @@ static void bind_hook(uint32_t j, const char *name)
 			__atomic_store_n(&ks_arena->trace_hooks[j], attached[i].hook, __ATOMIC_RELEASE);
 }
 
-void ks_tracepoint(const char *name, uintptr_t arg0)
+void ks_tracepoint_arg(const char *name, uintptr_t arg0)
 {
 	uint64_t key = (uint64_t)(uintptr_t)name;
 	for (uint32_t i = 0; i < KS_NTRACE; i++) {

@@ -65,6 +65,7 @@ from stress.model.mmu_page import SP_REMOVED, tdp_mmu_free_sp_rcu_callback
 from stress.model.td import tdx_td_finalize
 from stress.model.tdp_mmu import kvm_mmu_uninit_tdp_mmu, kvm_tdp_mmu_alloc_mirror_root
 from stress.oracles.liveness import rcu_stall
+from stress.oracles.oops import kernel_oops
 from stress.oracles.quiescent import QuiescentReport, quiescent_check, teardown_check
 
 EXIT_CLEAN = 0
@@ -647,8 +648,18 @@ class Supervisor:
             except Interrupted:
                 reason = "interrupted"
             except Exception as e:  # harness failure: report, still clean up
-                self.errors.append(f"harness error: {type(e).__name__}: {e}")
-                reason = "error"
+                oops = kernel_oops(e, e.__traceback__)
+                if oops is not None:  # the VM's setup (model code) faulted: the kernel's oops
+                    d = oops.to_dict()
+                    d["time_s"] = round(time.monotonic() - self.t_start, 6)
+                    d["variant"] = self.cfg.run.variant
+                    d["worker"] = "supervisor"
+                    d["found_by"] = "setup"
+                    self.violations.append(d)
+                    reason = "violation"
+                else:
+                    self.errors.append(f"harness error: {type(e).__name__}: {e}")
+                    reason = "error"
             duration = time.monotonic() - self.t_start
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

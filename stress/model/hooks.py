@@ -90,6 +90,10 @@ class Hooks:
         """A walk is about to drop mmu_lock to yield (tdp_mmu_iter_cond_resched,
         after its pending TLB flush)."""
 
+    def mmu_lock_release(self, kvm: Kvm) -> None:
+        """This task is about to drop mmu_lock (read_unlock or write_unlock), at the
+        end of what it did under the lock."""
+
     # -- page faults -------------------------------------------------------------
     def leaf_installed(self, kvm: Kvm, it: Any, fault: Any, old_spte: int,
                        new_spte: int) -> None:

@@ -253,6 +253,7 @@ class Kvm:
         self.lock_mode = LOCK_READ
 
     def read_unlock(self) -> None:
+        self.hooks.mmu_lock_release(self)
         self._lockdep_release(LOCK_READ)
         self.lock_mode = LOCK_NONE
         self.w.read_unlock_rec(self._mmu_lock_i, self._lock_mode_i, LOCK_NONE, events.LOCK, 0)
@@ -265,6 +266,7 @@ class Kvm:
         self.w.trace(events.LOCK, 2)
 
     def write_unlock(self) -> None:
+        self.hooks.mmu_lock_release(self)
         self._lockdep_release(LOCK_WRITE)
         self.w.trace(events.LOCK, 3)
         self.lock_mode = LOCK_NONE

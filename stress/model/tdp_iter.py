@@ -141,7 +141,7 @@ class TdpIter:
         self.mirror = bool(role & ROLE_MIRROR)
         self.root_level = rl = role_level(role)
         if not 1 <= rl <= MAX_ROOT_LEVEL:
-            self._bad_root(root, rl)
+            self._warn_bad_root(root, rl)
             return
         self.pt_path = [0] * (rl + 1)
         self.gens = [0] * (rl + 1)
@@ -149,7 +149,7 @@ class TdpIter:
         self.gens[rl] = kvm.w.load(kvm.layout.sp(root, SpMeta.GEN))
         self.restart()
 
-    def _bad_root(self, root: int, level: int) -> None:
+    def _warn_bad_root(self, root: int, level: int) -> None:
         """tdp_iter_start's WARN_ON_ONCE(root->role.level out of range): no walk.
         A freed root reads so (its role was cleared): KASAN's report of the read."""
         kvm = self.kvm
@@ -180,7 +180,7 @@ class TdpIter:
         self.mirror = bool(o[WO_ROOT_ROLE] & ROLE_MIRROR)
         self.root_level = rl = role_level(o[WO_ROOT_ROLE])
         if o[WO_STATUS] == WALK_BAD_ROOT:
-            self._bad_root(root, rl)
+            self._warn_bad_root(root, rl)
             return
         self.pt_path = o[WO_PT:WO_PT + rl + 1]
         self.gens = o[WO_GEN:WO_GEN + rl + 1]

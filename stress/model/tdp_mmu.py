@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from stress.arena import WORDS_PER_PAGE, Globals, SpMeta
 from stress.model import events, tlb
@@ -294,8 +295,9 @@ def __handle_changed_spte(kvm: Kvm, gfn: int, old_spte: int, new_spte: int, leve
         return 0
     if was_present and not was_leaf and kvm.variant.changed_spte_removes_pt(
             kvm, old_spte, new_spte, level):
-        child = spte_to_child_pt(old_spte, level)
-        assert child is not None
+        # NULL unless old_spte linked a table: handle_removed_pt then faults on it, as
+        # the kernel's does (no check in between, as in handle_changed_spte)
+        child = cast(int, spte_to_child_pt(old_spte, level))
         handle_removed_pt(kvm, child, shared)  # its mirror-ness is the child's role
     elif mirror if external is None else external:
         return kvm.variant.set_external_spte(kvm, gfn, old_spte, new_spte, level)

@@ -10,7 +10,8 @@ original lines, and ``Mutant.diff`` is a readable one-hunk diff).
 What is never mutated: the tester's own oracles (calls of ``kvm.bug``/``kvm.warn``, of the
 KASAN report hook ``kasan_report``, ``*BUG_ON*``, ``check_*``/``_check_*``,
 ``lockdep_assert_*``, ``assert`` statements, functions whose docstring starts with
-"Oracle", and an ``if`` whose body only reports), observation (trace events, the D-bit
+"Oracle", an ``if`` whose body only reports, and an ``if`` whose body warns first: the
+kernel's ``if (WARN_ON_ONCE(cond))`` with its recovery), observation (trace events, the D-bit
 ledger's ``dirty_set``, an ``if`` whose body only bumps a ``kvm.stats`` counter), and
 the historical bug variants' functions (docstring "Buggy ...": they are not the protocol
 under test, and the fixed protocol never runs them).
@@ -61,7 +62,7 @@ BOUND_WORDS = ("level", "gfn", "end", "start")
 # (dirty_set: the D-bit ledger's count of a D bit set, instrumentation for the
 # lost-dirty-bit oracle with no kernel counterpart, unlike kvm_set_pfn_dirty)
 ORACLE_NAME = re.compile(
-    r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^warn$|^kasan_report$|^dirty_set$")
+    r"BUG_ON|^_?check_|^lockdep_assert|^bug$|^warn$|^_?warn_|^kasan_report$|^dirty_set$")
 # model functions that report a violation whatever happens (their body is one call of
 # kvm.bug or of the KASAN report hook: _poisoned, _reused, _bad_child, _underflow, ...),
 # filled in by generate()
@@ -77,6 +78,8 @@ def _mutant_cmpxchg_store(w, i, old, new):  # noqa: ANN001, ANN202
 def _mutant_cmpxchg_split(w, i, old, new):  # noqa: ANN001, ANN202
     cur = w.load(i)
     if cur == old:
+        # the gap a split atomic step opens, as wide as the bug variants' (inject.race_window)
+        w.spin_ns(20_000)
         w.store(i, new)
     return cur
 '''
@@ -432,8 +435,14 @@ class _Generator:
                     and is_oracle_call(b.value))
 
         reports = [reporting(b) for b in getattr(s, "body", [])]
+        body = getattr(s, "body", [])
+        # if (WARN_ON_ONCE(cond)) { recover }: a body that warns first is the kernel's
+        # assertion with its recovery, not a guard of the protocol
+        warns_first = (bool(body) and isinstance(body[0], ast.Expr)
+                       and isinstance(body[0].value, ast.Call)
+                       and re.search(r"^warn$|^_?warn_", call_name(body[0].value)) is not None)
         oracle_if = isinstance(s, ast.If | ast.While) and (
-            has_oracle(s.test) or all(reports)
+            has_oracle(s.test) or all(reports) or warns_first
             or any(r and isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
                    and call_name(b.value) not in ("warn", "dirty_set")
                    for r, b in zip(reports, s.body, strict=True)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stress.model.host import hugepage_disallowed
 from stress.model.kvm import Kvm, kvm_mem_is_private
 from stress.model.mmu_page import SP_LINKED, sp_state
 from stress.model.notifier import attr_change_in_progress
@@ -73,3 +74,20 @@ def no_huge_leaf_over_changing_attrs(kvm: Kvm, it: Any, fault: Any, old_spte: in
                 "a huge leaf was installed over gfns whose memory attributes are being changed",
                 gfn=it.gfn, level=it.level, converting_worker=worker,
                 converting=f"[{start:#x}, {end:#x})")
+
+
+@oracle("huge leaf where lpage_info disallows it",
+        invariant="a huge leaf is installed only where lpage_info allows that level: no "
+                  "disallow count (dirty logging, write tracking, NX splits) and attributes "
+                  "not mixed over the region",
+        hook="leaf_installed", when="after a huge leaf's cmpxchg, read lock held (lpage_info "
+                                   "changes only under the write lock)",
+        cost="one load per huge leaf")
+def huge_leaf_allowed(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int) -> None:
+    if it.level == PG_LEVEL_4K:
+        return
+    gfn = fault.gfn & ~(KVM_PAGES_PER_HPAGE(it.level) - 1)
+    if hugepage_disallowed(kvm, gfn):
+        kvm.bug("huge leaf where lpage_info disallows it",
+                f"a fault installed a level-{it.level} leaf over gfns whose lpage_info "
+                "disallows huge pages", gfn=gfn, level=it.level, entry=describe(new_spte))

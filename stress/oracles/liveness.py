@@ -23,6 +23,9 @@ from stress.oracles.base import HOOK_WATCHDOG, listed, oracle
 
 MAX_RETRIES = 100_000  # rounds of a retry loop at one entry within one operation
 MAX_WAIT_ROUNDS = 2_000  # rounds of a wait for another task (each sleeps ~50 us)
+# ... for one that is in no retry loop: it may only be descheduled, so it gets this many
+# times longer, and its completing any operation meanwhile starts the count again
+STUCK_FACTOR = 10
 _PUBLISH_EVERY = 256
 
 _SITE_ID = {s: i for i, s in enumerate(RETRY_SITES)}
@@ -77,31 +80,39 @@ def retries_bounded(kvm: Kvm, site: str, key: int) -> None:
 
 @oracle("livelock",
         invariant="a task waiting for another (a grace period, a reader, a kick) waits a "
-                  "bounded number of rounds while that task retries one loop: the report "
-                  "names the task waited for and the loop it is in",
+                  "bounded number of rounds while that task retries one loop, or completes "
+                  "no operation: the report names the task waited for and the loop it is in",
         hook="wait", when="each round of a wait for another task",
         cost="a dict update per round; two loads when the bound is hit")
 def waits_bounded(kvm: Kvm, site: str, key: int, holder: int) -> None:
     c = _counts.setdefault(kvm, {})
     n = c.get((site, -2 - holder), 0) + 1
     c[(site, -2 - holder)] = n
-    rounds = kvm.layout.slot(holder, Slot.RETRY_ROUNDS)
+    lay = kvm.layout
+    rounds, beat = lay.slot(holder, Slot.RETRY_ROUNDS), lay.slot(holder, Slot.HEARTBEAT)
     base = _wait_base.setdefault(kvm, {})
     if n == 1:
         base[(site, holder)] = kvm.w.load(rounds)
-    if n > _bound(kvm, "max_wait_rounds", MAX_WAIT_ROUNDS):
-        loop = loop_of(kvm, holder)
-        since = kvm.w.load(rounds) - base.get((site, holder), 0)
-        if loop is None or since <= 0:
-            # The holder is not going round one loop all this time: it is making
-            # progress, only slowly (a loaded machine deschedules it).  Not a livelock;
-            # a holder stuck for good is the watchdog's hang, with what it waits for.
-            c[(site, -2 - holder)] = 0
-            return
+        base[(site, -1 - holder)] = kvm.w.load(beat)
+    bound = _bound(kvm, "max_wait_rounds", MAX_WAIT_ROUNDS)
+    if n <= bound:
+        return
+    loop = loop_of(kvm, holder)
+    if loop is not None and kvm.w.load(rounds) - base.get((site, holder), 0) > 0:
         kvm.bug("livelock", f"livelock in {site}: {n - 1} rounds waiting for worker {holder}"
-                f", which keeps retrying {loop[0]} at {_where(loop[1])} ({since}+ rounds "
-                "meanwhile)", site=site, held_by_worker=holder, gfn=key,
-                holder_site=loop[0], holder_gfn=loop[1], rounds=n - 1)
+                f", which keeps retrying {loop[0]} at {_where(loop[1])}", site=site,
+                held_by_worker=holder, gfn=key, holder_site=loop[0], holder_gfn=loop[1],
+                rounds=n - 1)
+    if kvm.w.load(beat) != base.get((site, -1 - holder), 0):
+        # the holder completed an operation meanwhile: it is making progress, only
+        # slowly (a loaded machine deschedules it); count this wait again
+        c[(site, -2 - holder)] = 0
+        return
+    if n > bound * STUCK_FACTOR:
+        kvm.bug("livelock", f"livelock in {site}: {n - 1} rounds waiting for worker {holder}"
+                f", which completes no operation meanwhile ({_where(key)})", site=site,
+                held_by_worker=holder, gfn=key, holder_site=None, holder_gfn=None,
+                rounds=n - 1)
 
 
 @oracle("livelock",

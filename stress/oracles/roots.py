@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stress.arena import SpMeta
 from stress.model.kvm import Kvm
-from stress.model.roots import is_root_invalid
+from stress.model.roots import is_root_invalid, listed_roots
 from stress.oracles.base import oracle
 
 
@@ -31,3 +31,20 @@ def root_zapped_once(kvm: Kvm, root: int) -> None:
     if zaps > 1:
         kvm.bug("invalid root re-zapped", f"tdp_mmu_zap_root ran {zaps} times on one root",
                 root=root)
+
+
+@oracle("two valid roots of one role",
+        invariant="at most one valid root per role: kvm_tdp_mmu_alloc_root looks for one again "
+                  "under tdp_mmu_pages_lock before it allocates, so every vCPU of an MMU loads "
+                  "the same root",
+        hook="root_loaded", when="kvm_mmu_reload after the root was found or allocated, read "
+                                 "lock held (no root becomes invalid meanwhile)",
+        cost="one scan of the roots list per root load")
+def loaded_root_is_the_only_one(kvm: Kvm, root: int) -> None:
+    role = kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE))
+    for other in listed_roots(kvm):
+        if other != root and kvm.w.load(kvm.layout.sp(other, SpMeta.ROLE)) == role:
+            kvm.bug("two valid roots of one role",
+                    "a vCPU loads a root while another valid root of the same role is on the "
+                    "list: vCPUs of one MMU use different page tables",
+                    root=root, other_root=other, role=role)

@@ -83,10 +83,10 @@ def check_no_stale_pfn(kvm: Kvm, gfn: int, pfn: int) -> None:
         hook="mmu_lock_yield", when="a yielding walk, just before it drops mmu_lock",
         cost="one native count per unflushed leaf of this task")
 def check_flushed_before_unlock(kvm: Kvm) -> None:
-    """Reference 9.3's invariant, where mmu_lock is about to be dropped in the
-    middle of a zap: no vCPU may still cache (and be free to use) a leaf this
-    task zapped since its last flush, because once the lock is gone another
-    task may find the gfn non-present, skip the flush and free the page."""
+    """Where mmu_lock is about to be dropped, in the middle of a zap or at its
+    end: no vCPU may still cache (and be free to use) a leaf this task zapped
+    since its last flush, because once the lock is gone another task may find
+    the gfn non-present, skip the flush and free the page."""
     w, lay = kvm.w, kvm.layout
     for root, pfn in kvm.tlb_unflushed:  # empty after a flush: nothing to check
         if not w.count_equal(lay.tlb_pfns, lay.n_slots * TLB_ENTRIES, pfn):
@@ -98,12 +98,22 @@ def check_flushed_before_unlock(kvm: Kvm) -> None:
                 k = (v * TLB_ENTRIES + e) * TLB_MAX_LEVELS
                 if val == pfn and w.load(lay.tlb_pts + k) == root + 1:
                     tag = w.load(lay.tlb_tags + v * TLB_ENTRIES + e)
+                    kvm.tlb_unflushed.clear()  # reported once, not again at the next unlock
                     kvm.bug("stale-tlb-entry-after-unlock",
-                            "mmu_lock was dropped (a yield) with a TLB flush pending for a "
-                            "leaf this task zapped, while a vCPU's TLB still maps it",
+                            "mmu_lock was dropped with a TLB flush pending for a leaf this "
+                            "task zapped, while a vCPU's TLB still maps it",
                             gfn=tag - 1 if tag else None, pfn=f"{pfn:#x}", root=root, vcpu=v)
 
 
+
+
+@oracle("stale-tlb-entry-after-unlock",
+        invariant="(the same, at every release of mmu_lock, not only a yield's)",
+        hook="mmu_lock_release", when="read_unlock or write_unlock, just before the release",
+        cost="nothing when this task's zaps were flushed (the usual case)")
+def check_flushed_at_release(kvm: Kvm) -> None:
+    if kvm.tlb_unflushed:
+        check_flushed_before_unlock(kvm)
 
 
 @oracle("lost-dirty-bit",
