@@ -219,3 +219,26 @@ def test_kernel_oops_names_faults_of_protocol_code_only() -> None:
     assert kernel_oops(e, e.__traceback__) is None  # not an oops the kernel has
     e = raised("def f():\n    return None.x\n", __file__)
     assert kernel_oops(e, e.__traceback__) is None  # not protocol code
+
+
+def test_provenance_of_overlapping_installs_is_never_older_than_the_leaf(vm) -> None:
+    """Two faults at one entry: the second tags the provenance word while the first
+    is in flight and finishes first; a zap removes that leaf; the first's cmpxchg then
+    installs the entry's leaf.  Its provenance must be its own clock, not the other
+    install's older one (else the zap would seem to have missed it)."""
+    from types import SimpleNamespace
+
+    from stress.arena import Globals
+    from stress.oracles import zaps
+    from stress.oracles.provenance import prov_index
+
+    t0, t1 = vm.kvm, vm.task(1)
+    it = SimpleNamespace(sptep=vm.layout.spt(vm.root) + 7)
+    zaps.installing(t0, it)
+    zaps.installing(t1, it)
+    zaps.installed(t1, it, None, 0, 0)  # t1's leaf, installed and recorded
+    token = zaps.zap_start(t0, 0)  # a zap begins (and removes t1's leaf)
+    zaps.installed(t0, it, None, 0, 0)  # t0's cmpxchg came after the zap: its leaf
+    prov = t0.w.load(prov_index(t0, it.sptep))
+    assert prov >> 8 > token and prov & 0xFF == t0.me + 1
+    assert t0.w.load(t0.layout.glob(Globals.ZAP_CLOCK)) == token + 1

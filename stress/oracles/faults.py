@@ -91,3 +91,17 @@ def huge_leaf_allowed(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: in
         kvm.bug("huge leaf where lpage_info disallows it",
                 f"a fault installed a level-{it.level} leaf over gfns whose lpage_info "
                 "disallows huge pages", gfn=gfn, level=it.level, entry=describe(new_spte))
+
+
+@oracle("executable huge page",
+        invariant="an instruction fetch never maps a huge page: with the iTLB multihit "
+                  "workaround (nx_huge_pages) a fetch maps 4K, and huge leaves stay "
+                  "non-executable",
+        hook="leaf_installed", when="after a fault's leaf cmpxchg, read lock held",
+        cost="one comparison per installed leaf")
+def fetch_maps_4k(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int) -> None:
+    if fault.exec and it.level > PG_LEVEL_4K:
+        kvm.bug("executable huge page",
+                f"an instruction fetch at gfn {fault.gfn:#x} installed a level-{it.level} leaf "
+                "(the iTLB multihit workaround maps fetches with 4K pages)",
+                gfn=fault.gfn, level=it.level, entry=describe(new_spte))

@@ -5,8 +5,10 @@ SPTE (``Layout.prov``), who installed it and when, on a clock that ticks once
 per zap started: ``(clock << 8) | (1 + worker)``, the clock read *after* the
 cmpxchg succeeded.  While a fault's install is in flight (from before its
 cmpxchg until its provenance is written) the word holds the install's own
-TAG, and each install replaces only its own tag: a slow install never writes
-over the provenance of a later one at the same entry.  So a
+TAG; an install ending replaces its own tag, or the provenance of an install
+that tagged after it and ended first when that one's clock is not later, and
+leaves another's tag alone (that install reads the clock later): a leaf never
+shows a provenance older than its own.  So a
 leaf whose clock is at most the zap's start tick was installed before the zap
 began, and the zap, which visits every entry of its range after it began, must
 have removed it.  Entries installed later (a fault racing behind the zap after
@@ -68,9 +70,25 @@ def install_failed(kvm: Kvm, it: Any) -> None:
 def installed(kvm: Kvm, it: Any, fault: Any, old_spte: int, new_spte: int) -> None:
     tag, _old = _saved.pop(kvm)
     clock = kvm.w.load(kvm.layout.glob(Globals.ZAP_CLOCK))
-    # only over its own tag: a later install at the same entry, tagged since,
-    # owns the word (this leaf may already be zapped and replaced)
-    kvm.w.cmpxchg(prov_index(kvm, it.sptep), tag, (clock << 8) | (kvm.me + 1))
+    mine = (clock << 8) | (kvm.me + 1)
+    i = prov_index(kvm, it.sptep)
+    cur = kvm.w.load(i)
+    while True:
+        if cur == tag:
+            new = mine
+        elif cur & TAG:
+            # another install at the entry is in flight: it reads the clock when it
+            # ends, later than this install's cmpxchg, and writes then
+            return
+        else:
+            # another install that tagged after this one has finished meanwhile: of two
+            # installs the entry holds the later one, so keep the later clock (never an
+            # earlier one: a leaf must not look older than it is)
+            new = mine if cur >> 8 <= clock else cur
+        found = kvm.w.cmpxchg(i, cur, new)
+        if found == cur:
+            return
+        cur = found
 
 
 @oracle("zap left a present leaf",
