@@ -732,6 +732,14 @@ static bool ke_slot_range(struct kvm_memslots *slots, int i, gfn_t start, gfn_t 
  * khugepaged), which map at 2M again.  Returns the (widened) range; the new
  * state is applied by ke_thp_apply between invalidate_range_start and end.
  */
+/* The part of [start, end) in memslot i of slots, if that slot is THP-backed. */
+static bool ke_thp_slot(struct kvm *kvm, struct kvm_memslots *slots, int i, gfn_t start,
+			gfn_t end, struct kvm_gfn_range *r)
+{
+	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
+	return ke_slot_range(slots, i, start, end, true, r) && vm->thp_split[r->slot->id];
+}
+
 static void ke_thp_range(struct kvm *kvm, gfn_t *start, gfn_t *end)
 {
 	struct ke_vm *vm = container_of(kvm, struct ke_vm, kvm);
@@ -740,7 +748,7 @@ static void ke_thp_range(struct kvm *kvm, gfn_t *start, gfn_t *end)
 		struct kvm_gfn_range r;
 		struct kvm_memory_slot *slot;
 		gfn_t s, e;
-		if (!ke_slot_range(slots, i, *start, *end, true, &r) || !vm->thp_split[r.slot->id])
+		if (!ke_thp_slot(kvm, slots, i, *start, *end, &r))
 			continue;
 		slot = r.slot, s = r.start, e = r.end;
 		if ((s & 511) && !READ_ONCE(vm->thp_split[slot->id][gfn_to_index(s, slot->base_gfn, PG_LEVEL_2M)]))
@@ -758,7 +766,7 @@ static void ke_thp_apply(struct kvm *kvm, gfn_t start, gfn_t end)
 		struct kvm_gfn_range r;
 		struct kvm_memory_slot *slot;
 		gfn_t s, e;
-		if (!ke_slot_range(slots, i, start, end, true, &r) || !vm->thp_split[r.slot->id])
+		if (!ke_thp_slot(kvm, slots, i, start, end, &r))
 			continue;
 		slot = r.slot, s = r.start, e = r.end;
 		for (gfn_t g = s & ~511ULL; g < e; g += 512) {

@@ -452,23 +452,25 @@ class Supervisor:
         v = rcu_stall(self.words, self.layout, stuck, what)
         if v is None:
             return "hang"
+        self._add_violation(v, "watchdog")
+        return "violation"
+
+    def _add_violation(self, v: InvariantViolation, found_by: str,
+                       worker: str | None = None) -> None:
+        """A violation the supervisor itself found (not a worker's report)."""
         d = v.to_dict()
         d["time_s"] = round(time.monotonic() - self.t_start, 6)
         d["variant"] = self.cfg.run.variant
-        d["found_by"] = "watchdog"
+        if worker is not None:
+            d["worker"] = worker
+        d["found_by"] = found_by
         self.violations.append(d)
-        return "violation"
 
     def _record_report(self, rep: QuiescentReport, where: str) -> str | None:
         if not rep.violations:
             return None
         for v in rep.violations:
-            d = v.to_dict()
-            d["time_s"] = round(time.monotonic() - self.t_start, 6)
-            d["variant"] = self.cfg.run.variant
-            d["worker"] = "checker"
-            d["found_by"] = where
-            self.violations.append(d)
+            self._add_violation(v, where, "checker")
         return "violation"
 
     def _first_violation_ns(self) -> int | None:
@@ -650,12 +652,7 @@ class Supervisor:
             except Exception as e:  # harness failure: report, still clean up
                 oops = kernel_oops(e, e.__traceback__)
                 if oops is not None:  # the VM's setup (model code) faulted: the kernel's oops
-                    d = oops.to_dict()
-                    d["time_s"] = round(time.monotonic() - self.t_start, 6)
-                    d["variant"] = self.cfg.run.variant
-                    d["worker"] = "supervisor"
-                    d["found_by"] = "setup"
-                    self.violations.append(d)
+                    self._add_violation(oops, "setup", "supervisor")
                     reason = "violation"
                 else:
                     self.errors.append(f"harness error: {type(e).__name__}: {e}")

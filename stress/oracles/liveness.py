@@ -36,8 +36,8 @@ KVM_LOCKS = {"tdp_mmu_pages_lock": Globals.TDP_MMU_PAGES_LOCK,
              "mmu_unsync_pages_lock": Globals.MMU_UNSYNC_PAGES_LOCK,
              "tdx sept lock": Globals.TDX_SEPT_LOCK}
 _counts: WeakKeyDictionary[Kvm, dict[tuple[str, int], int]] = WeakKeyDictionary()
-# per wait (site, holder): the holder's published rounds when the wait began
-_wait_base: WeakKeyDictionary[Kvm, dict[tuple[str, int], int]] = WeakKeyDictionary()
+# per wait (site, holder): the holder's published rounds and heartbeat when the wait began
+_wait_base: WeakKeyDictionary[Kvm, dict[tuple[str, int], tuple[int, int]]] = WeakKeyDictionary()
 
 
 def _bound(kvm: Kvm, key: str, default: int) -> int:
@@ -92,18 +92,18 @@ def waits_bounded(kvm: Kvm, site: str, key: int, holder: int) -> None:
     rounds, beat = lay.slot(holder, Slot.RETRY_ROUNDS), lay.slot(holder, Slot.HEARTBEAT)
     base = _wait_base.setdefault(kvm, {})
     if n == 1:
-        base[(site, holder)] = kvm.w.load(rounds)
-        base[(site, -1 - holder)] = kvm.w.load(beat)
+        base[(site, holder)] = (kvm.w.load(rounds), kvm.w.load(beat))
     bound = _bound(kvm, "max_wait_rounds", MAX_WAIT_ROUNDS)
     if n <= bound:
         return
+    rounds0, beat0 = base.get((site, holder), (0, 0))
     loop = loop_of(kvm, holder)
-    if loop is not None and kvm.w.load(rounds) - base.get((site, holder), 0) > 0:
+    if loop is not None and kvm.w.load(rounds) > rounds0:
         kvm.bug("livelock", f"livelock in {site}: {n - 1} rounds waiting for worker {holder}"
                 f", which keeps retrying {loop[0]} at {_where(loop[1])}", site=site,
                 held_by_worker=holder, gfn=key, holder_site=loop[0], holder_gfn=loop[1],
                 rounds=n - 1)
-    if kvm.w.load(beat) != base.get((site, -1 - holder), 0):
+    if kvm.w.load(beat) != beat0:
         # the holder completed an operation meanwhile: it is making progress, only
         # slowly (a loaded machine deschedules it); count this wait again
         c[(site, -2 - holder)] = 0
