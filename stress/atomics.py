@@ -121,6 +121,13 @@ class Words:
         # scheduler's view of it: model/sched.py)
         self.scheduled_at = self.task_clock_ns()
 
+    def check_abort(self, what: str) -> None:
+        """Leave an unbounded wait or retry loop when the run is being torn down:
+        raise LockAborted(what) if the abort word is set.  The harness's exit,
+        not the kernel's (its lock waits check the same word natively)."""
+        if self.load(self.abort_i):
+            raise LockAborted(what)
+
     # -- tracing -----------------------------------------------------------------
     def enable_trace(self, ring_i: int, entries: int, head_i: int, seq_i: int,
                      worker: int) -> None:

@@ -174,6 +174,10 @@ class NotifierConfig:
     # on a TD: ranges that start on a private gfn are guest_memfd punch-holes (the
     # guest agreed); false: only the mmu_notifier of shared memory
     punch_private: bool = True
+    # the fraction of the shared memory's invalidations that may not block (the
+    # OOM reaper's mmu_notifier_invalidate_range_start_nonblock): KVM's zap of
+    # them does not yield
+    nonblock: float = 0.1
     # per-worker overrides of this section's keys, one table per worker of the
     # role in slot order ([[ROLE.worker]]; see Config.worker_config)
     worker: tuple[dict[str, Any], ...] = ()
@@ -186,6 +190,10 @@ class ConverterConfig:
     # convert a range, then convert it back on the next step (a guest sharing a
     # buffer for one I/O), so the attributes around it stay as they were
     revert: bool = False
+    # the fraction of conversions whose range is not chunk aligned: each end at a
+    # random gfn or at a 2M boundary, one below or one above it (a guest sharing
+    # a few pages of a buffer), so ranges start and end at every alignment
+    unaligned: float = 0.25
     # per-worker overrides of this section's keys, one table per worker of the
     # role in slot order ([[ROLE.worker]]; see Config.worker_config)
     worker: tuple[dict[str, Any], ...] = ()
@@ -704,11 +712,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "interval": _dur("notifier.interval", 0.0, 3600.0),
         "max_range": _size("notifier.max_range", 4096, 1 << 40),
         "punch_private": _bool("notifier.punch_private"),
+        "nonblock": _float("notifier.nonblock", 0.0, 1.0),
     },
     "converter": {
         "interval": _dur("converter.interval", 0.0, 3600.0),
         "range": _memsize("converter.range"),
         "revert": _bool("converter.revert"),
+        "unaligned": _float("converter.unaligned", 0.0, 1.0),
     },
     "unsync": {
         "enabled": _bool("unsync.enabled"),

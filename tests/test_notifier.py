@@ -139,3 +139,40 @@ def test_attribute_mismatch_exits_to_userspace(make_vm) -> None:
     vcpu.vcpu = k.vcpu
     assert kvm_tdp_page_fault(vcpu, GFN, write=True) == RET_PF_EXIT
     assert vcpu.stats["memory_fault_exits"] == 1
+
+
+def test_conversions_cover_every_alignment_and_revert_to_the_old_layout(make_vm) -> None:
+    """The converter's unaligned ranges start and end at any gfn, and at, one
+    below and one above 2M boundaries, some across one; a conversion's revert
+    runs put back exactly the attributes it changed, and a range that has its
+    attribute already is no conversion at all (kvm_range_has_memory_attributes)."""
+    from stress.config import load, load_from, shipped_configs
+    from stress.harness.workers import ConverterRole
+
+    cfg = load_from(load(shipped_configs()["huge"]), {"converter": {"unaligned": 1.0}})
+    vm = make_vm(tdx=True, chunk_shift=9, memslots=cfg.memslots, n_pages=512)
+    kvm = vm.kvm
+    conv = ConverterRole(kvm, cfg)
+    ranges = [conv.pick_range() for _ in range(600)]
+    assert all(0 <= s < e <= 16384 and e - s <= 8 + 1 for s, e in ranges)
+    assert {0, 1, 511} <= {s % 512 for s, _ in ranges}
+    assert {0, 1, 511} <= {e % 512 for _, e in ranges}
+    assert any(s // 512 != (e - 1) // 512 for s, e in ranges)  # across a 2M boundary
+    edge = 5 * 512  # a private region below, a shared one above (2M chunks)
+    before = [kvm_mem_is_private(kvm, g) for g in range(edge - 512, edge + 512)]
+    assert before[511] and not before[512]
+    for start, end, private in ((edge - 3, edge + 5, True), (edge - 3, edge + 5, False)):
+        runs = conv.changed_runs(start, end, private)
+        assert runs == ([(edge, edge + 5, False)] if private else [(edge - 3, edge, True)])
+        count = kvm.stats["conversions"]
+        n_attrs = [kvm_mem_is_private(kvm, g) for g in range(start, end)]
+        n.kvm_vm_set_mem_attributes(kvm, start, end, private)
+        assert all(kvm_mem_is_private(kvm, g) == private for g in range(start, end))
+        for s, e, p in runs:
+            n.kvm_vm_set_mem_attributes(kvm, s, e, p)
+        assert [kvm_mem_is_private(kvm, g) for g in range(start, end)] == n_attrs
+        assert kvm.stats["conversions"] == count + 2
+    assert [kvm_mem_is_private(kvm, g) for g in range(edge - 512, edge + 512)] == before
+    count = kvm.stats["conversions"]
+    n.kvm_vm_set_mem_attributes(kvm, edge - 8, edge, True)  # private already
+    assert kvm.stats["conversions"] == count

@@ -242,3 +242,39 @@ def test_provenance_of_overlapping_installs_is_never_older_than_the_leaf(vm) -> 
     prov = t0.w.load(prov_index(t0, it.sptep))
     assert prov >> 8 > token and prov & 0xFF == t0.me + 1
     assert t0.w.load(t0.layout.glob(Globals.ZAP_CLOCK)) == token + 1
+
+
+def test_eintr_without_a_signal_is_named(vm) -> None:
+    """An ioctl may fail with -EINTR only when a signal is pending (the harness's
+    STOP or ABORT is the model's signal)."""
+    from stress.arena import Control
+
+    kvm = vm.kvm
+    kvm.hooks.sys_exit(kvm, "KVM_PRE_FAULT_MEMORY", 0)
+    kvm.hooks.sys_exit(kvm, "KVM_PRE_FAULT_MEMORY", -5)
+    with pytest.raises(InvariantViolation) as e:
+        kvm.hooks.sys_exit(kvm, "KVM_PRE_FAULT_MEMORY", -4)
+    assert e.value.invariant == "EINTR without a signal"
+    assert "KVM_PRE_FAULT_MEMORY" in str(e.value)
+    kvm.w.store(kvm.layout.ctl(Control.STOP), 1)
+    kvm.hooks.sys_exit(kvm, "KVM_PRE_FAULT_MEMORY", -4)
+    kvm.w.store(kvm.layout.ctl(Control.STOP), 0)
+
+
+def test_only_the_holder_releases_a_kvm_lock(vm) -> None:
+    """DEBUG_SPINLOCK / DEBUG_MUTEXES / lockdep's "bad unlock balance": a task
+    releases a lock only if it holds it (neither a free lock nor another task's)."""
+    from stress.arena import Globals
+
+    kvm = vm.kvm
+    i = kvm.layout.glob(Globals.SLOTS_LOCK)
+    kvm.w.spin_lock(i, kvm.pid)
+    kvm.spin_unlock(i, "slots_lock")
+    for owner in (0, kvm.pid + 1):
+        if owner:
+            kvm.w.spin_lock(i, owner)
+        with pytest.raises(InvariantViolation) as e:
+            kvm.spin_unlock(i, "slots_lock")
+        assert e.value.invariant == "lockdep" and "bad unlock balance" in str(e.value)
+        assert kvm.w.load(i) == owner  # not released
+        kvm.w.spin_unlock(i)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from stress.arena import Control, Globals
 from stress.atomics import Words
 from stress.model import x86
@@ -164,3 +166,36 @@ def test_a_fault_sure_to_retry_does_not_queue_for_mmu_lock(vm) -> None:
         kvm_mmu_invalidate_end(inv)
         inv.write_unlock()
     assert kvm_tdp_page_fault(vm.kvm, G + 1, write=True) == RET_PF_FIXED  # a new snapshot
+
+
+def test_a_non_blocking_invalidation_never_yields_and_sleeping_there_is_a_bug(vm) -> None:
+    """The OOM reaper's invalidation (mmu_notifier_invalidate_range_start_nonblock)
+    zaps without yielding even when this task should reschedule, where a blocking
+    one yields; and a cond_resched inside a non-blocking section or an RCU
+    read-side section is the kernel's "sleeping function called from invalid
+    context"."""
+    from stress.model.errors import InvariantViolation
+    from stress.model.notifier import mmu_notifier_invalidate_range
+    from stress.model.sched import cond_resched, non_block_end, non_block_start
+
+    kvm = vm.kvm
+    for blockable, yields in ((False, 0), (True, 1)):
+        for g in range(G, G + 64):
+            assert kvm_tdp_page_fault(kvm, g, write=True) == RET_PF_FIXED
+        before = kvm.stats["yields"]
+        set_tsk_need_resched(kvm)
+        mmu_notifier_invalidate_range(kvm, G, G + 64, None, blockable=blockable)
+        assert min(kvm.stats["yields"] - before, 1) == yields, blockable
+        assert kvm.non_block_count == 0
+    for enter, leave in ((lambda: non_block_start(kvm), lambda: non_block_end(kvm)),
+                         (kvm.rcu.rcu_read_lock, kvm.rcu.rcu_read_unlock)):
+        enter()
+        with pytest.raises(InvariantViolation) as e:
+            cond_resched(kvm)
+        assert e.value.invariant == "sleeping in atomic context"
+        kvm.read_lock()
+        with pytest.raises(InvariantViolation):
+            cond_resched_rwlock_read(kvm)
+        kvm.read_unlock()
+        leave()
+    cond_resched(kvm)

@@ -359,7 +359,8 @@ class VcpuRole(Role):
         if vc.prefault_fraction and self.rng.random() < vc.prefault_fraction:
             n = max(1, vc.prefault_range >> 12)
             start = self.pick_gfn()
-            kvm_arch_vcpu_pre_fault_memory(kvm, start, min(self.end_of(start), start + n))
+            r = kvm_arch_vcpu_pre_fault_memory(kvm, start, min(self.end_of(start), start + n))
+            kvm.hooks.sys_exit(kvm, "KVM_PRE_FAULT_MEMORY", r)
             kvm.stats["prefaults"] += 1
             return
         if self.insn is None:
@@ -421,11 +422,13 @@ class VcpuRole(Role):
         kvm = self.kvm
         gfns = initial_image_gfns(self.cfg, kvm)
         r = tdx_vcpu_init_mem_region(kvm, gfns)
+        kvm.hooks.sys_exit(kvm, "KVM_TDX_INIT_MEM_REGION", r)
         if r == -4:  # -EINTR: the run is stopping (a violation elsewhere, or its end)
             return
         if r:
             kvm.bug("KVM_TDX_INIT_MEM_REGION failed", f"the initial image was refused ({r})")
         r = tdx_td_finalize(kvm)
+        kvm.hooks.sys_exit(kvm, "KVM_TDX_FINALIZE_VM", r)
         if r:
             kvm.bug("KVM_TDX_FINALIZE_VM failed", f"the TD could not be finalized ({r})")
 
@@ -477,7 +480,9 @@ class NotifierRole(Role):
             if attr_filter == "private" and (not check_td_runnable(kvm)
                                              or not self.cfg.notifier.punch_private):
                 attr_filter = "shared"
-        mmu_notifier_invalidate_range(kvm, start, end, attr_filter)
+        # the OOM reaper reaps the VMM's memory (the shared mapping), never guest_memfd's
+        blockable = attr_filter == "private" or self.rng.random() >= self.cfg.notifier.nonblock
+        mmu_notifier_invalidate_range(kvm, start, end, attr_filter, blockable)
         if self.cfg.notifier.interval:
             self.kvm.w.pause(self.cfg.notifier.interval * (0.5 + self.rng.random()))
 
@@ -489,41 +494,81 @@ class ConverterRole(Role):
 
     def __init__(self, kvm: Kvm, cfg: Config) -> None:
         super().__init__(kvm, cfg)
-        self.pending: tuple[int, int] | None = None  # converter.revert: to convert back
+        # converter.revert: the runs of gfns the last conversion changed, each to be
+        # converted back to the attribute it had, one per step
+        self.pending: list[tuple[int, int, bool]] = []
 
     def step(self) -> None:
         kvm = self.kvm
         if kvm.geometry.tdx and not check_td_runnable(kvm):
             kvm.w.pause(0.0005)  # conversions are the guest's: it must be running
             return
-        if self.pending is not None:
-            start, end = self.pending
-            self.pending = None
+        runs: list[tuple[int, int, bool]] | None = None  # None: a revert
+        if self.pending:
+            start, end, private = self.pending[-1]
         else:
-            chunk = (self.cfg.converter.range >> 12) or 1 << kvm.geometry.private_chunk_shift
-            gfn = self.pick_gfn()
-            base, slot_end = self.ram.slot_of(gfn)
-            start = max(base, gfn // chunk * chunk)
-            end = min(slot_end, start + chunk)
-            if self.cfg.converter.revert:
-                self.pending = (start, end)
-        private = not kvm_mem_is_private(kvm, start)
+            start, end = self.pick_range()
+            # the attribute the whole range takes: the other one of either end's
+            private = not kvm_mem_is_private(kvm, start if self.rng.random() < 0.5 else end - 1)
+            runs = self.changed_runs(start, end, private) if self.cfg.converter.revert else []
         if kvm.geometry.tdx:
-            self.map_gpa(start, end, private)
+            if not self.map_gpa(start, end, private):
+                return  # the exit was handled in the TD's fast path: no conversion yet
         else:
             kvm_vm_set_mem_attributes(kvm, start, end, private)
+        if runs is None:
+            self.pending.pop()
+        else:
+            self.pending = runs
         if self.cfg.converter.interval:
             self.kvm.w.pause(self.cfg.converter.interval * (0.5 + self.rng.random()))
 
-    def map_gpa(self, start: int, end: int, private: bool) -> None:
+    def changed_runs(self, start: int, end: int, private: bool) -> list[tuple[int, int, bool]]:
+        """The runs of [start, end) whose attribute is not ``private`` yet, each
+        with the attribute it has: what converting them back restores."""
+        runs: list[tuple[int, int, bool]] = []
+        for gfn in range(start, end):
+            if kvm_mem_is_private(self.kvm, gfn) == private:
+                continue
+            if runs and runs[-1][1] == gfn:
+                runs[-1] = (runs[-1][0], gfn + 1, not private)
+            else:
+                runs.append((gfn, gfn + 1, not private))
+        return runs
+
+    def pick_range(self) -> tuple[int, int]:
+        """The next range to convert, inside one memslot: a chunk-aligned chunk,
+        or (``converter.unaligned`` of the time) a range of at most a chunk and
+        a page whose ends are the boundary values of an alignment: the start at
+        a random gfn or one below, on or one above the 2M boundary nearest it,
+        the end at a random length or next to the first 2M boundary above the
+        start, when that is within reach."""
+        chunk = (self.cfg.converter.range >> 12) or 1 << self.kvm.geometry.private_chunk_shift
+        gfn = self.pick_gfn()
+        base, slot_end = self.ram.slot_of(gfn)
+        if self.rng.random() >= self.cfg.converter.unaligned:
+            start = max(base, gfn // chunk * chunk)
+            return start, min(slot_end, start + chunk)
+        n = KVM_PAGES_PER_HPAGE(PG_LEVEL_2M)
+        edge = (gfn + n // 2) & -n
+        start = self.rng.choice((gfn, edge - 1, edge, edge + 1))
+        start = min(max(base, start), slot_end - 1)
+        edge = (start & -n) + n
+        ends = [start + self.rng.randint(1, chunk)]
+        ends += [e for e in (edge - 1, edge, edge + 1) if start < e <= start + chunk + 1]
+        return start, min(slot_end, self.rng.choice(ends))
+
+    def map_gpa(self, start: int, end: int, private: bool) -> bool:
         """On a TD the guest converts: a vCPU in the TD issues
-        TDG.VP.VMCALL<MapGPA>, the TD exits, userspace converts chunk by chunk."""
+        TDG.VP.VMCALL<MapGPA>, the TD exits, userspace converts chunk by chunk.
+        False if the entry ended in the fast path, before the guest's call."""
         kvm = self.kvm
         if tdx_vcpu_run(kvm, None, None) == EXIT_FASTPATH_EXIT_HANDLED:
             kvm.w.relax()
-            return
+            return False
         td_exit(kvm)  # the TDVMCALL exits to KVM, then to userspace
         tdx_map_gpa(kvm, start, end, private)
+        return True
 
 
 class InvalidatorRole(Role):

@@ -147,6 +147,10 @@ class Hooks:
         """kvm_mmu_sync_roots finished its walk, mmu_lock still held for write."""
 
 
+    def sys_exit(self, kvm: Kvm, call: str, ret: int) -> None:
+        """The ioctl ``call`` returns ``ret`` to userspace (the raw_syscalls
+        sys_exit tracepoint): the harness, which is the VMM, reports what it got."""
+
     # -- liveness ----------------------------------------------------------------
     def retry(self, kvm: Kvm, site: str, key: int) -> None:
         """The operation in progress goes round the retry loop ``site`` (one of

@@ -213,6 +213,8 @@ class Kvm:
         # current slice (its start on the task clock, its length) and the RNG
         # the slices are drawn from
         self.tif_need_resched = False
+        # current->non_block_count (sched.py non_block_start): no sleeping
+        self.non_block_count = 0
         self.timeslice_ns = 0
         self.slice_start = -1
         self.slice_ns = 0.0
@@ -286,6 +288,17 @@ class Kvm:
     def lockdep_assert_held_write(self) -> None:
         if self.lock_mode != LOCK_WRITE:
             self.bug("lockdep", "mmu_lock must be held for write", held=self.lock_mode)
+
+    def spin_unlock(self, i: int, name: str) -> None:
+        """spin_unlock() / mutex_unlock() of a KVM lock word (the model's spin locks
+        and mutexes hold their owner's pid) with the kernel's lock debugging:
+        only the holder releases a lock (DEBUG_SPINLOCK's "spinlock wrong owner",
+        DEBUG_MUTEXES' owner check, lockdep's "bad unlock balance")."""
+        owner = self.w.load(i)
+        if owner != self.pid:
+            self.bug("lockdep", f"bad unlock balance: {name} released by a task that does "
+                     "not hold it", lock=name, owner=owner)
+        self.w.spin_unlock(i)
 
     def lockdep_assert_held(self) -> None:
         if self.lock_mode == LOCK_NONE:

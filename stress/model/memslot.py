@@ -19,7 +19,6 @@ and names the reader, where it is and what it keeps retrying.
 from __future__ import annotations
 
 from stress.arena import Globals, Slot
-from stress.atomics import LockAborted
 from stress.model.kvm import Kvm
 
 
@@ -43,8 +42,7 @@ def synchronize_srcu(kvm: Kvm) -> None:
                    and 0 < w.load(lay.slot(v, Slot.SRCU_READER)) <= gp]
         if not waiting:
             return
-        if w.load(w.abort_i):
-            raise LockAborted("synchronize_srcu")
+        w.check_abort("synchronize_srcu")
         v = waiting[0]
         kvm.hooks.wait(kvm, "synchronize_srcu", w.load(lay.slot(v, Slot.SRCU_SITE)) - 1, v)
         w.relax()

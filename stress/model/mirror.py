@@ -44,7 +44,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from stress.arena import Globals, SpMeta
-from stress.atomics import LockAborted
 from stress.model import events
 from stress.model.kvm import Kvm
 from stress.model.mmu_page import ROLE_MIRROR, external_spt, role_level
@@ -114,7 +113,7 @@ def seamcall(kvm: Kvm, name: str, call: SeamcallFn, *args: int) -> int:
         try:
             err = call(*args)
         finally:
-            kvm.w.spin_unlock(lock_i)
+            kvm.spin_unlock(lock_i, "tdx sept lock")
     else:
         err = call(*args)
         tries = tdx.busy_retries if tdx.policy == "retry" else 1
@@ -558,8 +557,7 @@ def _must_succeed(kvm: Kvm, name: str, call: SeamcallFn, gfn: int, level: int,
             return
         if not tdx_operand_busy(err):
             TDX_BUG_ON(kvm, err, name, gfn, level)
-        if kvm.w.load(kvm.w.abort_i):
-            raise LockAborted(name)
+        kvm.w.check_abort(name)
         kvm.hooks.retry(kvm, "tdh_mem_busy", gfn)
         kvm.w.spin_ns(200)
 
@@ -575,8 +573,7 @@ def proposal_track(kvm: Kvm) -> None:
         if err == TDX_SUCCESS:
             break
         kvm_make_all_cpus_request(kvm, KVM_REQ_OUTSIDE_GUEST_MODE)
-        if kvm.w.load(kvm.w.abort_i):
-            raise LockAborted("TDH.MEM.TRACK")
+        kvm.w.check_abort("TDH.MEM.TRACK")
         kvm.hooks.retry(kvm, "tdh_mem_busy", -1)
     kvm_make_all_cpus_request(kvm, KVM_REQ_OUTSIDE_GUEST_MODE)
 
@@ -768,8 +765,7 @@ def tdh_spin_without_kick(kvm: Kvm, name: str, call: SeamcallFn, *args: int) -> 
     if name == "TDH.MEM.RANGE.BLOCK":
         return err
     while tdx_operand_busy(err):
-        if kvm.w.load(kvm.w.abort_i):
-            raise LockAborted(name)
+        kvm.w.check_abort(name)
         kvm.hooks.retry(kvm, "tdh_mem_busy", args[0] if args else -1)
         kvm.w.relax()
         err = seamcall(kvm, name, call, *args)

@@ -48,6 +48,7 @@ from stress.model.roots import (
     KVM_MIRROR_ROOTS,
     for_each_tdp_mmu_root_yield_safe,
 )
+from stress.model.sched import non_block_end, non_block_start
 from stress.model.spte import (
     PG_LEVEL_2M,
 )
@@ -168,14 +169,17 @@ def faultin_pfn_then_seq(kvm: Kvm, gfn: int) -> tuple[int, int]:
 # the invalidation side
 # ---------------------------------------------------------------------------
 
-def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int) -> int:
+def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int,
+                        may_block: bool = True) -> int:
     """Zap [start, end) in every root of ``types`` (write lock; the mirror through
-    the S-EPT removal path).  Under the mirror-zap-shared proposal the mirror
-    part is left to :func:`unmap_mirror_shared`, after the write lock."""
+    the S-EPT removal path), yielding only if ``may_block``.  Under the
+    mirror-zap-shared proposal the mirror part is left to
+    :func:`unmap_mirror_shared`, after the write lock."""
     kvm.lockdep_assert_held_write()
     if kvm.variant.mirror_shared_zaps:
         types &= ~KVM_MIRROR_ROOTS
-    return kvm_tdp_mmu_zap_leafs_roots(kvm, types, start, end)  # flushes before returning
+    # flushes before returning
+    return kvm_tdp_mmu_zap_leafs_roots(kvm, types, start, end, may_block)
 
 
 def unmap_mirror_shared(kvm: Kvm, start: int, end: int, types: int) -> int:
@@ -202,8 +206,15 @@ def unmap_mirror_shared(kvm: Kvm, start: int, end: int, types: int) -> int:
 
 
 def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
-                                  attr_filter: str | None = None) -> None:
+                                  attr_filter: str | None = None,
+                                  blockable: bool = True) -> None:
     """invalidate_range_start, the page change, invalidate_range_end.
+
+    ``blockable`` False: the OOM reaper's
+    mmu_notifier_invalidate_range_start_nonblock (mm/oom_kill.c), whose
+    callback runs between non_block_start() and non_block_end(): KVM's zap
+    passes ``range->may_block`` on and must not yield (mm/mmu_notifier.c,
+    virt/kvm/kvm_main.c kvm_mmu_notifier_invalidate_range_start).
 
     ``attr_filter`` (a TD): ``"shared"`` is the mmu_notifier of the VMM's
     mapping, which backs only shared gfns (kvm_unmap_gfn_range with
@@ -217,15 +228,19 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
              "private": KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS}[attr_filter]
     if attr_filter == "private":
         guest_release_private(kvm, start, end)
+    if not blockable:
+        non_block_start(kvm)
     kvm.write_lock()
     try:
         kvm.hooks.invalidate_range_start(kvm, start, end)
         kvm_mmu_invalidate_begin(kvm)
         kvm_mmu_invalidate_range_add(kvm, start, end)
         kvm.w.trace(events.INVALIDATE, start, end, 0)
-        kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, types)
+        kvm.stats["entries_zapped"] += kvm_unmap_gfn_range(kvm, start, end, types, blockable)
     finally:
         kvm.write_unlock()
+        if not blockable:
+            non_block_end(kvm)
     kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, types)
     try:
         if attr_filter is None:
@@ -242,35 +257,46 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
 
 
 def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> None:
-    """KVM_SET_MEMORY_ATTRIBUTES on [start, end): begin and zap the mappings of the
-    root type that no longer owns the range (pre_set), store the attributes,
-    then end (post_set).  The old backing pages of the gfns whose attribute
-    changes are released (guest_memfd punch-hole on private -> shared, the VMM's
-    unmap on shared -> private); a gfn of the range that already had the new
-    attribute keeps its page (KVM's ioctl releases nothing itself: the VMM
-    discards the old kind's memory).  Replacing part of a THP splits it."""
-    kvm.write_lock()
+    """KVM_SET_MEMORY_ATTRIBUTES on [start, end), under slots_lock (which
+    serialises it with memslot updates and other conversions): nothing if the
+    whole range has the attribute already (kvm_range_has_memory_attributes);
+    else begin and zap the mappings of the root type that no longer owns the
+    range (pre_set), store the attributes, then end (post_set).  The old
+    backing pages of the gfns whose attribute changes are released
+    (guest_memfd punch-hole on private -> shared, the VMM's unmap on shared ->
+    private); a gfn of the range that already had the new attribute keeps its
+    page (KVM's ioctl releases nothing itself: the VMM discards the old kind's
+    memory).  Replacing part of a THP splits it."""
+    slots_i = kvm.layout.glob(Globals.SLOTS_LOCK)
+    kvm.w.spin_lock(slots_i, kvm.pid)
     try:
-        kvm.hooks.invalidate_range_start(kvm, start, end)
-        kvm_mmu_invalidate_begin(kvm)
-        kvm_mmu_invalidate_range_add(kvm, start, end)
-        kvm.variant.pre_set_range_add(kvm, start, end)  # kvm_arch_pre_set_memory_attributes
-        _attr_change_mark(kvm, start, end)
-        kvm.stats["entries_zapped"] += kvm.variant.pre_set_memory_attributes(
-            kvm, start, end, private)
+        changed = [gfn for gfn in range(start, end) if kvm_mem_is_private(kvm, gfn) != private]
+        if not changed:
+            return
+        kvm.write_lock()
+        try:
+            kvm.hooks.invalidate_range_start(kvm, start, end)
+            kvm_mmu_invalidate_begin(kvm)
+            kvm_mmu_invalidate_range_add(kvm, start, end)
+            kvm.variant.pre_set_range_add(kvm, start, end)  # kvm_arch_pre_set_memory_attributes
+            _attr_change_mark(kvm, start, end)
+            kvm.stats["entries_zapped"] += kvm.variant.pre_set_memory_attributes(
+                kvm, start, end, private)
+        finally:
+            kvm.write_unlock()
+        if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
+            kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end,
+                                                               KVM_MIRROR_ROOTS)
+        kvm_set_mem_attributes(kvm, start, end, private)
+        try:
+            for gfn in changed:
+                host_page_migrate(kvm, gfn)
+        finally:  # even when an oracle fires, so that no fault retries for ever
+            kvm.variant.invalidate_end(
+                kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
+        kvm.stats["conversions"] += 1
     finally:
-        kvm.write_unlock()
-    if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
-        kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, KVM_MIRROR_ROOTS)
-    changed = [gfn for gfn in range(start, end) if kvm_mem_is_private(kvm, gfn) != private]
-    kvm_set_mem_attributes(kvm, start, end, private)
-    try:
-        for gfn in changed:
-            host_page_migrate(kvm, gfn)
-    finally:  # even when an oracle fires, so that no fault retries for ever
-        kvm.variant.invalidate_end(
-            kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
-    kvm.stats["conversions"] += 1
+        kvm.spin_unlock(slots_i, "slots_lock")
 
 
 def _attr_change_mark(kvm: Kvm, start: int, end: int) -> None:
@@ -396,6 +422,6 @@ def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
             w.store(lay.glob(Globals.MEMSLOT_INVALID_END), 0)
         synchronize_srcu(kvm)  # the new slot is installed
     finally:
-        w.spin_unlock(slots_i)
+        kvm.spin_unlock(slots_i, "slots_lock")
     kvm.stats["memslot_moves"] += 1
     return n

@@ -358,12 +358,13 @@ class PreSetRangeAdd(Protocol):
 
 class ZapLeafsRoots(Protocol):
     def __call__(self, kvm: Kvm, roots: Iterable[int], start: int, end: int,
-                 /) -> tuple[int, bool]:
+                 can_yield: bool, /) -> tuple[int, bool]:
         """kvm_tdp_mmu_zap_leafs over every root of ``roots`` (pinned by the
-        iterator), mmu_lock held for write, yielding: the pending flush of
-        the roots zapped so far must be handed to the next root's zap, whose
-        yields service it before dropping mmu_lock.  Returns (leaves zapped,
-        flush still pending for the caller)."""
+        iterator), mmu_lock held for write, yielding if ``can_yield`` (the
+        range's may_block): the pending flush of the roots zapped so far must
+        be handed to the next root's zap, whose yields service it before
+        dropping mmu_lock.  Returns (leaves zapped, flush still pending for the
+        caller)."""
         ...
 
 

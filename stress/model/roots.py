@@ -149,7 +149,7 @@ def tdp_mmu_pages_lock(kvm: Kvm) -> None:
 
 
 def tdp_mmu_pages_unlock(kvm: Kvm) -> None:
-    kvm.w.spin_unlock(kvm.layout.glob(Globals.TDP_MMU_PAGES_LOCK))
+    kvm.spin_unlock(kvm.layout.glob(Globals.TDP_MMU_PAGES_LOCK), "tdp_mmu_pages_lock")
 
 
 def listed_roots(kvm: Kvm) -> list[int]:

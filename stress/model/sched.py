@@ -95,11 +95,36 @@ def _cond_resched(kvm: Kvm) -> bool:
     return False
 
 
+def non_block_start(kvm: Kvm) -> None:
+    """non_block_start(): current->non_block_count++; this task may not sleep
+    until non_block_end() (an mmu_notifier callback that may not block)."""
+    kvm.non_block_count += 1
+
+
+def non_block_end(kvm: Kvm) -> None:
+    """non_block_end(): current->non_block_count--."""
+    kvm.non_block_count -= 1
+
+
+def __might_resched(kvm: Kvm, where: str) -> None:  # noqa: N807 (kernel name)
+    """__might_resched() (CONFIG_DEBUG_ATOMIC_SLEEP) at the top of cond_resched()
+    and cond_resched_rwlock_{read,write}(): the task must be allowed to sleep
+    here, whether or not it then does: not in a non-blocking section
+    (current->non_block_count) nor in an RCU read-side critical section
+    (rcu_preempt_depth(), PREEMPT_RCU; mmu_lock itself is the offset the
+    rwlock variants allow).  Named as the kernel engine names the same splat."""
+    if kvm.non_block_count or kvm.rcu.nesting:
+        kvm.bug("sleeping in atomic context",
+                f"BUG: sleeping function called from invalid context: {where}",
+                non_block=kvm.non_block_count, rcu_nest_depth=kvm.rcu.nesting)
+
+
 def cond_resched(kvm: Kvm) -> bool:
     """cond_resched() in a retry loop (and the need_resched() check before a
     guest entry): schedule() if need_resched(); otherwise the model's relax()
     (nothing in a free run; in a controlled one a spinning retry hands the turn
     on, or it would keep it until its slice ends).  True if it scheduled."""
+    __might_resched(kvm, "cond_resched")
     if _cond_resched(kvm):
         return True
     kvm.w.relax()
@@ -116,6 +141,7 @@ def cond_resched_rwlock_read(kvm: Kvm) -> bool:
     """__cond_resched_rwlock_read(&kvm->mmu_lock): drop the read lock if someone
     waits for mmu_lock or this task should reschedule, then take it again.
     True if the lock was dropped."""
+    __might_resched(kvm, "cond_resched_rwlock_read")
     resched = need_resched(kvm)  # should_resched(PREEMPT_LOCK_OFFSET)
     kvm.lockdep_assert_held_read()
     if kvm.rwlock_needbreak() or resched:
@@ -129,6 +155,7 @@ def cond_resched_rwlock_read(kvm: Kvm) -> bool:
 
 def cond_resched_rwlock_write(kvm: Kvm) -> bool:
     """__cond_resched_rwlock_write(&kvm->mmu_lock): the same with the write lock."""
+    __might_resched(kvm, "cond_resched_rwlock_write")
     resched = need_resched(kvm)
     kvm.lockdep_assert_held_write()
     if kvm.rwlock_needbreak() or resched:

@@ -270,8 +270,9 @@ def tdx_vm_state_guard_slots_only(kvm: Kvm) -> list[int]:
 
 
 def _release(kvm: Kvm, taken: list[int]) -> None:
+    slots_i = _g(kvm, Globals.SLOTS_LOCK)
     for i in reversed(taken):
-        kvm.w.spin_unlock(i)
+        kvm.spin_unlock(i, "slots_lock" if i == slots_i else "vcpu->mutex")
 
 
 def tdx_gmem_post_populate(kvm: Kvm, gfn: int) -> int:
@@ -343,7 +344,7 @@ def tdx_vcpu_ioctl(kvm: Kvm) -> None:
                     vcpu=kvm.me)
         kvm.stats["vcpu_ioctls"] += 1
     finally:
-        w.spin_unlock(vcpu_mutex_i(kvm, kvm.me))
+        kvm.spin_unlock(vcpu_mutex_i(kvm, kvm.me), "vcpu->mutex")
 
 
 def kvm_tdp_map_page(kvm: Kvm, gfn: int, addr_direct: bool, private: bool) -> int:

@@ -760,19 +760,19 @@ def kvm_tdp_mmu_zap_leafs(kvm: Kvm, root: int, start: int, end: int) -> int:
 
 
 def zap_leafs_flush_threaded(kvm: Kvm, roots: Iterable[int], start: int,
-                             end: int) -> tuple[int, bool]:
+                             end: int, can_yield: bool) -> tuple[int, bool]:
     """kvm_tdp_mmu_zap_leafs over roots (fixed, a835429cda91): the pending flush
     of the roots zapped so far is handed to the next root's zap, whose yields
     service it before dropping mmu_lock."""
     n, flush = 0, False
     for root in roots:
-        k, flush = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield=True, flush=flush)
+        k, flush = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield, flush=flush)
         n += k
     return n, flush
 
 
 def zap_leafs_flush_per_root(kvm: Kvm, roots: Iterable[int], start: int,
-                             end: int) -> tuple[int, bool]:
+                             end: int, can_yield: bool) -> tuple[int, bool]:
     """Buggy (before a835429cda91): each root's zap starts with no pending flush
     and the caller ORs the results, so a yield while walking a later root drops
     mmu_lock with the earlier roots' zaps not yet flushed: an mmu_notifier that
@@ -780,20 +780,24 @@ def zap_leafs_flush_per_root(kvm: Kvm, roots: Iterable[int], start: int,
     page is freed while a vCPU's TLB still maps it."""
     n, flush = 0, False
     for root in roots:
-        k, f = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield=True, flush=False)
+        k, f = tdp_mmu_zap_leafs(kvm, root, start, end, can_yield, flush=False)
         n += k
         flush |= f
     return n, flush
 
 
-def kvm_tdp_mmu_zap_leafs_roots(kvm: Kvm, types: int, start: int, end: int) -> int:
+def kvm_tdp_mmu_zap_leafs_roots(kvm: Kvm, types: int, start: int, end: int,
+                                may_block: bool = True) -> int:
     """kvm_zap_gfn_range's TDP MMU part: zap the leaves of [start, end) in every
-    root of ``types``, yielding, then service the pending flush before the
-    caller drops mmu_lock (held for write).  Returns the leaves zapped."""
+    root of ``types``, yielding unless the range may not block (a non-blocking
+    mmu_notifier invalidation: kvm_tdp_mmu_unmap_gfn_range passes
+    ``range->may_block`` as tdp_mmu_zap_leafs' can_yield), then service the
+    pending flush before the caller drops mmu_lock (held for write).  Returns
+    the leaves zapped."""
     token = kvm.hooks.zap_start(kvm, types)
     roots = for_each_tdp_mmu_root_yield_safe(kvm, types)
     try:
-        n, flush = kvm.variant.zap_leafs_roots(kvm, roots, start, end)
+        n, flush = kvm.variant.zap_leafs_roots(kvm, roots, start, end, may_block)
     finally:
         roots.close()  # puts the root a lost race left pinned, now
     if flush:
@@ -1181,5 +1185,5 @@ def kvm_mmu_zap_all_fast(kvm: Kvm) -> None:
         finally:
             kvm.read_unlock()
     finally:
-        kvm.w.spin_unlock(slots_i)
+        kvm.spin_unlock(slots_i, "slots_lock")
     kvm.stats["fast_zaps"] += 1

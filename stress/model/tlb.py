@@ -53,7 +53,6 @@ from __future__ import annotations
 import os
 
 from stress.arena import TLB_ENTRIES, TLB_MAX_LEVELS
-from stress.atomics import LockAborted
 from stress.model import events
 from stress.model.kvm import Kvm, kvm_gfn_direct_bits, slot_index
 from stress.model.spte import (
@@ -109,8 +108,7 @@ def kvm_make_all_cpus_request(kvm: Kvm, req: int) -> None:
             w.relax()  # a hand-over in a controlled run
             spins += 1
             if spins >= 8:  # the vCPU's process may be off-CPU: let it run
-                if w.load(w.abort_i):
-                    raise LockAborted("kick")
+                w.check_abort("kick")
                 os.sched_yield()
         kvm.stats["kicks"] += 1
 

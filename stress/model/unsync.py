@@ -126,7 +126,7 @@ def _lock_unsync(kvm: Kvm) -> None:
 
 
 def _unlock_unsync(kvm: Kvm) -> None:
-    kvm.w.spin_unlock(kvm.layout.glob(Globals.MMU_UNSYNC_PAGES_LOCK))
+    kvm.spin_unlock(kvm.layout.glob(Globals.MMU_UNSYNC_PAGES_LOCK), "mmu_unsync_pages_lock")
 
 
 def unsync_double_checked(kvm: Kvm, sp: int) -> int:

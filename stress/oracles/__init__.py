@@ -9,7 +9,8 @@ by the quiescent and teardown walks (:mod:`stress.oracles.quiescent`).
 
 One module per area: memory (KASAN-like), tlb (flushes and D bits), faults,
 roots, notifier (invalidations), tdx, unsync, liveness, zaps, transitions, oops
-(the model's exceptions as the kernel's oops), quiescent.
+(the model's exceptions as the kernel's oops), syscalls (what an ioctl returns),
+quiescent.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from stress.oracles import (
     oops,
     quiescent,
     roots,
+    syscalls,
     tdx,
     tlb,
     transitions,
@@ -38,7 +40,7 @@ from stress.oracles.base import HOOK_QUIESCENT, HOOK_TEARDOWN, HOOK_WATCHDOG, OR
 
 __all__ = ["HOOK_QUIESCENT", "HOOK_TEARDOWN", "HOOK_WATCHDOG", "ORACLES", "Oracle",
            "OracleHooks", "attach", "faults", "kernel", "liveness", "memory", "notifier",
-           "oops", "quiescent", "roots", "tdx", "tlb", "transitions", "unsync", "zaps"]
+           "oops", "quiescent", "roots", "syscalls", "tdx", "tlb", "transitions", "unsync", "zaps"]
 
 HOOK_NAMES = tuple(n for n in vars(Hooks) if not n.startswith("_"))
 # at one hook, the oracles of these modules run first (a table's RCU callback and a

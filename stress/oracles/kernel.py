@@ -55,8 +55,9 @@ for _name, _inv, _when in (
          "at the assertion"),
         ("suspicious RCU usage", "rcu_dereference() runs inside rcu_read_lock()",
          "at every rcu_dereference of the tree"),
-        ("sleeping in atomic context", "no cond_resched()/might_sleep() inside an RCU section",
-         "at the call"),
+        ("sleeping in atomic context", "no cond_resched()/might_sleep() inside an RCU section "
+         "or a non-blocking section (non_block_start: an mmu_notifier that may not block); "
+         "the Python model's __might_resched checks the same", "at the call"),
         ("refcount misuse", "no refcount_t increments from 0 or drops below 0",
          "at refcount_inc/refcount_dec_and_test"),
         ("use-after-free of page-table page",
