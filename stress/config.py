@@ -136,6 +136,11 @@ class VcpuConfig:
     # running the guest (kvm_tdp_map_page's retry loop, which never enters the guest)
     prefault_fraction: float = 0.0
     prefault_range: int = 16 << 12  # bytes pre-faulted by one ioctl
+    # share of the vCPU ioctls that check for signals (KVM_TDX_INIT_MEM_REGION,
+    # KVM_PRE_FAULT_MEMORY) during which the VMM signals the thread (QEMU's SIG_IPI
+    # kick): the signal arrives at one of the ioctl's first checks, and an ioctl it
+    # interrupts (-EINTR) is restarted where it stopped
+    signals: float = 0.1
     # per-worker overrides of this section's keys, one table per worker of the
     # role in slot order ([[ROLE.worker]]; see Config.worker_config)
     worker: tuple[dict[str, Any], ...] = ()
@@ -685,6 +690,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "guest_accesses": _int("vcpu.guest_accesses", 0, 10**6),
         "prefault_fraction": _float("vcpu.prefault_fraction", 0.0, 1.0),
         "prefault_range": _size("vcpu.prefault_range", 4096, 1 << 30),
+        "signals": _float("vcpu.signals", 0.0, 1.0),
     },
     "invalidator": {
         "interval": _dur("invalidator.interval", 0.0, 3600.0),

@@ -219,3 +219,18 @@ def test_config_choice_falls_back_to_a_valid_variant_then_prefers_the_guards_bod
     assert choose_config(m, reach) == "default"  # the fixed protocol first
     reach["configs"]["tdx-busy@mirror-zap-shared"]["hits"].append(m.body_key)
     assert choose_config(m, reach) == "tdx-busy@mirror-zap-shared"  # the guard fired there
+
+
+def test_a_negated_if_else_prefers_a_run_that_took_both_branches() -> None:
+    [m] = [m for m in generate(("notifier.py",)) if m.operator == "negate-cond"
+           and m.function == "mmu_notifier_invalidate_range"
+           and m.segment.startswith("attr_filter is None")]
+    assert m.else_key is not None and m.body_key is not None
+    reach = {"configs": {"dirty": {"exit_code": 0, "hits": [m.site_key, m.body_key]},
+                         "tdx-busy": {"exit_code": 0,
+                                      "hits": [m.site_key, m.body_key, m.else_key]}}}
+    assert choose_config(m, reach) == "tdx-busy"  # both branches: the swap shows
+    reach["configs"]["tdx-busy"]["hits"].remove(m.body_key)
+    assert choose_config(m, reach) in ("dirty", "tdx-busy")
+    assert not [g for g in generate(("notifier.py",)) if g.operator != "negate-cond"
+                and g.else_site]

@@ -460,3 +460,27 @@ def test_a_conversion_releases_only_the_pages_whose_attribute_changes(make_vm,
     assert is_shadow_present_pte(vm.words.load(mirror_sptep(vm, PRIVATE)))
     assert sept_state(sept_leaf(vm, PRIVATE)) == SEPT_MAPPED
     assert not quiescent_check(kvm).violations
+
+
+def test_a_signal_interrupts_init_mem_region_where_it_stopped(make_vm) -> None:
+    """KVM_TDX_INIT_MEM_REGION checks signal_pending() before each page and in the
+    map loop: a signal (the VMM's kick) ends it with -EINTR, the region advanced
+    past the pages already added, so the restart adds each page once; an EINTR
+    with the signal pending is no 'EINTR without a signal'."""
+    from stress.model.td import tdx_vcpu_init_mem_region
+
+    td = make_vm(tdx=True, runnable=False)
+    kvm = td.kvm
+    region = [PRIVATE + k for k in range(6)]
+    # the next page's check (after one page), then the map loop's (of that next page)
+    for arrive, added in ((3, 1), (2, 0)):
+        kvm.signal_in = arrive
+        before = kvm.stats["init_mem_pages"]
+        assert tdx_vcpu_init_mem_region(kvm, region) == -4
+        kvm.hooks.sys_exit(kvm, "KVM_TDX_INIT_MEM_REGION", -4)
+        assert kvm.stats["init_mem_pages"] - before == added
+        kvm.signal_in = -1
+    assert region == [PRIVATE + k for k in range(1, 6)]
+    assert tdx_vcpu_init_mem_region(kvm, region) == 0 and region == []
+    assert kvm.stats["init_mem_pages"] == 6
+    assert kvm.stats["page_adds"] == 6

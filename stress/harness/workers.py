@@ -200,6 +200,9 @@ def worker_roles(cfg: Config) -> list[str]:
     return cfg.worker_roles()
 
 
+INIT_REGION_PAGES = 32  # pages of the initial image per KVM_TDX_INIT_MEM_REGION
+
+
 def initial_image_gfns(cfg: Config, kvm: Kvm) -> list[int]:
     """The private gfns of the TD's initial image (KVM_TDX_INIT_MEM_REGION), from
     the start of the hot set on, so the guest uses them at once."""
@@ -359,8 +362,10 @@ class VcpuRole(Role):
         if vc.prefault_fraction and self.rng.random() < vc.prefault_fraction:
             n = max(1, vc.prefault_range >> 12)
             start = self.pick_gfn()
+            self.maybe_signal()
             r = kvm_arch_vcpu_pre_fault_memory(kvm, start, min(self.end_of(start), start + n))
             kvm.hooks.sys_exit(kvm, "KVM_PRE_FAULT_MEMORY", r)
+            self.signal_delivered()  # pre-faulting is a hint: not restarted
             kvm.stats["prefaults"] += 1
             return
         if self.insn is None:
@@ -416,17 +421,41 @@ class VcpuRole(Role):
         # retries: the local ones (a private fault), or one re-entry (a shared one)
         self.after_fault(kvm.stats["local_retries"] - before + (r == RET_PF_RETRY))
 
+    def maybe_signal(self) -> None:
+        """``vcpu.signals`` of the time, the VMM signals this thread during the
+        ioctl it is about to make: the signal arrives at one of its first
+        signal_pending() checks."""
+        if self.rng.random() < self.cfg.vcpu.signals:
+            self.kvm.signal_in = self.rng.randint(1, 4)
+
+    def signal_delivered(self) -> bool:
+        """The ioctl returned: the VMM's signal, if one arrived, is handled now.
+        True if one had arrived."""
+        arrived = self.kvm.signal_in == 0
+        self.kvm.signal_in = -1
+        return arrived
+
     def build_initial_image(self) -> None:
-        """KVM_TDX_INIT_MEM_REGION over the initial image, then
-        KVM_TDX_FINALIZE_VM (the first vCPU only, once)."""
+        """KVM_TDX_INIT_MEM_REGION over the initial image, one call per
+        INIT_REGION_PAGES (as a VMM adds firmware sections), each restarted where
+        it stopped when a signal interrupted it; then KVM_TDX_FINALIZE_VM (the
+        first vCPU only, once)."""
         kvm = self.kvm
         gfns = initial_image_gfns(self.cfg, kvm)
-        r = tdx_vcpu_init_mem_region(kvm, gfns)
-        kvm.hooks.sys_exit(kvm, "KVM_TDX_INIT_MEM_REGION", r)
-        if r == -4:  # -EINTR: the run is stopping (a violation elsewhere, or its end)
-            return
-        if r:
-            kvm.bug("KVM_TDX_INIT_MEM_REGION failed", f"the initial image was refused ({r})")
+        for k in range(0, len(gfns), INIT_REGION_PAGES):
+            region = gfns[k:k + INIT_REGION_PAGES]
+            while True:
+                self.maybe_signal()
+                r = tdx_vcpu_init_mem_region(kvm, region)
+                kvm.hooks.sys_exit(kvm, "KVM_TDX_INIT_MEM_REGION", r)
+                if not (self.signal_delivered() and r == -4):
+                    break
+                kvm.stats["init_mem_restarts"] += 1  # -EINTR: go on where it stopped
+            if r == -4:  # -EINTR: the run is stopping (a violation elsewhere, or its end)
+                return
+            if r:
+                kvm.bug("KVM_TDX_INIT_MEM_REGION failed",
+                        f"the initial image was refused ({r})")
         r = tdx_td_finalize(kvm)
         kvm.hooks.sys_exit(kvm, "KVM_TDX_FINALIZE_VM", r)
         if r:

@@ -215,6 +215,9 @@ class Kvm:
         self.tif_need_resched = False
         # current->non_block_count (sched.py non_block_start): no sleeping
         self.non_block_count = 0
+        # a signal sent to this task arrives just before its n-th signal_pending()
+        # check from now (0: pending; -1: none sent)
+        self.signal_in = -1
         self.timeslice_ns = 0
         self.slice_start = -1
         self.slice_ns = 0.0
@@ -325,7 +328,17 @@ def vm_dead(kvm: Kvm) -> bool:
 
 
 def signal_pending(kvm: Kvm) -> bool:
-    """The task was asked to stop (the harness's STOP or ABORT): what a signal
-    is to an ioctl's retry loop."""
+    """signal_pending(current) at an ioctl's check: a signal the VMM sent this
+    task (``Kvm.signal_in``: it arrives just before the n-th check, as the
+    VMM's SIG_IPI kicks a vCPU thread in the middle of an ioctl), or the
+    harness's STOP or ABORT, the signal that ends a run."""
+    if kvm.signal_in > 0:
+        kvm.signal_in -= 1
+    return has_pending_signal(kvm)
+
+
+def has_pending_signal(kvm: Kvm) -> bool:
+    """Whether a signal is pending now, counting no check (what the VMM and the
+    oracles read)."""
     w = kvm.w
-    return bool(w.load(w.abort_i) or w.load(kvm.layout.ctl(Control.STOP)))
+    return kvm.signal_in == 0 or bool(w.load(w.abort_i) or w.load(kvm.layout.ctl(Control.STOP)))

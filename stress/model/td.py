@@ -289,19 +289,23 @@ def tdx_gmem_post_populate(kvm: Kvm, gfn: int) -> int:
     return 0
 
 
-def tdx_vcpu_init_mem_region(kvm: Kvm, gfns: list[int]) -> int:
-    """KVM_TDX_INIT_MEM_REGION on this vCPU: populate ``gfns`` one page at a time
-    under the VM-state locks."""
+def tdx_vcpu_init_mem_region(kvm: Kvm, region: list[int]) -> int:
+    """KVM_TDX_INIT_MEM_REGION on this vCPU: populate the gfns of ``region`` one
+    page at a time under the VM-state locks.  Each page populated leaves the
+    region (the kernel advances region.gpa and nr_pages and copies the region
+    back to userspace, even on an error), so the VMM restarts an interrupted
+    call where it stopped."""
     if td_state(kvm) == TD_STATE_RUNNABLE:
         return -22  # -EINVAL: the initial memory is fixed once the TD is finalized
     taken = kvm.variant.tdx_vm_state_guard(kvm)
     try:
-        for gfn in gfns:
+        while region:
             if signal_pending(kvm):
                 return -EINTR
-            r = tdx_gmem_post_populate(kvm, gfn)
+            r = tdx_gmem_post_populate(kvm, region[0])
             if r:
                 return r
+            del region[0]
             kvm.stats["init_mem_pages"] += 1
     finally:
         _release(kvm, taken)

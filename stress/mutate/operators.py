@@ -108,6 +108,10 @@ class Mutant:
     # changes what runs (a guard dropped differs only when it would have fired); the
     # config choice prefers a run that got there (0: none)
     body_site: int = 0
+    # a negated if's with an else (or elif): the first line of that branch, which
+    # the mutant runs where the body would have run and the other way round; the
+    # config choice prefers a run that took both branches (0: none)
+    else_site: int = 0
 
     @property
     def site_key(self) -> str:
@@ -116,6 +120,10 @@ class Mutant:
     @property
     def body_key(self) -> str | None:
         return f"{self.file}:{self.body_site}" if self.body_site else None
+
+    @property
+    def else_key(self) -> str | None:
+        return f"{self.file}:{self.else_site}" if self.else_site else None
 
     def apply(self, source: str) -> str:
         data = source.encode()
@@ -348,7 +356,8 @@ class _Generator:
 
     # -- plumbing --------------------------------------------------------------
     def add(self, fn: _FnState, op: str, node: ast.AST, site: ast.stmt, what: str,
-            edits: list[Edit], helpers: bool = False, body_site: int = 0) -> None:
+            edits: list[Edit], helpers: bool = False, body_site: int = 0,
+            else_site: int = 0) -> None:
         k = fn.counts.get(op, 0)
         fn.counts[op] = k + 1
         line = node.lineno  # type: ignore[attr-defined]
@@ -357,7 +366,8 @@ class _Generator:
             operator=op, line=line, site=site.lineno,
             description=f"{self.file}:{fn.qualname}: {what} at line {line}",
             segment=self.src.seg(node).splitlines()[0].strip(), edits=tuple(edits),
-            helpers=helpers, body_site=body_site if body_site != site.lineno else 0))
+            helpers=helpers, body_site=body_site if body_site != site.lineno else 0,
+            else_site=else_site))
 
     def replace(self, node: ast.AST, text: str) -> list[Edit]:
         a, b = self.src.span(node)
@@ -481,8 +491,9 @@ class _Generator:
         if isinstance(s.test, ast.Constant):
             return  # while True
         kw = "if" if isinstance(s, ast.If) else "while"
+        orelse = s.orelse[0].lineno if isinstance(s, ast.If) and s.orelse else 0
         self.add(fn, "negate-cond", s.test, s, f"negate `{kw} {short(test, 50)}`",
-                 self.replace(s.test, f"not ({test})"), body_site=body)
+                 self.replace(s.test, f"not ({test})"), body_site=body, else_site=orelse)
         if isinstance(s.test, ast.BoolOp):
             op = " and " if isinstance(s.test.op, ast.And) else " or "
             for j, v in enumerate(s.test.values):

@@ -19,7 +19,9 @@ first config in :data:`FALLBACK` that did; else on a variant target that did (th
 preferred config first); a site no target reached is the outcome ``unreached``.  A
 guard's or a condition's mutant (``Mutant.body_site``) first looks, in the same order,
 for a target that ran the if's body: a dropped guard differs from the protocol only
-when it would have fired, a dropped conjunct mostly when its if is taken.
+when it would have fired, a dropped conjunct mostly when its if is taken.  A negated
+if with an else (``Mutant.else_site``) looks first for a target that ran both
+branches, since the mutant runs each where the other would have run.
 """
 
 from __future__ import annotations
@@ -108,11 +110,15 @@ def choose_config(m: Mutant, reach: dict[str, Any]) -> str | None:
     variants = [n for n in usable if "@" in n]
     order = [pref, *FALLBACK, *sorted(fixed),
              *[n for n in variants if split_target(n)[0] == pref], *variants]
-    for key in (m.body_key, m.site_key):  # a run that took the guard's branch first
-        if key is None:
+    # a run that took both branches of a negated if/else first, then one that took
+    # the guard's (or the if's) branch, then one that reached the statement
+    wanted = [(m.body_key, m.else_key)] if m.else_key and m.body_key else []
+    wanted += [(m.body_key,), (m.site_key,)]
+    for keys in wanted:
+        if None in keys:
             continue
         for name in order:
-            if key in usable.get(name, ()):
+            if all(k in usable.get(name, ()) for k in keys):
                 return name
     return None
 
@@ -179,8 +185,9 @@ def profile(sandbox: Sandbox, mutants: list[Mutant], duration: float, seed: int,
     sites: dict[str, set[int]] = {}
     for m in mutants:
         sites.setdefault(m.file, set()).add(m.site)
-        if m.body_site:
-            sites[m.file].add(m.body_site)
+        for extra in (m.body_site, m.else_site):
+            if extra:
+                sites[m.file].add(extra)
     files = {f: instrument(sandbox.original(f), f, s) for f, s in sites.items()}
 
     def one(name: str) -> tuple[str, dict[str, Any]]:

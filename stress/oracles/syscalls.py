@@ -6,7 +6,7 @@ Checked where the harness, the VMM, gets an ioctl's return value (the
 
 from __future__ import annotations
 
-from stress.model.kvm import Kvm, signal_pending
+from stress.model.kvm import Kvm, has_pending_signal
 from stress.oracles.base import oracle
 
 EINTR = 4
@@ -19,6 +19,6 @@ EINTR = 4
         hook="sys_exit", when="the harness, at each ioctl's return to userspace",
         cost="one comparison per ioctl (two loads on -EINTR)")
 def eintr_means_signal(kvm: Kvm, call: str, ret: int) -> None:
-    if ret == -EINTR and not signal_pending(kvm):
+    if ret == -EINTR and not has_pending_signal(kvm):
         kvm.bug("EINTR without a signal",
                 f"{call} returned -EINTR with no signal pending", ioctl=call)
