@@ -21,7 +21,8 @@ guard's or a condition's mutant (``Mutant.body_site``) first looks, in the same 
 for a target that ran the if's body: a dropped guard differs from the protocol only
 when it would have fired, a dropped conjunct mostly when its if is taken.  A negated
 if with an else (``Mutant.else_site``) looks first for a target that ran both
-branches, since the mutant runs each where the other would have run.
+branches, then for one that ran either (in the same order), since the mutant runs
+each where the other would have run.
 """
 
 from __future__ import annotations
@@ -110,15 +111,17 @@ def choose_config(m: Mutant, reach: dict[str, Any]) -> str | None:
     variants = [n for n in usable if "@" in n]
     order = [pref, *FALLBACK, *sorted(fixed),
              *[n for n in variants if split_target(n)[0] == pref], *variants]
-    # a run that took both branches of a negated if/else first, then one that took
-    # the guard's (or the if's) branch, then one that reached the statement
-    wanted = [(m.body_key, m.else_key)] if m.else_key and m.body_key else []
-    wanted += [(m.body_key,), (m.site_key,)]
-    for keys in wanted:
-        if None in keys:
-            continue
+    # a run that took both branches of a negated if/else first (then either: the
+    # mutant swaps them), else one that took the guard's (or the if's) branch, then
+    # one that reached the statement; each tier in the order above
+    if m.else_key and m.body_key:
+        tiers = [((m.body_key, m.else_key), all), ((m.body_key, m.else_key), any)]
+    else:
+        tiers = [((m.body_key,), all)] if m.body_key else []
+    tiers.append(((m.site_key,), all))
+    for keys, how in tiers:
         for name in order:
-            if all(k in usable.get(name, ()) for k in keys):
+            if how(k in usable.get(name, ()) for k in keys):
                 return name
     return None
 
