@@ -215,6 +215,9 @@ def test_kernel_oops_names_faults_of_protocol_code_only() -> None:
     e = raised("def f():\n    return 1 << (0 - 1)\n", tdp_mmu.__file__)
     v = kernel_oops(e, e.__traceback__)
     assert v is not None and "UBSAN: shift-out-of-bounds in f" in v.message
+    e = raised("def f():\n    raise AssertionError('unreachable')\n", tdp_mmu.__file__)
+    v = kernel_oops(e, e.__traceback__)
+    assert v is not None and v.message.startswith("kernel BUG in f (tdp_mmu.py:2)")
     e = raised("def f():\n    raise KeyError(1)\n", tdp_mmu.__file__)
     assert kernel_oops(e, e.__traceback__) is None  # not an oops the kernel has
     e = raised("def f():\n    return None.x\n", __file__)

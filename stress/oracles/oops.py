@@ -26,8 +26,9 @@ _MODEL = Path(__file__).resolve().parent.parent / "model"
 listed("kernel oops",
        invariant="protocol code never faults: no NULL pointer dereference, no shift out of "
                  "bounds, no index past a table, no division by zero, no runaway recursion, "
-                 "no allocation the page pool cannot serve (the kernel's oops, KASAN's and "
-                 "UBSAN's reports, warn_alloc's page allocation failure)",
+                 "no allocation the page pool cannot serve, no assertion or unreachable "
+                 "path reached (the kernel's oops, KASAN's and UBSAN's reports, "
+                 "warn_alloc's page allocation failure, BUG())",
        hook=HOOK_EXCEPTION,
        when="a worker's operation raises one of those out of stress/model/ (the function "
             "that faulted and its line are named)",
@@ -48,6 +49,8 @@ def _title(e: BaseException) -> str | None:
         return "kernel stack overflow"
     if isinstance(e, MemoryError):  # the page pool ran out under the protocol's allocation
         return "page allocation failure"
+    if isinstance(e, AssertionError):  # an assert or an "unreachable" of protocol code
+        return "kernel BUG"
     return None
 
 
