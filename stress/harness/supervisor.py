@@ -650,8 +650,10 @@ class Supervisor:
             except Interrupted:
                 reason = "interrupted"
             except Exception as e:  # harness failure: report, still clean up
-                oops = kernel_oops(e, e.__traceback__)
-                if oops is not None:  # the VM's setup (model code) faulted: the kernel's oops
+                # the VM's setup is model code too: its own assertion, or a fault the
+                # kernel would oops on, is a finding as in a worker
+                oops = e if isinstance(e, InvariantViolation) else kernel_oops(e, e.__traceback__)
+                if oops is not None:
                     self._add_violation(oops, "setup", "supervisor")
                     reason = "violation"
                 else:
