@@ -50,6 +50,7 @@ from stress.model.roots import (
 from stress.model.sched import cond_resched, sched_start_op
 from stress.model.spte import KVM_PAGES_PER_HPAGE, PG_LEVEL_2M, round_gfn_for_level
 from stress.model.td import (
+    EINTR,
     EXIT_FASTPATH_EXIT_HANDLED,
     GUEST_EPT_VIOLATION,
     GUEST_OK,
@@ -448,10 +449,10 @@ class VcpuRole(Role):
                 self.maybe_signal()
                 r = tdx_vcpu_init_mem_region(kvm, region)
                 kvm.hooks.sys_exit(kvm, "KVM_TDX_INIT_MEM_REGION", r)
-                if not (self.signal_delivered() and r == -4):
+                if not (self.signal_delivered() and r == -EINTR):
                     break
-                kvm.stats["init_mem_restarts"] += 1  # -EINTR: go on where it stopped
-            if r == -4:  # -EINTR: the run is stopping (a violation elsewhere, or its end)
+                kvm.stats["init_mem_restarts"] += 1  # go on where it stopped
+            if r == -EINTR:  # the run is stopping (a violation elsewhere, or its end)
                 return
             if r:
                 kvm.bug("KVM_TDX_INIT_MEM_REGION failed",

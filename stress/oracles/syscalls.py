@@ -7,9 +7,8 @@ Checked where the harness, the VMM, gets an ioctl's return value (the
 from __future__ import annotations
 
 from stress.model.kvm import Kvm, has_pending_signal
+from stress.model.td import EINTR
 from stress.oracles.base import oracle
-
-EINTR = 4
 
 
 @oracle("EINTR without a signal",
