@@ -255,7 +255,8 @@ class Layout:
     shadow: int
     # the memslots' per-gfn arrays, every slot's packed after the previous one's and
     # indexed by stress.model.kvm.slot_index (n_gfns: their frames, not the guest's width)
-    host_gens: int  # one byte per gfn: generation of the host page backing it
+    host_gens: int  # one byte per gfn: generation of the VMM's (shared) page backing it
+    gmem_gens: int  # one byte per gfn: generation of its guest_memfd (private) page
     attrs: int  # one bit per gfn: KVM_MEMORY_ATTRIBUTE_PRIVATE
     lpage_info: int  # one word per 2 MiB region: lpage_info[PG_LEVEL_2M] (see host.py)
     dirty: int  # one word per gfn: D bits set (low 32) and propagated (high 32)
@@ -281,7 +282,8 @@ class Layout:
         roots = glob + Globals.WORDS
         shadow = roots + MAX_ROOTS
         host_gens = shadow + MAX_SHADOW_PAGES * SHADOW_SP_WORDS
-        attrs = host_gens + (n_gfns + 7) // 8
+        gmem_gens = host_gens + (n_gfns + 7) // 8
+        attrs = gmem_gens + (n_gfns + 7) // 8
         lpage_info = attrs + (n_gfns + 63) // 64
         dirty = lpage_info + (n_gfns + 511) // 512
         accepted = dirty + n_gfns
@@ -296,9 +298,9 @@ class Layout:
         pages = (pages + WORDS_PER_PAGE - 1) // WORDS_PER_PAGE * WORDS_PER_PAGE  # 4 KiB aligned
         prov = pages + n_pages * WORDS_PER_PAGE
         nwords = prov + n_pages * WORDS_PER_PAGE
-        return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, attrs, lpage_info,
-                   dirty, accepted, tlb, traces, trace_entries, slots, sched, sched_log, sp_meta,
-                   bitmap, bitmap_words, pages, prov, nwords)
+        return cls(n_slots, n_pages, control, glob, roots, shadow, host_gens, gmem_gens, attrs,
+                   lpage_info, dirty, accepted, tlb, traces, trace_entries, slots, sched,
+                   sched_log, sp_meta, bitmap, bitmap_words, pages, prov, nwords)
 
     def ctl(self, off: int) -> int:
         return self.control + off

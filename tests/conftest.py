@@ -114,8 +114,8 @@ def tick_clock(kvm: Kvm, mean_ticks: float) -> None:
 
 class TriggerWords(Words):
     """Words that run ``action`` once, right after a successful cmpxchg (or,
-    with ``on="load"``, a load) of word ``target``: a hand-made interleaving at
-    the atomics chokepoint."""
+    with ``on="load"``, a load; ``"fetch_add"``, ``"fetch_or"``) of word
+    ``target``: a hand-made interleaving at the atomics chokepoint."""
 
     def __init__(self, buf: memoryview, abort_i: int, target: int, action,  # noqa: ANN001
                  on: str = "cmpxchg") -> None:
@@ -145,6 +145,12 @@ class TriggerWords(Words):
     def fetch_add(self, i: int, v: int) -> int:
         old = super().fetch_add(i, v)
         if self.on == "fetch_add" and i == self.target:
+            self._fire()
+        return old
+
+    def fetch_or(self, i: int, v: int) -> int:
+        old = super().fetch_or(i, v)
+        if self.on == "fetch_or" and i == self.target:
             self._fire()
         return old
 

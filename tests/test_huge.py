@@ -16,7 +16,7 @@ from stress.model.host import (
     host_pfn,
     lpage_info_i,
 )
-from stress.model.kvm import kvm_mem_is_private
+from stress.model.kvm import kvm_mem_is_private, slot_index
 from stress.model.mmu_page import SP_LINKED, SP_REMOVED, sp_state
 from stress.model.spte import (
     PG_LEVEL_2M,
@@ -121,10 +121,11 @@ def test_split_thp_and_disallowed_regions_map_4k(make_vm) -> None:
 # -- reference 9.13: hugepage-attr-change-exact-range ------------------------
 
 def _fault_during_conversion(vm):
-    """The converter has zapped and stored the new attributes of a 32k piece
-    X of a shared 2M region and is about to replace X's host pages; right
-    then (its first load of X's host page word) a vCPU faults on another gfn
-    of the region."""
+    """The converter has zapped a 32k piece X of a shared 2M region and is
+    storing X's new attributes; right then (its first store to X's attribute
+    word, outside mmu_lock, with the invalidation in progress and the region's
+    THP whole: a conversion releases no page) a vCPU faults on another gfn of
+    the region."""
     x = REGION + 64
     y = REGION + 300
     vcpu = vm.task(1)
@@ -137,7 +138,8 @@ def _fault_during_conversion(vm):
         except InvariantViolation as v:
             result["v"] = v
 
-    converter = vm.task(2, words=vm.trigger_words(vm.layout.host_gens + x // 8, fault, on="load"))
+    attrs = vm.layout.attrs + slot_index(vm.kvm, x) // 64
+    converter = vm.task(2, words=vm.trigger_words(attrs, fault, on="fetch_or"))
     assert kvm_tdp_page_fault(vm.kvm, y, write=True) == RET_PF_FIXED  # a 2M leaf first
     assert is_large_pte(level2_entry(vm, REGION))
     n.kvm_vm_set_mem_attributes(converter, x, x + 8, private=True)
@@ -169,7 +171,6 @@ def test_exact_range_conversion_maps_changing_gfns_with_a_2m_leaf(make_vm) -> No
     assert isinstance(v, InvariantViolation)
     assert v.invariant == "huge page during attribute change" and v.details["gfn"] == REGION
     # and the consequence: the direct root maps private gfns through a 2M leaf
-    # over a folio the conversion split
     e = level2_entry(vm, REGION)
     assert is_large_pte(e)
     names = {v.invariant for v in quiescent_check(k).violations}

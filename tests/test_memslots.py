@@ -107,7 +107,8 @@ def test_slot_index_and_host_pfns_round_trip(make_vm) -> None:
     for gfn in (7, 4 * G + 99, far + 511):
         pfn = host_pfn(kvm, gfn)
         assert pfn < HOST_PFN_BASE + (1 << 36)
-        assert pfn_gfn_gen(kvm, pfn) == (gfn, 0)
+        assert pfn_gfn_gen(kvm, pfn) == (gfn, 0, False)
+        assert pfn_gfn_gen(kvm, host_pfn(kvm, gfn, private=True)) == (gfn, 0, True)
         assert index_to_gfn(kvm, slot_index(kvm, gfn)) == gfn
     assert kvm_gfn_direct_bits(kvm) == TDX_SHARED_BIT_PWL_4 == 1 << 35
     assert index_to_gfn(kvm, 1024 + 200) == -1  # the slot's padding up to 2 MiB
@@ -209,7 +210,7 @@ def test_bad_layouts_name_their_key(guest, msg) -> None:
 def test_make_spte_of_a_far_gfn_fits_the_pfn_field(make_vm) -> None:
     vm = make_vm(memslots=((0, 512), ((1 << 36) - 512, 512)))
     spte = make_spte(host_pfn(vm.kvm, (1 << 36) - 1), 1, True)
-    assert pfn_gfn_gen(vm.kvm, (spte >> 12) & ((1 << 40) - 1)) == ((1 << 36) - 1, 0)
+    assert pfn_gfn_gen(vm.kvm, (spte >> 12) & ((1 << 40) - 1)) == ((1 << 36) - 1, 0, False)
 
 
 def test_a_bad_slot_list_is_a_usage_error(tmp_path) -> None:

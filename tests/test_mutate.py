@@ -224,8 +224,8 @@ def test_config_choice_falls_back_to_a_valid_variant_then_prefers_the_guards_bod
 def test_a_negated_if_else_prefers_a_run_that_took_both_branches() -> None:
     [m] = [m for m in generate(("notifier.py",)) if m.operator == "negate-cond"
            and m.function == "mmu_notifier_invalidate_range"
-           and m.segment.startswith("attr_filter is None")]
-    assert m.else_key is not None and m.body_key is not None
+           and m.segment.startswith('attr_filter == "private"') and m.else_key is not None]
+    assert m.body_key is not None
     reach = {"configs": {"dirty": {"exit_code": 0, "hits": [m.site_key, m.body_key]},
                          "tdx-busy": {"exit_code": 0,
                                       "hits": [m.site_key, m.body_key, m.else_key]}}}

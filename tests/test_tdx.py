@@ -438,25 +438,35 @@ def test_memslot_move_names_the_reader_it_waits_for(td) -> None:
 
 
 @pytest.mark.parametrize("variant", ["fixed", "mirror-zap-shared"])
-def test_a_conversion_releases_only_the_pages_whose_attribute_changes(make_vm,
-                                                                       variant: str) -> None:
+def test_a_conversion_releases_no_page_and_the_vmm_discards_the_old_backing(
+        make_vm, variant: str) -> None:
     """KVM_SET_MEMORY_ATTRIBUTES to private over a range that is partly private
-    already: the VMM discards the shared memory of the gfns that change; a gfn that
-    was private keeps its guest_memfd page, and the mirror leaf mapping it stays
-    current (it was a stale mirror leaf when every gfn's page was replaced)."""
+    already releases no page; the VMM's conversion, the ioctl and its discard,
+    frees the VMM's pages of the range and no guest_memfd page, so the mirror
+    leaf of the gfn that was private already stays current."""
     from stress.model.host import host_page_gen
     from stress.model.kvm import kvm_mem_is_private
-    from stress.model.notifier import kvm_vm_set_mem_attributes
+    from stress.model.notifier import kvm_vm_set_mem_attributes, vmm_convert_memory
 
     vm = make_vm(tdx=True, variant=variant)
     kvm = vm.kvm
     assert kvm_tdp_page_fault(kvm, PRIVATE, write=True) == RET_PF_FIXED
     assert td_guest_access_private(kvm, PRIVATE) == GUEST_OK
     assert kvm_tdp_page_fault(kvm, SHARED, write=True) == RET_PF_FIXED
-    kept, replaced = host_page_gen(kvm, PRIVATE), host_page_gen(kvm, SHARED)
+
+    def gens() -> list[int]:
+        return [host_page_gen(kvm, g, p) for g in (PRIVATE, SHARED) for p in (False, True)]
+
+    before = gens()
     kvm_vm_set_mem_attributes(vm.task(1), PRIVATE, SHARED + 8, private=True)
     assert kvm_mem_is_private(kvm, SHARED)
-    assert host_page_gen(kvm, PRIVATE) == kept and host_page_gen(kvm, SHARED) != replaced
+    assert gens() == before  # the ioctl releases nothing
+    kvm_vm_set_mem_attributes(vm.task(1), SHARED, SHARED + 8, private=False)
+    assert gens() == before
+    vmm_convert_memory(vm.task(1), PRIVATE, SHARED + 8, private=True)
+    after = gens()
+    assert after[0] != before[0] and after[2] != before[2]  # the VMM's pages of the range
+    assert after[1::2] == before[1::2]  # and no guest_memfd page
     assert is_shadow_present_pte(vm.words.load(mirror_sptep(vm, PRIVATE)))
     assert sept_state(sept_leaf(vm, PRIVATE)) == SEPT_MAPPED
     assert not quiescent_check(kvm).violations

@@ -40,8 +40,8 @@ from stress.model.memslot import srcu_read_lock, srcu_read_unlock
 from stress.model.mmu_page import tdp_mmu_free_sp_rcu_callback
 from stress.model.notifier import (
     kvm_set_memory_region_move,
-    kvm_vm_set_mem_attributes,
     mmu_notifier_invalidate_range,
+    vmm_convert_memory,
 )
 from stress.model.roots import (
     for_each_tdp_mmu_root_yield_safe,
@@ -545,7 +545,7 @@ class ConverterRole(Role):
             if not self.map_gpa(start, end, private):
                 return  # the exit was handled in the TD's fast path: no conversion yet
         else:
-            kvm_vm_set_mem_attributes(kvm, start, end, private)
+            vmm_convert_memory(kvm, start, end, private)
         if runs is None:
             self.pending.pop()
         else:

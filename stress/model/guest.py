@@ -1,7 +1,7 @@
 """The TD guest's own memory of what it accepted (TDG.MEM.PAGE.ACCEPT).
 
-The guest remembers which host page it accepted at each private gfn (one
-word per gfn: the host page's generation + 1).  The TDX module keeps the
+The guest remembers which guest_memfd page it accepted at each private gfn
+(one word per gfn: the page's generation + 1).  The TDX module keeps the
 page's S-EPT state; this is the guest's side, which KVM cannot see: removing
 an accepted page and AUGing a new one makes the guest find a PENDING page it
 already accepted (upstream: the TD is killed).  Below td.py (the vCPU) and
@@ -21,7 +21,7 @@ def accepted_index(kvm: Kvm, gfn: int) -> int:
 
 def guest_accepted(kvm: Kvm, gfn: int) -> bool:
     """The guest accepted the host page that backs ``gfn`` now."""
-    return kvm.w.load(accepted_index(kvm, gfn)) == host_page_gen(kvm, gfn) + 1
+    return kvm.w.load(accepted_index(kvm, gfn)) == host_page_gen(kvm, gfn, private=True) + 1
 
 
 def guest_mark_accepted(kvm: Kvm, gfn: int, gen: int) -> None:

@@ -129,6 +129,10 @@ class Hooks:
     def root_zapped(self, kvm: Kvm, root: int) -> None:
         """tdp_mmu_zap_root finished: the invalid root was zapped top to bottom."""
 
+    def memory_attributes_set(self, kvm: Kvm, start: int, end: int) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES's post step (mmu_lock held for write): the
+        attributes of [start, end) are the new ones and the invalidation ends."""
+
     def invalidate_range_start(self, kvm: Kvm, start: int, end: int) -> None:
         """An invalidation of [start, end) (mmu_notifier, attributes, punch-hole)
         takes mmu_lock for write, before kvm_mmu_invalidate_begin: the range's

@@ -1,14 +1,23 @@
 """Host memory and memory attributes: what leaves map, and who owns each gfn.
 
-Host pages.  A leaf SPTE maps the host page backing its gfn.  Each gfn's
-backing page has a generation (a byte in shared memory): unmapping or
-migrating the page (an mmu_notifier invalidation, a guest_memfd punch-hole, a
-conversion) bumps it, and from then on the old page is *freed*.  The page's
-PFN encodes (generation mod 256, the gfn's index in the memslots' arrays:
-``slot_index``), so a leaf that still maps the old PFN is recognisable: a
-stale mapping, guest memory corruption in real life.  The index, not the gfn,
-is what the PFN holds, so a gfn far up the guest physical address space
-still has a small PFN (``pfn_gfn_gen`` maps it back through the memslots).
+Host pages.  A leaf SPTE maps the host page backing its gfn.  A gfn has two
+backings: the VMM's memory (its userspace mapping; what GUP finds for a shared
+gfn, and all there is for a VM without TDX) and, on a TD, its guest_memfd page
+(what kvm_gmem_get_pfn gives a private gfn).  Each backing page has a
+generation (a byte in shared memory per gfn and backing): unmapping or
+migrating the page (an mmu_notifier invalidation of the VMM's mapping, a
+guest_memfd punch-hole) bumps it, and from then on the old page is *freed*.
+The page's PFN encodes (the backing, generation mod 256, the gfn's index in
+the memslots' arrays: ``slot_index``), so a leaf that still maps the old PFN
+is recognisable: a stale mapping, guest memory corruption in real life.  The
+index, not the gfn, is what the PFN holds, so a gfn far up the guest physical
+address space still has a small PFN (``pfn_gfn_gen`` maps it back through the
+memslots).
+
+A conversion (KVM_SET_MEMORY_ATTRIBUTES) releases no page: KVM's ioctl only
+changes which backing the gfn's faults use.  The VMM discards the backing the
+range no longer uses afterwards, with the invalidation that discard makes
+(``vmm_convert_memory`` in notifier.py).
 
 Memory attributes.  ``KVM_MEMORY_ATTRIBUTE_PRIVATE`` per gfn, one bit in
 shared memory (the kernel's xarray), initialised in alternating chunks and
@@ -24,45 +33,55 @@ from stress.model.kvm import Kvm, gfn_to_memslot, index_to_gfn, slot_index
 from stress.model.spte import HOST_PFN_BASE
 
 # memslot array indices below 2**28 (1 TiB of guest memory in all the slots
-# together, wherever they sit); the generation sits above them
+# together, wherever they sit); the generation sits above them, the backing above it
 GEN_SHIFT = 28
+GMEM_SHIFT = GEN_SHIFT + 8
 
 
-def host_pfn_of(index: int, gen: int) -> int:
-    """The PFN of generation ``gen`` of the page at memslot array ``index``."""
-    return HOST_PFN_BASE + ((gen & 0xFF) << GEN_SHIFT) + index
+def host_pfn_of(index: int, gen: int, private: bool = False) -> int:
+    """The PFN of generation ``gen`` of the page at memslot array ``index``: the
+    VMM's page, or with ``private`` the guest_memfd's."""
+    return HOST_PFN_BASE + (int(private) << GMEM_SHIFT) + ((gen & 0xFF) << GEN_SHIFT) + index
 
 
-def pfn_gfn_gen(kvm: Kvm, pfn: int) -> tuple[int, int]:
-    """(gfn, generation) of the host page ``pfn``; gfn -1 for a frame no memslot
-    page ever had."""
+def pfn_gfn_gen(kvm: Kvm, pfn: int) -> tuple[int, int, bool]:
+    """(gfn, generation, guest_memfd's) of the host page ``pfn``; gfn -1 for a
+    frame no memslot page ever had."""
     x = pfn - HOST_PFN_BASE
-    return index_to_gfn(kvm, x & ((1 << GEN_SHIFT) - 1)), (x >> GEN_SHIFT) & 0xFF
+    return (index_to_gfn(kvm, x & ((1 << GEN_SHIFT) - 1)), (x >> GEN_SHIFT) & 0xFF,
+            bool((x >> GMEM_SHIFT) & 1))
 
 
-def _gen_of(kvm: Kvm, i: int) -> int:
-    v = kvm.w.load(kvm.layout.host_gens + i // 8)
+def _gens(kvm: Kvm, private: bool) -> int:
+    return kvm.layout.gmem_gens if private else kvm.layout.host_gens
+
+
+def _gen_of(kvm: Kvm, i: int, private: bool = False) -> int:
+    v = kvm.w.load(_gens(kvm, private) + i // 8)
     return (v >> (8 * (i % 8))) & 0xFF
 
 
-def host_page_gen(kvm: Kvm, gfn: int) -> int:
-    return _gen_of(kvm, slot_index(kvm, gfn))
+def host_page_gen(kvm: Kvm, gfn: int, private: bool = False) -> int:
+    return _gen_of(kvm, slot_index(kvm, gfn), private)
 
 
-def host_pfn(kvm: Kvm, gfn: int) -> int:
-    """The PFN of the host page backing ``gfn`` now (GUP / kvm_gmem_get_pfn)."""
+def host_pfn(kvm: Kvm, gfn: int, private: bool = False) -> int:
+    """The PFN of the page backing ``gfn`` now: the VMM's (GUP, hva_to_pfn) or
+    with ``private`` the guest_memfd's (kvm_gmem_get_pfn)."""
     i = slot_index(kvm, gfn)
-    return host_pfn_of(i, _gen_of(kvm, i))
+    return host_pfn_of(i, _gen_of(kvm, i, private), private)
 
 
-def host_page_migrate(kvm: Kvm, gfn: int) -> None:
-    """The primary MMU replaced the page backing ``gfn``: the old one is freed.
+def host_page_migrate(kvm: Kvm, gfn: int, private: bool = False) -> None:
+    """The primary MMU replaced the VMM's page backing ``gfn`` (with
+    ``private``: guest_memfd freed its page, and the next kvm_gmem_get_pfn
+    allocates another): the old one is freed.
 
     The old page's release is a hook point for the oracles (no leaf maps the
     page any more: the caller zapped and flushed under mmu_lock)."""
-    kvm.hooks.host_page_release(kvm, gfn, host_pfn(kvm, gfn))
+    kvm.hooks.host_page_release(kvm, gfn, host_pfn(kvm, gfn, private))
     x = slot_index(kvm, gfn)
-    i = kvm.layout.host_gens + x // 8
+    i = _gens(kvm, private) + x // 8
     shift = 8 * (x % 8)
     while True:
         v = kvm.w.load(i)

@@ -151,16 +151,17 @@ def no_retry_check(kvm: Kvm, mmu_seq: int, gfn: int) -> bool:
     return False
 
 
-def faultin_seq_then_pfn(kvm: Kvm, gfn: int) -> tuple[int, int]:
-    """kvm_mmu_faultin_pfn (fixed): snapshot the seq, then look the pfn up."""
+def faultin_seq_then_pfn(kvm: Kvm, gfn: int, is_private: bool) -> tuple[int, int]:
+    """kvm_mmu_faultin_pfn (fixed): snapshot the seq, then look the pfn up
+    (guest_memfd's page for a private fault, else GUP of the VMM's)."""
     seq = mmu_invalidate_seq(kvm)
-    return seq, host_pfn(kvm, gfn)
+    return seq, host_pfn(kvm, gfn, is_private)
 
 
-def faultin_pfn_then_seq(kvm: Kvm, gfn: int) -> tuple[int, int]:
+def faultin_pfn_then_seq(kvm: Kvm, gfn: int, is_private: bool) -> tuple[int, int]:
     """Buggy ordering: the pfn is looked up before the seq is snapshotted, so an
     invalidation that completes in between is invisible to the retry check."""
-    pfn = host_pfn(kvm, gfn)
+    pfn = host_pfn(kvm, gfn, is_private)
     kvm.w.spin_ns(kvm.race_window_ns)
     return mmu_invalidate_seq(kvm), pfn
 
@@ -207,7 +208,7 @@ def unmap_mirror_shared(kvm: Kvm, start: int, end: int, types: int) -> int:
 
 def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
                                   attr_filter: str | None = None,
-                                  blockable: bool = True) -> None:
+                                  blockable: bool = True, discard: bool = False) -> None:
     """invalidate_range_start, the page change, invalidate_range_end.
 
     ``blockable`` False: the OOM reaper's
@@ -221,9 +222,19 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
     KVM_FILTER_SHARED: direct roots); ``"private"`` is a guest_memfd
     punch-hole the guest agreed to (it stops using the pages first), which zaps
     the mirror roots (KVM_FILTER_PRIVATE) through the S-EPT removal path.  Only
-    the pages of that kind are replaced.  None (a VM without TDX): every root.
+    the pages of that backing are replaced.  None (a VM without TDX): every root.
+
+    The primary MMU invalidates a THP of the VMM's memory as a whole: the range
+    grows to its bounds.  By default the whole folio then moves (a migration);
+    with ``discard`` (the VMM's madvise(MADV_DONTNEED) or punch-hole) only the
+    pages of [start, end) go and a THP it covers in part is split.  A
+    guest_memfd punch-hole is exact (it holds no THP here).
     """
-    start, end = host_invalidation_range(kvm, start, end)
+    lo, hi = start, end  # the pages replaced
+    if attr_filter != "private":
+        start, end = host_invalidation_range(kvm, start, end)
+        if not discard:
+            lo, hi = start, end
     types = {None: KVM_ALL_ROOTS, "shared": KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS,
              "private": KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS}[attr_filter]
     if attr_filter == "private":
@@ -243,13 +254,11 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
             non_block_end(kvm)
     kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, types)
     try:
-        if attr_filter is None:
-            host_pages_replace(kvm, start, end)  # the primary MMU frees the old pages
+        if attr_filter == "private":  # guest_memfd frees its pages (kvm_gmem_punch_hole)
+            for gfn in range(lo, hi):
+                host_page_migrate(kvm, gfn, private=True)
         else:
-            want = attr_filter == "private"
-            for gfn in range(start, end):
-                if kvm_mem_is_private(kvm, gfn) == want:
-                    host_page_migrate(kvm, gfn)
+            host_pages_replace(kvm, lo, hi)  # the primary MMU frees the old pages
     finally:  # even when an oracle fires, so that no fault retries for ever
         kvm.variant.invalidate_end(kvm)
     kvm.w.trace(events.INVALIDATE, start, end, 1)
@@ -261,17 +270,13 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
     serialises it with memslot updates and other conversions): nothing if the
     whole range has the attribute already (kvm_range_has_memory_attributes);
     else begin and zap the mappings of the root type that no longer owns the
-    range (pre_set), store the attributes, then end (post_set).  The old
-    backing pages of the gfns whose attribute changes are released
-    (guest_memfd punch-hole on private -> shared, the VMM's unmap on shared ->
-    private); a gfn of the range that already had the new attribute keeps its
-    page (KVM's ioctl releases nothing itself: the VMM discards the old kind's
-    memory).  Replacing part of a THP splits it."""
+    range (pre_set), store the attributes, then end (post_set).  No page is
+    released: the ioctl changes only which backing the range's faults use
+    (the VMM discards the other afterwards: :func:`vmm_convert_memory`)."""
     slots_i = kvm.layout.glob(Globals.SLOTS_LOCK)
     kvm.w.spin_lock(slots_i, kvm.pid)
     try:
-        changed = [gfn for gfn in range(start, end) if kvm_mem_is_private(kvm, gfn) != private]
-        if not changed:
+        if all(kvm_mem_is_private(kvm, gfn) == private for gfn in range(start, end)):
             return
         kvm.write_lock()
         try:
@@ -287,16 +292,32 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
         if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
             kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end,
                                                                KVM_MIRROR_ROOTS)
-        kvm_set_mem_attributes(kvm, start, end, private)
         try:
-            for gfn in changed:
-                host_page_migrate(kvm, gfn)
+            kvm_set_mem_attributes(kvm, start, end, private)
         finally:  # even when an oracle fires, so that no fault retries for ever
             kvm.variant.invalidate_end(
                 kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
         kvm.stats["conversions"] += 1
     finally:
         kvm.spin_unlock(slots_i, "slots_lock")
+
+
+def vmm_convert_memory(kvm: Kvm, start: int, end: int, private: bool) -> None:
+    """Userspace converts [start, end) as QEMU's kvm_convert_memory
+    (accel/kvm/kvm-all.c) does: KVM_SET_MEMORY_ATTRIBUTES, then it discards
+    the backing the range no longer uses, over the whole range (QEMU's
+    ram_block_discard_range and ram_block_discard_guest_memfd_range,
+    "physmem: Introduce ram_block_discard_guest_memfd_range()", qemu-devel,
+    2024): to private, the VMM's memory (an mmu_notifier invalidation of the
+    shared mapping, which splits a THP it covers in part); to shared, the
+    guest_memfd pages (a punch-hole, the guest having given them up), whether
+    or not the ioctl changed anything.  Between the ioctl's begin and end, the
+    VMM's THP over the range is still whole."""
+    kvm_vm_set_mem_attributes(kvm, start, end, private)
+    if not kvm.geometry.tdx:  # a VM without guest_memfd: its one backing stays
+        return
+    mmu_notifier_invalidate_range(kvm, start, end, "shared" if private else "private",
+                                  discard=True)
 
 
 def _attr_change_mark(kvm: Kvm, start: int, end: int) -> None:
@@ -321,6 +342,7 @@ def kvm_arch_post_set_memory_attributes(kvm: Kvm, start: int, end: int) -> None:
             kvm.w.fetch_or(i, KVM_LPAGE_MIXED_FLAG)
         base += KVM_PAGES_PER_2M
     _attr_change_mark(kvm, 0, 0)
+    kvm.hooks.memory_attributes_set(kvm, start, end)
 
 
 def attr_change_in_progress(kvm: Kvm, start: int, end: int) -> tuple[int, int, int] | None:
@@ -416,8 +438,10 @@ def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
         try:
             synchronize_srcu(kvm)  # kvm_swap_active_memslots
             n = kvm_mmu_zap_memslot(kvm, start, end)
-            for gfn in range(start, end):  # the slot's new memory
+            for gfn in range(start, end):  # the slot's new memory, both backings
                 host_page_migrate(kvm, gfn)
+                if kvm.geometry.tdx:
+                    host_page_migrate(kvm, gfn, private=True)
         finally:
             w.store(lay.glob(Globals.MEMSLOT_INVALID_END), 0)
         synchronize_srcu(kvm)  # the new slot is installed

@@ -43,7 +43,7 @@ from stress.model.mirror import (
     seamcall,
     td_state,
 )
-from stress.model.notifier import kvm_vm_set_mem_attributes
+from stress.model.notifier import vmm_convert_memory
 from stress.model.sched import cond_resched
 from stress.model.tdp_mmu import RET_PF_EXIT, RET_PF_RETRY, kvm_tdp_page_fault
 from stress.model.tdx import (
@@ -149,7 +149,7 @@ def td_guest_access_private(kvm: Kvm, gfn: int) -> int:
     GUEST_PENDING_VIOLATION (a page the guest accepted reads PENDING)."""
     assert kvm.tdx is not None
     m = kvm.tdx.module
-    gen = host_page_gen(kvm, gfn)
+    gen = host_page_gen(kvm, gfn, private=True)
     if kvm.w.load(accepted_index(kvm, gfn)) != gen + 1:
         r = tdg_mem_page_accept(kvm, gfn)
         if r in (TDX_SUCCESS, TDX_PAGE_ALREADY_ACCEPTED):
@@ -188,7 +188,8 @@ def tdx_is_sept_violation_unexpected_pending(kvm: Kvm, gfn: int, how: int) -> No
             "private page the guest had accepted reads PENDING although its host page did "
             "not change: KVM removed and re-added it without a conversion or punch-hole",
             gfn=gfn, vcpu=kvm.me, sept=describe_sept(e) if e is not None else "unreachable",
-            mirror=mirror_entry_now(kvm, gfn, 1), host_page_gen=host_page_gen(kvm, gfn))
+            mirror=mirror_entry_now(kvm, gfn, 1),
+            host_page_gen=host_page_gen(kvm, gfn, private=True))
 
 
 def tdx_handle_ept_violation(kvm: Kvm, gfn: int, write: bool, how: int) -> int:
@@ -279,8 +280,8 @@ def tdx_gmem_post_populate(kvm: Kvm, gfn: int) -> int:
     """One page of the initial image: map it through the mirror (PAGE.ADD from
     the S-EPT hook, the TD not being runnable yet), then TDH.MR.EXTEND."""
     assert kvm.tdx is not None
-    gen = host_page_gen(kvm, gfn)
-    r = kvm.variant.map_initial_page(kvm, gfn, host_pfn(kvm, gfn))
+    gen = host_page_gen(kvm, gfn, private=True)
+    r = kvm.variant.map_initial_page(kvm, gfn, host_pfn(kvm, gfn, private=True))
     if r:
         return r
     guest_mark_accepted(kvm, gfn, gen)  # PAGE.ADD pages are the guest's from the start
@@ -412,9 +413,9 @@ def prefault_gpa_without_direct_bits(kvm: Kvm, gfn: int) -> bool:
 def tdx_map_gpa(kvm: Kvm, start: int, end: int, private: bool) -> int:
     """TDG.VP.VMCALL<MapGPA> from a vCPU in the TD: KVM exits to userspace with
     KVM_HC_MAP_GPA_RANGE in chunks of TDX_MAP_GPA_MAX_LEN, userspace converts
-    each chunk (KVM_SET_MEMORY_ATTRIBUTES; guest_memfd punch-hole for
-    private -> shared), and between chunks a pending event makes the guest
-    retry the rest (TDVMCALL_STATUS_RETRY).  Returns the gfns converted."""
+    each chunk (KVM_SET_MEMORY_ATTRIBUTES, then it discards the backing the
+    chunk left: :func:`vmm_convert_memory`), and between chunks a pending
+    event makes the guest retry the rest (TDVMCALL_STATUS_RETRY).  Returns the gfns converted."""
     kvm.w.trace(events.TD, events.TD_MAP_GPA, start, end - start)
     kvm.stats["map_gpa_calls"] += 1
     if not private:
@@ -422,7 +423,7 @@ def tdx_map_gpa(kvm: Kvm, start: int, end: int, private: bool) -> int:
     gfn = start
     while gfn < end:
         nxt = min(end, gfn + TDX_MAP_GPA_MAX_LEN)
-        kvm_vm_set_mem_attributes(kvm, gfn, nxt, private)
+        vmm_convert_memory(kvm, gfn, nxt, private)
         gfn = nxt
         if gfn < end and kvm.rng.random() < kvm.tdx_pending_event_fraction:
             kvm.stats["map_gpa_retries"] += 1

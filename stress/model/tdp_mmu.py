@@ -608,7 +608,7 @@ def _kvm_tdp_page_fault(kvm: Kvm, gfn: int, write: bool, exec_: bool,
         addr_direct = not is_private
     # kvm_mmu_faultin_pfn: mmu_invalidate_seq snapshot and pfn lookup (GUP or
     # guest_memfd); then the attribute check: a mismatch exits to userspace
-    mmu_seq, pfn = kvm.variant.faultin(kvm, gfn)
+    mmu_seq, pfn = kvm.variant.faultin(kvm, gfn, is_private)
     max_level = PG_LEVEL_4K
     if kvm.huge_pages and not is_private:
         max_level = host_mapping_level(kvm, gfn)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from stress.arena import WORDS_PER_PAGE, SpMeta
-from stress.model.host import host_pfn
+from stress.model.host import host_pfn, pfn_gfn_gen
 from stress.model.kvm import Kvm
 from stress.model.spte import SPTE_MMU_PRESENT_MASK
 from stress.oracles.base import oracle
@@ -64,7 +64,7 @@ def nothing_installed_in_removed_table(kvm: Kvm, page: int) -> None:
         hook="guest_translate", when="each completed guest access (TLB hit or walk)",
         cost="one load per guest access")
 def guest_translates_to_live_page(kvm: Kvm, gfn: int, pfn: int, how: str) -> None:
-    now = host_pfn(kvm, gfn)
+    now = host_pfn(kvm, gfn, pfn_gfn_gen(kvm, pfn)[2])  # of the backing it translated to
     if pfn != now:
         kvm.bug("guest access to freed page",
                 f"the guest accessed a host page already released ({how}): its translation "

@@ -272,16 +272,17 @@ def _check_leaf(kvm: Kvm, rep: QuiescentReport, page: int, level: int, i: int, w
     if level > 1:
         _check_huge_leaf(kvm, rep, page, level, i, gfn, v, mirror)
         return
-    mapped_gfn, gen = pfn_gfn_gen(kvm, spte_to_pfn(v))
-    if mapped_gfn != gfn:
-        rep.fail("leaf maps wrong pfn", "a leaf maps another gfn's host page",
-                 table=page, level=level, gfn=gfn, entry=describe(v),
-                 expected_pfn=host_pfn(kvm, gfn))
-    elif gen != host_page_gen(kvm, gfn):
+    mapped_gfn, gen, gmem = pfn_gfn_gen(kvm, spte_to_pfn(v))
+    if mapped_gfn != gfn or (kvm.geometry.tdx and gmem != mirror):
+        rep.fail("leaf maps wrong pfn", "a leaf maps another gfn's host page, or a page of "
+                 "the backing its root does not map (the mirror maps guest_memfd's pages, the "
+                 "direct root the VMM's)", table=page, level=level, gfn=gfn, entry=describe(v),
+                 expected_pfn=host_pfn(kvm, gfn, mirror))
+    elif gen != host_page_gen(kvm, gfn, gmem):
         rep.fail("stale mapping after invalidate_end",
                  "a leaf maps a host page that a completed invalidation freed",
                  table=page, level=level, gfn=gfn, entry=describe(v),
-                 mapped_gen=gen, current_gen=host_page_gen(kvm, gfn))
+                 mapped_gen=gen, current_gen=host_page_gen(kvm, gfn, gmem))
     elif kvm.geometry.tdx and kvm_mem_is_private(kvm, gfn) != mirror:
         rep.fail("gfn mapped in the wrong root",
                  "a private gfn is mapped in the direct root or a shared gfn in "
@@ -294,12 +295,13 @@ def _check_huge_leaf(kvm: Kvm, rep: QuiescentReport, page: int, level: int, i: i
     over gfns whose attributes are uniform and match the root (direct: all
     shared); mirror (TDX) leaves are 4K only."""
     where = {"table": page, "level": level, "index": i, "gfn": gfn, "entry": describe(v)}
-    mapped_gfn, gen = pfn_gfn_gen(kvm, spte_to_pfn(v))
+    mapped_gfn, gen, gmem = pfn_gfn_gen(kvm, spte_to_pfn(v))
     if mirror:
         rep.fail("mirror huge page", "a mirror root holds a huge leaf (TDX maps private "
                  "memory with 4K pages only)", **where)
-    elif mapped_gfn != gfn:
-        rep.fail("leaf maps wrong pfn", "a 2M leaf maps another region's host pages",
+    elif mapped_gfn != gfn or gmem:
+        rep.fail("leaf maps wrong pfn", "a 2M leaf maps another region's host pages (or "
+                 "guest_memfd's)",
                  expected_pfn=host_pfn(kvm, gfn), **where)
     elif gen != host_page_gen(kvm, gfn) or not host_folio_intact(kvm, gfn):
         rep.fail("stale mapping after invalidate_end",
