@@ -493,7 +493,7 @@ class Supervisor:
         w.store(lay.ctl(Control.PAUSE_REQ), 0)
         if self.hang:
             w.store(lay.ctl(Control.ABORT), 1)  # nobody is going to finish an op
-        self._wait_exit(STOP_GRACE_S)
+        self._wait_stopped()
         if any(p.exitcode is None for p in self.procs):
             w.store(lay.ctl(Control.ABORT), 1)  # spinners give up
             self._wait_exit(ABORT_GRACE_S)
@@ -511,6 +511,11 @@ class Supervisor:
         self._drain()
         for i, p in enumerate(self.procs):
             self.records[i].exitcode = p.exitcode
+
+    def _wait_stopped(self) -> None:
+        """STOP is seen between ops: wait for the workers to finish the one they
+        are in."""
+        self._wait_exit(STOP_GRACE_S)
 
     def _wait_exit(self, grace: float) -> None:
         end = time.monotonic() + grace

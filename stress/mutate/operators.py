@@ -14,7 +14,9 @@ KASAN report hook ``kasan_report``, ``*BUG_ON*``, ``check_*``/``_check_*``,
 kernel's ``if (WARN_ON_ONCE(cond))`` with its recovery), observation (trace events, the D-bit
 ledger's ``dirty_set``, an ``if`` whose body only bumps a ``kvm.stats`` counter), and
 the historical bug variants' functions (docstring "Buggy ...": they are not the protocol
-under test, and the fixed protocol never runs them).
+under test, and the fixed protocol never runs them), and the VMM's side of an ioctl
+(docstring "Userspace ...": whatever userspace does with the API is allowed, so no oracle
+could or should kill a change to it).
 
 Ids are ``file:function:operator:k``, ``k`` counting that operator's sites in that
 function in source order: stable while the function is not edited.
@@ -386,7 +388,7 @@ class _Generator:
                 self._function(node, prefix + node.name)
 
     def _function(self, fn: ast.FunctionDef | ast.AsyncFunctionDef, qualname: str) -> None:
-        if docstring_kind(fn) in ("Buggy", "Oracle") or ORACLE_NAME.search(fn.name) \
+        if docstring_kind(fn) in ("Buggy", "Oracle", "Userspace") or ORACLE_NAME.search(fn.name) \
                 or fn.name in ORACLE_REPORTERS:
             return
         state = _FnState(qualname)
