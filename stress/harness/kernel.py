@@ -37,7 +37,6 @@ from stress.harness.sched import Turns, worker_turns
 from stress.harness.sched.turns import PAUSE, RELAX, WINDOW
 from stress.harness.supervisor import (
     SCHED_LOG,
-    STOP_GRACE_S,
     RunOutcome,
     StatusSnapshot,
     Supervisor,
@@ -461,33 +460,12 @@ class KernelSupervisor(Supervisor):
                               dict(Counter(self.roles)), len(self.violations),
                               self.checks["quiescent"], self.rss_total)
 
-    def _wait_stopped(self) -> None:
-        """A clean stop lets every op finish, and one op can take seconds on a
-        loaded machine (a memslot deletion zaps the whole slot, yielding at
-        every need_resched()): after the usual grace, wait on while a worker
-        still in its op makes progress (its SPTE accesses or yields move on),
-        for at most the watchdog's time without any (and six times that in all:
-        an op that goes on for ever after STOP is stuck too)."""
-        super()._wait_stopped()
-        if self.vm is None or self.hang:
-            return
-
-        def progress() -> list[int]:
-            assert self.vm is not None
-            return [int(self.vm.lib.ks_task_stat(i, b"spte_accesses"))
-                    + int(self.vm.lib.ks_task_stat(i, b"yields"))
-                    for i, p in enumerate(self.procs) if p.exitcode is None]
-
-        seen = progress()
-        quiet_since = time.monotonic()
-        give_up = quiet_since + 6 * self.cfg.run.watchdog
-        while any(p.exitcode is None for p in self.procs) and time.monotonic() < give_up:
-            self._wait_exit(STOP_GRACE_S)
-            now = progress()
-            if now != seen:
-                seen, quiet_since = now, time.monotonic()
-            elif time.monotonic() - quiet_since >= self.cfg.run.watchdog:
-                return  # stuck: the caller names it
+    def _progress(self, workers: list[int]) -> list[int] | None:
+        """Each worker's SPTE accesses: they move on while it works inside an op
+        (not while it spins on a lock or waits for a grace period)."""
+        if self.vm is None or not self.vm.mapped:
+            return None
+        return [int(self.vm.lib.ks_task_stat(i, b"spte_accesses")) for i in workers]
 
     def _stop_workers(self) -> None:
         # A worker that hit BUG() unwound out of its op with its locks held:

@@ -184,6 +184,7 @@ class Supervisor:
         self.errors: list[str] = []
         self.checks = Counter[str]()
         self.hang: dict[str, Any] | None = None
+        self._seen_progress: dict[int, int] = {}  # _still_working's last look
         self.stacks_dir: str | None = None
         self.deadline = float("inf")
         self.rss_total = 0
@@ -333,6 +334,7 @@ class Supervisor:
         w.store(lay.ctl(Control.PARKED), 0)
         w.store(lay.ctl(Control.PAUSE_REQ), gen)
         deadline = min(time.monotonic() + self.cfg.run.watchdog, self.deadline - OVERRUN_S / 2)
+        self._still_working([i for i, p in enumerate(self.procs) if p.exitcode is None])
         try:
             while True:
                 waiting = [i for i, p in enumerate(self.procs) if p.exitcode is None
@@ -345,6 +347,10 @@ class Supervisor:
                 if time.monotonic() > deadline:
                     if time.monotonic() > self.deadline - OVERRUN_S:
                         return "clean"  # the run's time is up: no check, no verdict
+                    if self._still_working(waiting):  # slow, not stuck: wait on
+                        deadline = min(time.monotonic() + self.cfg.run.watchdog,
+                                       self.deadline - OVERRUN_S / 2)
+                        continue
                     return self._stuck(waiting, "did not park for a quiescent check")
                 time.sleep(0.001)
             rep = self._quiescent_report()
@@ -512,10 +518,38 @@ class Supervisor:
         for i, p in enumerate(self.procs):
             self.records[i].exitcode = p.exitcode
 
+    def _progress(self, workers: list[int]) -> list[int] | None:
+        """Counters that move on while these workers do work inside an op, or
+        None when the engine keeps none (then every wait has its fixed bound)."""
+        return None
+
+    def _still_working(self, workers: list[int]) -> bool:
+        """Whether these workers did work inside their ops since the last call
+        (a wait for them then goes on: on a loaded machine one op can take
+        seconds, a memslot deletion zapping a whole slot with a yield at every
+        need_resched()).  False the first time and without progress counters."""
+        now = self._progress(workers)
+        if now is None:
+            return False
+        seen = self._seen_progress
+        moved = any(i in seen and seen[i] != n for i, n in zip(workers, now, strict=True))
+        seen.update(zip(workers, now, strict=True))
+        return moved
+
     def _wait_stopped(self) -> None:
-        """STOP is seen between ops: wait for the workers to finish the one they
-        are in."""
-        self._wait_exit(STOP_GRACE_S)
+        """STOP is seen between ops: wait STOP_GRACE_S for the workers to finish
+        the one they are in, and on, a STOP_GRACE_S at a time, while those still
+        in an op make progress (at most six watchdog periods in all: an op that
+        goes on for ever after STOP is stuck too)."""
+        give_up = time.monotonic() + 6 * self.cfg.run.watchdog
+        alive = [i for i, p in enumerate(self.procs) if p.exitcode is None]
+        self._still_working(alive)
+        while True:
+            self._wait_exit(STOP_GRACE_S)
+            alive = [i for i, p in enumerate(self.procs) if p.exitcode is None]
+            if not alive or self.hang or time.monotonic() >= give_up \
+                    or not self._still_working(alive):
+                return  # done, or stuck: the caller names it
 
     def _wait_exit(self, grace: float) -> None:
         end = time.monotonic() + grace
