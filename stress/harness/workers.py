@@ -34,6 +34,7 @@ from stress.config import Config
 from stress.harness.sched import Turns, worker_turns
 from stress.model import unsync
 from stress.model.errors import InvariantViolation
+from stress.model.guest import guest_release_private
 from stress.model.host import init_lpage_info, kvm_mmu_gfn_disallow_lpage
 from stress.model.kvm import Geometry, Kvm, TdxVm, build_memslots, kvm_mem_is_private
 from stress.model.memslot import srcu_read_lock, srcu_read_unlock
@@ -512,6 +513,8 @@ class NotifierRole(Role):
                 attr_filter = "shared"
         # the OOM reaper reaps the VMM's memory (the shared mapping), never guest_memfd's
         blockable = attr_filter == "private" or self.rng.random() >= self.cfg.notifier.nonblock
+        if attr_filter == "private":  # the guest agreed: it stops using the pages first
+            guest_release_private(kvm, start, end)
         mmu_notifier_invalidate_range(kvm, start, end, attr_filter, blockable)
         if self.cfg.notifier.interval:
             self.kvm.w.pause(self.cfg.notifier.interval * (0.5 + self.rng.random()))
@@ -613,8 +616,9 @@ class InvalidatorRole(Role):
         if kvm.geometry.tdx and frac and self.rng.random() < frac:
             if check_td_runnable(kvm):  # a memslot of the hot set, 2 MiB
                 start = round_gfn_for_level(self.pick_gfn(), PG_LEVEL_2M)
-                kvm.stats["entries_zapped"] += kvm_set_memory_region_move(
-                    kvm, start, min(self.end_of(start), start + 512))
+                end = min(self.end_of(start), start + 512)
+                guest_release_private(kvm, start, end)  # the guest's consent to the move
+                kvm.stats["entries_zapped"] += kvm_set_memory_region_move(kvm, start, end)
         else:
             kvm_mmu_zap_all_fast(kvm)
         if self.cfg.invalidator.interval:

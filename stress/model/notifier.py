@@ -26,7 +26,6 @@ from collections.abc import Callable
 
 from stress.arena import Globals, Slot
 from stress.model import events
-from stress.model.guest import guest_release_private
 from stress.model.host import (
     KVM_LPAGE_MIXED_FLAG,
     KVM_PAGES_PER_2M,
@@ -220,7 +219,8 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
     ``attr_filter`` (a TD): ``"shared"`` is the mmu_notifier of the VMM's
     mapping, which backs only shared gfns (kvm_unmap_gfn_range with
     KVM_FILTER_SHARED: direct roots); ``"private"`` is a guest_memfd
-    punch-hole the guest agreed to (it stops using the pages first), which zaps
+    punch-hole the guest agreed to (it stopped using the pages first: the
+    caller's :func:`guest_release_private`), which zaps
     the mirror roots (KVM_FILTER_PRIVATE) through the S-EPT removal path.  Only
     the pages of that backing are replaced.  None (a VM without TDX): every root.
 
@@ -237,8 +237,6 @@ def mmu_notifier_invalidate_range(kvm: Kvm, start: int, end: int,
             lo, hi = start, end
     types = {None: KVM_ALL_ROOTS, "shared": KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS,
              "private": KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS}[attr_filter]
-    if attr_filter == "private":
-        guest_release_private(kvm, start, end)
     if not blockable:
         non_block_start(kvm)
     kvm.write_lock()
@@ -431,8 +429,6 @@ def kvm_set_memory_region_move(kvm: Kvm, start: int, end: int) -> int:
     slots_i = lay.glob(Globals.SLOTS_LOCK)
     w.spin_lock(slots_i, kvm.pid)
     try:
-        if kvm.geometry.tdx:
-            guest_release_private(kvm, start, end)
         w.store(lay.glob(Globals.MEMSLOT_INVALID_START), start)
         w.store(lay.glob(Globals.MEMSLOT_INVALID_END), end)
         try:
