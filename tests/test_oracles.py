@@ -281,3 +281,20 @@ def test_only_the_holder_releases_a_kvm_lock(vm) -> None:
         assert e.value.invariant == "lockdep" and "bad unlock balance" in str(e.value)
         assert kvm.w.load(i) == owner  # not released
         kvm.w.spin_unlock(i)
+
+
+def test_set_memory_attributes_returns_only_with_the_attributes_set(make_vm) -> None:
+    """KVM_SET_MEMORY_ATTRIBUTES's postcondition, checked at its return under
+    slots_lock: a real conversion passes it; a return claiming a range that still
+    has the other attribute is named."""
+    from stress.model.kvm import kvm_mem_is_private
+    from stress.model.notifier import kvm_vm_set_mem_attributes
+
+    vm = make_vm(tdx=True)
+    kvm = vm.kvm
+    gfn = next(g for g in range(64) if kvm_mem_is_private(kvm, g))
+    kvm_vm_set_mem_attributes(kvm, gfn, gfn + 2, private=False)
+    assert not kvm_mem_is_private(kvm, gfn) and not kvm_mem_is_private(kvm, gfn + 1)
+    with pytest.raises(InvariantViolation) as e:
+        kvm.hooks.set_memory_attributes_return(kvm, gfn, gfn + 2, True)
+    assert e.value.invariant == "memory attributes not set" and e.value.details["gfn"] == gfn

@@ -129,6 +129,11 @@ class Hooks:
     def root_zapped(self, kvm: Kvm, root: int) -> None:
         """tdp_mmu_zap_root finished: the invalid root was zapped top to bottom."""
 
+    def set_memory_attributes_return(self, kvm: Kvm, start: int, end: int,
+                                     private: bool) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES on [start, end) returns success to userspace,
+        slots_lock still held (so no other conversion has run since)."""
+
     def memory_attributes_set(self, kvm: Kvm, start: int, end: int) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES's post step (mmu_lock held for write): the
         attributes of [start, end) are the new ones and the invalidation ends."""

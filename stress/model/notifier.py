@@ -274,30 +274,36 @@ def kvm_vm_set_mem_attributes(kvm: Kvm, start: int, end: int, private: bool) -> 
     slots_i = kvm.layout.glob(Globals.SLOTS_LOCK)
     kvm.w.spin_lock(slots_i, kvm.pid)
     try:
-        if all(kvm_mem_is_private(kvm, gfn) == private for gfn in range(start, end)):
-            return
-        kvm.write_lock()
-        try:
-            kvm.hooks.invalidate_range_start(kvm, start, end)
-            kvm_mmu_invalidate_begin(kvm)
-            kvm_mmu_invalidate_range_add(kvm, start, end)
-            kvm.variant.pre_set_range_add(kvm, start, end)  # kvm_arch_pre_set_memory_attributes
-            _attr_change_mark(kvm, start, end)
-            kvm.stats["entries_zapped"] += kvm.variant.pre_set_memory_attributes(
-                kvm, start, end, private)
-        finally:
-            kvm.write_unlock()
-        if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
-            kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end,
-                                                               KVM_MIRROR_ROOTS)
-        try:
-            kvm_set_mem_attributes(kvm, start, end, private)
-        finally:  # even when an oracle fires, so that no fault retries for ever
-            kvm.variant.invalidate_end(
-                kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
-        kvm.stats["conversions"] += 1
+        if any(kvm_mem_is_private(kvm, gfn) != private for gfn in range(start, end)):
+            _set_mem_attributes_locked(kvm, start, end, private)
+        kvm.hooks.set_memory_attributes_return(kvm, start, end, private)
     finally:
         kvm.spin_unlock(slots_i, "slots_lock")
+
+
+def _set_mem_attributes_locked(kvm: Kvm, start: int, end: int, private: bool) -> None:
+    """kvm_vm_set_mem_attributes' work, slots_lock held: the attribute change
+    inside an invalidation (kvm_handle_gfn_range with the pre_set and post_set
+    handlers)."""
+    kvm.write_lock()
+    try:
+        kvm.hooks.invalidate_range_start(kvm, start, end)
+        kvm_mmu_invalidate_begin(kvm)
+        kvm_mmu_invalidate_range_add(kvm, start, end)
+        kvm.variant.pre_set_range_add(kvm, start, end)  # kvm_arch_pre_set_memory_attributes
+        _attr_change_mark(kvm, start, end)
+        kvm.stats["entries_zapped"] += kvm.variant.pre_set_memory_attributes(
+            kvm, start, end, private)
+    finally:
+        kvm.write_unlock()
+    if not private:  # to shared: the mirror's pages go (the proposal: now, read lock)
+        kvm.stats["entries_zapped"] += unmap_mirror_shared(kvm, start, end, KVM_MIRROR_ROOTS)
+    try:
+        kvm_set_mem_attributes(kvm, start, end, private)
+    finally:  # even when an oracle fires, so that no fault retries for ever
+        kvm.variant.invalidate_end(
+            kvm, lambda: kvm_arch_post_set_memory_attributes(kvm, start, end))
+    kvm.stats["conversions"] += 1
 
 
 def vmm_convert_memory(kvm: Kvm, start: int, end: int, private: bool) -> None:
