@@ -72,7 +72,9 @@ def test_sweep_removes_only_dead_owners() -> None:
     live = Arena.create(lay, 0)
     try:
         removed = dict(sweep_stale())
-        assert name in removed and "dead" in removed[name]
+        # another run starting meanwhile (an xdist worker's CLI test) sweeps too and may
+        # have taken the dead owner's segment first; either way it is gone, the live one not
+        assert name not in list_segments() and "dead" in removed.get(name, "dead")
         assert live.name not in removed and live.name in list_segments()
     finally:
         live.close()

@@ -18,6 +18,9 @@ from stress.model.kvm import Kvm
 from stress.model.roots import (
     KVM_ALL_ROOTS,
     KVM_DIRECT_ROOTS,
+    KVM_INVALID_ROOTS,
+    KVM_MIRROR_ROOTS,
+    KVM_VALID_ROOTS,
     is_root_invalid,
     kvm_tdp_mmu_invalidate_roots,
     tdp_mmu_root_match,
@@ -223,6 +226,37 @@ def _obsolete_root_mapping_g(vm: Vm) -> int:
     assert kvm_tdp_page_fault(k, G + 1, write=True) == RET_PF_FIXED  # reloads
     assert k.vcpu.root != old and is_root_invalid(k, old)
     return old
+
+
+def test_root_match_takes_invalid_roots_of_the_types_asked_only(make_vm: MakeVm) -> None:
+    """tdp_mmu_root_match as upstream (v6.14 on): KVM_INVALID_ROOTS widens the
+    types asked for to their invalid roots, it does not add the other type's; a
+    call with no valid type is its WARN_ON_ONCE."""
+    vm = make_vm(tdx=True)
+    k = vm.kvm
+    direct, mirror = vm.root, vm.mirror_root
+    direct_invalid = KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS
+    mirror_invalid = KVM_MIRROR_ROOTS | KVM_INVALID_ROOTS
+
+    def match(types: int) -> set[int]:
+        return {r for r in (direct, mirror) if tdp_mmu_root_match(k, r, types)}
+
+    assert match(KVM_DIRECT_ROOTS) == match(direct_invalid) == {direct}
+    assert match(KVM_MIRROR_ROOTS) == match(mirror_invalid) == {mirror}
+    k.write_lock()
+    kvm_tdp_mmu_invalidate_roots(k, KVM_DIRECT_ROOTS)
+    k.write_unlock()
+    assert is_root_invalid(k, direct) and not is_root_invalid(k, mirror)
+    assert match(KVM_DIRECT_ROOTS) == set() and match(direct_invalid) == {direct}
+    assert match(mirror_invalid) == {mirror}  # the invalid direct root is not the mirror's
+    assert match(KVM_ALL_ROOTS) == {direct, mirror} and match(KVM_VALID_ROOTS) == {mirror}
+    k.write_lock()
+    kvm_tdp_mmu_invalidate_roots(k, KVM_VALID_ROOTS)
+    k.write_unlock()
+    assert match(mirror_invalid) == {mirror} and match(direct_invalid) == {direct}
+    with pytest.raises(InvariantViolation) as e:  # panic_on_warn, as the oracles run it
+        match(KVM_INVALID_ROOTS)
+    assert e.value.details["warning"] == "tdp_mmu_root_match with no valid root type"
 
 
 def test_root_filter_is_swappable(make_vm: MakeVm, variant_of: VariantOf) -> None:

@@ -45,6 +45,7 @@ from stress.model.roots import (
     KVM_DIRECT_ROOTS,
     KVM_INVALID_ROOTS,
     KVM_MIRROR_ROOTS,
+    KVM_VALID_ROOTS,
     for_each_tdp_mmu_root_yield_safe,
 )
 from stress.model.sched import non_block_end, non_block_start
@@ -178,6 +179,8 @@ def kvm_unmap_gfn_range(kvm: Kvm, start: int, end: int, types: int,
     kvm.lockdep_assert_held_write()
     if kvm.variant.mirror_shared_zaps:
         types &= ~KVM_MIRROR_ROOTS
+        if not types & KVM_VALID_ROOTS:  # a PRIVATE-filtered unmap: the mirror's only
+            return 0
     # flushes before returning
     return kvm_tdp_mmu_zap_leafs_roots(kvm, types, start, end, may_block)
 

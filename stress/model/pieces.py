@@ -246,11 +246,11 @@ class RootFilter(Protocol):
     def __call__(self, kvm: Kvm, root: int, types: int, /) -> bool:
         """tdp_mmu_next_root's test of a listed root: is it visited by an
         iteration over ``types`` (KVM_DIRECT_ROOTS, KVM_MIRROR_ROOTS,
-        KVM_INVALID_ROOTS, or'ed)?  Fixed: tdp_mmu_root_match (an invalid root
-        only if KVM_INVALID_ROOTS is asked for; a valid one by its mirror
-        role).  Called under RCU, before the reference is taken; a root this
-        rejects is never visited, so an mmu_notifier, a conversion or teardown
-        must still see every root that can map the range.  Pure."""
+        KVM_INVALID_ROOTS, or'ed)?  Fixed: tdp_mmu_root_match (by its mirror
+        role; an invalid one only if KVM_INVALID_ROOTS is asked for too).
+        Called under RCU, before the reference is taken; a root this rejects is
+        never visited, so an mmu_notifier, a conversion or teardown must still
+        see every root that can map the range.  Pure."""
         ...
 
 

@@ -116,12 +116,19 @@ def is_root_invalid(kvm: Kvm, root: int) -> bool:
 
 
 def tdp_mmu_root_match(kvm: Kvm, root: int, types: int) -> bool:
-    """Does ``root`` belong to ``types``?  An invalid root only if
-    KVM_INVALID_ROOTS is asked for; a valid one by its mirror role.  Also the
-    fixed ``root_filter`` piece of tdp_mmu_next_root."""
+    """Does ``root`` belong to ``types``?  By its mirror role, direct or mirror;
+    an invalid root only if KVM_INVALID_ROOTS is asked for as well, so
+    ``KVM_DIRECT_ROOTS | KVM_INVALID_ROOTS`` visits the direct roots, invalid or
+    not, and no mirror root (as upstream since "KVM: x86/tdp_mmu: Support mirror
+    root for TDP MMU", v6.14).  Also the fixed ``root_filter`` piece of
+    tdp_mmu_next_root.  Callers hold mmu_lock (either mode) or RCU: role.invalid
+    is written under the write lock only."""
+    if types & KVM_VALID_ROOTS == 0:
+        kvm.warn("tdp_mmu_root_match with no valid root type", types=types, root=root)
+        return False
     role = kvm.w.load(kvm.layout.sp(root, SpMeta.ROLE))
-    if role & ROLE_INVALID:
-        return bool(types & KVM_INVALID_ROOTS)
+    if role & ROLE_INVALID and not types & KVM_INVALID_ROOTS:
+        return False
     return bool(types & (KVM_MIRROR_ROOTS if role & ROLE_MIRROR else KVM_DIRECT_ROOTS))
 
 
