@@ -232,7 +232,7 @@ def test_a_negated_if_else_prefers_a_run_that_took_both_branches() -> None:
     assert choose_config(m, reach) == "tdx-busy"  # both branches: the swap shows
     reach["configs"]["tdx-busy"]["hits"].remove(m.body_key)
     assert choose_config(m, reach) == "tdx-busy"  # either branch: the preferred order
-    reach["configs"]["invalidate"] = {"exit_code": 0, "hits": [m.site_key, m.else_key]}
-    assert choose_config(m, reach) == "invalidate"  # notifier.py's preferred config
+    reach["configs"]["convert-huge"] = {"exit_code": 0, "hits": [m.site_key, m.else_key]}
+    assert choose_config(m, reach) == "convert-huge"  # notifier.py's preferred config
     assert not [g for g in generate(("notifier.py",)) if g.operator != "negate-cond"
                 and g.else_site]

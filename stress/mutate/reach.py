@@ -13,16 +13,16 @@ mutant's violation on it would mean nothing).
 
 A mutant runs on the fixed protocol when any usable config reached its site there: on
 the config its function and file suggest (:func:`preferred_config`: TDX code: tdx-busy;
-dirty logging: dirty; huge pages: huge; then mirror.py: tdx-busy, notifier.py:
-invalidate, roots.py: roots; the rest: default) if that config reached it, else on the
-first config in :data:`FALLBACK` that did; else on a variant target that did (the
-preferred config first); a site no target reached is the outcome ``unreached``.  A
-guard's or a condition's mutant (``Mutant.body_site``) first looks, in the same order,
-for a target that ran the if's body: a dropped guard differs from the protocol only
-when it would have fired, a dropped conjunct mostly when its if is taken.  A negated
-if with an else (``Mutant.else_site``) looks first for a target that ran both
-branches, then for one that ran either (in the same order), since the mutant runs
-each where the other would have run.
+dirty logging: dirty; huge pages: huge; memslots: tdx-busy; then mirror.py: tdx-busy,
+notifier.py: convert-huge, roots.py: roots; the rest: default) if that config reached
+it, else on the first config in :data:`FALLBACK` that did; else on a variant target that
+did (the preferred config first); a site no target reached is the outcome ``unreached``.
+A guard's or a condition's mutant (``Mutant.body_site``) first looks, in the same order,
+for a target that ran the if's body: a dropped guard differs from the protocol only when
+it would have fired, a dropped conjunct mostly when its if is taken. A negated if with
+an else (``Mutant.else_site``) looks first for a target that ran both branches, then for
+one that ran either (in the same order), since the mutant runs each where the other
+would have run.
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ def preferred_config(m: Mutant) -> str:
         return "dirty"
     if "huge" in fn or "split" in fn:
         return "huge"
-    by_file = {"mirror.py": "tdx-busy", "notifier.py": "invalidate", "roots.py": "roots"}
+    if "memslot" in fn or "memory_region" in fn:  # the one job that moves memslots
+        return "tdx-busy"
+    # notifier.py: conversions and invalidations of THP-backed memory, unaligned
+    by_file = {"mirror.py": "tdx-busy", "notifier.py": "convert-huge", "roots.py": "roots"}
     if f in by_file:
         return by_file[f]
     if "invalidat" in fn or "notifier" in fn:
