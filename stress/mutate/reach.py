@@ -12,17 +12,17 @@ pass doubles as a baseline: a target whose instrumented run is not clean is not 
 mutant's violation on it would mean nothing).
 
 A mutant runs on the fixed protocol when any usable config reached its site there: on
-the config its function and file suggest (:func:`preferred_config`: TDX code: tdx-busy;
-dirty logging: dirty; huge pages: huge; memslots: tdx-busy; then mirror.py: tdx-busy,
-notifier.py: convert-huge, roots.py: roots; the rest: default) if that config reached
-it, else on the first config in :data:`FALLBACK` that did; else on a variant target that
-did (the preferred config first); a site no target reached is the outcome ``unreached``.
-A guard's or a condition's mutant (``Mutant.body_site``) first looks, in the same order,
-for a target that ran the if's body: a dropped guard differs from the protocol only when
-it would have fired, a dropped conjunct mostly when its if is taken. A negated if with
-an else (``Mutant.else_site``) looks first for a target that ran both branches, then for
-one that ran either (in the same order), since the mutant runs each where the other
-would have run.
+the config it, its function and file suggest (:func:`preferred_config`: a TLB flush
+removed: tlb; TDX code: tdx-busy; dirty logging: dirty; huge pages: huge; memslots:
+tdx-busy; then mirror.py: tdx-busy, notifier.py: convert-huge, roots.py: roots; the
+rest: default) if that config reached it, else on the first config in :data:`FALLBACK`
+that did; else on a variant target that did (the preferred config first); a site no
+target reached is the outcome ``unreached``. A guard's or a condition's mutant
+(``Mutant.body_site``) first looks, in the same order, for a target that ran the if's
+body: a dropped guard differs from the protocol only when it would have fired, a dropped
+conjunct mostly when its if is taken. A negated if with an else (``Mutant.else_site``)
+looks first for a target that ran both branches, then for one that ran either (in the
+same order), since the mutant runs each where the other would have run.
 """
 
 from __future__ import annotations
@@ -82,9 +82,12 @@ def split_target(name: str) -> tuple[str, str]:
 
 
 def preferred_config(m: Mutant) -> str:
-    """The config a mutant's function suggests: what the function is about first (TDX,
-    dirty logging, huge pages), then its file, then the rest of its name."""
+    """The config a mutant suggests: a TLB flush it removes or skips first (tlb), then
+    what its function is about (TDX, dirty logging, huge pages, memslots), then its
+    file, then the rest of its name."""
     f, fn = m.file, m.function.lower()
+    if m.operator == "drop-flush" or "flush" in m.segment:
+        return "tlb"  # a missing TLB flush shows where the guest's TLB is used most
     if any(w in fn for w in ("mirror", "tdx", "sept", "tdh")):
         return "tdx-busy"
     if "dirty" in fn or "wrprot" in fn:
