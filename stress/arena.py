@@ -23,11 +23,13 @@ import re
 import secrets
 import signal
 import struct
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
+from typing import Any
 
 MAGIC = int.from_bytes(b"TDPSTRS\x01", "little")
 LAYOUT_VERSION = 9
@@ -122,6 +124,16 @@ class Control:
     START_NS = 5  # CLOCK_MONOTONIC ns when the workers were released
     GO = 6  # workers wait for this before their first op
     WORDS = 8
+
+
+def quiet_phase(words: Any, layout: Layout, every_ns: int, for_ns: int) -> tuple[int, int]:
+    """run.quiet_every/quiet_for as every task sees it, counted from the workers'
+    release (Control.START_NS): (k + 1, ns since it began) inside the quiet part of
+    cycle k, else (0, 0)."""
+    t = time.monotonic_ns() - words.load(layout.ctl(Control.START_NS))
+    k, into = divmod(t, every_ns)
+    into -= every_ns - for_ns
+    return (k + 1, into) if into >= 0 else (0, 0)
 
 
 class Globals:

@@ -89,6 +89,13 @@ class RunConfig:
     expect_violation: bool = False
     watchdog: float = 10.0  # a worker without progress for this long is hung (exit 4)
     max_rss_growth: int = 512 << 20  # a worker's heap growing more than this is a leak
+    # quiet phases: every quiet_every seconds of the run, for quiet_for of them, every
+    # role but the vCPUs stops starting operations (a host with nothing to invalidate,
+    # convert or zap), so the faults run alone: a fault must then complete on its own,
+    # not only because some other task's next operation happens to unblock it.
+    # 0: no quiet phases.  Free runs only (a controlled run's schedule is its own)
+    quiet_every: float = 0.0
+    quiet_for: float = 0.0
     # "python": the model (stress/model/); "kernel": a kernel tree's own tdp_mmu.c
     # (stress/kernel/), built against the shim, in the same harness
     engine: str = "python"
@@ -306,10 +313,25 @@ class LivenessConfig:
 
     max_retries: int = 100_000
     max_wait_rounds: int = 2_000
+    # in a quiet phase (run.quiet_every/quiet_for), once quiet_grace has passed (the host
+    # operations in flight when it began are over): rounds of one retry loop at one entry
+    # before it is a livelock.  Only vCPUs run then, so a fault that goes round this often
+    # is waiting for nothing
+    quiet_max_retries: int = 1_000
+    quiet_grace: float = 0.25
+    quiet_min_stall: float = 0.5  # ... and that went on for at least this long
 
-    def params(self, schedule: ScheduleConfig) -> dict[str, int]:
+    def params(self, schedule: ScheduleConfig, run: RunConfig | None = None
+               ) -> dict[str, int]:
         if not schedule.controlled:
-            return {"max_retries": self.max_retries, "max_wait_rounds": self.max_wait_rounds}
+            out = {"max_retries": self.max_retries, "max_wait_rounds": self.max_wait_rounds}
+            if run is not None and run.quiet_for:
+                out.update(quiet_every_ns=int(run.quiet_every * 1e9),
+                           quiet_for_ns=int(run.quiet_for * 1e9),
+                           quiet_grace_ns=int(self.quiet_grace * 1e9),
+                           quiet_min_stall_ns=int(self.quiet_min_stall * 1e9),
+                           quiet_max_retries=self.quiet_max_retries)
+            return out
         # a retry round is tens of shared accesses: stay well inside the step cap
         cap = max(100, schedule.max_steps // 200)
         return {"max_retries": min(self.max_retries, cap),
@@ -645,6 +667,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "expect_violation": _bool("run.expect_violation"),
         "watchdog": _dur("run.watchdog", 0.5, 86400.0),
         "max_rss_growth": _memsize("run.max_rss_growth"),
+        "quiet_every": _dur("run.quiet_every", 0.0, 86400.0),
+        "quiet_for": _dur("run.quiet_for", 0.0, 86400.0),
         "engine": _choice("run.engine", ("python", "kernel")),
     },
     "kernel": {
@@ -750,7 +774,10 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "pool": {"pages": _int("pool.pages", 0, 1 << 24),
              "alias_tables": _bool("pool.alias_tables")},
     "liveness": {"max_retries": _int("liveness.max_retries", 10, 10**9),
-                 "max_wait_rounds": _int("liveness.max_wait_rounds", 10, 10**9)},
+                 "max_wait_rounds": _int("liveness.max_wait_rounds", 10, 10**9),
+                 "quiet_max_retries": _int("liveness.quiet_max_retries", 10, 10**9),
+                 "quiet_grace": _dur("liveness.quiet_grace", 0.0, 60.0),
+                 "quiet_min_stall": _dur("liveness.quiet_min_stall", 0.0, 60.0)},
     "sched": {"timeslice": _dur("sched.timeslice", 0.0, 60.0)},
     "schedule": {
         "mode": _choice("schedule.mode", SCHEDULE_MODES),
@@ -852,6 +879,18 @@ def validate(cfg: Config) -> Config:
 
 def _validate_rest(cfg: Config) -> Config:
     """validate()'s checks that do not depend on the engine's variants."""
+    if cfg.run.quiet_for and cfg.run.quiet_for >= cfg.run.quiet_every:
+        raise ConfigError(f"run.quiet_for: {cfg.run.quiet_for:g}s must be shorter than "
+                          f"run.quiet_every ({cfg.run.quiet_every:g}s)")
+    lv = cfg.liveness
+    if cfg.run.quiet_for and lv.quiet_grace + lv.quiet_min_stall >= cfg.run.quiet_for:
+        raise ConfigError(f"liveness.quiet_grace + quiet_min_stall: "
+                          f"{lv.quiet_grace + lv.quiet_min_stall:g}s must be shorter than "
+                          f"run.quiet_for ({cfg.run.quiet_for:g}s)")
+    if cfg.run.quiet_for >= cfg.run.watchdog:
+        raise ConfigError(f"run.quiet_for: {cfg.run.quiet_for:g}s must be shorter than "
+                          f"run.watchdog ({cfg.run.watchdog:g}s): a quiet worker starts no "
+                          "operation")
     if cfg.inject.hang_after and cfg.inject.hang_worker >= cfg.n_workers:
         raise ConfigError(f"inject.hang_worker: {cfg.inject.hang_worker} but only "
                           f"{cfg.n_workers} workers")

@@ -91,7 +91,7 @@ def test_far_slot_costs_no_per_gfn_memory() -> None:
         cfg = config.load(None, {"guest": {"slots": ["0-1g", far], "hot_set": "64k"}})
         lay = Layout.build(n_slots=4, n_pages=64, n_gfns=cfg.n_gfns)
         sizes.add((lay.nwords, lay.tlb - lay.host_gens, cfg.n_gfns))
-        assert pool_pages(cfg) < 2000  # the tables, not the gfns, of the far slot
+        assert pool_pages(cfg) < 4000  # the tables, not the gfns, of the far slot
     assert len(sizes) == 1, sizes
     assert sizes.pop()[2] == G + 512
 

@@ -14,7 +14,14 @@ import pytest
 
 from stress.model.variants import VARIANTS
 from stress.mutate.operators import MODEL_DIR, OPERATORS, TARGET_FILES, generate
-from stress.mutate.reach import choose_config, instrument, run_configs, targets, variant_targets
+from stress.mutate.reach import (
+    choose_config,
+    choose_configs,
+    instrument,
+    run_configs,
+    targets,
+    variant_targets,
+)
 from stress.mutate.runner import load_equivalents, select, stale_equivalents
 from stress.mutate.sandbox import Sandbox, run_config, segments_of
 
@@ -108,6 +115,7 @@ def test_equivalent_mutant_is_classified_without_running(tmp_path: Path) -> None
     (["--file", "kvm.py"], "kvm.py"),
     (["--duration", "31s"], "at most 30s"),
     (["--config", "nope"], "unknown config"),
+    (["--configs", "2", "--duration", "20s"], "more than 30s"),
 ])
 def test_usage_errors_exit_2_and_leave_nothing(tmp_path: Path, args: list[str],
                                                 needle: str) -> None:
@@ -131,6 +139,46 @@ def test_cmpxchg_that_always_succeeds_is_killed_by_a_named_oracle(tmp_path: Path
     assert res["summary"]["files"]["tdp_mmu.py"]["score"] == 1.0
     assert segments_of(m["pid"]) == []
     assert (tmp_path / "results.json").is_file()
+
+
+def test_a_survivor_runs_on_the_next_config_and_its_kill_counts_both_runs(
+        tmp_path: Path) -> None:
+    """A split that leaves the last 4K piece out: smoke has no huge pages (the mutant
+    survives there), huge-alias splits 2M leaves and kills it at once."""
+    rc, res, err = mutate_cli("--id", "tdp_mmu.py:tdp_mmu_split_huge_page:off-by-one:0",
+                              "--config", "smoke", "--config", "huge-alias", "--duration",
+                              "4s", "--out", str(tmp_path))
+    assert rc == 0, err
+    [m] = res["mutants"]
+    assert m["outcome"] == "killed" and m["invariant"] == "forbidden SPTE transition", m
+    assert m["tried"] == ["smoke", "huge-alias"] and m["config"] == "huge-alias"
+    assert m["time_to_kill_s"] >= 4  # the survival on smoke counts
+    assert res["configs_per_mutant"] == 2
+
+
+@pytest.mark.slow
+def test_a_fault_that_waits_for_nothing_is_a_named_livelock_in_a_quiet_phase(
+        tmp_path: Path) -> None:
+    """mmu_invalidate_retry_gfn_unsafe testing the last range with no invalidation in
+    progress: a fault on a gfn of that range retries until the next invalidation
+    begins; in the invalidate job's first quiet phase (at 3.5 s) none does."""
+    rc, res, err = mutate_cli("--id", "tdp_mmu.py:mmu_invalidate_retry_gfn_unsafe:negate-cond:0",
+                              "--config", "invalidate", "--duration", "10s",
+                              "--out", str(tmp_path))
+    assert rc == 0, err
+    [m] = res["mutants"]
+    assert m["outcome"] == "killed" and m["invariant"] == "livelock", m
+    assert m["detail"].startswith("livelock in "), m["detail"]
+
+
+def test_config_choice_for_several_runs_takes_another_job_each_time() -> None:
+    [m] = [m for m in generate(("mirror.py",)) if m.id == "mirror.py:tdx_track:negate-cond:0"]
+    hit = {"exit_code": 0, "hits": [m.site_key]}
+    reach = {"configs": {"tdx-busy": hit, "tdx-busy@mirror-zap-shared": hit, "default": hit,
+                         "smoke": {"exit_code": 1, "hits": [m.site_key]}}}
+    assert choose_configs(m, reach, 1) == ["tdx-busy"]
+    # the variant of the same job is not another job; a config that is not clean is none
+    assert choose_configs(m, reach, 3) == ["tdx-busy", "default"]
 
 
 def test_a_null_dereference_in_protocol_code_is_the_kernel_oops(tmp_path: Path) -> None:

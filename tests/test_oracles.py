@@ -83,13 +83,13 @@ def test_cli_lists_the_oracles() -> None:
 def test_an_operation_that_returns_holding_a_lock_is_named(vm) -> None:
     """lockdep_sys_exit: a fault (the fixed protocol) returns holding nothing; an
     operation that keeps mmu_lock, an RCU read-side section or a KVM spinlock past
-    its end is reported at op_end, naming what it holds."""
+    its end is reported when its step returns (op_return), naming what it holds."""
     from stress.arena import Globals
     from stress.model.tdp_mmu import RET_PF_FIXED, kvm_tdp_page_fault
 
     kvm = vm.kvm
     assert kvm_tdp_page_fault(kvm, 0x1234, write=True) == RET_PF_FIXED
-    kvm.hooks.op_end(kvm)
+    kvm.hooks.op_return(kvm)
     for take, drop, what in (
             (kvm.read_lock, kvm.read_unlock, "mmu_lock"),
             (kvm.rcu.rcu_read_lock, kvm.rcu.rcu_read_unlock, "rcu_read_lock"),
@@ -97,14 +97,14 @@ def test_an_operation_that_returns_holding_a_lock_is_named(vm) -> None:
              lambda: kvm.w.spin_unlock(kvm.layout.glob(Globals.SLOTS_LOCK)), "slots_lock")):
         take()
         with pytest.raises(InvariantViolation) as e:
-            kvm.hooks.op_end(kvm)
+            kvm.hooks.op_return(kvm)
         assert e.value.invariant == "lock held when returning to user space"
         assert what in str(e.value)
         drop()
-        kvm.hooks.op_end(kvm)
+        kvm.hooks.op_return(kvm)
     other = vm.task(1)  # another task's lock is not this one's
     other.w.spin_lock(other.layout.glob(Globals.SLOTS_LOCK), other.pid + 1)
-    kvm.hooks.op_end(kvm)
+    kvm.hooks.op_return(kvm)
 
 
 def test_an_iterator_that_leaves_its_tree_is_named(vm) -> None:
@@ -178,7 +178,7 @@ def test_liveness_names_the_loop_and_the_entry(vm) -> None:
     assert e.value.invariant == "livelock"
     assert "livelock in kvm_tdp_page_fault at gfn 0x1234: 50 retries" in str(e.value)
 
-    kvm.hooks.op_end(kvm)
+    kvm.hooks.op_return(kvm)
     oracles.attach(kvm, params={"max_retries": 100_000, "max_wait_rounds": 20})
     waiter = oracles.attach(vm.task(1), params={"max_retries": 50, "max_wait_rounds": 20})
     kvm.hooks.retry(kvm, "kvm_tdp_page_fault", 0x1234)  # in a loop, but not going round
@@ -191,6 +191,39 @@ def test_liveness_names_the_loop_and_the_entry(vm) -> None:
             waiter.hooks.wait(waiter, "synchronize_srcu", 0x1234, kvm.me)
     assert e.value.details["holder_site"] == "kvm_tdp_page_fault"
     assert "waiting for worker 0, which keeps retrying kvm_tdp_page_fault" in str(e.value)
+
+
+def test_liveness_in_a_quiet_phase_has_the_lower_bound_after_the_grace(vm) -> None:
+    """In a quiet phase (only the vCPUs run) a loop may go round quiet_max_retries
+    times once the grace is over; outside one, or within the grace, the usual bound."""
+    import time
+
+    from stress.arena import Control
+
+    kvm = vm.kvm
+    quiet = {"quiet_every_ns": 10**10, "quiet_for_ns": 5 * 10**9,
+             "quiet_grace_ns": 10**9, "quiet_max_retries": 30, "quiet_min_stall_ns": 0}
+    oracles.attach(kvm, params={"max_retries": 100_000, "max_wait_rounds": 20, **quiet})
+    start = kvm.layout.ctl(Control.START_NS)
+    for into_cycle_s, quiet_now in ((1, False), (5.5, False), (7, True)):  # grace: 5..6 s
+        kvm.w.store(start, time.monotonic_ns() - int(into_cycle_s * 1e9))
+        kvm.hooks.op_end(kvm)
+        for _ in range(30):
+            kvm.hooks.retry(kvm, "vcpu_enter_guest", 0x42)
+        if not quiet_now:
+            kvm.hooks.retry(kvm, "vcpu_enter_guest", 0x42)  # the usual bound only
+            continue
+        with pytest.raises(InvariantViolation) as e:
+            kvm.hooks.retry(kvm, "vcpu_enter_guest", 0x42)
+        assert e.value.invariant == "livelock" and e.value.details["quiet_phase"] == 1
+        assert "livelock in vcpu_enter_guest at gfn 0x42: 30 retries over " in str(e.value)
+        assert "ms of a quiet phase" in str(e.value)
+    # contention between vCPUs may last a little: a streak shorter than quiet_min_stall
+    oracles.attach(kvm, params={"max_retries": 100_000, "max_wait_rounds": 20, **quiet,
+                                "quiet_min_stall_ns": 10**9})
+    kvm.hooks.op_end(kvm)
+    for _ in range(100):
+        kvm.hooks.retry(kvm, "vcpu_enter_guest", 0x42)
 
 
 def test_kernel_oops_names_faults_of_protocol_code_only() -> None:

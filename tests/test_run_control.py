@@ -216,3 +216,24 @@ def test_zoo_stops_on_sigterm(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 20
     assert "interrupted" in err and not (tmp_path / "zoo.json").exists()
     assert segments_of(proc.pid) == []
+
+
+def test_quiet_phases_leave_the_vcpus_alone(tmp_path: Path) -> None:
+    """run.quiet_every/quiet_for: the host's roles start no operation in a quiet phase,
+    the vCPUs go on; a phase as long as the cycle is refused."""
+    ops: dict[str, dict[str, int]] = {}
+    for name, quiet in (("busy", ""), ("quiet", 'quiet_every = "1s"\nquiet_for = "0.8s"\n')):
+        out = tmp_path / name
+        cfg = _cfg(tmp_path, f'[run]\nduration = "3s"\ncheck_interval = "0"\n{quiet}'
+                             '[workers]\nvcpu = 2\nzapper = 1\nnotifier = 1\n')
+        r = run_cli("run", cfg, "--out", str(out), "-q", timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        roles = json.loads((out / "latest" / "results.json").read_text())["roles"]
+        ops[name] = {role: roles[role]["ops"] for role in ("vcpu", "zapper", "notifier")}
+    for role in ("zapper", "notifier"):  # quiet 80% of the time: far fewer operations
+        assert ops["quiet"][role] < ops["busy"][role] * 0.5, ops
+    assert ops["quiet"]["vcpu"] > ops["busy"]["vcpu"] * 0.5, ops  # (as busy, or busier)
+    bad = _cfg(tmp_path, '[run]\nquiet_every = "1s"\nquiet_for = "1s"\n')
+    r = run_cli("run", bad, "--out", str(tmp_path / "bad"), "-q", timeout=30)
+    assert r.returncode == 2 and "run.quiet_for" in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()

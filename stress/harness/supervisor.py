@@ -97,8 +97,11 @@ class Interrupted(BaseException):
 
 
 def pool_pages(cfg: Config) -> int:
-    """Enough pages to map the whole guest twice over (tables pending RCU need
-    room too), capped; a fault that finds the pool empty retries."""
+    """Enough pages to map the whole guest twice over (tables pending RCU, and a
+    root being torn down while its successor fills, need room too), on a TD four
+    times over (the direct root, the mirror root and the S-EPT's copy of each mirror
+    table can all map every gfn: a quiet phase lets the vCPUs map everything),
+    capped; a fault that finds the pool empty retries."""
     if cfg.pool.pages:
         return cfg.pool.pages
     need = 1
@@ -109,7 +112,8 @@ def pool_pages(cfg: Config) -> int:
             first, end = base >> shift, (base + npages - 1) >> shift
             need += end - max(first, last + 1) + 1 if end > last else 0
             last = max(last, end)
-    return max(64, min(2 * need + 256, POOL_AUTO_MAX))
+    copies = 4 if cfg.vm.type == "tdx" else 2
+    return max(64, min(copies * need + 256, POOL_AUTO_MAX))
 
 
 @dataclass

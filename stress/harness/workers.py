@@ -28,7 +28,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from stress import oracles
-from stress.arena import Arena, Control, Globals, Layout, Slot
+from stress.arena import Arena, Control, Globals, Layout, Slot, quiet_phase
 from stress.atomics import DelayInjectingWords, LockAborted, ScheduledWords, Words
 from stress.config import Config
 from stress.harness.sched import Turns, worker_turns
@@ -178,7 +178,7 @@ def build_kvm(cfg: Config, words: Words, layout: Layout, me: int,
                         memslots=build_memslots(cfg.memslots))
     variant = get_variant(cfg.run.variant)
     kvm = oracles.attach(Kvm(words, layout, geometry, variant, me, rng),
-                         params=cfg.liveness.params(cfg.schedule))
+                         params=cfg.liveness.params(cfg.schedule, cfg.run))
     kvm.tlb_flush_ns = int(cfg.zapper.tlb_flush_latency * 1e9)
     kvm.timeslice_ns = int(cfg.sched.timeslice * 1e9)
     kvm.race_window_ns = int(cfg.inject.race_window * 1e9)
@@ -276,7 +276,9 @@ class Role:
         """The end of ``gfn``'s memslot (ranges stay inside one slot)."""
         return self.ram.end_of(gfn)
 
-    def step(self) -> None:
+    def step(self) -> bool | None:
+        """One operation, or one step of it: False if the operation is not complete
+        yet (a vCPU whose instruction will be re-executed), else it is."""
         raise NotImplementedError
 
 
@@ -284,8 +286,11 @@ class VcpuRole(Role):
     """A vCPU: the guest runs ``vcpu.guest_accesses`` loads and stores through its
     TLB and the hardware walker (model/tlb.py), stopping at the first EPT
     violation; then KVM faults on that gfn (or on the last one touched: a
-    spurious fault) and re-faults while the fault says RET_PF_RETRY, as a guest
-    re-executing the access would."""
+    spurious fault) and re-faults while the fault says RET_PF_RETRY, and the
+    guest re-executes the access after the fault is fixed: the operation ends
+    when the access completes (or is emulated), so a fault that returns without
+    making the access possible is a retry of the same operation, as it is a
+    guest stuck on one instruction in the kernel."""
 
     name = "vcpu"
 
@@ -298,11 +303,11 @@ class VcpuRole(Role):
         self.rip = 0
         self.insn: tuple[int, list[int], bool] | None = None
         self.last_fault: int | None = None
+        self.exit_gfn: int | None = None  # the gfn the instruction last exited on
 
-    def step(self) -> None:
+    def step(self) -> bool | None:
         if self.kvm.geometry.tdx:
-            self.step_td()
-            return
+            return self.step_td()
         kvm = self.kvm
         vc = self.cfg.vcpu
         gfn = self.pick_gfn()
@@ -314,14 +319,23 @@ class VcpuRole(Role):
             write = self.rng.random() < vc.write_fraction
         exec_ = not write and self.rng.random() < vc.exec_fraction
         retries = 0
-        while (r := kvm_tdp_page_fault(kvm, gfn, write, exec_)) == RET_PF_RETRY:
-            # the guest re-executes the access: on the way in, vcpu_enter_guest
-            # schedules if need_resched(); others run meanwhile
-            cond_resched(kvm)
+        while True:
+            while (r := kvm_tdp_page_fault(kvm, gfn, write, exec_)) == RET_PF_RETRY:
+                # the guest re-executes the access: on the way in, vcpu_enter_guest
+                # schedules if need_resched(); others run meanwhile
+                cond_resched(kvm)
+                retries += 1
+                kvm.hooks.retry(kvm, "kvm_tdp_page_fault", gfn)
+            if r == RET_PF_EMULATE:
+                self.emulate_write(gfn)
+                break
+            # fixed (or spurious): the guest re-executes the access, which completes
+            # unless the entry is gone again or still does not allow it (a fetch
+            # is taken as done: the walker models no execute permission)
+            if exec_ or guest_access(kvm, gfn, write):
+                break
             retries += 1
-            kvm.hooks.retry(kvm, "kvm_tdp_page_fault", gfn)
-        if r == RET_PF_EMULATE:
-            self.emulate_write(gfn)
+            kvm.hooks.retry(kvm, "vcpu_enter_guest", gfn)
         self.after_fault(retries)
 
     def after_fault(self, retries: int) -> None:
@@ -346,12 +360,15 @@ class VcpuRole(Role):
             kvm.stats["root_resets"] += 1
 
     # -- a TD's vCPU ------------------------------------------------------------------
-    def step_td(self) -> None:
+    def step_td(self) -> bool:
         """Before the TD runs: the first vCPU builds the initial image and
         finalizes the TD, the others do vCPU ioctls (userspace setting them up).
         Then: KVM_PRE_FAULT_MEMORY now and then, else enter the TD, run the
         guest's instruction (private pages accepted before use, shared ones
-        through the hardware walker) and handle the EPT violation it exits with."""
+        through the hardware walker) and handle the EPT violation it exits with.
+        False while the instruction is still to be re-executed: the operation is
+        the instruction, and each re-entry for it is a round of vcpu_enter_guest
+        at the gfn it last exited on."""
         kvm = self.kvm
         vc = self.cfg.vcpu
         if not check_td_runnable(kvm):
@@ -360,7 +377,7 @@ class VcpuRole(Role):
             else:
                 tdx_vcpu_ioctl(kvm)
                 kvm.w.pause(0.0002)
-            return
+            return True
         if vc.prefault_fraction and self.rng.random() < vc.prefault_fraction:
             n = max(1, vc.prefault_range >> 12)
             start = self.pick_gfn()
@@ -369,7 +386,7 @@ class VcpuRole(Role):
             kvm.hooks.sys_exit(kvm, "KVM_PRE_FAULT_MEMORY", r)
             self.signal_delivered()  # pre-faulting is a hint: not restarted
             kvm.stats["prefaults"] += 1
-            return
+            return self.insn is None
         if self.insn is None:
             self.rip += 1
             gfn = self.pick_gfn()
@@ -379,15 +396,18 @@ class VcpuRole(Role):
             self.insn = (self.rip, list(range(gfn, min(self.end_of(gfn), gfn + span))),
                          self.rng.random() < vc.write_fraction)
             self.last_fault = None
+            self.exit_gfn = None
+        elif self.exit_gfn is not None:
+            kvm.hooks.retry(kvm, "vcpu_enter_guest", self.exit_gfn)
         rip, gfns, write = self.insn
         r = tdx_vcpu_run(kvm, rip if self.last_fault is not None else None, self.last_fault)
         if r == EXIT_FASTPATH_EXIT_HANDLED:
             kvm.w.relax()
-            return
+            return False
         if r == VP_EPT_VIOLATION:  # zero-step: the module re-raised the EPT violation
             assert self.last_fault is not None
             self.handle_td_exit(self.last_fault, write, GUEST_EPT_VIOLATION)
-            return
+            return False
         fault = None
         for gfn in gfns:  # in the TD: no kvm->srcu held (vcpu_enter_guest drops it)
             if kvm_mem_is_private(kvm, gfn):
@@ -402,14 +422,16 @@ class VcpuRole(Role):
             self.insn = None
             self.last_fault = None
             kvm.stats["instructions"] += 1
-            return
+            return True
         self.handle_td_exit(fault[0], write, fault[1])
+        return False
 
     def handle_td_exit(self, gfn: int, write: bool, how: int) -> None:
         """The exit's handling, inside kvm->srcu's read side (vcpu_run holds it
         outside the guest)."""
         kvm = self.kvm
         private = kvm_mem_is_private(kvm, gfn)
+        self.exit_gfn = gfn
         before = kvm.stats["local_retries"]
         srcu_read_lock(kvm, gfn)
         try:
@@ -827,14 +849,20 @@ class Worker:
                    if inj.hang_after and inj.hang_worker == self.index else float("inf"))
         leaked: list[bytearray] = []
         rcu = self.kvm.rcu
+        quiet = self.quiet_phases()
         while not w.load(self.stop_i):
             gen = w.load(self.pause_i)
             if gen and gen != self.parked_gen:
                 self.park(gen)
                 continue
-            step()
+            if quiet is not None and quiet():
+                time.sleep(0.001)  # between operations: holds nothing
+                continue
+            done = step() is not False
             stats["ops"] += 1
-            self.kvm.hooks.op_end(self.kvm)
+            self.kvm.hooks.op_return(self.kvm)
+            if done:
+                self.kvm.hooks.op_end(self.kvm)
             if inj.leak_per_op:
                 leaked.append(bytearray(b"\x01" * inj.leak_per_op))  # injected leak
             if rcu.pending:
@@ -850,6 +878,16 @@ class Worker:
         kvm_mmu_unload(self.kvm, self.kvm.vcpu)  # vCPU destroyed: its root reference goes
         self.drain(timeout=1.0)
         self.publish()
+
+    def quiet_phases(self) -> Callable[[], bool] | None:
+        """run.quiet_every/quiet_for: a test of "the run is in a quiet phase now" for a
+        role other than the vCPUs (None: this worker never goes quiet).  The phases
+        count from the workers' release (Control.START_NS), for every task alike."""
+        run = self.cfg.run
+        if not run.quiet_for or self.role.name == "vcpu":
+            return None
+        every, span = int(run.quiet_every * 1e9), int(run.quiet_for * 1e9)
+        return lambda: quiet_phase(self.words, self.layout, every, span)[0] > 0
 
     def op_seed(self, k: int) -> int:
         """Op ``k``'s own RNG seed: deleting an earlier op (shrinking) leaves the
@@ -879,9 +917,11 @@ class Worker:
                 turns.begin_op(k)
                 rng.seed(self.op_seed(k))
                 sched_start_op(kvm, self.op_seed(k))
-                step()
+                done = step() is not False
                 kvm.stats["ops"] += 1
-                kvm.hooks.op_end(kvm)
+                kvm.hooks.op_return(kvm)
+                if done:
+                    kvm.hooks.op_end(kvm)
                 self.reclaim()
             k += 1
         turns.end_phase()

@@ -152,7 +152,12 @@ def run_zoo(variants: list[str], seeds: int, cap: float, fixed_seconds: float,
         if o.exit_reason == "interrupted":
             raise ZooInterrupted
         fixed = {"seconds": o.duration_s, "violations": len(o.violations),
-                 "exit_reason": o.exit_reason, "checks": o.checks}
+                 "exit_reason": o.exit_reason, "checks": o.checks,
+                 # what a fixed run that is not clean found: the report to start from
+                 "first_violation": None if not o.violations else {
+                     "invariant": o.violations[0].invariant,
+                     "message": o.violations[0].message,
+                     "details": {k: str(v) for k, v in o.violations[0].details.items()}}}
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "seeds": seeds, "cap_s": cap,
             "engine": engine, "variants": rows, "fixed": fixed}
 
@@ -220,4 +225,7 @@ def format_zoo(res: dict[str, Any]) -> str:
     if f["seconds"]:
         lines.append(f"fixed protocol: {f['seconds']:.0f} s, {f['violations']} violations "
                      f"({f['exit_reason']})")
+        if f.get("first_violation"):
+            fv = f["first_violation"]
+            lines.append(f"  first: [{fv['invariant']}] {fv['message']}")
     return "\n".join(lines)

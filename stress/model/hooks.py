@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # ``retry`` hook names one of these; liveness oracles count the rounds.
 RETRY_SITES = (
     "kvm_tdp_page_fault",  # the vCPU re-enters after RET_PF_RETRY
+    "vcpu_enter_guest",  # the guest re-executes an access whose exit was handled
     "tdx_handle_ept_violation",  # a TD's private fault retried locally
     "kvm_tdp_map_page",  # KVM_PRE_FAULT_MEMORY's loop
     "kvm_tdp_mmu_map_private_pfn",  # the initial image's map loop
@@ -169,8 +170,14 @@ class Hooks:
         """The operation in progress waits another round at ``site`` for worker
         ``holder`` (e.g. synchronize_srcu for a reader still inside)."""
 
+    def op_return(self, kvm: Kvm) -> None:
+        """The harness: the worker's step returned (its ioctl or callback is back in
+        user space), whether or not its operation is complete."""
+
     def op_end(self, kvm: Kvm) -> None:
-        """The harness: the worker's operation completed (progress)."""
+        """The harness: the worker's operation completed (progress).  A vCPU's
+        operation is the guest instruction: a step that handled an exit the
+        instruction will be re-executed after has not completed it."""
 
 
 NO_HOOKS = Hooks()

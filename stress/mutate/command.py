@@ -79,13 +79,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
               help="Sample only among mutants a config reaches (the unreached are "
                    "still counted in the header).")
 @click.option("--duration", type=Seconds(MAX_DURATION), default="20s", show_default=True,
-              help="Run time of each mutant (at most 30s).")
+              help="Run time of each mutant on one config (at most 30s in all: see "
+                   "--configs).")
+@click.option("--configs", "n_configs", type=click.IntRange(1, 8), default=1,
+              show_default=True,
+              help="A mutant that survives runs again on the next config that reached its "
+                   "site, up to N configs (the same duration each; N x duration at most "
+                   "30s).")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=1, show_default=True,
               help="Master seed of every run.")
-@click.option("--config", "forced_config", metavar="NAME[@VARIANT]",
+@click.option("--config", "forced_configs", multiple=True, metavar="NAME[@VARIANT]",
               help="Run every mutant on this shipped config, on the fixed protocol or a "
                    "valid (non-bug) variant (no reachability pass: nothing is "
-                   "'unreached').")
+                   "'unreached'); repeated: on each in turn while it survives.")
 @click.option("--reach-duration", type=Seconds(600), default="10s", show_default=True,
               help="Run time of each config in the reachability pass (cached in OUT).")
 @click.option("--refresh-reach", is_flag=True, help="Redo the reachability pass.")
@@ -100,8 +106,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 @click.option("--plain", is_flag=True, help="Plain progress lines (the only kind here).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr.")
 def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, ...],
-           max_n: int | None, sample_seed: int, reached_only: bool, duration: float, seed: int,
-           forced_config: str | None, reach_duration: float, refresh_reach: bool, jobs: int,
+           max_n: int | None, sample_seed: int, reached_only: bool, duration: float,
+           n_configs: int, seed: int, forced_configs: tuple[str, ...], reach_duration: float,
+           refresh_reach: bool, jobs: int,
            out_dir: str, list_only: bool, json_out: str | None, plain: bool,
            quiet: bool) -> int:
     """The tester's self-test: mutants of the protocol code, each run on the config that
@@ -115,13 +122,18 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
         if not quiet:
             click.echo(msg, err=True)
 
+    if forced_configs:
+        n_configs = len(forced_configs)
+    if n_configs * duration > MAX_DURATION:
+        raise click.UsageError(f"{n_configs} configs x --duration {duration:g}s is more than "
+                               f"{MAX_DURATION:g}s for one mutant")
     file_names = tuple(_file_name(f) for f in files)
     unknown = [f for f in file_names if f not in TARGET_FILES]
     if unknown:
         raise click.UsageError(f"--file: {', '.join(unknown)} is not one of "
                                f"{', '.join(TARGET_FILES)}")
     configs = reach_mod.run_configs()
-    if forced_config is not None:
+    for forced_config in forced_configs:
         config_name, variant_name = reach_mod.split_target(forced_config)
         if config_name not in configs:
             raise click.UsageError(f"--config: unknown config {config_name!r} (shipped: "
@@ -163,31 +175,33 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
         out.mkdir(parents=True, exist_ok=True)
         sandbox = Sandbox()
         reach: dict[str, Any] | None = None
-        if forced_config is None:
+        if not forced_configs:
             reach = reach_mod.load_or_profile(out / "reach.json", sandbox, everything,
                                               reach_duration, seed, jobs, say, refresh_reach)
             for name, c in reach["configs"].items():
                 if c["exit_code"] != 0:
                     say(f"reach: config {name} does not run clean unmutated "
                         f"({c['exit_reason']}: {c.get('detail', '')}): not used")
-        config_of = {m.id: (forced_config if reach is None else
-                            reach_mod.choose_config(m, reach)) for m in candidates}
-        population_unreached = sum(config_of[m.id] is None for m in candidates)
-        pool = [m for m in candidates if not reached_only or config_of[m.id] is not None]
+        targets_of = {m.id: (list(forced_configs) if reach is None else
+                             reach_mod.choose_configs(m, reach, n_configs))
+                      for m in candidates}
+        population_unreached = sum(not targets_of[m.id] for m in candidates)
+        pool = [m for m in candidates if not reached_only or targets_of[m.id]]
         chosen = runner.select(pool, max_n=max_n, sample_seed=sample_seed)
-        plan: list[tuple[Any, str]] = []
+        plan: list[tuple[Any, list[str]]] = []
         for m in chosen:
-            cfg = config_of[m.id]
+            tgts = targets_of[m.id]
             if m.id in equivalents:
-                outcomes.append(runner.not_run(m, "equivalent", cfg,
+                outcomes.append(runner.not_run(m, "equivalent", tgts[0] if tgts else None,
                                                equivalents[m.id].get("reason", "")))
-            elif cfg is None:
+            elif not tgts:
                 outcomes.append(runner.not_run(m, "unreached", None,
                                                "no clean config ran this statement"))
             else:
-                plan.append((m, cfg))
+                plan.append((m, tgts))
         say(f"mutate: {len(chosen)} of {len(candidates)} candidates, {len(plan)} to run "
-            f"for {duration:g} s each, {jobs} at a time")
+            f"for {duration:g} s each" + (f" on up to {n_configs} configs" if n_configs > 1
+                                          else "") + f", {jobs} at a time")
         for x in stale:
             say(f"mutate: stale equivalent.toml entry: {x}")
 
@@ -198,11 +212,12 @@ def mutate(files: tuple[str, ...], operators: tuple[str, ...], ids: tuple[str, .
             return {"schema": "tdp-stress-mutate", "schema_version": 2,
                     "command": "mutate", "started_at": started,
                     "wall_s": round(time.monotonic() - t0, 1), "duration_s": duration,
+                    "configs_per_mutant": n_configs,
                     "seed": seed, "jobs": jobs, "sample_seed": sample_seed, "max": max_n,
                     "files": list(file_names or TARGET_FILES), "operators": list(operators),
                     "candidates": len(candidates),
                     "population_unreached": population_unreached if reach else None,
-                    "selected": len(chosen), "forced_config": forced_config,
+                    "selected": len(chosen), "forced_config": ",".join(forced_configs) or None,
                     "reach": None if reach is None else {
                         "duration_s": reach["duration_s"], "configs": {
                             n: {"exit_reason": c["exit_reason"], "sites": len(c["hits"])}

@@ -11,8 +11,9 @@ What is never mutated: the tester's own oracles (calls of ``kvm.bug``/``kvm.warn
 KASAN report hook ``kasan_report``, ``*BUG_ON*``, ``check_*``/``_check_*``,
 ``lockdep_assert_*``, ``assert`` statements, functions whose docstring starts with
 "Oracle", an ``if`` whose body only reports, and an ``if`` whose body warns first: the
-kernel's ``if (WARN_ON_ONCE(cond))`` with its recovery), observation (trace events, the D-bit
-ledger's ``dirty_set``, an ``if`` whose body only bumps a ``kvm.stats`` counter), and
+kernel's ``if (WARN_ON_ONCE(cond))`` with its recovery), observation (trace events and the
+tracepoint helpers ``trace_*``, the D-bit ledger's ``dirty_set`` and a loop of it, an ``if``
+whose body only bumps a ``kvm.stats`` counter), and
 the historical bug variants' functions (docstring "Buggy ...": they are not the protocol
 under test, and the fixed protocol never runs them), and the VMM's side of an ioctl
 (docstring "Userspace ...": whatever userspace does with the API is allowed, so no oracle
@@ -389,7 +390,7 @@ class _Generator:
 
     def _function(self, fn: ast.FunctionDef | ast.AsyncFunctionDef, qualname: str) -> None:
         if docstring_kind(fn) in ("Buggy", "Oracle", "Userspace") or ORACLE_NAME.search(fn.name) \
-                or fn.name in ORACLE_REPORTERS:
+                or fn.name in ORACLE_REPORTERS or fn.name.startswith("trace_"):
             return
         state = _FnState(qualname)
         self._block(state, fn.body)
@@ -436,8 +437,10 @@ class _Generator:
                 self.add(fn, "drop-flush", s, s, f"drop {text}", self.replace(s, "pass"))
         # an if whose body reports (a report that stops the run, or only WARNs) is an
         # oracle: its condition is the assertion's
-        def reporting(b: ast.stmt) -> bool:  # an oracle call, a counter, a loop of them
+        def reporting(b: ast.stmt) -> bool:  # an oracle call, a counter, a loop or if of them
             if isinstance(b, ast.For):
+                return all(reporting(x) for x in b.body)
+            if isinstance(b, ast.If) and not b.orelse and not has_oracle(b.test):
                 return all(reporting(x) for x in b.body)
             if isinstance(b, ast.AugAssign) and isinstance(b.target, ast.Subscript):
                 d = dotted(b.target.value)  # kvm.stats[...] += 1: observation only
@@ -448,6 +451,8 @@ class _Generator:
 
         reports = [reporting(b) for b in getattr(s, "body", [])]
         body = getattr(s, "body", [])
+        if isinstance(s, ast.For) and reporting(s):
+            return  # a loop of observation (the D-bit ledger over a range): not protocol
         # if (WARN_ON_ONCE(cond)) { recover }: a body that warns first is the kernel's
         # assertion with its recovery, not a guard of the protocol
         warns_first = (bool(body) and isinstance(body[0], ast.Expr)

@@ -110,6 +110,15 @@ def preferred_config(m: Mutant) -> str:
 def choose_config(m: Mutant, reach: dict[str, Any]) -> str | None:
     """The target (``config`` or ``config@variant``) to run ``m`` on, or None: no
     usable target reached its site.  The fixed protocol first, then the variants."""
+    found = choose_configs(m, reach, 1)
+    return found[0] if found else None
+
+
+def choose_configs(m: Mutant, reach: dict[str, Any], n: int) -> list[str]:
+    """Up to ``n`` targets to run ``m`` on, in turn while it survives: the first is
+    :func:`choose_config`'s, each next one the best remaining target (in the same
+    order of tiers and configs) of a config not chosen yet, so a survivor meets
+    another job's workload, not the same job again."""
     usable = {name: set(c["hits"]) for name, c in reach["configs"].items()
               if c["exit_code"] == 0}
     pref = preferred_config(m)
@@ -125,11 +134,13 @@ def choose_config(m: Mutant, reach: dict[str, Any]) -> str | None:
     else:
         tiers = [((m.body_key,), all)] if m.body_key else []
     tiers.append(((m.site_key,), all))
+    out: list[str] = []
     for keys, how in tiers:
         for name in order:
-            if how(k in usable.get(name, ()) for k in keys):
-                return name
-    return None
+            if len(out) < n and how(k in usable.get(name, ()) for k in keys) \
+                    and split_target(name)[0] not in {split_target(t)[0] for t in out}:
+                out.append(name)
+    return out
 
 
 # ---------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Outcome:
     detail: str = ""
     diff: str = ""
     pid: int | None = None  # the run's supervisor (its segments are tdpstress-<pid>-*)
+    tried: list[str] | None = None  # the targets run, in turn, the last one's outcome this
 
     @property
     def category(self) -> str:
@@ -154,6 +155,26 @@ def classify(m: Mutant, target: str, r: RunResult) -> Outcome:
     return o
 
 
+def run_targets(sandbox: Sandbox, m: Mutant, targets: list[str], duration: float,
+                seed: int) -> Outcome:
+    """Run ``m`` on each of ``targets`` in turn until one kills it (or it crashes,
+    hangs or is stillborn): the outcome is that run's, or the last survival.  A kill
+    on a later target counts the runs before it in ``time_to_kill_s`` (the mutant's
+    whole time under test) and names every target tried in ``tried``."""
+    spent = 0.0
+    o: Outcome | None = None
+    for k, target in enumerate(targets):
+        o = run_one(sandbox, m, target, duration, seed)
+        o.tried = targets[:k + 1]
+        if o.outcome != "survived":
+            if o.time_to_kill_s is not None:
+                o.time_to_kill_s = round(spent + o.time_to_kill_s, 2)
+            return o
+        spent += duration
+    assert o is not None
+    return o
+
+
 def run_one(sandbox: Sandbox, m: Mutant, target: str, duration: float, seed: int) -> Outcome:
     """Run ``m`` on ``target`` (``config`` or ``config@variant``)."""
     original = sandbox.original(m.file)
@@ -236,7 +257,10 @@ def format_report(res: dict[str, Any]) -> str:
     s = res["summary"]
     out = [f"tdp-stress mutate: {s['total']['mutants']} mutants of {res['candidates']} "
            f"candidates ({res['population_unreached']} of those unreached by any config), "
-           f"{res['duration_s']:g} s per run, seed {res['seed']}, {res['jobs']} job(s), "
+           f"{res['duration_s']:g} s per run"
+           + (f" on up to {res['configs_per_mutant']} configs"
+              if res.get("configs_per_mutant", 1) > 1 else "")
+           + f", seed {res['seed']}, {res['jobs']} job(s), "
            f"{res['wall_s']:.0f} s wall"]
     out += [""] + _table(s["files"], s["total"], "file")
     out += [""] + _table(s["operators"], s["total"], "operator")
@@ -251,6 +275,8 @@ def format_report(res: dict[str, Any]) -> str:
             where = o["config"] or "-"
             if o.get("variant") not in (None, "fixed"):
                 where += f"@{o['variant']}"
+            if len(o.get("tried") or ()) > 1:
+                where = "+".join(o["tried"])
             out.append(f"  {o['outcome']:<9} {where:<10} {o['description']}{extra}"[:220])
     unreached = [o for o in res["mutants"] if o["outcome"] == "unreached"]
     if unreached:
@@ -264,18 +290,19 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def run_all(sandbox: Sandbox, plan: list[tuple[Mutant, str]], duration: float, seed: int,
-            jobs: int, on_result: Callable[[Outcome], None]) -> None:
-    """Run every (mutant, config) of ``plan``, ``jobs`` at a time."""
+def run_all(sandbox: Sandbox, plan: list[tuple[Mutant, list[str]]], duration: float,
+            seed: int, jobs: int, on_result: Callable[[Outcome], None]) -> None:
+    """Run every (mutant, targets) of ``plan`` (:func:`run_targets`), ``jobs`` at a
+    time."""
     from concurrent.futures import ThreadPoolExecutor
 
     from stress.mutate.sandbox import kill_active, stopping
 
-    def one(item: tuple[Mutant, str]) -> Outcome:
-        m, config = item
+    def one(item: tuple[Mutant, list[str]]) -> Outcome:
+        m, targets = item
         if stopping():
-            return not_run(m, "interrupted", config, "")
-        return run_one(sandbox, m, config, duration, seed)
+            return not_run(m, "interrupted", targets[0], "")
+        return run_targets(sandbox, m, targets, duration, seed)
 
     ex = ThreadPoolExecutor(max_workers=jobs)
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from weakref import WeakKeyDictionary
 
-from stress.arena import Globals, Layout, Slot
+from stress.arena import Globals, Layout, Slot, quiet_phase
 from stress.atomics import Words
 from stress.model.errors import InvariantViolation
 from stress.model.hooks import RETRY_SITES
@@ -36,6 +36,10 @@ KVM_LOCKS = {"tdp_mmu_pages_lock": Globals.TDP_MMU_PAGES_LOCK,
              "mmu_unsync_pages_lock": Globals.MMU_UNSYNC_PAGES_LOCK,
              "tdx sept lock": Globals.TDX_SEPT_LOCK}
 _counts: WeakKeyDictionary[Kvm, dict[tuple[str, int], int]] = WeakKeyDictionary()
+# per (site, entry, quiet phase): rounds since the phase's grace ended
+# (rounds, ns into the phase at the first of them)
+_quiet: WeakKeyDictionary[Kvm, dict[tuple[str, int, int], tuple[int, int]]] = \
+    WeakKeyDictionary()
 # per wait (site, holder): the holder's published rounds and heartbeat when the wait began
 _wait_base: WeakKeyDictionary[Kvm, dict[tuple[str, int], tuple[int, int]]] = WeakKeyDictionary()
 
@@ -61,8 +65,11 @@ def loop_of(kvm: Kvm, worker: int) -> tuple[str, int] | None:
         invariant="every operation completes within a bound of retries at one position: a "
                   "retry loop that goes round for ever on one entry is a livelock (or a "
                   "deadlock the loop hides)",
-        hook="retry", when="each round of a model retry loop (RETRY_SITES)",
-        cost="a dict update per round; a slot store every 256 rounds")
+        hook="retry", when="each round of a model retry loop (RETRY_SITES); in a quiet "
+                           "phase (run.quiet_every/quiet_for) a much lower bound, "
+                           "liveness.quiet_max_retries, once its grace is over",
+        cost="a dict update per round (two with quiet phases); a slot store every 256 "
+             "rounds")
 def retries_bounded(kvm: Kvm, site: str, key: int) -> None:
     c = _counts.setdefault(kvm, {})
     n = c.get((site, key), 0) + 1
@@ -76,6 +83,30 @@ def retries_bounded(kvm: Kvm, site: str, key: int) -> None:
     if n > bound:
         kvm.bug("livelock", f"livelock in {site} at {_where(key)}: {n - 1} retries without "
                 "the operation completing", site=site, gfn=key, rounds=n - 1)
+    params = getattr(kvm.hooks, "params", {})
+    if "quiet_every_ns" in params:
+        _quiet_rounds(kvm, site, key, params)
+
+
+def _quiet_rounds(kvm: Kvm, site: str, key: int, params: dict[str, int]) -> None:
+    """The quiet-phase bound: only vCPUs run, so once the host operations in flight
+    when the phase began are over (the grace), nothing but the vCPUs themselves can
+    make a retry loop go round: past quiet_max_retries rounds that went on for at
+    least quiet_min_stall (two vCPUs may contend for a while), it is a livelock."""
+    phase, into = quiet_phase(kvm.w, kvm.layout, params["quiet_every_ns"],
+                              params["quiet_for_ns"])
+    if not phase or into < params["quiet_grace_ns"]:
+        return
+    q = _quiet.setdefault(kvm, {})
+    n, since = q.get((site, key, phase), (0, into))
+    n += 1
+    q[(site, key, phase)] = (n, since)
+    stalled_ms = (into - since) // 1_000_000
+    if n > params["quiet_max_retries"] and stalled_ms >= params["quiet_min_stall_ns"] // 10**6:
+        kvm.bug("livelock", f"livelock in {site} at {_where(key)}: {n - 1} retries over "
+                f"{stalled_ms} ms of a quiet phase (only the vCPUs running: nothing else to "
+                "wait for) without the operation completing", site=site, gfn=key,
+                rounds=n - 1, quiet_phase=phase, stalled_ms=stalled_ms)
 
 
 @oracle("livelock",
@@ -123,6 +154,9 @@ def progress(kvm: Kvm) -> None:
     b = _wait_base.get(kvm)
     if b:
         b.clear()
+    q = _quiet.get(kvm)
+    if q:
+        q.clear()
     c = _counts.get(kvm)
     if c:
         c.clear()
@@ -137,7 +171,7 @@ def progress(kvm: Kvm) -> None:
                   "every RCU read-side section (lockdep_sys_exit): a lock kept past the end "
                   "of its operation is never released, and every other task that takes it "
                   "deadlocks",
-        hook="op_end", when="the harness, after each worker operation",
+        hook="op_return", when="the harness, after each worker step",
         cost="two attribute reads, a load per KVM spinlock and per vCPU mutex")
 def no_lock_held_at_return(kvm: Kvm) -> None:
     held = []

@@ -32,6 +32,7 @@ from stress.model.host import (
     pfn_gfn_gen,
 )
 from stress.model.kvm import (
+    LOCK_NONE,
     Kvm,
     gfn_to_memslot,
     index_to_gfn,
@@ -435,6 +436,13 @@ def teardown_check(kvm: Kvm) -> QuiescentReport:
     if w.popcount(lay.bitmap, lay.bitmap_words) != lay.n_pages:
         rep.fail("page pool accounting", "free bitmap is not full after teardown",
                  free_bits=w.popcount(lay.bitmap, lay.bitmap_words), pages=lay.n_pages)
+    held = [n for n, taken in (("mmu_lock", kvm.lock_mode != LOCK_NONE
+                                 or w.load(lay.glob(Globals.MMU_LOCK)) != 0),
+                                ("rcu_read_lock", kvm.rcu.nesting != 0))
+            if taken]
+    if held:
+        rep.fail("lock held when returning to user space",
+                 f"the VM's destruction returns holding {', '.join(held)}", held=held)
     return rep
 
 
@@ -482,6 +490,9 @@ for _name, _inv in (
         ("leaked page-table page", "every page-table page is back in the pool"),
         ("tdp_mmu_pages accounting", "tdp_mmu_pages is 0"),
         ("leaked root", "no root is left on the list (every reference was put)"),
-        ("page pool accounting", "the free bitmap is full")):
+        ("page pool accounting", "the free bitmap is full"),
+        ("lock held when returning to user space",
+         "the VM's destruction (kvm_mmu_uninit_tdp_mmu) returns with mmu_lock free and "
+         "outside every RCU read-side section")):
     listed(_name, invariant=_inv, hook=HOOK_TEARDOWN, when="after the VM's page tables were "
            "torn down", cost="one pass over the pool", module="quiescent")
