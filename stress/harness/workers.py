@@ -858,11 +858,7 @@ class Worker:
             if quiet is not None and quiet():
                 time.sleep(0.001)  # between operations: holds nothing
                 continue
-            done = step() is not False
-            stats["ops"] += 1
-            self.kvm.hooks.op_return(self.kvm)
-            if done:
-                self.kvm.hooks.op_end(self.kvm)
+            self.step_returned(step())
             if inj.leak_per_op:
                 leaked.append(bytearray(b"\x01" * inj.leak_per_op))  # injected leak
             if rcu.pending:
@@ -878,6 +874,15 @@ class Worker:
         kvm_mmu_unload(self.kvm, self.kvm.vcpu)  # vCPU destroyed: its root reference goes
         self.drain(timeout=1.0)
         self.publish()
+
+    def step_returned(self, done: bool | None) -> None:
+        """After a role's step: counted, back in user space (op_return) and, unless
+        the step said its operation is not complete (False), progress (op_end)."""
+        kvm = self.kvm
+        kvm.stats["ops"] += 1
+        kvm.hooks.op_return(kvm)
+        if done is not False:
+            kvm.hooks.op_end(kvm)
 
     def quiet_phases(self) -> Callable[[], bool] | None:
         """run.quiet_every/quiet_for: a test of "the run is in a quiet phase now" for a
@@ -917,11 +922,7 @@ class Worker:
                 turns.begin_op(k)
                 rng.seed(self.op_seed(k))
                 sched_start_op(kvm, self.op_seed(k))
-                done = step() is not False
-                kvm.stats["ops"] += 1
-                kvm.hooks.op_return(kvm)
-                if done:
-                    kvm.hooks.op_end(kvm)
+                self.step_returned(step())
                 self.reclaim()
             k += 1
         turns.end_phase()

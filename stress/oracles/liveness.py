@@ -101,8 +101,8 @@ def _quiet_rounds(kvm: Kvm, site: str, key: int, params: dict[str, int]) -> None
     n, since = q.get((site, key, phase), (0, into))
     n += 1
     q[(site, key, phase)] = (n, since)
-    stalled_ms = (into - since) // 1_000_000
-    if n > params["quiet_max_retries"] and stalled_ms >= params["quiet_min_stall_ns"] // 10**6:
+    if n > params["quiet_max_retries"] and into - since >= params["quiet_min_stall_ns"]:
+        stalled_ms = (into - since) // 1_000_000
         kvm.bug("livelock", f"livelock in {site} at {_where(key)}: {n - 1} retries over "
                 f"{stalled_ms} ms of a quiet phase (only the vCPUs running: nothing else to "
                 "wait for) without the operation completing", site=site, gfn=key,
